@@ -1,0 +1,288 @@
+//! Types shared by lb's eBPF programs and its userspace controller.
+//!
+//! Every type here is a BPF map key or value: `#[repr(C)]`, no implicit padding (bytemuck's `Pod`
+//! derive refuses to compile otherwise), no `bool` or enum fields. Each field states its byte
+//! order. Addresses and ports are kept in network byte order because that is how the data path
+//! reads them from packets; the constructors below are the one place where userspace converts.
+#![no_std]
+
+use core::net::Ipv4Addr;
+
+use bytemuck::{Pod, Zeroable};
+
+pub mod counters;
+
+/// IANA protocol numbers, as in the IPv4 header's protocol field.
+pub const PROTOCOL_TCP: u8 = 6;
+pub const PROTOCOL_UDP: u8 = 17;
+
+/// Map names in the eBPF object, which are also the file names they are pinned under.
+pub mod map_names {
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const REVERSE_NAT: &str = "LB_REVERSE_NAT";
+    pub const SERVICE_META: &str = "LB_SERVICE_META";
+    pub const COUNTERS: &str = "LB_COUNTERS";
+    /// Every pinned map, for tools that inspect or remove them.
+    pub const PINNED: [&str; 6] = [SERVICES, BACKENDS, CONNTRACK, REVERSE_NAT, SERVICE_META, COUNTERS];
+}
+
+/// Default map capacities; userspace may raise them at load time.
+pub mod capacity {
+    /// Service entries plus backend slots (one per backend per frontend).
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 131_072;
+    /// Tracked flows; the LRU evicts the least recently used beyond this.
+    pub const CONNTRACK: u32 = 262_144;
+    pub const SERVICE_META: u32 = 65_536;
+}
+
+/// Key of the services map.
+///
+/// Slot 0 holds the service entry (how many backend slots the frontend has); slots 1..=count
+/// each hold one backend ID. Keeping the frontend and its slots in one map means a lookup of the
+/// frontend and of the chosen slot are the same operation with a different `backend_slot`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub address: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// 0 for the service entry, 1..=count for backend slots; host byte order.
+    pub backend_slot: u16,
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    /// Reserved for frontend scopes (internal/external traffic); always 0.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+impl ServiceKey {
+    pub fn new(address: Ipv4Addr, port: u16, protocol: u8, backend_slot: u16) -> Self {
+        Self {
+            address: u32::from(address).to_be(),
+            port: port.to_be(),
+            backend_slot,
+            protocol,
+            scope: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.address))
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+
+    /// The same frontend at another slot.
+    pub fn with_slot(&self, backend_slot: u16) -> Self {
+        Self { backend_slot, ..*self }
+    }
+}
+
+/// Value of the services map. Which fields mean something depends on the key's slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Slot > 0: the backend's ID in the backends map. Slot 0: 0. Host byte order.
+    pub backend_id: u32,
+    /// The frontend's ID (also the key of its metadata). Host byte order.
+    pub service_id: u32,
+    /// Slot 0: number of backend slots; 0 means "no endpoints: reject". Host byte order.
+    pub backend_count: u16,
+    /// Reserved for per-service flags; always 0.
+    pub flags: u16,
+}
+
+impl ServiceValue {
+    pub fn service_entry(service_id: u32, backend_count: u16) -> Self {
+        Self { backend_id: 0, service_id, backend_count, flags: 0 }
+    }
+
+    pub fn backend_slot(service_id: u32, backend_id: u32) -> Self {
+        Self { backend_id, service_id, backend_count: 0, flags: 0 }
+    }
+}
+
+/// Value of the backends map, keyed by backend ID (`u32`, host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend {
+    /// Pod IPv4 address, network byte order.
+    pub address: u32,
+    /// Target port, network byte order.
+    pub port: u16,
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    /// Reserved for backend state (terminating, ...); always 0.
+    pub flags: u8,
+}
+
+impl Backend {
+    pub fn new(address: Ipv4Addr, port: u16, protocol: u8) -> Self {
+        Self { address: u32::from(address).to_be(), port: port.to_be(), protocol, flags: 0 }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.address))
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// A flow's 5-tuple as seen on the wire: key of the conntrack and reverse-NAT maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Network byte order.
+    pub src_address: u32,
+    /// Network byte order.
+    pub dst_address: u32,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub fn new(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), protocol: u8) -> Self {
+        Self {
+            src_address: u32::from(src.0).to_be(),
+            dst_address: u32::from(dst.0).to_be(),
+            src_port: src.1.to_be(),
+            dst_port: dst.1.to_be(),
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of the conntrack map, keyed by the client's flow to a frontend (client -> frontend).
+/// Holds the backend the flow was given, so the flow keeps it while the backend set changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ConntrackEntry {
+    /// Backend IPv4 address, network byte order.
+    pub backend_address: u32,
+    /// Backend port, network byte order.
+    pub backend_port: u16,
+    pub _pad: u16,
+    /// The backend's ID; when it leaves the backends map the flow is given a new backend.
+    /// Host byte order.
+    pub backend_id: u32,
+    /// The frontend's ID. Host byte order.
+    pub service_id: u32,
+}
+
+/// Value of the reverse-NAT map, keyed by the reply's 5-tuple (backend -> client): the frontend
+/// address that replaces the backend as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ReverseNatEntry {
+    /// Frontend IPv4 address, network byte order.
+    pub frontend_address: u32,
+    /// Frontend port, network byte order.
+    pub frontend_port: u16,
+    pub _pad: u16,
+    /// The frontend's ID. Host byte order.
+    pub service_id: u32,
+}
+
+/// Frontend types, as stored in `ServiceMeta::frontend_type`.
+pub mod frontend_type {
+    pub const CLUSTER_IP: u32 = 1;
+}
+
+/// Longest `namespace/name:port-name` a `ServiceMeta` holds (63 + 1 + 63 + 1 + 15 fits).
+pub const SERVICE_NAME_MAX: usize = 248;
+
+/// Value of the service-metadata map, keyed by service ID (`u32`, host byte order). The data
+/// path never reads it: it lets `lb services` name what the pinned maps hold without the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceMeta {
+    /// One of `frontend_type::*`. Host byte order.
+    pub frontend_type: u32,
+    /// Bytes of `name` in use. Host byte order.
+    pub name_len: u32,
+    /// UTF-8 `namespace/name:port-name`, zero padded.
+    pub name: [u8; SERVICE_NAME_MAX],
+}
+
+impl ServiceMeta {
+    /// Truncates names longer than `SERVICE_NAME_MAX` (Kubernetes names never are).
+    pub fn new(frontend_type: u32, name: &str) -> Self {
+        let mut meta = Self { frontend_type, name_len: 0, name: [0; SERVICE_NAME_MAX] };
+        let mut len = name.len().min(SERVICE_NAME_MAX);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        meta.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+        meta.name_len = len as u32;
+        meta
+    }
+
+    pub fn name(&self) -> &str {
+        let len = (self.name_len as usize).min(SERVICE_NAME_MAX);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("<invalid name>")
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: each type is #[repr(C)] and bytemuck::Pod, which proves it has no padding and
+    // that every bit pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConntrackEntry {}
+    unsafe impl aya::Pod for ReverseNatEntry {}
+    unsafe impl aya::Pod for ServiceMeta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_what_the_kernel_side_expects() {
+        assert_eq!(core::mem::size_of::<ServiceKey>(), 12);
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 12);
+        assert_eq!(core::mem::size_of::<Backend>(), 8);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
+        assert_eq!(core::mem::size_of::<ConntrackEntry>(), 16);
+        assert_eq!(core::mem::size_of::<ReverseNatEntry>(), 12);
+        assert_eq!(core::mem::size_of::<ServiceMeta>(), 256);
+    }
+
+    #[test]
+    fn constructors_store_network_byte_order() {
+        let key = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 1), 80, PROTOCOL_TCP, 0);
+        assert_eq!(bytemuck::bytes_of(&key)[..6], [10, 96, 0, 1, 0, 80]);
+        assert_eq!(key.address(), Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(key.port(), 80);
+        let backend = Backend::new(Ipv4Addr::new(10, 244, 1, 2), 8080, PROTOCOL_UDP);
+        assert_eq!(bytemuck::bytes_of(&backend), [10, 244, 1, 2, 0x1f, 0x90, 17, 0]);
+    }
+
+    #[test]
+    fn service_meta_truncates_on_a_char_boundary() {
+        let long = "é".repeat(200);
+        let meta = ServiceMeta::new(frontend_type::CLUSTER_IP, &long);
+        assert!(meta.name().len() <= SERVICE_NAME_MAX);
+        assert!(meta.name().chars().all(|c| c == 'é'));
+        assert_eq!(ServiceMeta::new(1, "default/web:http").name(), "default/web:http");
+    }
+}

@@ -1,0 +1,91 @@
+//! lb's TC ingress program. Attached to every interface that carries Service traffic, it
+//! translates a client's packets to a frontend (ClusterIP:port) into packets to a backend pod,
+//! and the backend's replies back to the frontend.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod verdict;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use lb_common::{ServiceKey, counters};
+
+use crate::{
+    maps::{LB_BACKENDS, LB_SERVICES, count},
+    nat::Side,
+    parse::Ipv4Flow,
+    verdict::Verdict,
+};
+
+#[classifier]
+pub fn lb_ingress(ctx: TcContext) -> i32 {
+    count(counters::PACKETS);
+    let verdict = match try_lb_ingress(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    };
+    count(verdict.counter);
+    verdict.action
+}
+
+/// `Err` ends processing early; it carries a verdict just like `Ok`.
+#[inline(always)]
+fn try_lb_ingress(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    let flow = parse::parse_ipv4_flow(ctx)?;
+    let key = conntrack::packet_key(&flow);
+
+    if let Some(reply) = conntrack::lookup_reply(&key) {
+        nat::rewrite(ctx, &flow, Side::Source, reply.frontend_address, reply.frontend_port)?;
+        return Ok(Verdict::pass(counters::REPLY_REVERSE_NAT));
+    }
+    if let Some(tracked) = conntrack::lookup_forward(&key) {
+        nat::rewrite(ctx, &flow, Side::Destination, tracked.backend_address, tracked.backend_port)?;
+        return Ok(Verdict::pass(counters::FORWARD_TRACKED_FLOW));
+    }
+    forward_new_flow(ctx, &flow, &key)
+}
+
+#[inline(always)]
+fn forward_new_flow(
+    ctx: &TcContext,
+    flow: &Ipv4Flow,
+    key: &lb_common::FlowKey,
+) -> Result<Verdict, Verdict> {
+    let service_key = ServiceKey {
+        address: flow.dst_address,
+        port: flow.dst_port,
+        backend_slot: 0,
+        protocol: flow.protocol,
+        scope: 0,
+        _pad: [0; 2],
+    };
+    // SAFETY (all map reads below): values are copied out at once.
+    let Some(service) = (unsafe { LB_SERVICES.get(&service_key) }).copied() else {
+        return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
+    };
+    if service.backend_count == 0 {
+        return Ok(Verdict::drop(counters::DROP_NO_BACKEND));
+    }
+    let slot_key = service_key.with_slot(select::backend_slot(flow, service.backend_count));
+    let inconsistent = || Verdict::drop(counters::DROP_SERVICE_INCONSISTENT);
+    let slot = unsafe { LB_SERVICES.get(&slot_key) }.copied().ok_or_else(inconsistent)?;
+    let backend = unsafe { LB_BACKENDS.get(&slot.backend_id) }.copied().ok_or_else(inconsistent)?;
+
+    conntrack::track(key, service.service_id, slot.backend_id, &backend);
+    nat::rewrite(ctx, flow, Side::Destination, backend.address, backend.port)?;
+    Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here, so it is never taken.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,94 @@
+//! Header parsing: Ethernet -> IPv4 -> TCP/UDP ports, with every length checked against the
+//! packet before a field is trusted. Reads go through `bpf_skb_load_bytes`, which also works on
+//! non-linear skbs.
+
+use aya_ebpf::programs::TcContext;
+use lb_common::{PROTOCOL_TCP, PROTOCOL_UDP, counters};
+
+use crate::verdict::Verdict;
+
+pub const ETH_HEADER_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_MIN_HEADER_LEN: usize = 20;
+/// Fragment offset mask and more-fragments flag in the IPv4 flags/fragment field.
+const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
+
+pub const IPV4_CHECKSUM_OFFSET: usize = 10;
+pub const IPV4_SRC_OFFSET: usize = 12;
+pub const IPV4_DST_OFFSET: usize = 16;
+pub const L4_SRC_PORT_OFFSET: usize = 0;
+pub const L4_DST_PORT_OFFSET: usize = 2;
+const TCP_CHECKSUM_OFFSET: usize = 16;
+const TCP_MIN_HEADER_LEN: usize = 20;
+const UDP_CHECKSUM_OFFSET: usize = 6;
+const UDP_HEADER_LEN: usize = 8;
+
+/// An IPv4 TCP or UDP packet's addressing, as found in its headers. Addresses and ports are
+/// in network byte order, as on the wire and as in the map keys.
+pub struct Ipv4Flow {
+    pub l3_offset: usize,
+    pub l4_offset: usize,
+    pub protocol: u8,
+    pub src_address: u32,
+    pub dst_address: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl Ipv4Flow {
+    /// Offset of the L4 checksum field.
+    pub fn l4_checksum_offset(&self) -> usize {
+        self.l4_offset
+            + if self.protocol == PROTOCOL_TCP { TCP_CHECKSUM_OFFSET } else { UDP_CHECKSUM_OFFSET }
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Verdict> {
+    ctx.load::<T>(offset).map_err(|_| Verdict::pass(counters::PASS_TRUNCATED))
+}
+
+/// Parses an Ethernet frame. `Err` carries the verdict for packets lb leaves alone.
+#[inline(always)]
+pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
+    let ether_type = u16::from_be(load::<u16>(ctx, 12).map_err(|_| Verdict::pass(counters::PASS_NOT_IPV4))?);
+    if ether_type != ETH_P_IP {
+        return Err(Verdict::pass(counters::PASS_NOT_IPV4));
+    }
+    let l3_offset = ETH_HEADER_LEN;
+    let version_ihl = load::<u8>(ctx, l3_offset)?;
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HEADER_LEN {
+        return Err(Verdict::pass(counters::PASS_MALFORMED));
+    }
+    let total_len = usize::from(u16::from_be(load::<u16>(ctx, l3_offset + 2)?));
+    if total_len < header_len {
+        return Err(Verdict::pass(counters::PASS_MALFORMED));
+    }
+    if (ctx.len() as usize) < l3_offset + total_len {
+        return Err(Verdict::pass(counters::PASS_TRUNCATED));
+    }
+    let protocol = load::<u8>(ctx, l3_offset + 9)?;
+    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+        return Err(Verdict::pass(counters::PASS_OTHER_PROTOCOL));
+    }
+    // Only the first fragment has ports, so no fragment can be translated on its own.
+    let fragment = u16::from_be(load::<u16>(ctx, l3_offset + 6)?);
+    if fragment & IPV4_FRAGMENT_MASK != 0 {
+        return Err(Verdict::pass(counters::PASS_FRAGMENT));
+    }
+    let l4_offset = l3_offset + header_len;
+    let l4_min_len = if protocol == PROTOCOL_TCP { TCP_MIN_HEADER_LEN } else { UDP_HEADER_LEN };
+    if total_len < header_len + l4_min_len {
+        return Err(Verdict::pass(counters::PASS_TRUNCATED));
+    }
+    Ok(Ipv4Flow {
+        l3_offset,
+        l4_offset,
+        protocol,
+        src_address: load::<u32>(ctx, l3_offset + IPV4_SRC_OFFSET)?,
+        dst_address: load::<u32>(ctx, l3_offset + IPV4_DST_OFFSET)?,
+        src_port: load::<u16>(ctx, l4_offset + L4_SRC_PORT_OFFSET)?,
+        dst_port: load::<u16>(ctx, l4_offset + L4_DST_PORT_OFFSET)?,
+    })
+}

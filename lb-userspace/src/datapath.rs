@@ -1,0 +1,139 @@
+//! Loading the eBPF object, pinning its maps and attaching its programs.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{counters, map_names};
+
+/// The eBPF object built from lb-ebpf by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The TC ingress program's name in the object.
+pub const INGRESS_PROGRAM: &str = "lb_ingress";
+
+/// bpffs's magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "{dir} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` or pass --bpf-dir under a bpffs mount"
+    )]
+    NotBpfFs { dir: PathBuf },
+    #[error("creating {dir}: {source}")]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("loading program {name} into the kernel (needs root, or CAP_BPF and CAP_NET_ADMIN): {source}")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("interface {interface} does not exist")]
+    NoSuchInterface { interface: String },
+    #[error("attaching {name} to {interface} ingress: {source}")]
+    Attach {
+        name: &'static str,
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("reading counters: {0}")]
+    Counters(#[source] aya::maps::MapError),
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// The loaded eBPF object with its maps pinned under a directory.
+pub struct Datapath {
+    ebpf: Ebpf,
+    attached: Vec<(String, SchedClassifierLinkId)>,
+}
+
+impl Datapath {
+    /// Loads the object, reusing maps already pinned in `bpf_dir` (so a restart keeps its flows)
+    /// and pinning new ones there.
+    pub fn load(bpf_dir: &Path) -> Result<Self, DatapathError> {
+        let parent = bpf_dir.parent().unwrap_or(Path::new("/"));
+        if !is_bpffs(bpf_dir) && !is_bpffs(parent) {
+            return Err(DatapathError::NotBpfFs { dir: bpf_dir.to_path_buf() });
+        }
+        std::fs::create_dir_all(bpf_dir)
+            .map_err(|source| DatapathError::CreateDir { dir: bpf_dir.to_path_buf(), source })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpf_dir)
+            .load(EBPF_OBJECT)
+            .map_err(DatapathError::Load)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
+        program
+            .load()
+            .map_err(|source| DatapathError::LoadProgram { name: INGRESS_PROGRAM, source })?;
+        Ok(Self { ebpf, attached: Vec::new() })
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Attaches the ingress program to `interface` (TCX on kernels >= 6.6, clsact otherwise).
+    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if nix::net::if_::if_nametoindex(interface).is_err() {
+            return Err(DatapathError::NoSuchInterface { interface: interface.to_string() });
+        }
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0));
+        if !tcx {
+            // Netlink attachment needs the clsact qdisc; it may exist already.
+            let _ = tc::qdisc_add_clsact(interface);
+        }
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
+        let link = program.attach(interface, TcAttachType::Ingress).map_err(|source| {
+            DatapathError::Attach { name: INGRESS_PROGRAM, interface: interface.to_string(), source }
+        })?;
+        self.attached.push((interface.to_string(), link));
+        Ok(())
+    }
+
+    /// Detaches from every interface. Dropping the `Datapath` does the same.
+    pub fn detach_all(&mut self) {
+        let Some(program) = self.ebpf.program_mut(INGRESS_PROGRAM) else { return };
+        let Ok(program): Result<&mut SchedClassifier, _> = program.try_into() else { return };
+        for (interface, link) in self.attached.drain(..) {
+            if let Err(error) = program.detach(link) {
+                tracing::warn!(%interface, %error, "detaching");
+            }
+        }
+    }
+}
+
+/// Sums the per-CPU counters pinned under `bpf_dir`, by name.
+pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    let data = MapData::from_pin(bpf_dir.join(map_names::COUNTERS)).map_err(DatapathError::Counters)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
+    let array: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map).map_err(DatapathError::Counters)?;
+    let mut out = Vec::new();
+    for (index, name) in counters::NAMES.iter().enumerate() {
+        let values = array.get(&(index as u32), 0).map_err(DatapathError::Counters)?;
+        out.push((*name, values.iter().sum()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,133 @@
+//! Helpers for lb's root-only tests: packets, a private bpffs, and network namespaces that are
+//! joined only to each other (never to the root namespace) and removed on drop.
+
+pub mod packet;
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns};
+
+/// Fails the test, with the reason, when it cannot run: these tests need root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads BPF programs and creates network namespaces: run it as root (cargo xtask test)"
+    );
+}
+
+/// A unique prefix for names this test process creates (namespaces, directories).
+pub fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("lbt{}{}{}", std::process::id(), tag, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A private bpffs instance mounted on a fresh temporary directory: pins made by a test live
+/// there and vanish with the unmount, so nothing is left under /sys/fs/bpf.
+pub struct PrivateBpfFs {
+    path: PathBuf,
+}
+
+impl PrivateBpfFs {
+    pub fn new() -> Result<Self> {
+        let path = std::env::temp_dir().join(unique("bpffs"));
+        std::fs::create_dir_all(&path)?;
+        mount(Some("bpf"), &path, Some("bpf"), MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting bpffs on {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateBpfFs {
+    fn drop(&mut self) {
+        let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A network namespace created by this test and deleted (by its recorded name) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(name: String) -> Result<Self> {
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let value = value.to_string();
+        self.run(move || std::fs::write(&path, value).with_context(|| format!("writing {}", path.display())))?
+    }
+
+    /// Runs `f` on a thread that has joined the namespace. Sockets created there stay in the
+    /// namespace wherever they are used afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
+        std::thread::spawn(move || -> Result<T> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Joins two namespaces with a veth pair and gives each end an address (CIDR notation).
+pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) -> Result<()> {
+    ip(&["link", "add", "name", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+    for (ns, interface, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        ns.exec(&["ip", "addr", "add", addr, "dev", interface])?;
+        ns.exec(&["ip", "link", "set", interface, "up"])?;
+    }
+    Ok(())
+}
+
+/// The `lb` binary next to the test executable (cargo puts both under target/<profile>), or
+/// `LB_BIN` when set.
+pub fn lb_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LB_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    profile_dir.join("lb")
+}

@@ -1,0 +1,165 @@
+//! A small builder for Ethernet/IPv4/TCP/UDP test packets with correct checksums, and checks
+//! that recompute checksums from scratch.
+
+use std::net::Ipv4Addr;
+
+pub const ETH_LEN: usize = 14;
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// The Internet checksum's ones' complement sum, folded to 16 bits (not inverted).
+fn ones_complement_sum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u32 {
+    let s = src.octets();
+    let d = dst.octets();
+    [u16::from_be_bytes([s[0], s[1]]), u16::from_be_bytes([s[2], s[3]]), u16::from_be_bytes([d[0], d[1]]), u16::from_be_bytes([d[2], d[3]])]
+        .iter()
+        .map(|w| u32::from(*w))
+        .sum::<u32>()
+        + u32::from(protocol)
+        + l4_len as u32
+}
+
+#[derive(Clone, Debug)]
+pub struct PacketSpec {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    pub protocol: u8,
+    /// TCP flags byte (SYN = 0x02, ACK = 0x10).
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+    /// Raw IPv4 options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
+    /// Flags + fragment offset field, host order (0x2000 = more fragments).
+    pub fragment: u16,
+    /// Leave the UDP checksum at 0 ("no checksum").
+    pub udp_zero_checksum: bool,
+}
+
+impl PacketSpec {
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), tcp_flags: u8) -> Self {
+        Self {
+            src,
+            dst,
+            protocol: TCP,
+            tcp_flags,
+            payload: b"hello".to_vec(),
+            ip_options: Vec::new(),
+            fragment: 0,
+            udp_zero_checksum: false,
+        }
+    }
+
+    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+        Self { protocol: UDP, tcp_flags: 0, ..Self::tcp(src, dst, 0) }
+    }
+
+    /// The same packet with other addresses: what a correct rewrite produces.
+    pub fn with_src(&self, src: (Ipv4Addr, u16)) -> Self {
+        Self { src, ..self.clone() }
+    }
+
+    pub fn with_dst(&self, dst: (Ipv4Addr, u16)) -> Self {
+        Self { dst, ..self.clone() }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.src.1.to_be_bytes());
+        l4.extend_from_slice(&self.dst.1.to_be_bytes());
+        let checksum_at;
+        if self.protocol == TCP {
+            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.push(5 << 4); // data offset
+            l4.push(self.tcp_flags);
+            l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+            checksum_at = l4.len();
+            l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            checksum_at = l4.len();
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(&self.payload);
+        let skip_checksum = self.protocol == UDP && self.udp_zero_checksum;
+        if !skip_checksum {
+            let sum = !ones_complement_sum(&l4, pseudo_header_sum(self.src.0, self.dst.0, self.protocol, l4.len()));
+            // UDP sends a computed 0 as 0xffff; 0 means "no checksum".
+            let sum = if self.protocol == UDP && sum == 0 { 0xffff } else { sum };
+            l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
+
+        let header_len = 20 + self.ip_options.len();
+        let mut ip = Vec::with_capacity(header_len);
+        ip.push(0x40 | (header_len / 4) as u8);
+        ip.push(0);
+        ip.extend_from_slice(&((header_len + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&0x1234u16.to_be_bytes()); // id
+        ip.extend_from_slice(&self.fragment.to_be_bytes());
+        ip.push(64); // ttl
+        ip.push(self.protocol);
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&self.src.0.octets());
+        ip.extend_from_slice(&self.dst.0.octets());
+        ip.extend_from_slice(&self.ip_options);
+        let sum = !ones_complement_sum(&ip, 0);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+
+        let mut frame = ethernet_header(0x0800);
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+pub fn ethernet_header(ether_type: u16) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame
+}
+
+/// Whether an Ethernet/IPv4 frame's IP header checksum and TCP/UDP checksum are both valid.
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_LEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if ones_complement_sum(&ip[..header_len], 0) != 0xffff {
+        return false;
+    }
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &ip[header_len..total_len];
+    let protocol = ip[9];
+    if protocol == UDP && l4[6..8] == [0, 0] {
+        return true;
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    ones_complement_sum(l4, pseudo_header_sum(src, dst, protocol, l4.len())) == 0xffff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_packets_have_valid_checksums() {
+        let a = (Ipv4Addr::new(10, 0, 1, 2), 40000);
+        let b = (Ipv4Addr::new(10, 96, 0, 10), 80);
+        assert!(checksums_valid(&PacketSpec::tcp(a, b, 0x02).build()));
+        assert!(checksums_valid(&PacketSpec::udp(a, b).build()));
+        let mut broken = PacketSpec::tcp(a, b, 0x02).build();
+        broken[ETH_LEN + 16] ^= 1;
+        assert!(!checksums_valid(&broken));
+    }
+}

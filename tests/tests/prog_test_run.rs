@@ -1,0 +1,272 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN: {input, expected verdict, expected output,
+//! expected counter}, with the maps programmed by the real reconciler.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use lb_common::{ConntrackEntry, FlowKey, counters, map_names};
+use lb_userspace::datapath::{Datapath, INGRESS_PROGRAM};
+use lb_userspace::maps::BpfMaps;
+use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
+use lb_userspace::reconcile::Reconciler;
+use tests::packet::{self, ETH_LEN, PacketSpec};
+use tests::{PrivateBpfFs, require_root};
+
+const PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: continue (TCX_NEXT)
+const DROP: u32 = 2; // TC_ACT_SHOT
+
+const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 1, 2), 40000);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn backend(last: u8, port: u16, protocol: Protocol) -> L4Addr {
+    L4Addr { ip: Ipv4Addr::new(10, 244, 1, last), port, protocol }
+}
+
+fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Frontend {
+    Frontend {
+        address: L4Addr { ip: VIP, port, protocol },
+        frontend_type: FrontendType::ClusterIp,
+        service: ServicePortName { namespace: "default".into(), name: "web".into(), port: format!("p{port}") },
+        backends,
+    }
+}
+
+struct Harness {
+    datapath: Datapath,
+    reconciler: Reconciler<BpfMaps>,
+    _bpffs: PrivateBpfFs,
+}
+
+impl Harness {
+    fn new() -> Self {
+        require_root();
+        let bpffs = PrivateBpfFs::new().expect("private bpffs");
+        let mut datapath = Datapath::load(&bpffs.path().join("lb")).expect("load datapath");
+        let maps = BpfMaps::from_ebpf(datapath.ebpf_mut()).expect("service maps");
+        let reconciler = Reconciler::restore(maps).expect("restore");
+        Self { datapath, reconciler, _bpffs: bpffs }
+    }
+
+    fn program(&mut self, frontends: Vec<Frontend>) {
+        let desired = DesiredState { frontends: frontends.into_iter().map(|f| (f.address, f)).collect() };
+        let report = self.reconciler.reconcile(&desired);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+
+    fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut SchedClassifier =
+            self.datapath.ebpf_mut().program_mut(INGRESS_PROGRAM).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; 512];
+        let result = program
+            .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counters(&mut self) -> Vec<u64> {
+        let map = self.datapath.ebpf_mut().map(map_names::COUNTERS).unwrap();
+        let array = PerCpuArray::<&MapData, u64>::try_from(map).unwrap();
+        (0..counters::COUNT).map(|i| array.get(&i, 0).unwrap().iter().sum()).collect()
+    }
+
+    /// Runs a packet and checks verdict, output bytes and that exactly `counter` moved
+    /// (besides the packet counter).
+    fn expect(&mut self, what: &str, input: &[u8], verdict: u32, output: &[u8], counter: u32) {
+        let before = self.counters();
+        let (got_verdict, got_output) = self.run(input);
+        let after = self.counters();
+        assert_eq!(got_verdict, verdict, "{what}: verdict");
+        assert_eq!(got_output, output, "{what}: output packet");
+        let moved: Vec<&str> = (1..counters::COUNT as usize)
+            .filter(|i| after[*i] != before[*i])
+            .map(|i| counters::NAMES[i])
+            .collect();
+        assert_eq!(moved, vec![counters::NAMES[counter as usize]], "{what}: counters that moved");
+        assert_eq!(after[0], before[0] + 1, "{what}: packet counter");
+    }
+
+    fn conntrack(&mut self) -> HashMap<&mut MapData, FlowKey, ConntrackEntry> {
+        HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap()
+    }
+}
+
+fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    let ip = &frame[ETH_LEN..];
+    let l4 = &ip[usize::from(ip[0] & 0x0f) * 4..];
+    (Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), u16::from_be_bytes([l4[2], l4[3]]))
+}
+
+#[test]
+fn tcp_syn_to_cluster_ip_is_rewritten_with_both_checksums() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02);
+    let expected = syn.with_dst((Ipv4Addr::new(10, 244, 1, 11), 8080)).build();
+    assert!(packet::checksums_valid(&expected));
+    h.expect("SYN", &syn.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    // The flow is now tracked: its next packet takes the conntrack path to the same backend.
+    let ack = PacketSpec::tcp(CLIENT, (VIP, 80), 0x10);
+    let expected = ack.with_dst((Ipv4Addr::new(10, 244, 1, 11), 8080)).build();
+    h.expect("ACK", &ack.build(), PASS, &expected, counters::FORWARD_TRACKED_FLOW);
+}
+
+#[test]
+fn tracked_flow_keeps_its_backend_when_the_backend_set_changes() {
+    let mut h = Harness::new();
+    let initial = vec![backend(11, 8080, Protocol::Tcp), backend(12, 8080, Protocol::Tcp)];
+    h.program(vec![frontend(80, Protocol::Tcp, initial)]);
+    let (_, out) = h.run(&PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build());
+    let chosen = dst_of(&out);
+    let chosen_backend = L4Addr { ip: chosen.0, port: chosen.1, protocol: Protocol::Tcp };
+
+    // Eight new backends join and the other original one leaves: a new pick would most
+    // likely land elsewhere, the tracked flow must not.
+    let mut changed: Vec<L4Addr> = (20..28).map(|i| backend(i, 8080, Protocol::Tcp)).collect();
+    changed.push(chosen_backend);
+    changed.sort();
+    h.program(vec![frontend(80, Protocol::Tcp, changed)]);
+    let ack = PacketSpec::tcp(CLIENT, (VIP, 80), 0x10);
+    h.expect("ACK after change", &ack.build(), PASS, &ack.with_dst(chosen).build(), counters::FORWARD_TRACKED_FLOW);
+
+    // When the flow's own backend is removed, the flow is given a live one.
+    let remaining: Vec<L4Addr> = (20..28).map(|i| backend(i, 8080, Protocol::Tcp)).collect();
+    h.program(vec![frontend(80, Protocol::Tcp, remaining.clone())]);
+    let before = h.counters();
+    let (verdict, out) = h.run(&ack.build());
+    let after = h.counters();
+    assert_eq!(verdict, PASS);
+    let new = dst_of(&out);
+    assert!(remaining.iter().any(|b| (b.ip, b.port) == new), "{new:?} is not a remaining backend");
+    assert!(packet::checksums_valid(&out));
+    let gone = counters::CONNTRACK_BACKEND_GONE as usize;
+    let new_flow = counters::FORWARD_NEW_FLOW as usize;
+    assert_eq!((after[gone] - before[gone], after[new_flow] - before[new_flow]), (1, 1));
+}
+
+#[test]
+fn reply_from_backend_is_reverse_translated() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    h.run(&PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build());
+    let syn_ack = PacketSpec::tcp((Ipv4Addr::new(10, 244, 1, 11), 8080), CLIENT, 0x12);
+    let expected = syn_ack.with_src((VIP, 80)).build();
+    h.expect("SYN-ACK", &syn_ack.build(), PASS, &expected, counters::REPLY_REVERSE_NAT);
+    assert!(packet::checksums_valid(&expected));
+    // A packet from the backend to another client port is not a reply of the flow.
+    let other = PacketSpec::tcp((Ipv4Addr::new(10, 244, 1, 11), 8080), (CLIENT.0, 40001), 0x12).build();
+    h.expect("unrelated", &other, PASS, &other, counters::PASS_NOT_SERVICE);
+}
+
+#[test]
+fn udp_is_rewritten_and_a_zero_checksum_stays_zero() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(53, Protocol::Udp, vec![backend(11, 5353, Protocol::Udp)])]);
+    let query = PacketSpec::udp(CLIENT, (VIP, 53));
+    let expected = query.with_dst((Ipv4Addr::new(10, 244, 1, 11), 5353)).build();
+    h.expect("UDP", &query.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    assert!(packet::checksums_valid(&expected));
+
+    let reply = PacketSpec::udp((Ipv4Addr::new(10, 244, 1, 11), 5353), CLIENT);
+    h.expect("UDP reply", &reply.build(), PASS, &reply.with_src((VIP, 53)).build(), counters::REPLY_REVERSE_NAT);
+
+    let no_checksum = PacketSpec { udp_zero_checksum: true, ..PacketSpec::udp((CLIENT.0, 40002), (VIP, 53)) };
+    let expected = no_checksum.with_dst((Ipv4Addr::new(10, 244, 1, 11), 5353)).build();
+    h.expect("UDP without checksum", &no_checksum.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    let udp_checksum_at = ETH_LEN + 20 + 6;
+    assert_eq!(expected[udp_checksum_at..udp_checksum_at + 2], [0, 0]);
+}
+
+#[test]
+fn packets_lb_does_not_own_pass_untouched() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    let other_ip = PacketSpec::tcp(CLIENT, (Ipv4Addr::new(10, 0, 2, 2), 80), 0x02).build();
+    h.expect("other address", &other_ip, PASS, &other_ip, counters::PASS_NOT_SERVICE);
+    let other_port = PacketSpec::tcp(CLIENT, (VIP, 81), 0x02).build();
+    h.expect("other port", &other_port, PASS, &other_port, counters::PASS_NOT_SERVICE);
+    let other_protocol = PacketSpec::udp(CLIENT, (VIP, 80)).build();
+    h.expect("UDP to a TCP frontend", &other_protocol, PASS, &other_protocol, counters::PASS_NOT_SERVICE);
+    let mut arp = packet::ethernet_header(0x0806);
+    arp.extend_from_slice(&[0u8; 28]);
+    h.expect("ARP", &arp, PASS, &arp, counters::PASS_NOT_IPV4);
+    let mut icmp = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
+    icmp[ETH_LEN + 9] = 1;
+    h.expect("ICMP", &icmp, PASS, &icmp, counters::PASS_OTHER_PROTOCOL);
+}
+
+#[test]
+fn frontend_without_endpoints_drops() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![])]);
+    let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
+    h.expect("no endpoints", &syn, DROP, &syn, counters::DROP_NO_BACKEND);
+}
+
+#[test]
+fn malformed_and_truncated_packets_are_never_rewritten() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02);
+
+    // (The kernel's test run refuses IPv4 frames shorter than 20 bytes of IP header, so the
+    // shortest cases start there.)
+    let mut ip_only = syn.build()[..ETH_LEN + 20].to_vec();
+    ip_only[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&20u16.to_be_bytes());
+    h.expect("IP header, no TCP header", &ip_only, PASS, &ip_only, counters::PASS_TRUNCATED);
+
+    let mut long_ihl = syn.build();
+    long_ihl[ETH_LEN] = 0x4f; // 60-byte header announced, the packet ends before its end
+    long_ihl[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&80u16.to_be_bytes());
+    h.expect("IHL past the end", &long_ihl, PASS, &long_ihl, counters::PASS_TRUNCATED);
+
+    let mut bad_ihl = syn.build();
+    bad_ihl[ETH_LEN] = 0x44;
+    h.expect("IHL 4", &bad_ihl, PASS, &bad_ihl, counters::PASS_MALFORMED);
+
+    let mut not_v4 = syn.build();
+    not_v4[ETH_LEN] = 0x65;
+    h.expect("version 6 in an IPv4 frame", &not_v4, PASS, &not_v4, counters::PASS_MALFORMED);
+
+    let mut claims_more = syn.build();
+    claims_more[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&200u16.to_be_bytes());
+    h.expect("total length past the end", &claims_more, PASS, &claims_more, counters::PASS_TRUNCATED);
+
+    let mut short_tcp = syn.build();
+    short_tcp[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&30u16.to_be_bytes());
+    h.expect("TCP header cut short", &short_tcp, PASS, &short_tcp, counters::PASS_TRUNCATED);
+
+    let mut tiny_total = syn.build();
+    tiny_total[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&12u16.to_be_bytes());
+    h.expect("total length below header", &tiny_total, PASS, &tiny_total, counters::PASS_MALFORMED);
+
+    let later_fragment = PacketSpec { fragment: 185, ..syn.clone() }.build();
+    h.expect("non-first fragment", &later_fragment, PASS, &later_fragment, counters::PASS_FRAGMENT);
+    let first_fragment = PacketSpec { fragment: 0x2000, ..syn.clone() }.build();
+    h.expect("first fragment", &first_fragment, PASS, &first_fragment, counters::PASS_FRAGMENT);
+}
+
+#[test]
+fn ip_options_are_skipped_to_find_the_ports() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    // Four NOP options: IHL 6.
+    let syn = PacketSpec { ip_options: vec![1, 1, 1, 1], ..PacketSpec::tcp(CLIENT, (VIP, 80), 0x02) };
+    let expected = syn.with_dst((Ipv4Addr::new(10, 244, 1, 11), 8080)).build();
+    h.expect("IP options", &syn.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    assert!(packet::checksums_valid(&expected));
+}
+
+#[test]
+fn conntrack_records_both_directions() {
+    let mut h = Harness::new();
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    h.run(&PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build());
+    let key = FlowKey::new(CLIENT, (VIP, 80), packet::TCP);
+    let entry = h.conntrack().get(&key, 0).expect("forward entry");
+    assert_eq!(
+        (Ipv4Addr::from(u32::from_be(entry.backend_address)), u16::from_be(entry.backend_port)),
+        (Ipv4Addr::new(10, 244, 1, 11), 8080)
+    );
+}
