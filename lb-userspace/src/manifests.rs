@@ -132,8 +132,9 @@ fn parse_document(file: &Path, value: serde_yaml_ng::Value) -> Result<Option<Obj
     Ok(Some(object))
 }
 
-/// Parses a file's documents. Objects that fail are reported and left out.
-fn parse_file(file: &Path, text: &str) -> Result<(Vec<Object>, Vec<ManifestError>), ManifestError> {
+/// Parses one manifest file's documents. Objects that fail are reported and left out; `Err`
+/// means the file as a whole is not YAML.
+pub fn parse_manifest(file: &Path, text: &str) -> Result<(Vec<Object>, Vec<ManifestError>), ManifestError> {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -173,7 +174,7 @@ impl ManifestStore {
             let previous = self.files.remove(&path).unwrap_or_default();
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|source| ManifestError::ReadFile { file: path.clone(), source })
-                .and_then(|text| parse_file(&path, &text));
+                .and_then(|text| parse_manifest(&path, &text));
             let objects = match parsed {
                 Ok((mut objects, object_errors)) => {
                     if !object_errors.is_empty() {

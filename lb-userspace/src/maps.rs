@@ -54,54 +54,59 @@ pub struct InMemoryMaps {
     pub contents: MapsSnapshot,
     /// Number of writes to let through before every write fails; `None` never fails.
     pub fail_after_writes: Option<usize>,
+    /// Every successful write, in order, for tests of write ordering.
+    pub log: Vec<String>,
 }
 
 impl InMemoryMaps {
-    fn write(&mut self, operation: &'static str) -> Result<(), MapsError> {
+    fn write(&mut self, operation: &'static str, what: String) -> Result<(), MapsError> {
         match &mut self.fail_after_writes {
-            Some(0) => Err(MapsError::Injected { operation }),
-            Some(left) => {
-                *left -= 1;
-                Ok(())
-            }
-            None => Ok(()),
+            Some(0) => return Err(MapsError::Injected { operation }),
+            Some(left) => *left -= 1,
+            None => {}
         }
+        self.log.push(format!("{operation} {what}"));
+        Ok(())
     }
+}
+
+fn slot_name(key: &ServiceKey) -> String {
+    format!("{}:{}/{} slot {}", key.address(), key.port(), key.protocol, key.backend_slot)
 }
 
 impl ServiceMaps for InMemoryMaps {
     fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError> {
-        self.write("update backend")?;
+        self.write("update backend", id.to_string())?;
         self.contents.backends.insert(id, backend);
         Ok(())
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
-        self.write("delete backend")?;
+        self.write("delete backend", id.to_string())?;
         self.contents.backends.remove(&id);
         Ok(())
     }
 
     fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError> {
-        self.write("update service")?;
+        self.write("update service", slot_name(&key))?;
         self.contents.services.insert(key, value);
         Ok(())
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapsError> {
-        self.write("delete service")?;
+        self.write("delete service", slot_name(&key))?;
         self.contents.services.remove(&key);
         Ok(())
     }
 
     fn update_service_meta(&mut self, id: u32, meta: ServiceMeta) -> Result<(), MapsError> {
-        self.write("update service meta")?;
+        self.write("update service meta", id.to_string())?;
         self.contents.service_meta.insert(id, meta);
         Ok(())
     }
 
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError> {
-        self.write("delete service meta")?;
+        self.write("delete service meta", id.to_string())?;
         self.contents.service_meta.remove(&id);
         Ok(())
     }

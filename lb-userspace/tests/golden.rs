@@ -1,0 +1,66 @@
+//! Golden tests: Kubernetes YAML in, map contents (and reported errors) out.
+//!
+//! Each `testdata/<case>.yaml` is parsed as a manifest file, converted and reconciled into
+//! in-memory maps; the result must equal `testdata/<case>.golden`. `UPDATE_GOLDEN=1` rewrites
+//! the golden files (review the diff before committing).
+
+use std::path::{Path, PathBuf};
+
+use lb_userspace::convert;
+use lb_userspace::manifests::{Object, parse_manifest};
+use lb_userspace::maps::InMemoryMaps;
+use lb_userspace::reconcile::{Reconciler, render_snapshot};
+
+fn render_case(yaml: &Path) -> String {
+    let text = std::fs::read_to_string(yaml).unwrap();
+    let label = Path::new("testdata").join(yaml.file_name().unwrap());
+    let mut out = String::new();
+    let (objects, errors) = parse_manifest(&label, &text).expect("file is YAML");
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for object in objects {
+        match object {
+            Object::Service(s) => services.push(*s),
+            Object::EndpointSlice(s) => slices.push(*s),
+        }
+    }
+    let (desired, convert_errors) = convert::desired_state(&services, &slices);
+    for error in &errors {
+        out += &format!("error: {error}\n");
+    }
+    for error in &convert_errors {
+        out += &format!("error: {error}\n");
+    }
+    let mut reconciler = Reconciler::restore(InMemoryMaps::default()).unwrap();
+    let report = reconciler.reconcile(&desired);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    out += &render_snapshot(&reconciler.maps().contents);
+    out
+}
+
+#[test]
+fn golden_cases() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    cases.sort();
+    assert!(!cases.is_empty());
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut mismatches = Vec::new();
+    for case in cases {
+        let got = render_case(&case);
+        let golden = case.with_extension("golden");
+        if update {
+            std::fs::write(&golden, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", golden.display()));
+        if got != want {
+            mismatches.push(format!("{}:\n--- want\n{want}--- got\n{got}", case.display()));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}

@@ -1,0 +1,179 @@
+//! The reconciler against in-memory maps: write order, idempotence, recovery from failed
+//! writes, restore after a restart, and pruning.
+
+use std::net::Ipv4Addr;
+
+use lb_common::{Backend, ServiceKey, ServiceValue};
+use lb_userspace::maps::InMemoryMaps;
+use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
+use lb_userspace::reconcile::{Reconciler, render_snapshot};
+
+fn addr(last: u8, port: u16) -> L4Addr {
+    L4Addr { ip: Ipv4Addr::new(10, 244, 0, last), port, protocol: Protocol::Tcp }
+}
+
+fn vip(last: u8) -> L4Addr {
+    L4Addr { ip: Ipv4Addr::new(10, 96, 0, last), port: 80, protocol: Protocol::Tcp }
+}
+
+fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
+    let frontends = frontends
+        .iter()
+        .map(|(address, backends)| {
+            let frontend = Frontend {
+                address: *address,
+                frontend_type: FrontendType::ClusterIp,
+                service: ServicePortName { namespace: "default".into(), name: format!("svc{}", address.ip.octets()[3]), port: String::new() },
+                backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
+            };
+            (*address, frontend)
+        })
+        .collect();
+    DesiredState { frontends }
+}
+
+fn reconciler() -> Reconciler<InMemoryMaps> {
+    Reconciler::restore(InMemoryMaps::default()).unwrap()
+}
+
+/// Position of the first log line starting with `prefix`.
+fn position(log: &[String], prefix: &str) -> usize {
+    log.iter().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix:?} not in {log:#?}"))
+}
+
+#[test]
+fn new_frontend_writes_backends_then_slots_then_the_service_entry() {
+    let mut r = reconciler();
+    let report = r.reconcile(&state(&[(vip(1), &[1, 2])]));
+    assert_eq!((report.programmed, report.errors.len()), (1, 0));
+    let log = r.maps().log.clone();
+    let entry = position(&log, "update service 10.96.0.1:80/6 slot 0");
+    assert!(position(&log, "update backend 1") < position(&log, "update service 10.96.0.1:80/6 slot 1"));
+    assert!(position(&log, "update backend 2") < position(&log, "update service 10.96.0.1:80/6 slot 2"));
+    assert!(position(&log, "update service 10.96.0.1:80/6 slot 2") < entry);
+    assert_eq!(entry, log.len() - 1, "the service entry is the last write: {log:#?}");
+}
+
+#[test]
+fn shrinking_lowers_the_count_before_deleting_slots_and_backends() {
+    let mut r = reconciler();
+    r.reconcile(&state(&[(vip(1), &[1, 2, 3])]));
+    let start = r.maps().log.len();
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    let log = r.maps().log[start..].to_vec();
+    let entry = position(&log, "update service 10.96.0.1:80/6 slot 0");
+    assert!(entry < position(&log, "delete service 10.96.0.1:80/6 slot 3"), "{log:#?}");
+    assert!(entry < position(&log, "delete service 10.96.0.1:80/6 slot 2"), "{log:#?}");
+    assert!(position(&log, "delete service 10.96.0.1:80/6 slot 2") < position(&log, "delete backend"), "{log:#?}");
+    let slots = &r.maps().contents.services;
+    assert_eq!(slots.len(), 2, "service entry and one slot remain");
+    assert_eq!(r.maps().contents.backends.len(), 1);
+}
+
+#[test]
+fn removing_a_frontend_deletes_its_service_entry_first() {
+    let mut r = reconciler();
+    r.reconcile(&state(&[(vip(1), &[1, 2]), (vip(2), &[2])]));
+    let start = r.maps().log.len();
+    let report = r.reconcile(&state(&[(vip(2), &[2])]));
+    assert_eq!((report.removed, report.unchanged), (1, 1));
+    let log = r.maps().log[start..].to_vec();
+    assert_eq!(log[0], "delete service 10.96.0.1:80/6 slot 0", "{log:#?}");
+    // Backend 2 is still used by the other frontend; backend 1 is released.
+    assert_eq!(log.iter().filter(|l| l.starts_with("delete backend")).count(), 1, "{log:#?}");
+    assert_eq!(r.maps().contents.backends.len(), 1);
+}
+
+#[test]
+fn reconciling_the_same_state_twice_writes_nothing() {
+    let mut r = reconciler();
+    let desired = state(&[(vip(1), &[1, 2]), (vip(2), &[])]);
+    r.reconcile(&desired);
+    let writes = r.maps().log.len();
+    let report = r.reconcile(&desired);
+    assert_eq!((report.programmed, report.unchanged), (0, 2));
+    assert_eq!(r.maps().log.len(), writes);
+}
+
+#[test]
+fn a_failed_write_is_repaired_by_the_next_reconcile() {
+    let desired_a = state(&[(vip(1), &[1, 2, 3]), (vip(2), &[4])]);
+    let desired_b = state(&[(vip(1), &[2, 5]), (vip(3), &[4, 6])]);
+    let mut clean = reconciler();
+    clean.reconcile(&desired_a);
+    clean.reconcile(&desired_b);
+    let want = render_snapshot(&clean.maps().contents);
+
+    // Fail at every possible point of the second reconcile, then retry without failures.
+    let total_writes = {
+        let mut r = reconciler();
+        r.reconcile(&desired_a);
+        let before = r.maps().log.len();
+        r.reconcile(&desired_b);
+        r.maps().log.len() - before
+    };
+    for fail_after in 0..total_writes {
+        let mut r = reconciler();
+        r.reconcile(&desired_a);
+        let mut failing = r.maps().clone();
+        failing.fail_after_writes = Some(fail_after);
+        let mut r = Reconciler::restore(failing).unwrap();
+        let report = r.reconcile(&desired_b);
+        assert!(!report.errors.is_empty(), "a write should have failed after {fail_after}");
+        // The maps may be mid-change, but never point at a missing backend or slot.
+        assert_consistent(&r.maps().contents);
+        let mut healed = r.maps().clone();
+        healed.fail_after_writes = None;
+        let mut r = Reconciler::restore(healed).unwrap();
+        let report = r.reconcile(&desired_b);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        r.prune().unwrap();
+        assert_eq!(render_snapshot(&r.maps().contents), want, "after failing at write {fail_after}");
+    }
+}
+
+/// Every service entry's slots exist and every slot's backend exists.
+fn assert_consistent(contents: &lb_userspace::maps::MapsSnapshot) {
+    for (key, value) in &contents.services {
+        if key.backend_slot == 0 {
+            for slot in 1..=value.backend_count {
+                let slot_value = contents.services.get(&key.with_slot(slot));
+                let slot_value = slot_value.unwrap_or_else(|| panic!("{key:?} slot {slot} missing"));
+                assert!(contents.backends.contains_key(&slot_value.backend_id), "backend of {key:?} slot {slot} missing");
+            }
+        }
+    }
+}
+
+#[test]
+fn restore_keeps_ids_and_writes_nothing_for_an_unchanged_state() {
+    let desired = state(&[(vip(1), &[1, 2]), (vip(2), &[3])]);
+    let mut r = reconciler();
+    r.reconcile(&desired);
+    let before = render_snapshot(&r.maps().contents);
+    let mut maps = r.maps().clone();
+    maps.log.clear();
+    let mut restarted = Reconciler::restore(maps).unwrap();
+    let report = restarted.reconcile(&desired);
+    assert_eq!((report.programmed, report.unchanged), (0, 2));
+    assert!(restarted.maps().log.is_empty(), "{:#?}", restarted.maps().log);
+    assert_eq!(restarted.prune().unwrap(), 0);
+    assert_eq!(render_snapshot(&restarted.maps().contents), before);
+    // New IDs do not collide with restored ones.
+    restarted.reconcile(&state(&[(vip(1), &[1, 2]), (vip(2), &[3]), (vip(3), &[9])]));
+    assert_eq!(restarted.maps().contents.backends.len(), 4);
+    assert_consistent(&restarted.maps().contents);
+}
+
+#[test]
+fn prune_removes_entries_nobody_wants() {
+    let mut maps = InMemoryMaps::default();
+    let stray_slot = ServiceKey::new(Ipv4Addr::new(10, 96, 9, 9), 80, 6, 4);
+    maps.contents.services.insert(stray_slot, ServiceValue::backend_slot(7, 7));
+    maps.contents.backends.insert(7, Backend::new(Ipv4Addr::new(10, 244, 9, 9), 80, 6));
+    let mut r = Reconciler::restore(maps).unwrap();
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    assert_eq!(r.prune().unwrap(), 1, "the slot after a gap");
+    assert!(!r.maps().contents.services.contains_key(&stray_slot));
+    assert_consistent(&r.maps().contents);
+}
