@@ -1,5 +1,6 @@
 //! The `lb` command.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -52,6 +53,7 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Run { manifests, interfaces, bpf_dir } => {

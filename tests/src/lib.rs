@@ -2,6 +2,7 @@
 //! joined only to each other (never to the root namespace) and removed on drop.
 
 pub mod packet;
+pub mod playground;
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -121,13 +122,17 @@ pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: 
     Ok(())
 }
 
-/// The `lb` binary next to the test executable (cargo puts both under target/<profile>), or
-/// `LB_BIN` when set.
+/// The `lb` binary cargo built beside this executable (`target/<profile>/lb`, whether this is
+/// a binary there or a test in `deps/`), or `LB_BIN` when set.
 pub fn lb_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("LB_BIN") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    profile_dir.join("lb")
+    let dir = exe.parent().expect("executable has a directory");
+    let beside = dir.join("lb");
+    if beside.is_file() || dir.file_name().is_none_or(|name| name != "deps") {
+        return beside;
+    }
+    dir.parent().unwrap_or(dir).join("lb")
 }

@@ -1,4 +1,6 @@
 //! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! xtask depends on none of lb's crates: it has to run before the eBPF toolchain exists.
 
 mod setup;
 
@@ -18,12 +20,63 @@ struct Cli {
 enum Task {
     /// Install the nightly rust-src component and bpf-linker if missing.
     Setup,
+    /// Build lb (the eBPF programs are built and embedded by lb-userspace's build script).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit and golden tests, then (as root) BPF_PROG_TEST_RUN packet fixtures
+    /// and network-namespace traffic tests.
+    Test,
+    /// Run the demo: alpaca-prod pods behind a ClusterIP in network namespaces (root).
+    Demo,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
+        Task::Build { release } => {
+            setup::setup()?;
+            let mut cmd = cargo(&["build", "--package", "lb-userspace", "--bins"]);
+            if release {
+                cmd.arg("--release");
+            }
+            run(&mut cmd)
+        }
+        Task::Test => test(),
+        Task::Demo => {
+            setup::setup()?;
+            require_root("the demo creates network namespaces and loads BPF programs")?;
+            run(&mut cargo(&["build", "--package", "lb-userspace", "--package", "tests", "--bins"]))?;
+            run(&mut cargo(&["run", "--quiet", "--package", "tests", "--bin", "lb-demo"]))
+        }
     }
+}
+
+fn test() -> Result<()> {
+    setup::setup()?;
+    eprintln!("xtask: unit, golden and reconciler tests (no root needed)");
+    run(&mut cargo(&["test"]))?;
+    require_root("the data-path tests load BPF programs and create network namespaces")?;
+    // The netns tests start the `lb` binary, which `cargo test -p tests` alone does not build.
+    run(&mut cargo(&["build", "--package", "lb-userspace", "--bins"]))?;
+    eprintln!("xtask: packet fixtures and network-namespace tests (root, one at a time)");
+    run(&mut cargo(&["test", "--package", "tests", "--", "--test-threads=1"]))
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{why}: run as root");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args);
+    // Run from the workspace root whatever the caller's directory.
+    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    cmd
 }
 
 /// Runs a command with inherited stdio and fails if it does not exit 0.

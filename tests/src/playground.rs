@@ -1,0 +1,314 @@
+//! A node with pods and a client, all in network namespaces this process creates and joined
+//! only to each other:
+//!
+//! ```text
+//!  client ns            node ns (lb attached to every veth's ingress)           pod ns (one per pod)
+//!  eth0 10.0.0.2/24 --- lbc0 10.0.0.1/24
+//!                       lbp0 10.244.0.1/32, route <pod ip>/32 ----------------- eth0 <pod ip>/32
+//!                       lbp1 ...                                                 (default via 10.244.0.1)
+//! ```
+//!
+//! There is no link to the root namespace: the ClusterIP exists only as something lb
+//! translates, and every address lives inside these namespaces.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
+
+use crate::{NetNs, PrivateBpfFs, lb_binary, veth};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const NODE_CLIENT_SIDE: &str = "10.0.0.1/24";
+const NODE_POD_GATEWAY: &str = "10.244.0.1";
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: NetNs,
+    stop: Arc<AtomicBool>,
+}
+
+pub struct Playground {
+    pub client: NetNs,
+    pub node: NetNs,
+    pub pods: Vec<Pod>,
+    /// Manifest directory lb watches.
+    pub manifests: PathBuf,
+    pub bpf_dir: PathBuf,
+    pub lb_log: PathBuf,
+    lb: Option<Child>,
+    work_dir: PathBuf,
+    node_interfaces: Vec<String>,
+    _bpffs: PrivateBpfFs,
+}
+
+impl Playground {
+    /// Creates the namespaces and links; `prefix` names everything this playground creates.
+    pub fn new(prefix: &str, pods: &[(&str, Ipv4Addr)]) -> Result<Self> {
+        let work_dir = std::env::temp_dir().join(prefix);
+        std::fs::create_dir_all(work_dir.join("manifests"))?;
+        let bpffs = PrivateBpfFs::new()?;
+        let client = NetNs::new(format!("{prefix}-client"))?;
+        let node = NetNs::new(format!("{prefix}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        for scope in ["all", "default"] {
+            node.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+        }
+        veth(&client, "eth0", &format!("{CLIENT_IP}/24"), &node, "lbc0", NODE_CLIENT_SIDE)?;
+        client.exec(&["ip", "route", "add", "default", "via", "10.0.0.1"])?;
+        let mut node_interfaces = vec!["lbc0".to_string()];
+
+        let mut created = Vec::new();
+        for (index, (name, ip)) in pods.iter().enumerate() {
+            let ns = NetNs::new(format!("{prefix}-p{index}"))?;
+            let node_if = format!("lbp{index}");
+            veth(&ns, "eth0", &format!("{ip}/32"), &node, &node_if, &format!("{NODE_POD_GATEWAY}/32"))?;
+            node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if])?;
+            ns.exec(&["ip", "route", "add", NODE_POD_GATEWAY, "dev", "eth0"])?;
+            ns.exec(&["ip", "route", "add", "default", "via", NODE_POD_GATEWAY])?;
+            node_interfaces.push(node_if);
+            created.push(Pod { name: name.to_string(), ip: *ip, ns, stop: Arc::new(AtomicBool::new(false)) });
+        }
+        Ok(Self {
+            client,
+            node,
+            pods: created,
+            manifests: work_dir.join("manifests"),
+            bpf_dir: bpffs.path().join("lb"),
+            lb_log: work_dir.join("lb.log"),
+            lb: None,
+            work_dir,
+            node_interfaces,
+            _bpffs: bpffs,
+        })
+    }
+
+    /// Starts an HTTP server (answering with the pod's name) on `port` in every pod.
+    pub fn serve_http(&self, port: u16) -> Result<()> {
+        for pod in &self.pods {
+            let listener = pod.ns.run(move || TcpListener::bind(("0.0.0.0", port)))??;
+            listener.set_nonblocking(true)?;
+            let (name, stop) = (pod.name.clone(), pod.stop.clone());
+            std::thread::spawn(move || http_server(listener, name, stop));
+        }
+        Ok(())
+    }
+
+    /// Starts a UDP server (answering with the pod's name) on `port` in every pod.
+    pub fn serve_udp(&self, port: u16) -> Result<()> {
+        for pod in &self.pods {
+            let socket = pod.ns.run(move || UdpSocket::bind(("0.0.0.0", port)))??;
+            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let (name, stop) = (pod.name.clone(), pod.stop.clone());
+            std::thread::spawn(move || udp_server(socket, name, stop));
+        }
+        Ok(())
+    }
+
+    pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
+        // Write then rename, as editors and kubectl-like tools do: lb never reads half a file.
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Starts `lb run` inside the node namespace on every node-side interface.
+    pub fn start_lb(&mut self) -> Result<()> {
+        let netns = std::fs::File::open(self.node.path())?;
+        let log = std::fs::File::create(&self.lb_log)?;
+        let mut command = Command::new(lb_binary());
+        command
+            .args(["run", "--manifests"])
+            .arg(&self.manifests)
+            .arg("--interfaces")
+            .arg(self.node_interfaces.join(","))
+            .arg("--bpf-dir")
+            .arg(&self.bpf_dir)
+            .env("LB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let fd = netns.as_raw_fd();
+        // SAFETY: setns is a single syscall, safe between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc_setns(fd) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().with_context(|| format!("starting {}", lb_binary().display()))?;
+        self.lb = Some(child);
+        Ok(())
+    }
+
+    /// Stops lb with SIGTERM and waits for it; returns its exit status' success.
+    pub fn stop_lb(&mut self) -> Result<bool> {
+        let Some(mut child) = self.lb.take() else { return Ok(true) };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!("lb did not exit within 5 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn lb_log(&self) -> String {
+        std::fs::read_to_string(&self.lb_log).unwrap_or_default()
+    }
+
+    /// What lb has programmed, read from its pinned maps (empty until they exist).
+    pub fn snapshot(&self) -> MapsSnapshot {
+        BpfMaps::from_pins(&self.bpf_dir).and_then(|m| m.snapshot()).unwrap_or_default()
+    }
+
+    /// Polls until `ready` holds for the programmed maps; returns how long it took.
+    pub fn wait_for_maps(&self, timeout: Duration, ready: impl Fn(&MapsSnapshot) -> bool) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if ready(&self.snapshot()) {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("maps did not reach the expected state within {timeout:?}; lb log:\n{}", self.lb_log())
+    }
+
+    /// `lb services` output for this playground's maps.
+    pub fn services_table(&self) -> Result<String> {
+        let out = Command::new(lb_binary()).args(["services", "--bpf-dir"]).arg(&self.bpf_dir).output()?;
+        if !out.status.success() {
+            bail!("lb services: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Makes `count` HTTP requests from the client, each on a new connection. Returns each
+    /// answer (pod name and the client address the pod saw); stops at the first failure,
+    /// which is the last element.
+    pub fn http_requests(&self, target: SocketAddrV4, count: usize) -> Result<Vec<Result<HttpAnswer, String>>> {
+        self.client.run(move || {
+            let mut answers = Vec::with_capacity(count);
+            for _ in 0..count {
+                let answer = http_get(target).map_err(|e| e.to_string());
+                let failed = answer.is_err();
+                answers.push(answer);
+                if failed {
+                    break;
+                }
+            }
+            answers
+        })
+    }
+
+    /// One UDP request from the client; returns the answer and who it came from.
+    pub fn udp_request(&self, target: SocketAddrV4) -> Result<(String, SocketAddr)> {
+        self.client.run(move || -> Result<(String, SocketAddr)> {
+            let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(b"ping", target)?;
+            let mut buf = [0u8; 256];
+            let (len, from) = socket.recv_from(&mut buf).context("no UDP answer within 2 s")?;
+            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+        })?
+    }
+
+    /// Stops one pod's servers and deletes its namespace (a pod going away).
+    pub fn remove_pod(&mut self, name: &str) {
+        if let Some(index) = self.pods.iter().position(|p| p.name == name) {
+            let pod = self.pods.remove(index);
+            pod.stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+}
+
+impl Drop for Playground {
+    fn drop(&mut self) {
+        let _ = self.stop_lb();
+        for pod in &self.pods {
+            pod.stop.store(true, Ordering::Relaxed);
+        }
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+        // Namespaces and the private bpffs are removed by their own Drop.
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub pod: String,
+    /// The source address the pod saw.
+    pub client_seen: String,
+    /// The address the client's socket is connected to.
+    pub peer: SocketAddr,
+}
+
+fn http_get(target: SocketAddrV4) -> Result<HttpAnswer> {
+    let mut stream = TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).context("no HTTP body")?;
+    let mut words = body.split_whitespace();
+    let pod = words.next().context("empty body")?.to_string();
+    let client_seen = words.next().unwrap_or_default().to_string();
+    Ok(HttpAnswer { pod, client_seen, peer })
+}
+
+fn http_server(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let body = format!("{name} {}\n", peer.ip());
+                let _ = write!(
+                    stream,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+fn udp_server(socket: UdpSocket, name: String, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(name.as_bytes(), from);
+        }
+    }
+}
+
+fn libc_setns(fd: i32) -> i32 {
+    // SAFETY: plain syscall on a valid descriptor.
+    unsafe { nix::libc::setns(fd, nix::libc::CLONE_NEWNET) }
+}

@@ -1,0 +1,130 @@
+//! Real traffic through lb: client ns -> node ns (lb attached) -> two backend pods, with real
+//! TCP and UDP servers, lb started as its own process on a manifest directory.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use tests::playground::{CLIENT_IP, Playground};
+use tests::{require_root, unique};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 12);
+
+const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80, targetPort: http}
+    - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+";
+
+fn slice(pods: &[Ipv4Addr]) -> String {
+    let endpoints: String =
+        pods.iter().map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n")).collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-abcde
+  namespace: default
+  labels: {{kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8080, protocol: TCP}}
+  - {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{endpoints}"
+    )
+}
+
+fn tcp_backend_count(snapshot: &lb_userspace::maps::MapsSnapshot) -> Option<u16> {
+    snapshot
+        .services
+        .iter()
+        .find(|(k, _)| k.backend_slot == 0 && k.address() == VIP && k.port() == 80)
+        .map(|(_, v)| v.backend_count)
+}
+
+#[test]
+fn cluster_ip_traffic_through_lb() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.serve_udp(5353).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A, POD_B])).unwrap();
+    pg.start_lb().unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(2)).unwrap();
+
+    // 100 TCP connections: all succeed, both pods answer, the client only ever talks to the
+    // ClusterIP, and the pods see the client's own address.
+    let target = SocketAddrV4::new(VIP, 80);
+    let answers = pg.http_requests(target, 100).unwrap();
+    let mut per_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for answer in &answers {
+        let answer = answer.as_ref().unwrap_or_else(|e| panic!("request failed: {e}\n{}", pg.lb_log()));
+        assert_eq!(answer.peer, SocketAddr::V4(target));
+        assert_eq!(answer.client_seen, CLIENT_IP.to_string());
+        *per_pod.entry(answer.pod.clone()).or_default() += 1;
+    }
+    assert_eq!(per_pod.values().sum::<usize>(), 100);
+    assert!(per_pod.get("pod-a").is_some_and(|n| *n > 0) && per_pod.get("pod-b").is_some_and(|n| *n > 0), "{per_pod:?}");
+
+    // UDP request/response, answered from the ClusterIP.
+    let (answer, from) = pg.udp_request(SocketAddrV4::new(VIP, 53)).unwrap();
+    assert!(answer == "pod-a" || answer == "pod-b", "{answer}");
+    assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(VIP, 53)));
+
+    // Drop pod-b from the EndpointSlice: within a second no new connection reaches it.
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
+    let took = pg.wait_for_maps(Duration::from_secs(1), |s| tcp_backend_count(s) == Some(1)).unwrap();
+    eprintln!("endpoint removal reached the maps in {took:?}");
+    let answers = pg.http_requests(target, 30).unwrap();
+    for answer in answers {
+        assert_eq!(answer.unwrap().pod, "pod-a");
+    }
+
+    let table = pg.services_table().unwrap();
+    assert!(table.contains("default/echo:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
+    assert!(table.contains("10.244.1.11:8080") && !table.contains("10.244.2.12:8080"), "{table}");
+    assert!(pg.stop_lb().unwrap(), "lb exits cleanly on SIGTERM:\n{}", pg.lb_log());
+}
+
+#[test]
+fn bad_manifest_is_reported_and_other_services_keep_working() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
+    pg.write_manifest("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec:\n  clusterIP: 10.96.0.999\n  ports: [{port: 80}]\n").unwrap();
+    pg.start_lb().unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(1)).unwrap();
+    let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 5).unwrap();
+    assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|a| a.pod == "pod-a")), "{answers:?}");
+    let log = pg.lb_log();
+    assert!(log.contains("broken.yaml") && log.contains("Service default/broken") && log.contains("10.96.0.999"), "{log}");
+    assert!(pg.stop_lb().unwrap());
+}
+
+#[test]
+fn a_missing_interface_is_a_clear_error() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[]).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    let out = std::process::Command::new(tests::lb_binary())
+        .args(["run", "--interfaces", "nosuchif0", "--manifests"])
+        .arg(&pg.manifests)
+        .arg("--bpf-dir")
+        .arg(&pg.bpf_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("interface nosuchif0 does not exist"), "{stderr}");
+    assert!(pg.stop_lb().unwrap());
+}
