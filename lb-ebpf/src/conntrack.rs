@@ -27,7 +27,7 @@ pub fn lookup_forward(key: &FlowKey) -> Option<ConntrackEntry> {
     // SAFETY: the value is copied out at once; LRU entries may be reused after that.
     let entry = *unsafe { LB_CONNTRACK.get(key) }?;
     // SAFETY: only the presence of the key is used.
-    if unsafe { LB_BACKENDS.get(&entry.backend_id) }.is_none() {
+    if unsafe { LB_BACKENDS.get(entry.backend_id) }.is_none() {
         count(counters::CONNTRACK_BACKEND_GONE);
         return None;
     }
@@ -66,8 +66,7 @@ pub fn track(key: &FlowKey, service_id: u32, backend_id: u32, backend: &Backend)
         _pad: 0,
         service_id,
     };
-    if LB_REVERSE_NAT.insert(&reply_key, &reverse, 0).is_err()
-        || LB_CONNTRACK.insert(key, &forward, 0).is_err()
+    if LB_REVERSE_NAT.insert(reply_key, reverse, 0).is_err() || LB_CONNTRACK.insert(key, forward, 0).is_err()
     {
         count(counters::CONNTRACK_INSERT_FAILED);
     }

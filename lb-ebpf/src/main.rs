@@ -49,11 +49,7 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<Verdict, Verdict> {
 }
 
 #[inline(always)]
-fn forward_new_flow(
-    ctx: &TcContext,
-    flow: &Ipv4Flow,
-    key: &lb_common::FlowKey,
-) -> Result<Verdict, Verdict> {
+fn forward_new_flow(ctx: &TcContext, flow: &Ipv4Flow, key: &lb_common::FlowKey) -> Result<Verdict, Verdict> {
     let service_key = ServiceKey {
         address: flow.dst_address,
         port: flow.dst_port,
@@ -63,7 +59,7 @@ fn forward_new_flow(
         _pad: [0; 2],
     };
     // SAFETY (all map reads below): values are copied out at once.
-    let Some(service) = (unsafe { LB_SERVICES.get(&service_key) }).copied() else {
+    let Some(service) = (unsafe { LB_SERVICES.get(service_key) }).copied() else {
         return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
     };
     if service.backend_count == 0 {
@@ -71,8 +67,8 @@ fn forward_new_flow(
     }
     let slot_key = service_key.with_slot(select::backend_slot(flow, service.backend_count));
     let inconsistent = || Verdict::drop(counters::DROP_SERVICE_INCONSISTENT);
-    let slot = unsafe { LB_SERVICES.get(&slot_key) }.copied().ok_or_else(inconsistent)?;
-    let backend = unsafe { LB_BACKENDS.get(&slot.backend_id) }.copied().ok_or_else(inconsistent)?;
+    let slot = unsafe { LB_SERVICES.get(slot_key) }.copied().ok_or_else(inconsistent)?;
+    let backend = unsafe { LB_BACKENDS.get(slot.backend_id) }.copied().ok_or_else(inconsistent)?;
 
     conntrack::track(key, service.service_id, slot.backend_id, &backend);
     nat::rewrite(ctx, flow, Side::Destination, backend.address, backend.port)?;

@@ -6,14 +6,13 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, ConntrackEntry, FlowKey, ReverseNatEntry, ServiceKey, ServiceMeta, ServiceValue,
-    capacity, counters,
+    Backend, ConntrackEntry, FlowKey, ReverseNatEntry, ServiceKey, ServiceMeta, ServiceValue, capacity,
+    counters,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
 #[map]
-pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(capacity::SERVICES, 0);
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
 
 /// Backend ID -> backend address. Written only by userspace, before any slot points at it.
 #[map]
@@ -21,20 +20,17 @@ pub static LB_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKEN
 
 /// client -> frontend flow -> its backend. Written by the data path on a flow's first packet.
 #[map]
-pub static LB_CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> =
-    LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static LB_CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 /// backend -> client reply flow -> the frontend to put back as source. Written with the
 /// conntrack entry.
 #[map]
-pub static LB_REVERSE_NAT: LruHashMap<FlowKey, ReverseNatEntry> =
-    LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static LB_REVERSE_NAT: LruHashMap<FlowKey, ReverseNatEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 /// Service ID -> name and type, for `lb services`. Never read here; declared in this object so
 /// it is created and pinned with the others.
 #[map]
-pub static LB_SERVICE_META: HashMap<u32, ServiceMeta> =
-    HashMap::pinned(capacity::SERVICE_META, 0);
+pub static LB_SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(capacity::SERVICE_META, 0);
 
 /// Per-CPU packet counters, indexed by `lb_common::counters`.
 #[map]

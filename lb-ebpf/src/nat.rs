@@ -35,9 +35,7 @@ pub fn rewrite(
 ) -> Result<(), Verdict> {
     let (old_address, old_port, address_offset, port_offset) = match side {
         Side::Source => (flow.src_address, flow.src_port, IPV4_SRC_OFFSET, L4_SRC_PORT_OFFSET),
-        Side::Destination => {
-            (flow.dst_address, flow.dst_port, IPV4_DST_OFFSET, L4_DST_PORT_OFFSET)
-        }
+        Side::Destination => (flow.dst_address, flow.dst_port, IPV4_DST_OFFSET, L4_DST_PORT_OFFSET),
     };
     // A UDP checksum of 0 means "none": MARK_MANGLED_0 leaves it 0, and writes 0xffff where an
     // update would produce 0.

@@ -38,8 +38,7 @@ pub struct Ipv4Flow {
 impl Ipv4Flow {
     /// Offset of the L4 checksum field.
     pub fn l4_checksum_offset(&self) -> usize {
-        self.l4_offset
-            + if self.protocol == PROTOCOL_TCP { TCP_CHECKSUM_OFFSET } else { UDP_CHECKSUM_OFFSET }
+        self.l4_offset + if self.protocol == PROTOCOL_TCP { TCP_CHECKSUM_OFFSET } else { UDP_CHECKSUM_OFFSET }
     }
 }
 

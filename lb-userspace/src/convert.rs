@@ -111,10 +111,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let Some(number) = port_number(port.port) else {
-            return Err(error(format!(
-                "port {port_name:?}: {} is not a port number (1-65535)",
-                port.port
-            )));
+            return Err(error(format!("port {port_name:?}: {} is not a port number (1-65535)", port.port)));
         };
         let Some(protocol) = Protocol::from_kubernetes(port.protocol.as_deref()) else {
             tracing::debug!(%namespace, %name, port = %port_name, protocol = ?port.protocol, "protocol not translated; port skipped");
@@ -191,13 +188,9 @@ pub fn service_frontends(service: &ServiceFrontends, slices: &[&SliceEndpoints])
         let backends: BTreeSet<L4Addr> = slices
             .iter()
             .flat_map(|slice| {
-                slice
-                    .ports
-                    .iter()
-                    .filter(|p| p.name == port.name && p.protocol == port.protocol)
-                    .flat_map(|p| {
-                        slice.ready.iter().map(|ip| L4Addr { ip: *ip, port: p.port, protocol: p.protocol })
-                    })
+                slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol).flat_map(
+                    |p| slice.ready.iter().map(|ip| L4Addr { ip: *ip, port: p.port, protocol: p.protocol }),
+                )
             })
             .collect();
         for ip in &service.cluster_ips {
@@ -218,10 +211,7 @@ pub fn service_frontends(service: &ServiceFrontends, slices: &[&SliceEndpoints])
 
 /// The desired state for a set of objects. Objects that fail their checks are left out and
 /// reported; they never stop the others from being translated.
-pub fn desired_state(
-    services: &[Service],
-    slices: &[EndpointSlice],
-) -> (DesiredState, Vec<ObjectError>) {
+pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<ObjectError>) {
     let mut errors = Vec::new();
     let mut slices_by_service: BTreeMap<(String, String), Vec<SliceEndpoints>> = BTreeMap::new();
     for slice in slices {

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray};
-use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{counters, map_names};
 
@@ -13,9 +13,6 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The TC ingress program's name in the object.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
-
-/// bpffs's magic number (statfs f_type).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -53,7 +50,7 @@ pub enum DatapathError {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// The loaded eBPF object with its maps pinned under a directory.
@@ -80,9 +77,7 @@ impl Datapath {
             .program_mut(INGRESS_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
-        program
-            .load()
-            .map_err(|source| DatapathError::LoadProgram { name: INGRESS_PROGRAM, source })?;
+        program.load().map_err(|source| DatapathError::LoadProgram { name: INGRESS_PROGRAM, source })?;
         Ok(Self { ebpf, attached: Vec::new() })
     }
 

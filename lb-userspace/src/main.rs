@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lb_userspace::{datapath, maps::{BpfMaps, ServiceMaps}, run, status};
+use lb_userspace::{
+    datapath,
+    maps::{BpfMaps, ServiceMaps},
+    run, status,
+};
 
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
 

@@ -52,9 +52,11 @@ pub type ObjectKey = (&'static str, String, String);
 impl Object {
     pub fn key(&self) -> ObjectKey {
         match self {
-            Object::Service(s) => {
-                ("Service", namespace_of(s.metadata.namespace.as_ref()), s.metadata.name.clone().unwrap_or_default())
-            }
+            Object::Service(s) => (
+                "Service",
+                namespace_of(s.metadata.namespace.as_ref()),
+                s.metadata.name.clone().unwrap_or_default(),
+            ),
             Object::EndpointSlice(s) => (
                 "EndpointSlice",
                 namespace_of(s.metadata.namespace.as_ref()),

@@ -132,8 +132,7 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(
 
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path = dir.join(name);
-    let open_error =
-        |source| MapsError::OpenPinned { path: path.display().to_string(), source };
+    let open_error = |source| MapsError::OpenPinned { path: path.display().to_string(), source };
     let data = MapData::from_pin(&path).map_err(open_error)?;
     Map::from_map_data(data).map_err(open_error)
 }
@@ -200,8 +199,7 @@ impl ServiceMaps for BpfMaps {
     }
 
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError> {
-        ignore_missing(self.service_meta.remove(&id))
-            .map_err(bpf_error("delete", map_names::SERVICE_META))
+        ignore_missing(self.service_meta.remove(&id)).map_err(bpf_error("delete", map_names::SERVICE_META))
     }
 
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError> {

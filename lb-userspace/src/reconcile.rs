@@ -22,26 +22,26 @@ pub enum ReconcileError {
         frontend: L4Addr,
         service: String,
         #[source]
-        source: MapsError,
+        source: Box<MapsError>,
     },
     #[error("removing frontend {frontend}: {source}")]
     Remove {
         frontend: L4Addr,
         #[source]
-        source: MapsError,
+        source: Box<MapsError>,
     },
     #[error("releasing backend {backend}: {source}")]
     ReleaseBackend {
         backend: L4Addr,
         #[source]
-        source: MapsError,
+        source: Box<MapsError>,
     },
     #[error("frontend {frontend} ({service}) has {count} backends; a frontend holds at most {max}")]
     TooManyBackends { frontend: L4Addr, service: String, count: usize, max: usize },
     #[error("no free {what} ID left")]
     IdsExhausted { what: &'static str },
     #[error("pruning stale map entries: {0}")]
-    Prune(#[source] MapsError),
+    Prune(#[source] Box<MapsError>),
 }
 
 /// What one reconcile did.
@@ -171,8 +171,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     pub fn restore(maps: M) -> Result<Self, MapsError> {
         let state = ProgrammedState::from_snapshot(&maps.snapshot()?);
         let backend_ids = state.backends.iter().map(|(id, addr)| (*addr, *id)).collect();
-        let service_id_allocator =
-            IdAllocator::from_used(state.frontends.values().map(|f| f.service_id));
+        let service_id_allocator = IdAllocator::from_used(state.frontends.values().map(|f| f.service_id));
         let backend_id_allocator = IdAllocator::from_used(state.backends.keys().copied());
         Ok(Self { maps, state, backend_ids, service_id_allocator, backend_id_allocator })
     }
@@ -225,10 +224,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             return Ok(*id);
         }
         let id = self.backend_id_allocator.allocate("backend")?;
-        let written = self.maps.update_backend(
-            id,
-            Backend::new(backend.ip, backend.port, backend.protocol.number()),
-        );
+        let written =
+            self.maps.update_backend(id, Backend::new(backend.ip, backend.port, backend.protocol.number()));
         if let Err(error) = written {
             self.backend_id_allocator.release(id);
             return Err(map_error(error));
@@ -253,8 +250,11 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let count = count as u16;
         let meta = (frontend.frontend_type, service.clone());
-        let program_error =
-            |source| ReconcileError::Program { frontend: addr, service: service.clone(), source };
+        let program_error = |source| ReconcileError::Program {
+            frontend: addr,
+            service: service.clone(),
+            source: Box::new(source),
+        };
 
         if let Some(current) = self.state.frontends.get(&addr) {
             let ids: Option<Vec<u32>> =
@@ -273,10 +273,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         if !self.state.frontends.contains_key(&addr) {
             let service_id = self.service_id_allocator.allocate("service")?;
-            self.state.frontends.insert(
-                addr,
-                ProgrammedFrontend { service_id, slots: Vec::new(), count: None, meta: None },
-            );
+            self.state
+                .frontends
+                .insert(addr, ProgrammedFrontend { service_id, slots: Vec::new(), count: None, meta: None });
         }
         let programmed = self.state.frontends.get_mut(&addr).expect("inserted above");
         let service_id = programmed.service_id;
@@ -315,14 +314,14 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     fn remove_frontend(&mut self, addr: L4Addr) -> Result<(), ReconcileError> {
-        let remove_error = |source| ReconcileError::Remove { frontend: addr, source };
+        let remove_error = |source| ReconcileError::Remove { frontend: addr, source: Box::new(source) };
         let Some(programmed) = self.state.frontends.get_mut(&addr) else { return Ok(()) };
         // The service entry goes first: from then on no new flow picks a slot.
         if programmed.count.is_some() {
             self.maps.delete_service(service_key(&addr, 0)).map_err(remove_error)?;
             programmed.count = None;
         }
-        while let Some(_) = programmed.slots.last() {
+        while !programmed.slots.is_empty() {
             let slot = programmed.slots.len() as u16;
             self.maps.delete_service(service_key(&addr, slot)).map_err(remove_error)?;
             programmed.slots.pop();
@@ -347,7 +346,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         for (id, backend) in unused {
             self.maps
                 .delete_backend(id)
-                .map_err(|source| ReconcileError::ReleaseBackend { backend, source })?;
+                .map_err(|source| ReconcileError::ReleaseBackend { backend, source: Box::new(source) })?;
             self.state.backends.remove(&id);
             self.backend_ids.remove(&backend);
             self.backend_id_allocator.release(id);
@@ -358,31 +357,36 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// Deletes map entries the reconciler does not account for: slots past a gap, entries of
     /// unknown protocols, metadata of no frontend. Returns how many were deleted.
     pub fn prune(&mut self) -> Result<usize, ReconcileError> {
-        let snapshot = self.maps.snapshot().map_err(ReconcileError::Prune)?;
+        let snapshot = self.maps.snapshot().map_err(prune_error)?;
         let mut deleted = 0;
         for key in snapshot.services.keys() {
-            let known = frontend_of(key).and_then(|addr| self.state.frontends.get(&addr)).is_some_and(
-                |programmed| match key.backend_slot {
-                    0 => programmed.count.is_some(),
-                    slot => usize::from(slot) <= programmed.slots.len(),
-                },
-            );
+            let known =
+                frontend_of(key).and_then(|addr| self.state.frontends.get(&addr)).is_some_and(|programmed| {
+                    match key.backend_slot {
+                        0 => programmed.count.is_some(),
+                        slot => usize::from(slot) <= programmed.slots.len(),
+                    }
+                });
             if !known {
-                self.maps.delete_service(*key).map_err(ReconcileError::Prune)?;
+                self.maps.delete_service(*key).map_err(prune_error)?;
                 deleted += 1;
             }
         }
         let service_ids: BTreeSet<u32> = self.state.frontends.values().map(|f| f.service_id).collect();
         for id in snapshot.service_meta.keys().filter(|id| !service_ids.contains(id)) {
-            self.maps.delete_service_meta(*id).map_err(ReconcileError::Prune)?;
+            self.maps.delete_service_meta(*id).map_err(prune_error)?;
             deleted += 1;
         }
         for id in snapshot.backends.keys().filter(|id| !self.state.backends.contains_key(id)) {
-            self.maps.delete_backend(*id).map_err(ReconcileError::Prune)?;
+            self.maps.delete_backend(*id).map_err(prune_error)?;
             deleted += 1;
         }
         Ok(deleted)
     }
+}
+
+fn prune_error(source: MapsError) -> ReconcileError {
+    ReconcileError::Prune(Box::new(source))
 }
 
 /// One line per map entry, sorted: the golden-test view of the maps.

@@ -49,7 +49,10 @@ fn sync(store: &mut ManifestStore, options: &RunOptions, reconciler: &mut Reconc
 
 pub async fn run(options: RunOptions) -> Result<()> {
     if !options.manifests.is_dir() {
-        anyhow::bail!("manifest directory {} does not exist or is not a directory", options.manifests.display());
+        anyhow::bail!(
+            "manifest directory {} does not exist or is not a directory",
+            options.manifests.display()
+        );
     }
     let mut datapath = Datapath::load(&options.bpf_dir)?;
     for interface in &options.interfaces {

@@ -32,8 +32,13 @@ pub fn services_table(snapshot: &MapsSnapshot) -> String {
         let _ = writeln!(
             out,
             "{:w0$}  {:w1$}  {:w2$}  {}",
-            row[0], row[1], row[2], row[3],
-            w0 = widths[0], w1 = widths[1], w2 = widths[2]
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
         );
     }
     out

@@ -81,7 +81,9 @@ fn a_broken_file_keeps_its_last_good_objects_and_the_error_names_it() {
     let errors = store.reload(dir.path()).unwrap();
     let message = errors[0].to_string();
     assert!(
-        message.contains("slice.yaml") && message.contains("EndpointSlice default/web-1") && message.contains("10.244.1.300"),
+        message.contains("slice.yaml")
+            && message.contains("EndpointSlice default/web-1")
+            && message.contains("10.244.1.300"),
         "{message}"
     );
     assert_eq!(backends(&store), ["10.244.1.1:8080/TCP"]);

@@ -23,7 +23,11 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
             let frontend = Frontend {
                 address: *address,
                 frontend_type: FrontendType::ClusterIp,
-                service: ServicePortName { namespace: "default".into(), name: format!("svc{}", address.ip.octets()[3]), port: String::new() },
+                service: ServicePortName {
+                    namespace: "default".into(),
+                    name: format!("svc{}", address.ip.octets()[3]),
+                    port: String::new(),
+                },
                 backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
             };
             (*address, frontend)
@@ -64,7 +68,10 @@ fn shrinking_lowers_the_count_before_deleting_slots_and_backends() {
     let entry = position(&log, "update service 10.96.0.1:80/6 slot 0");
     assert!(entry < position(&log, "delete service 10.96.0.1:80/6 slot 3"), "{log:#?}");
     assert!(entry < position(&log, "delete service 10.96.0.1:80/6 slot 2"), "{log:#?}");
-    assert!(position(&log, "delete service 10.96.0.1:80/6 slot 2") < position(&log, "delete backend"), "{log:#?}");
+    assert!(
+        position(&log, "delete service 10.96.0.1:80/6 slot 2") < position(&log, "delete backend"),
+        "{log:#?}"
+    );
     let slots = &r.maps().contents.services;
     assert_eq!(slots.len(), 2, "service entry and one slot remain");
     assert_eq!(r.maps().contents.backends.len(), 1);
@@ -139,7 +146,10 @@ fn assert_consistent(contents: &lb_userspace::maps::MapsSnapshot) {
             for slot in 1..=value.backend_count {
                 let slot_value = contents.services.get(&key.with_slot(slot));
                 let slot_value = slot_value.unwrap_or_else(|| panic!("{key:?} slot {slot} missing"));
-                assert!(contents.backends.contains_key(&slot_value.backend_id), "backend of {key:?} slot {slot} missing");
+                assert!(
+                    contents.backends.contains_key(&slot_value.backend_id),
+                    "backend of {key:?} slot {slot} missing"
+                );
             }
         }
     }

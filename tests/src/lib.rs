@@ -114,7 +114,9 @@ impl Drop for NetNs {
 
 /// Joins two namespaces with a veth pair and gives each end an address (CIDR notation).
 pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) -> Result<()> {
-    ip(&["link", "add", "name", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+    ip(&[
+        "link", "add", "name", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ])?;
     for (ns, interface, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
         ns.exec(&["ip", "addr", "add", addr, "dev", interface])?;
         ns.exec(&["ip", "link", "set", interface, "up"])?;

@@ -23,10 +23,15 @@ fn ones_complement_sum(data: &[u8], initial: u32) -> u16 {
 fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u32 {
     let s = src.octets();
     let d = dst.octets();
-    [u16::from_be_bytes([s[0], s[1]]), u16::from_be_bytes([s[2], s[3]]), u16::from_be_bytes([d[0], d[1]]), u16::from_be_bytes([d[2], d[3]])]
-        .iter()
-        .map(|w| u32::from(*w))
-        .sum::<u32>()
+    [
+        u16::from_be_bytes([s[0], s[1]]),
+        u16::from_be_bytes([s[2], s[3]]),
+        u16::from_be_bytes([d[0], d[1]]),
+        u16::from_be_bytes([d[2], d[3]]),
+    ]
+    .iter()
+    .map(|w| u32::from(*w))
+    .sum::<u32>()
         + u32::from(protocol)
         + l4_len as u32
 }
@@ -95,7 +100,8 @@ impl PacketSpec {
         l4.extend_from_slice(&self.payload);
         let skip_checksum = self.protocol == UDP && self.udp_zero_checksum;
         if !skip_checksum {
-            let sum = !ones_complement_sum(&l4, pseudo_header_sum(self.src.0, self.dst.0, self.protocol, l4.len()));
+            let sum =
+                !ones_complement_sum(&l4, pseudo_header_sum(self.src.0, self.dst.0, self.protocol, l4.len()));
             // UDP sends a computed 0 as 0xffff; 0 means "no checksum".
             let sum = if self.protocol == UDP && sum == 0 { 0xffff } else { sum };
             l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());

@@ -156,7 +156,10 @@ impl Playground {
     /// Stops lb with SIGTERM and waits for it; returns its exit status' success.
     pub fn stop_lb(&mut self) -> Result<bool> {
         let Some(mut child) = self.lb.take() else { return Ok(true) };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -181,7 +184,11 @@ impl Playground {
     }
 
     /// Polls until `ready` holds for the programmed maps; returns how long it took.
-    pub fn wait_for_maps(&self, timeout: Duration, ready: impl Fn(&MapsSnapshot) -> bool) -> Result<Duration> {
+    pub fn wait_for_maps(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&MapsSnapshot) -> bool,
+    ) -> Result<Duration> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if ready(&self.snapshot()) {
@@ -204,7 +211,11 @@ impl Playground {
     /// Makes `count` HTTP requests from the client, each on a new connection. Returns each
     /// answer (pod name and the client address the pod saw); stops at the first failure,
     /// which is the last element.
-    pub fn http_requests(&self, target: SocketAddrV4, count: usize) -> Result<Vec<Result<HttpAnswer, String>>> {
+    pub fn http_requests(
+        &self,
+        target: SocketAddrV4,
+        count: usize,
+    ) -> Result<Vec<Result<HttpAnswer, String>>> {
         self.client.run(move || {
             let mut answers = Vec::with_capacity(count);
             for _ in 0..count {
@@ -293,7 +304,9 @@ fn http_server(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
                     body.len()
                 );
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }

@@ -23,8 +23,10 @@ spec:
 ";
 
 fn slice(pods: &[Ipv4Addr]) -> String {
-    let endpoints: String =
-        pods.iter().map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n")).collect();
+    let endpoints: String = pods
+        .iter()
+        .map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n"))
+        .collect();
     format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -72,7 +74,10 @@ fn cluster_ip_traffic_through_lb() {
         *per_pod.entry(answer.pod.clone()).or_default() += 1;
     }
     assert_eq!(per_pod.values().sum::<usize>(), 100);
-    assert!(per_pod.get("pod-a").is_some_and(|n| *n > 0) && per_pod.get("pod-b").is_some_and(|n| *n > 0), "{per_pod:?}");
+    assert!(
+        per_pod.get("pod-a").is_some_and(|n| *n > 0) && per_pod.get("pod-b").is_some_and(|n| *n > 0),
+        "{per_pod:?}"
+    );
 
     // UDP request/response, answered from the ClusterIP.
     let (answer, from) = pg.udp_request(SocketAddrV4::new(VIP, 53)).unwrap();
@@ -107,7 +112,10 @@ fn bad_manifest_is_reported_and_other_services_keep_working() {
     let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 5).unwrap();
     assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|a| a.pod == "pod-a")), "{answers:?}");
     let log = pg.lb_log();
-    assert!(log.contains("broken.yaml") && log.contains("Service default/broken") && log.contains("10.96.0.999"), "{log}");
+    assert!(
+        log.contains("broken.yaml") && log.contains("Service default/broken") && log.contains("10.96.0.999"),
+        "{log}"
+    );
     assert!(pg.stop_lb().unwrap());
 }
 

@@ -27,7 +27,11 @@ fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Frontend {
     Frontend {
         address: L4Addr { ip: VIP, port, protocol },
         frontend_type: FrontendType::ClusterIp,
-        service: ServicePortName { namespace: "default".into(), name: "web".into(), port: format!("p{port}") },
+        service: ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: format!("p{port}"),
+        },
         backends,
     }
 }
@@ -128,7 +132,13 @@ fn tracked_flow_keeps_its_backend_when_the_backend_set_changes() {
     changed.sort();
     h.program(vec![frontend(80, Protocol::Tcp, changed)]);
     let ack = PacketSpec::tcp(CLIENT, (VIP, 80), 0x10);
-    h.expect("ACK after change", &ack.build(), PASS, &ack.with_dst(chosen).build(), counters::FORWARD_TRACKED_FLOW);
+    h.expect(
+        "ACK after change",
+        &ack.build(),
+        PASS,
+        &ack.with_dst(chosen).build(),
+        counters::FORWARD_TRACKED_FLOW,
+    );
 
     // When the flow's own backend is removed, the flow is given a live one.
     let remaining: Vec<L4Addr> = (20..28).map(|i| backend(i, 8080, Protocol::Tcp)).collect();
@@ -169,7 +179,13 @@ fn udp_is_rewritten_and_a_zero_checksum_stays_zero() {
     assert!(packet::checksums_valid(&expected));
 
     let reply = PacketSpec::udp((Ipv4Addr::new(10, 244, 1, 11), 5353), CLIENT);
-    h.expect("UDP reply", &reply.build(), PASS, &reply.with_src((VIP, 53)).build(), counters::REPLY_REVERSE_NAT);
+    h.expect(
+        "UDP reply",
+        &reply.build(),
+        PASS,
+        &reply.with_src((VIP, 53)).build(),
+        counters::REPLY_REVERSE_NAT,
+    );
 
     let no_checksum = PacketSpec { udp_zero_checksum: true, ..PacketSpec::udp((CLIENT.0, 40002), (VIP, 53)) };
     let expected = no_checksum.with_dst((Ipv4Addr::new(10, 244, 1, 11), 5353)).build();

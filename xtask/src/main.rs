@@ -55,13 +55,58 @@ fn main() -> Result<()> {
 
 fn test() -> Result<()> {
     setup::setup()?;
+    let mut totals = TestTotals::default();
     eprintln!("xtask: unit, golden and reconciler tests (no root needed)");
-    run(&mut cargo(&["test"]))?;
-    require_root("the data-path tests load BPF programs and create network namespaces")?;
-    // The netns tests start the `lb` binary, which `cargo test -p tests` alone does not build.
-    run(&mut cargo(&["build", "--package", "lb-userspace", "--bins"]))?;
-    eprintln!("xtask: packet fixtures and network-namespace tests (root, one at a time)");
-    run(&mut cargo(&["test", "--package", "tests", "--", "--test-threads=1"]))
+    let unprivileged = run_tests(&mut cargo(&["test"]), &mut totals);
+    let privileged = require_root("the data-path tests load BPF programs and create network namespaces")
+        // The netns tests start the `lb` binary, which `cargo test -p tests` alone does not build.
+        .and_then(|()| run(&mut cargo(&["build", "--package", "lb-userspace", "--bins"])))
+        .and_then(|()| {
+            eprintln!("xtask: packet fixtures and network-namespace tests (root, one at a time)");
+            run_tests(&mut cargo(&["test", "--package", "tests", "--", "--test-threads=1"]), &mut totals)
+        });
+    // One closing line for the whole run (cargo's own last line is often an empty doc-test run).
+    println!("xtask: {} passed, {} failed", totals.passed, totals.failed);
+    unprivileged.and(privileged)
+}
+
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test`, echoing its output and adding up its `test result:` lines.
+fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                summary
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
 }
 
 fn require_root(why: &str) -> Result<()> {

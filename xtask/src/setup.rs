@@ -28,21 +28,10 @@ fn ensure_nightly_with_rust_src() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|line| line.starts_with(NIGHTLY)) {
         eprintln!("setup: installing the {NIGHTLY} toolchain (needed to build the eBPF programs)");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            NIGHTLY,
-            "--profile",
-            "minimal",
-        ]))?;
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]))?;
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
     if !components.lines().any(|line| line.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to {NIGHTLY} (the eBPF crate builds core from source)");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
@@ -105,10 +94,7 @@ fn ensure_bpf_linker() -> Result<()> {
         llvm.major, llvm.dylib
     );
     let lib_dir = llvm.lib_dir.display();
-    let rustflags = format!(
-        "-L {lib_dir} -l dylib={} -C link-arg=-Wl,-rpath,{lib_dir}",
-        llvm.dylib
-    );
+    let rustflags = format!("-L {lib_dir} -l dylib={} -C link-arg=-Wl,-rpath,{lib_dir}", llvm.dylib);
     run(Command::new("cargo")
         .args([
             "install",

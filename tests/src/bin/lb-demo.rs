@@ -19,7 +19,8 @@ fn main() -> Result<()> {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
     }
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/alpaca-prod.yaml");
-    let manifest = std::fs::read_to_string(&example).with_context(|| format!("reading {}", example.display()))?;
+    let manifest =
+        std::fs::read_to_string(&example).with_context(|| format!("reading {}", example.display()))?;
     let pods = pods_in(&manifest)?;
     let pod_refs: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
 
@@ -41,7 +42,8 @@ fn main() -> Result<()> {
     let (removed, _) = pods.last().context("no pods in the example")?.clone();
     println!("\n== Pod {removed} goes away: its endpoint leaves the EndpointSlice");
     pg.write_manifest("alpaca-prod.yaml", &without_endpoint(&manifest, &removed)?)?;
-    let took = pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s) == Some(pods.len() as u16 - 1))?;
+    let took =
+        pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s) == Some(pods.len() as u16 - 1))?;
     pg.remove_pod(&removed);
     println!("   lb reprogrammed the maps {:.1} ms after the file changed", took.as_secs_f64() * 1000.0);
     println!("\n$ lb services\n{}", pg.services_table()?);
