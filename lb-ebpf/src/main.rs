@@ -12,6 +12,7 @@ mod select;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_log_ebpf::error;
 use lb_common::{ServiceKey, counters};
 
 use crate::{
@@ -66,9 +67,14 @@ fn forward_new_flow(ctx: &TcContext, flow: &Ipv4Flow, key: &lb_common::FlowKey) 
         return Ok(Verdict::drop(counters::DROP_NO_BACKEND));
     }
     let slot_key = service_key.with_slot(select::backend_slot(flow, service.backend_count));
-    let inconsistent = || Verdict::drop(counters::DROP_SERVICE_INCONSISTENT);
-    let slot = unsafe { LB_SERVICES.get(slot_key) }.copied().ok_or_else(inconsistent)?;
-    let backend = unsafe { LB_BACKENDS.get(slot.backend_id) }.copied().ok_or_else(inconsistent)?;
+    // Only a controller bug (or a torn update) gets here: worth a log line, off the fast path.
+    let inconsistent = |what: &str| {
+        error!(ctx, "service {} slot {}: {} missing", service.service_id, slot_key.backend_slot, what);
+        Verdict::drop(counters::DROP_SERVICE_INCONSISTENT)
+    };
+    let slot = unsafe { LB_SERVICES.get(slot_key) }.copied().ok_or_else(|| inconsistent("slot"))?;
+    let backend =
+        unsafe { LB_BACKENDS.get(slot.backend_id) }.copied().ok_or_else(|| inconsistent("backend"))?;
 
     conntrack::track(key, service.service_id, slot.backend_id, &backend);
     nat::rewrite(ctx, flow, Side::Destination, backend.address, backend.port)?;

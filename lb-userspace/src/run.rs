@@ -36,15 +36,39 @@ fn sync(store: &mut ManifestStore, options: &RunOptions, reconciler: &mut Reconc
     errors.iter().for_each(|error| tracing::error!("{error}"));
     let report = reconciler.reconcile(&desired);
     report.errors.iter().for_each(|error| tracing::error!("{error}"));
-    tracing::info!(
-        frontends = desired.frontends.len(),
-        programmed = report.programmed,
-        removed = report.removed,
-        unchanged = report.unchanged,
-        errors = report.errors.len(),
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "synced"
-    );
+    let level_info = report.programmed + report.removed + report.errors.len() > 0;
+    macro_rules! synced {
+        ($level:ident) => {
+            tracing::$level!(
+                frontends = desired.frontends.len(),
+                programmed = report.programmed,
+                removed = report.removed,
+                unchanged = report.unchanged,
+                errors = report.errors.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "synced"
+            )
+        };
+    }
+    if level_info { synced!(info) } else { synced!(debug) }
+}
+
+/// Forwards the data path's aya-log records (rare: they report inconsistencies) to our log.
+fn forward_datapath_logs(ebpf: &mut aya::Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(error) => return tracing::warn!(%error, "data-path log records will not be shown"),
+    };
+    let mut logger = match tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) {
+        Ok(logger) => logger,
+        Err(error) => return tracing::warn!(%error, "data-path log records will not be shown"),
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -59,12 +83,18 @@ pub async fn run(options: RunOptions) -> Result<()> {
         datapath.attach(interface)?;
         tracing::info!(%interface, "attached to ingress");
     }
+    forward_datapath_logs(datapath.ebpf_mut());
     let maps = BpfMaps::from_ebpf(datapath.ebpf_mut())?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps")?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Our own reads raise access events; only changes to the directory's files count.
+        let changed = match event {
+            Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
+            Err(_) => true, // e.g. an inotify queue overflow: re-read to be safe
+        };
+        if changed {
             let _ = events_tx.send(());
         }
     })

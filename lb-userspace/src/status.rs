@@ -3,7 +3,6 @@
 use std::fmt::Write as _;
 
 use crate::maps::MapsSnapshot;
-use crate::model::FrontendType;
 use crate::reconcile::ProgrammedState;
 
 /// One row per frontend: service, type, frontend, backends.
@@ -13,7 +12,7 @@ pub fn services_table(snapshot: &MapsSnapshot) -> String {
     for (frontend, programmed) in &state.frontends {
         let (kind, name) = match &programmed.meta {
             Some((kind, name)) => (kind.to_string(), name.clone()),
-            None => (FrontendType::ClusterIp.to_string(), format!("<service id {}>", programmed.service_id)),
+            None => ("?".to_string(), format!("<service id {} without metadata>", programmed.service_id)),
         };
         let count = usize::from(programmed.count.unwrap_or(0));
         let backends: Vec<String> = programmed.slots[..count.min(programmed.slots.len())]

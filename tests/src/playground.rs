@@ -134,7 +134,7 @@ impl Playground {
             .arg(self.node_interfaces.join(","))
             .arg("--bpf-dir")
             .arg(&self.bpf_dir)
-            .env("LB_LOG", "info")
+            .env("LB_LOG", "info,lb_userspace=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

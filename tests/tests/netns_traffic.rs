@@ -93,6 +93,12 @@ fn cluster_ip_traffic_through_lb() {
         assert_eq!(answer.unwrap().pod, "pod-a");
     }
 
+    // Idle means idle: no re-sync without a change (lb's own reads must not wake it up).
+    let syncs = || pg.lb_log().matches("synced").count();
+    let before = syncs();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(syncs(), before, "lb re-synced with no change:\n{}", pg.lb_log());
+
     let table = pg.services_table().unwrap();
     assert!(table.contains("default/echo:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
     assert!(table.contains("10.244.1.11:8080") && !table.contains("10.244.2.12:8080"), "{table}");

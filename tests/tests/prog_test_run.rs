@@ -286,3 +286,15 @@ fn conntrack_records_both_directions() {
         (Ipv4Addr::new(10, 244, 1, 11), 8080)
     );
 }
+
+#[test]
+fn service_entry_pointing_at_a_missing_slot_drops() {
+    use lb_common::{ServiceKey, ServiceValue};
+    use lb_userspace::maps::ServiceMaps;
+    let mut h = Harness::new();
+    // Written by hand, as a torn update would leave it: two slots announced, none written.
+    let mut maps = BpfMaps::from_pins(&h._bpffs.path().join("lb")).unwrap();
+    maps.update_service(ServiceKey::new(VIP, 80, packet::TCP, 0), ServiceValue::service_entry(9, 2)).unwrap();
+    let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
+    h.expect("missing slot", &syn, DROP, &syn, counters::DROP_SERVICE_INCONSISTENT);
+}
