@@ -1,5 +1,6 @@
 //! Indexes into the per-CPU counters array: one per verdict and per drop or pass-over reason.
-//! Every packet the program sees bumps `PACKETS` and exactly one other counter.
+//! Every packet the program sees bumps `PACKETS` and exactly one verdict counter (`PASS_*`,
+//! `FORWARD_*`, `REPLY_*`, `DROP_*`); the `CONNTRACK_*` counters are events on top of that.
 
 pub const PACKETS: u32 = 0;
 /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
