@@ -1,20 +1,29 @@
 //! Pure conversion from Kubernetes objects to the desired state, with kube-proxy's meaning:
-//! a frontend per ClusterIP x Service port, backends from the EndpointSlices labelled with the
-//! Service's name whose port has the Service port's name and protocol.
+//! a frontend per ClusterIP x Service port; its backends are the endpoints of the Service's
+//! EndpointSlices (joined by the `kubernetes.io/service-name` label; or its v1 Endpoints) whose
+//! port has the Service port's name and protocol, chosen by `topology::choose`.
 //!
-//! Every check on an object happens here, so both sources (manifests and, later, the API
-//! server) reject the same objects with the same words.
+//! Every check on an object happens here, so both sources (manifests and the API server)
+//! reject the same objects with the same words.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
+use crate::topology::{self, Endpoint, NodeContext, PortPolicy};
 
 /// The label that joins an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services (and their endpoints) with this label are handled by another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set on headless Services' endpoints; kube-proxy skips objects carrying it.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 
 /// An object that cannot be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +40,34 @@ pub fn namespace_of(namespace: Option<&String>) -> String {
     namespace.cloned().unwrap_or_else(|| "default".to_string())
 }
 
+/// Where endpoints come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EndpointsSource {
+    #[default]
+    EndpointSlices,
+    /// v1 Endpoints, for clusters and tools that only publish those.
+    Endpoints,
+}
+
+/// How this proxy instance is configured; the same for every object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// This node's name (`--hostname-override`, else the host name).
+    pub node_name: Option<String>,
+    /// `--service-proxy-name`: Services labelled with this proxy name are ours too.
+    pub service_proxy_name: Option<String>,
+    pub endpoints_source: EndpointsSource,
+}
+
+/// The objects conversion reads, from whichever source.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoints: Vec<Endpoints>,
+    pub nodes: Vec<Node>,
+}
+
 /// The parts of a Service that frontends are made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceFrontends {
@@ -38,6 +75,7 @@ pub struct ServiceFrontends {
     pub name: String,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePortSpec>,
+    pub policy: PortPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,14 +86,13 @@ pub struct ServicePortSpec {
     pub protocol: Protocol,
 }
 
-/// The parts of an EndpointSlice that backends are made of.
+/// The endpoints one EndpointSlice (or one v1 Endpoints subset) offers a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceEndpoints {
     pub namespace: String,
     pub service_name: String,
     pub ports: Vec<SlicePort>,
-    /// Ready endpoints' addresses (the first of each endpoint's addresses, as kube-proxy uses).
-    pub ready: Vec<Ipv4Addr>,
+    pub endpoints: Vec<EndpointState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +102,24 @@ pub struct SlicePort {
     pub protocol: Protocol,
 }
 
+/// One endpoint's address (the first of its addresses, as kube-proxy uses) and conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointState {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: Vec<String>,
+}
+
 fn port_number(value: i32) -> Option<u16> {
     u16::try_from(value).ok().filter(|port| *port != 0)
+}
+
+fn object_error(kind: &'static str, namespace: &str, name: &str) -> impl Fn(String) -> ObjectError + use<> {
+    let (namespace, name) = (namespace.to_string(), name.to_string());
+    move |problem| ObjectError { kind, namespace: namespace.clone(), name: name.clone(), problem }
 }
 
 /// Checks a Service and extracts what its frontends need. `Ok(None)`: valid, but a Service
@@ -74,12 +127,7 @@ fn port_number(value: i32) -> Option<u16> {
 pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, ObjectError> {
     let namespace = namespace_of(service.metadata.namespace.as_ref());
     let name = service.metadata.name.clone().unwrap_or_default();
-    let error = |problem: String| ObjectError {
-        kind: "Service",
-        namespace: namespace.clone(),
-        name: name.clone(),
-        problem,
-    };
+    let error = object_error("Service", &namespace, &name);
     if name.is_empty() {
         return Err(error("metadata.name is missing".into()));
     }
@@ -97,7 +145,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
         return Ok(None); // headless: clients resolve pod IPs, nothing to translate
     }
     if addresses.is_empty() || addresses.iter().all(|ip| ip.is_empty()) {
-        return Err(error("spec.clusterIP is not set (lb does not allocate ClusterIPs yet)".into()));
+        return Err(error("spec.clusterIP is not set".into()));
     }
     let mut cluster_ips = Vec::new();
     for address in addresses {
@@ -122,19 +170,58 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     if cluster_ips.is_empty() {
         return Ok(None);
     }
-    Ok(Some(ServiceFrontends { namespace, name, cluster_ips, ports }))
+    let annotations = service.metadata.annotations.as_ref();
+    let topology_mode = annotations
+        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION).or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION)))
+        .map(String::as_str);
+    let policy = PortPolicy {
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        topology_aware: spec.traffic_distribution.is_some() || matches!(topology_mode, Some("Auto" | "auto")),
+    };
+    Ok(Some(ServiceFrontends { namespace, name, cluster_ips, ports, policy }))
 }
 
-/// Checks an EndpointSlice and extracts its ready endpoints. `Ok(None)`: valid, but not IPv4.
+/// kube-proxy's label filters: Services of another proxy, or marked headless, are not ours.
+pub fn is_proxied_here(service: &Service, config: &ProxyConfig) -> bool {
+    let labels = service.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return false;
+    }
+    match labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
+        None => true,
+        Some(proxy) => config.service_proxy_name.as_deref() == Some(proxy.as_str()),
+    }
+}
+
+fn parse_ports<'a>(
+    ports: impl Iterator<Item = (Option<&'a String>, Option<i32>, Option<&'a String>)>,
+    error: &impl Fn(String) -> ObjectError,
+) -> Result<Vec<SlicePort>, ObjectError> {
+    let mut parsed = Vec::new();
+    for (name, number, protocol) in ports {
+        let name = name.cloned().unwrap_or_default();
+        let Some(number) = number else { continue }; // "all ports": nothing to translate to
+        let Some(number) = port_number(number) else {
+            return Err(error(format!("port {name:?}: {number} is not a port number (1-65535)")));
+        };
+        let Some(protocol) = Protocol::from_kubernetes(protocol.map(String::as_str)) else { continue };
+        parsed.push(SlicePort { name, port: number, protocol });
+    }
+    Ok(parsed)
+}
+
+fn parse_ipv4(address: &str, error: &impl Fn(String) -> ObjectError) -> Result<Ipv4Addr, ObjectError> {
+    address
+        .parse::<Ipv4Addr>()
+        .map_err(|_| error(format!("endpoint address {address:?} is not an IPv4 address")))
+}
+
+/// Checks an EndpointSlice and extracts its endpoints. `Ok(None)`: valid, but not IPv4 (FQDN
+/// and IPv6 slices are not translated).
 pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, ObjectError> {
     let namespace = namespace_of(slice.metadata.namespace.as_ref());
     let name = slice.metadata.name.clone().unwrap_or_default();
-    let error = |problem: String| ObjectError {
-        kind: "EndpointSlice",
-        namespace: namespace.clone(),
-        name: name.clone(),
-        problem,
-    };
+    let error = object_error("EndpointSlice", &namespace, &name);
     if name.is_empty() {
         return Err(error("metadata.name is missing".into()));
     }
@@ -148,51 +235,116 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, Obje
     if slice.address_type != "IPv4" {
         return Ok(None);
     }
-    let mut ports = Vec::new();
-    for port in slice.ports.iter().flatten() {
-        let port_name = port.name.clone().unwrap_or_default();
-        let Some(number) = port.port else { continue }; // "all ports": nothing to translate to
-        let Some(number) = port_number(number) else {
-            return Err(error(format!("port {port_name:?}: {number} is not a port number (1-65535)")));
-        };
-        let Some(protocol) = Protocol::from_kubernetes(port.protocol.as_deref()) else {
-            continue;
-        };
-        ports.push(SlicePort { name: port_name, port: number, protocol });
-    }
-    let mut ready = Vec::new();
+    let ports = parse_ports(
+        slice.ports.iter().flatten().map(|p| (p.name.as_ref(), p.port, p.protocol.as_ref())),
+        &error,
+    )?;
+    let mut endpoints = Vec::new();
     for endpoint in &slice.endpoints {
-        let mut addresses = Vec::with_capacity(endpoint.addresses.len());
+        let mut first = None;
         for address in &endpoint.addresses {
-            let ip = address
-                .parse::<Ipv4Addr>()
-                .map_err(|_| error(format!("endpoint address {address:?} is not an IPv4 address")))?;
-            addresses.push(ip);
+            let ip = parse_ipv4(address, &error)?;
+            first.get_or_insert(ip);
         }
-        // An unset condition means "unknown", which consumers are told to read as ready.
-        let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        if let (true, Some(first)) = (is_ready, addresses.first()) {
-            ready.push(*first);
-        }
+        let Some(ip) = first else { continue };
+        let conditions = endpoint.conditions.as_ref();
+        // Unset ready/serving mean "unknown", which consumers are told to read as true.
+        endpoints.push(EndpointState {
+            ip,
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: endpoint.node_name.clone(),
+            zone_hints: endpoint
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|zone| zone.name.clone())
+                .collect(),
+        });
     }
-    Ok(Some(SliceEndpoints { namespace, service_name, ports, ready }))
+    Ok(Some(SliceEndpoints { namespace, service_name, ports, endpoints }))
+}
+
+/// Checks v1 Endpoints and turns each subset into the same form as a slice.
+pub fn parse_endpoints(endpoints: &Endpoints) -> Result<Vec<SliceEndpoints>, ObjectError> {
+    let namespace = namespace_of(endpoints.metadata.namespace.as_ref());
+    let name = endpoints.metadata.name.clone().unwrap_or_default();
+    let error = object_error("Endpoints", &namespace, &name);
+    if name.is_empty() {
+        return Err(error("metadata.name is missing".into()));
+    }
+    let mut slices = Vec::new();
+    for subset in endpoints.subsets.iter().flatten() {
+        let ports = parse_ports(
+            subset.ports.iter().flatten().map(|p| (p.name.as_ref(), Some(p.port), p.protocol.as_ref())),
+            &error,
+        )?;
+        let mut states = Vec::new();
+        let ready = subset.addresses.iter().flatten().map(|a| (a, true));
+        let not_ready = subset.not_ready_addresses.iter().flatten().map(|a| (a, false));
+        for (address, is_ready) in ready.chain(not_ready) {
+            let ip = match address.ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => ip,
+                Ok(IpAddr::V6(_)) => continue,
+                Err(_) => {
+                    return Err(error(format!("endpoint address {:?} is not an IP address", address.ip)));
+                }
+            };
+            states.push(EndpointState {
+                ip,
+                ready: is_ready,
+                serving: is_ready,
+                terminating: false,
+                node_name: address.node_name.clone(),
+                zone_hints: Vec::new(),
+            });
+        }
+        slices.push(SliceEndpoints {
+            namespace: namespace.clone(),
+            service_name: name.clone(),
+            ports,
+            endpoints: states,
+        });
+    }
+    Ok(slices)
 }
 
 /// The frontends of one Service, with the backends the given slices (already joined to this
 /// Service) provide for each port.
-pub fn service_frontends(service: &ServiceFrontends, slices: &[&SliceEndpoints]) -> Vec<Frontend> {
+pub fn service_frontends(
+    service: &ServiceFrontends,
+    slices: &[&SliceEndpoints],
+    node: &NodeContext,
+) -> Vec<Frontend> {
     let mut frontends = Vec::new();
     for port in &service.ports {
         // kube-proxy matches slice ports to Service ports by name and takes the number from the
-        // slice, where the EndpointSlice controller resolved numeric and named targetPorts.
-        let backends: BTreeSet<L4Addr> = slices
-            .iter()
-            .flat_map(|slice| {
-                slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol).flat_map(
-                    |p| slice.ready.iter().map(|ip| L4Addr { ip: *ip, port: p.port, protocol: p.protocol }),
-                )
-            })
-            .collect();
+        // slice, where the EndpointSlice controller resolved numeric and named targetPorts. An
+        // endpoint listed by several slices counts once (the first listing wins).
+        let mut seen = BTreeSet::new();
+        let mut endpoints = Vec::new();
+        for slice in slices {
+            for slice_port in
+                slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol)
+            {
+                for state in &slice.endpoints {
+                    let addr = L4Addr { ip: state.ip, port: slice_port.port, protocol: slice_port.protocol };
+                    if seen.insert(addr) {
+                        endpoints.push(Endpoint {
+                            addr,
+                            ready: state.ready,
+                            serving: state.serving,
+                            terminating: state.terminating,
+                            node_name: state.node_name.clone(),
+                            zone_hints: state.zone_hints.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let mut backends = topology::choose(&endpoints, service.policy, node);
+        backends.sort();
         for ip in &service.cluster_ips {
             frontends.push(Frontend {
                 address: L4Addr { ip: *ip, port: port.port, protocol: port.protocol },
@@ -202,7 +354,7 @@ pub fn service_frontends(service: &ServiceFrontends, slices: &[&SliceEndpoints])
                     name: service.name.clone(),
                     port: port.name.clone(),
                 },
-                backends: backends.iter().copied().collect(),
+                backends: backends.clone(),
             });
         }
     }
@@ -211,21 +363,50 @@ pub fn service_frontends(service: &ServiceFrontends, slices: &[&SliceEndpoints])
 
 /// The desired state for a set of objects. Objects that fail their checks are left out and
 /// reported; they never stop the others from being translated.
-pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<ObjectError>) {
+pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (DesiredState, Vec<ObjectError>) {
     let mut errors = Vec::new();
     let mut slices_by_service: BTreeMap<(String, String), Vec<SliceEndpoints>> = BTreeMap::new();
-    for slice in slices {
-        match parse_slice(slice) {
-            Ok(Some(parsed)) => slices_by_service
-                .entry((parsed.namespace.clone(), parsed.service_name.clone()))
-                .or_default()
-                .push(parsed),
-            Ok(None) => {}
-            Err(error) => errors.push(error),
+    let mut add = |slice: SliceEndpoints| {
+        slices_by_service
+            .entry((slice.namespace.clone(), slice.service_name.clone()))
+            .or_default()
+            .push(slice)
+    };
+    match config.endpoints_source {
+        EndpointsSource::EndpointSlices => {
+            // Slices sorted by name, so "the first listing wins" does not depend on arrival order.
+            let mut sorted: Vec<&EndpointSlice> = objects.endpoint_slices.iter().collect();
+            sorted.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            for slice in sorted {
+                match parse_slice(slice) {
+                    Ok(Some(parsed)) => add(parsed),
+                    Ok(None) => {}
+                    Err(error) => errors.push(error),
+                }
+            }
+        }
+        EndpointsSource::Endpoints => {
+            for endpoints in &objects.endpoints {
+                match parse_endpoints(endpoints) {
+                    Ok(subsets) => subsets.into_iter().for_each(&mut add),
+                    Err(error) => errors.push(error),
+                }
+            }
         }
     }
+    let node = config
+        .node_name
+        .as_deref()
+        .and_then(|name| objects.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(name)));
+    let node_context = NodeContext {
+        node_name: config.node_name.as_deref(),
+        zone: node.and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL)).map(String::as_str),
+    };
+
     let mut parsed_services = Vec::new();
-    for service in services {
+    for service in objects.services.iter().filter(|s| is_proxied_here(s, config)) {
         match parse_service(service) {
             Ok(Some(parsed)) => parsed_services.push(parsed),
             Ok(None) => {}
@@ -239,7 +420,7 @@ pub fn desired_state(services: &[Service], slices: &[EndpointSlice]) -> (Desired
     for service in &parsed_services {
         let key = (service.namespace.clone(), service.name.clone());
         let slices: Vec<&SliceEndpoints> = slices_by_service.get(&key).into_iter().flatten().collect();
-        for frontend in service_frontends(service, &slices) {
+        for frontend in service_frontends(service, &slices, &node_context) {
             if let Some(owner) = state.frontends.get(&frontend.address) {
                 errors.push(ObjectError {
                     kind: "Service",

@@ -1,10 +1,15 @@
 //! lb's controller: Kubernetes objects in, BPF maps out.
 
+pub mod cluster;
 pub mod convert;
 pub mod datapath;
+pub mod health;
+pub mod kube_source;
 pub mod manifests;
 pub mod maps;
 pub mod model;
 pub mod reconcile;
 pub mod run;
 pub mod status;
+pub mod sync;
+pub mod topology;

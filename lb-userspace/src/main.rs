@@ -2,9 +2,11 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use lb_userspace::convert::{EndpointsSource, ProxyConfig};
 use lb_userspace::{
     datapath,
     maps::{BpfMaps, ServiceMaps},
@@ -22,18 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the data path and keep it in sync with Services and EndpointSlices.
-    Run {
-        /// Directory of Kubernetes YAML (Services, EndpointSlices) to read and watch.
-        #[arg(long)]
-        manifests: PathBuf,
-        /// Interfaces to translate traffic on (their ingress), comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        interfaces: Vec<String>,
-        /// Where the maps are pinned (on a bpffs mount).
-        #[arg(long, default_value = DEFAULT_BPF_DIR)]
-        bpf_dir: PathBuf,
-    },
+    /// Load the data path and keep it in sync with Services and their endpoints.
+    Run(RunArgs),
     /// Show the frontends and backends programmed in the pinned maps.
     Services {
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
@@ -51,6 +43,83 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Read Services, EndpointSlices, Endpoints and Nodes from this directory of Kubernetes YAML
+    /// (and watch it) instead of the API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; without it (and without --manifests) lb uses the
+    /// in-cluster service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Interfaces to translate traffic on (their ingress), comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    interfaces: Vec<String>,
+    /// Where the maps are pinned (on a bpffs mount).
+    #[arg(long, default_value = DEFAULT_BPF_DIR)]
+    bpf_dir: PathBuf,
+    /// This node's name, if not the host name (for Local traffic policies and topology).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// Also handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Where endpoints come from: EndpointSlices, or v1 Endpoints for clusters and tools
+    /// that only publish those.
+    #[arg(long, value_enum, default_value = "endpointslices")]
+    endpoints_api: EndpointsApi,
+    /// Least time between syncs once a burst of two is used up (kube-proxy's flag).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    min_sync_period: Duration,
+    /// How often to re-read, repair and prune the maps; health fails after twice this.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_period: Duration,
+    /// Address for /healthz and /livez (kube-proxy's port); empty to disable.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EndpointsApi {
+    Endpointslices,
+    Endpoints,
+}
+
+fn node_name(hostname_override: Option<String>) -> Option<String> {
+    let name =
+        hostname_override.or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))?;
+    // kube-proxy lower-cases the host name: node names are lower case.
+    Some(name.trim().to_lowercase()).filter(|n| !n.is_empty())
+}
+
+fn run_options(args: RunArgs) -> Result<run::RunOptions> {
+    let source = match args.manifests {
+        Some(dir) => run::SourceOptions::Manifests(dir),
+        None => run::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig },
+    };
+    let healthz_bind_address = match args.healthz_bind_address.as_str() {
+        "" => None,
+        address => Some(address.parse().with_context(|| format!("--healthz-bind-address {address:?}"))?),
+    };
+    Ok(run::RunOptions {
+        source,
+        interfaces: args.interfaces,
+        bpf_dir: args.bpf_dir,
+        proxy: ProxyConfig {
+            node_name: node_name(args.hostname_override),
+            service_proxy_name: args.service_proxy_name,
+            endpoints_source: match args.endpoints_api {
+                EndpointsApi::Endpointslices => EndpointsSource::EndpointSlices,
+                EndpointsApi::Endpoints => EndpointsSource::Endpoints,
+            },
+        },
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        healthz_bind_address,
+    })
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -60,9 +129,10 @@ fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, interfaces, bpf_dir } => {
+        Command::Run(args) => {
+            let options = run_options(args)?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(run::run(run::RunOptions { manifests, interfaces, bpf_dir }))
+            runtime.block_on(run::run(options))
         }
         Command::Services { bpf_dir } => {
             let snapshot = BpfMaps::from_pins(&bpf_dir)?.snapshot()?;

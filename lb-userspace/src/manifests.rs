@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use crate::convert::{self, namespace_of};
+use crate::convert::{self, ClusterObjects, namespace_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -44,6 +44,8 @@ pub enum ManifestError {
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    Endpoints(Box<Endpoints>),
+    Node(Box<Node>),
 }
 
 /// Identity of an object across reloads: kind, namespace, name.
@@ -51,18 +53,13 @@ pub type ObjectKey = (&'static str, String, String);
 
 impl Object {
     pub fn key(&self) -> ObjectKey {
-        match self {
-            Object::Service(s) => (
-                "Service",
-                namespace_of(s.metadata.namespace.as_ref()),
-                s.metadata.name.clone().unwrap_or_default(),
-            ),
-            Object::EndpointSlice(s) => (
-                "EndpointSlice",
-                namespace_of(s.metadata.namespace.as_ref()),
-                s.metadata.name.clone().unwrap_or_default(),
-            ),
-        }
+        let (kind, metadata) = match self {
+            Object::Service(o) => ("Service", &o.metadata),
+            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            Object::Endpoints(o) => ("Endpoints", &o.metadata),
+            Object::Node(o) => ("Node", &o.metadata),
+        };
+        (kind, namespace_of(metadata.namespace.as_ref()), metadata.name.clone().unwrap_or_default())
     }
 }
 
@@ -125,6 +122,16 @@ fn parse_document(file: &Path, value: serde_yaml_ng::Value) -> Result<Option<Obj
                 serde_yaml_ng::from_value(value).map_err(|e| object_error(e.to_string()))?;
             convert::parse_slice(&slice).map_err(|e| object_error(e.problem))?;
             Object::EndpointSlice(Box::new(slice))
+        }
+        ("v1", "Endpoints") => {
+            let endpoints: Endpoints =
+                serde_yaml_ng::from_value(value).map_err(|e| object_error(e.to_string()))?;
+            convert::parse_endpoints(&endpoints).map_err(|e| object_error(e.problem))?;
+            Object::Endpoints(Box::new(endpoints))
+        }
+        ("v1", "Node") => {
+            let node: Node = serde_yaml_ng::from_value(value).map_err(|e| object_error(e.to_string()))?;
+            Object::Node(Box::new(node))
         }
         (api_version, kind) => {
             tracing::debug!(file = %file.display(), api_version, kind, "kind not read by lb; skipped");
@@ -200,22 +207,9 @@ impl ManifestStore {
         self.files.values().flatten()
     }
 
-    pub fn services(&self) -> Vec<Service> {
-        self.objects()
-            .filter_map(|o| match o {
-                Object::Service(s) => Some((**s).clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn endpoint_slices(&self) -> Vec<EndpointSlice> {
-        self.objects()
-            .filter_map(|o| match o {
-                Object::EndpointSlice(s) => Some((**s).clone()),
-                _ => None,
-            })
-            .collect()
+    /// Every object, by kind, for conversion.
+    pub fn cluster_objects(&self) -> ClusterObjects {
+        objects_by_kind(self.objects().cloned())
     }
 }
 
@@ -237,4 +231,18 @@ fn keep_previous_versions(objects: &mut Vec<Object>, errors: &[ManifestError], p
             objects.push(object);
         }
     }
+}
+
+/// Sorts objects into the lists conversion reads.
+pub fn objects_by_kind(objects: impl IntoIterator<Item = Object>) -> ClusterObjects {
+    let mut sorted = ClusterObjects::default();
+    for object in objects {
+        match object {
+            Object::Service(o) => sorted.services.push(*o),
+            Object::EndpointSlice(o) => sorted.endpoint_slices.push(*o),
+            Object::Endpoints(o) => sorted.endpoints.push(*o),
+            Object::Node(o) => sorted.nodes.push(*o),
+        }
+    }
+    sorted
 }

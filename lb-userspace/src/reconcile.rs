@@ -169,11 +169,26 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// Starts from what the maps already hold, so a restarted daemon keeps every ID and the
     /// data path is not disturbed.
     pub fn restore(maps: M) -> Result<Self, MapsError> {
-        let state = ProgrammedState::from_snapshot(&maps.snapshot()?);
-        let backend_ids = state.backends.iter().map(|(id, addr)| (*addr, *id)).collect();
-        let service_id_allocator = IdAllocator::from_used(state.frontends.values().map(|f| f.service_id));
-        let backend_id_allocator = IdAllocator::from_used(state.backends.keys().copied());
-        Ok(Self { maps, state, backend_ids, service_id_allocator, backend_id_allocator })
+        let mut reconciler = Self {
+            maps,
+            state: ProgrammedState::default(),
+            backend_ids: BTreeMap::new(),
+            service_id_allocator: IdAllocator::default(),
+            backend_id_allocator: IdAllocator::default(),
+        };
+        reconciler.refresh_from_maps()?;
+        Ok(reconciler)
+    }
+
+    /// Forgets the in-memory record and re-reads what the maps hold, so that the next
+    /// reconcile repairs entries changed or removed behind our back (a full resync).
+    pub fn refresh_from_maps(&mut self) -> Result<(), MapsError> {
+        let state = ProgrammedState::from_snapshot(&self.maps.snapshot()?);
+        self.backend_ids = state.backends.iter().map(|(id, addr)| (*addr, *id)).collect();
+        self.service_id_allocator = IdAllocator::from_used(state.frontends.values().map(|f| f.service_id));
+        self.backend_id_allocator = IdAllocator::from_used(state.backends.keys().copied());
+        self.state = state;
+        Ok(())
     }
 
     pub fn maps(&self) -> &M {

@@ -1,42 +1,182 @@
-//! `lb run`: load the data path, then keep the maps equal to the manifests.
+//! `lb run`: load the data path, then keep the maps equal to what the source says: a directory
+//! of manifests or the API server, through the same conversion and the same reconciler.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Node;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::convert;
+use crate::cluster::{ClusterEvent, ClusterStore};
+use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
 use crate::datapath::Datapath;
+use crate::health::{self, SharedHealth};
+use crate::kube_source;
 use crate::manifests::ManifestStore;
 use crate::maps::BpfMaps;
 use crate::reconcile::Reconciler;
+use crate::sync::{HealthState, SyncRunner};
+
+pub enum SourceOptions {
+    /// A directory of Kubernetes YAML, watched for changes.
+    Manifests(PathBuf),
+    /// The API server, through this kubeconfig or the in-cluster service account.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
 
 pub struct RunOptions {
-    pub manifests: PathBuf,
+    pub source: SourceOptions,
     pub interfaces: Vec<String>,
     pub bpf_dir: PathBuf,
+    pub proxy: ProxyConfig,
+    /// kube-proxy's `--min-sync-period`: the least time between syncs once a burst is used up.
+    pub min_sync_period: Duration,
+    /// Full resync (maps re-read, repaired and pruned) this often; health times out at twice it.
+    pub sync_period: Duration,
+    /// Where `/healthz` and `/livez` are served; `None` disables them.
+    pub healthz_bind_address: Option<SocketAddr>,
 }
 
 /// How long to wait after a file event for the rest of a burst (an editor's write + rename).
-const COALESCE: Duration = Duration::from_millis(20);
+const MANIFEST_COALESCE: Duration = Duration::from_millis(20);
 
-fn sync(store: &mut ManifestStore, options: &RunOptions, reconciler: &mut Reconciler<BpfMaps>) {
-    let started = Instant::now();
-    match store.reload(&options.manifests) {
-        Ok(errors) => errors.iter().for_each(|error| tracing::error!("{error}")),
-        Err(error) => {
-            // The directory itself is unreadable: keep serving what is programmed.
-            tracing::error!("{error}; keeping the current state");
-            return;
+enum Source {
+    Manifests {
+        dir: PathBuf,
+        store: ManifestStore,
+        events: mpsc::UnboundedReceiver<()>,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Kubernetes {
+        store: ClusterStore,
+        events: mpsc::UnboundedReceiver<ClusterEvent>,
+        endpoints_source: EndpointsSource,
+    },
+}
+
+impl Source {
+    async fn start(options: &RunOptions) -> Result<Self> {
+        match &options.source {
+            SourceOptions::Manifests(dir) => {
+                if !dir.is_dir() {
+                    anyhow::bail!(
+                        "manifest directory {} does not exist or is not a directory",
+                        dir.display()
+                    );
+                }
+                let (tx, events) = mpsc::unbounded_channel();
+                let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    // Our own reads raise access events; only changes to the directory's files count.
+                    let changed = match event {
+                        Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
+                        Err(_) => true, // e.g. an inotify queue overflow: re-read to be safe
+                    };
+                    if changed {
+                        let _ = tx.send(());
+                    }
+                })
+                .context("starting the manifest watcher")?;
+                watcher
+                    .watch(dir, RecursiveMode::NonRecursive)
+                    .with_context(|| format!("watching {}", dir.display()))?;
+                let mut store = ManifestStore::default();
+                reload_manifests(&mut store, dir);
+                Ok(Source::Manifests { dir: dir.clone(), store, events, _watcher: watcher })
+            }
+            SourceOptions::Kubernetes { kubeconfig } => {
+                let client = kube_source::client(kubeconfig.as_deref()).await?;
+                let (tx, events) = mpsc::unbounded_channel();
+                kube_source::spawn_watchers(client, &options.proxy, tx);
+                Ok(Source::Kubernetes {
+                    store: ClusterStore::default(),
+                    events,
+                    endpoints_source: options.proxy.endpoints_source,
+                })
+            }
         }
     }
-    let (desired, errors) = convert::desired_state(&store.services(), &store.endpoint_slices());
+
+    /// Whether the source has a complete picture to sync from (never sync half a first list:
+    /// that would delete every Service not listed yet).
+    fn ready(&self) -> bool {
+        match self {
+            Source::Manifests { .. } => true,
+            Source::Kubernetes { store, endpoints_source, .. } => {
+                let endpoints_listed = match endpoints_source {
+                    EndpointsSource::EndpointSlices => store.endpoint_slices.listed(),
+                    EndpointsSource::Endpoints => store.endpoints.listed(),
+                };
+                store.services.listed() && endpoints_listed && store.nodes.listed()
+            }
+        }
+    }
+
+    fn objects(&self) -> ClusterObjects {
+        match self {
+            Source::Manifests { store, .. } => store.cluster_objects(),
+            Source::Kubernetes { store, .. } => store.objects(),
+        }
+    }
+
+    /// Waits for the next visible change and takes it in.
+    async fn changed(&mut self) -> Result<()> {
+        match self {
+            Source::Manifests { dir, store, events, .. } => {
+                events.recv().await.context("manifest watcher stopped")?;
+                tokio::time::sleep(MANIFEST_COALESCE).await;
+                while events.try_recv().is_ok() {}
+                reload_manifests(store, dir);
+                Ok(())
+            }
+            Source::Kubernetes { store, events, .. } => loop {
+                let event = events.recv().await.context("watchers stopped")?;
+                if store.apply(event) {
+                    return Ok(());
+                }
+            },
+        }
+    }
+}
+
+fn reload_manifests(store: &mut ManifestStore, dir: &std::path::Path) {
+    match store.reload(dir) {
+        Ok(errors) => errors.iter().for_each(|error| tracing::error!("{error}")),
+        // The directory itself is unreadable: keep serving what is programmed.
+        Err(error) => tracing::error!("{error}; keeping the current state"),
+    }
+}
+
+/// A node being deleted (or drained by the cluster autoscaler) should get no new traffic from
+/// load balancers: kube-proxy reports it in `/healthz`.
+fn node_eligible(objects: &ClusterObjects, config: &ProxyConfig) -> bool {
+    let Some(node) = config
+        .node_name
+        .as_deref()
+        .and_then(|name| objects.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(name)))
+    else {
+        return true;
+    };
+    let tainted = |node: &Node| {
+        node.spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"))
+    };
+    node.metadata.deletion_timestamp.is_none() && !tainted(node)
+}
+
+fn sync(source: &Source, config: &ProxyConfig, reconciler: &mut Reconciler<BpfMaps>, health: &SharedHealth) {
+    let started = Instant::now();
+    let objects = source.objects();
+    let (desired, errors) = convert::desired_state(&objects, config);
     errors.iter().for_each(|error| tracing::error!("{error}"));
     let report = reconciler.reconcile(&desired);
     report.errors.iter().for_each(|error| tracing::error!("{error}"));
-    let level_info = report.programmed + report.removed + report.errors.len() > 0;
+    let changed = report.programmed + report.removed + report.errors.len() > 0;
     macro_rules! synced {
         ($level:ident) => {
             tracing::$level!(
@@ -50,7 +190,18 @@ fn sync(store: &mut ManifestStore, options: &RunOptions, reconciler: &mut Reconc
             )
         };
     }
-    if level_info { synced!(info) } else { synced!(debug) }
+    if changed {
+        synced!(info)
+    } else {
+        synced!(debug)
+    }
+
+    let mut health = health.lock().expect("health lock");
+    health.node_eligible = node_eligible(&objects, config);
+    if report.errors.is_empty() {
+        health.last_updated = Some(SystemTime::now());
+        health.oldest_pending = None;
+    }
 }
 
 /// Forwards the data path's aya-log records (rare: they report inconsistencies) to our log.
@@ -59,7 +210,10 @@ fn forward_datapath_logs(ebpf: &mut aya::Ebpf) {
         Ok(logger) => logger,
         Err(error) => return tracing::warn!(%error, "data-path log records will not be shown"),
     };
-    let mut logger = match tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) {
+    // SAFETY: the logger owns its ring buffer's descriptor and keeps it open while registered.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
         Ok(logger) => logger,
         Err(error) => return tracing::warn!(%error, "data-path log records will not be shown"),
     };
@@ -72,12 +226,8 @@ fn forward_datapath_logs(ebpf: &mut aya::Ebpf) {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    if !options.manifests.is_dir() {
-        anyhow::bail!(
-            "manifest directory {} does not exist or is not a directory",
-            options.manifests.display()
-        );
-    }
+    let mut source = Source::start(&options).await?;
+
     let mut datapath = Datapath::load(&options.bpf_dir)?;
     for interface in &options.interfaces {
         datapath.attach(interface)?;
@@ -86,38 +236,48 @@ pub async fn run(options: RunOptions) -> Result<()> {
     forward_datapath_logs(datapath.ebpf_mut());
     let maps = BpfMaps::from_ebpf(datapath.ebpf_mut())?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps")?;
-
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Our own reads raise access events; only changes to the directory's files count.
-        let changed = match event {
-            Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
-            Err(_) => true, // e.g. an inotify queue overflow: re-read to be safe
-        };
-        if changed {
-            let _ = events_tx.send(());
-        }
-    })
-    .context("starting the manifest watcher")?;
-    watcher
-        .watch(&options.manifests, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", options.manifests.display()))?;
-
-    let mut store = ManifestStore::default();
-    sync(&mut store, &options, &mut reconciler);
-    match reconciler.prune() {
-        Ok(0) => {}
-        Ok(deleted) => tracing::info!(deleted, "pruned map entries left by an earlier run"),
-        Err(error) => tracing::warn!("{error}"),
+    let health: SharedHealth = Arc::new(Mutex::new(HealthState::new(2 * options.sync_period)));
+    if let Some(address) = options.healthz_bind_address {
+        health::serve(address, health.clone()).await?;
     }
+
+    let mut runner = SyncRunner::new(options.min_sync_period, Instant::now());
+    runner.queue(Instant::now());
+    let mut synced_once = false;
+    let mut resync = tokio::time::interval(options.sync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await; // the first tick is immediate
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
+        let next_sync = if source.ready() { runner.next_sync(Instant::now()) } else { None };
+        let sync_due = async {
+            match next_sync {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            Some(()) = events.recv() => {
-                tokio::time::sleep(COALESCE).await;
-                while events.try_recv().is_ok() {}
-                sync(&mut store, &options, &mut reconciler);
+            changed = source.changed() => {
+                changed?;
+                runner.queue(Instant::now());
+                health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
+            }
+            () = sync_due => {
+                sync(&source, &options.proxy, &mut reconciler, &health);
+                runner.synced(Instant::now());
+                if !synced_once {
+                    synced_once = true;
+                    prune(&mut reconciler);
+                }
+            }
+            _ = resync.tick(), if source.ready() => {
+                // Full resync: re-read the maps so entries changed behind our back are repaired.
+                if let Err(error) = reconciler.refresh_from_maps() {
+                    tracing::warn!("{error}");
+                }
+                sync(&source, &options.proxy, &mut reconciler, &health);
+                prune(&mut reconciler);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -126,4 +286,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tracing::info!("shutting down: detaching programs (maps stay pinned for the next start)");
     datapath.detach_all();
     Ok(())
+}
+
+fn prune(reconciler: &mut Reconciler<BpfMaps>) {
+    match reconciler.prune() {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(deleted, "pruned map entries nobody wants"),
+        Err(error) => tracing::warn!("{error}"),
+    }
 }

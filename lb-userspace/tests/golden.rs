@@ -7,23 +7,33 @@
 use std::path::{Path, PathBuf};
 
 use lb_userspace::convert;
-use lb_userspace::manifests::{Object, parse_manifest};
+use lb_userspace::convert::{EndpointsSource, ProxyConfig};
+use lb_userspace::manifests::{objects_by_kind, parse_manifest};
 use lb_userspace::maps::InMemoryMaps;
 use lb_userspace::reconcile::{Reconciler, render_snapshot};
+
+/// A case's proxy configuration, from an optional first line
+/// `# config: node=NAME service-proxy-name=NAME endpoints-api=endpoints`.
+fn config_of(text: &str) -> ProxyConfig {
+    let mut config = ProxyConfig::default();
+    let Some(line) = text.lines().next().and_then(|l| l.strip_prefix("# config:")) else { return config };
+    for setting in line.split_whitespace() {
+        match setting.split_once('=') {
+            Some(("node", name)) => config.node_name = Some(name.into()),
+            Some(("service-proxy-name", name)) => config.service_proxy_name = Some(name.into()),
+            Some(("endpoints-api", "endpoints")) => config.endpoints_source = EndpointsSource::Endpoints,
+            _ => panic!("unknown golden config {setting:?}"),
+        }
+    }
+    config
+}
 
 fn render_case(yaml: &Path) -> String {
     let text = std::fs::read_to_string(yaml).unwrap();
     let label = Path::new("testdata").join(yaml.file_name().unwrap());
     let mut out = String::new();
     let (objects, errors) = parse_manifest(&label, &text).expect("file is YAML");
-    let (mut services, mut slices) = (Vec::new(), Vec::new());
-    for object in objects {
-        match object {
-            Object::Service(s) => services.push(*s),
-            Object::EndpointSlice(s) => slices.push(*s),
-        }
-    }
-    let (desired, convert_errors) = convert::desired_state(&services, &slices);
+    let (desired, convert_errors) = convert::desired_state(&objects_by_kind(objects), &config_of(&text));
     for error in &errors {
         out += &format!("error: {error}\n");
     }

@@ -30,7 +30,7 @@ endpoints:
 }
 
 fn backends(store: &ManifestStore) -> Vec<String> {
-    let (state, _) = convert::desired_state(&store.services(), &store.endpoint_slices());
+    let (state, _) = convert::desired_state(&store.cluster_objects(), &convert::ProxyConfig::default());
     state.frontends.values().flat_map(|f| f.backends.iter().map(|b| b.to_string())).collect()
 }
 

@@ -131,7 +131,7 @@ fn a_missing_interface_is_a_clear_error() {
     let mut pg = Playground::new(&unique("t"), &[]).unwrap();
     pg.write_manifest("echo.yaml", SERVICE).unwrap();
     let out = std::process::Command::new(tests::lb_binary())
-        .args(["run", "--interfaces", "nosuchif0", "--manifests"])
+        .args(["run", "--healthz-bind-address", "", "--interfaces", "nosuchif0", "--manifests"])
         .arg(&pg.manifests)
         .arg("--bpf-dir")
         .arg(&pg.bpf_dir)

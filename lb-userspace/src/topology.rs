@@ -1,0 +1,161 @@
+//! Which of a Service port's endpoints get traffic, chosen as kube-proxy chooses them
+//! (kubernetes pkg/proxy/topology.go): ready endpoints; if there are none, endpoints that are
+//! still serving while terminating; topology hints only when every ready endpoint carries one;
+//! `internalTrafficPolicy: Local` keeps only this node's endpoints.
+
+use crate::model::L4Addr;
+
+/// An endpoint of one Service port, with the conditions and placement the choice looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: L4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: Vec<String>,
+}
+
+/// The Service-level inputs of the choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// `spec.internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// Topology-aware routing asked for: `service.kubernetes.io/topology-mode: Auto` (or the
+    /// older `topology-aware-hints` annotation), or `spec.trafficDistribution` set.
+    pub topology_aware: bool,
+}
+
+/// Where this proxy runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeContext<'a> {
+    pub node_name: Option<&'a str>,
+    /// The Node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<&'a str>,
+}
+
+fn is_local(endpoint: &Endpoint, node: &NodeContext) -> bool {
+    node.node_name.is_some() && endpoint.node_name.as_deref() == node.node_name
+}
+
+/// Hints are used only when asked for, the node has a zone, every ready endpoint has hints and
+/// at least one is hinted for this zone; otherwise traffic could be sent nowhere.
+fn can_use_topology(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeContext) -> bool {
+    let Some(zone) = node.zone.filter(|z| !z.is_empty()) else { return false };
+    if !policy.topology_aware {
+        return false;
+    }
+    let mut has_endpoint_for_zone = false;
+    for endpoint in endpoints.iter().filter(|e| e.ready) {
+        if endpoint.zone_hints.is_empty() {
+            return false;
+        }
+        has_endpoint_for_zone |= endpoint.zone_hints.iter().any(|hint| hint == zone);
+    }
+    has_endpoint_for_zone
+}
+
+fn pick(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<L4Addr> {
+    endpoints.iter().filter(|e| keep(e)).map(|e| e.addr).collect()
+}
+
+/// The endpoints traffic to the frontend may go to. Empty means "reject".
+pub fn choose(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeContext) -> Vec<L4Addr> {
+    if policy.internal_local {
+        let local = pick(endpoints, |e| e.ready && is_local(e, node));
+        if !local.is_empty() {
+            return local;
+        }
+        return pick(endpoints, |e| is_local(e, node) && e.serving && e.terminating);
+    }
+    let use_topology = can_use_topology(endpoints, policy, node);
+    let zone = node.zone.unwrap_or_default();
+    let cluster = pick(endpoints, |e| e.ready && (!use_topology || e.zone_hints.iter().any(|h| h == zone)));
+    if !cluster.is_empty() {
+        return cluster;
+    }
+    // No ready endpoint anywhere (topology was already ruled out if its zone had none).
+    pick(endpoints, |e| e.serving && e.terminating)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::Protocol;
+
+    /// Shorthand: name, conditions "R" ready, "S" serving, "T" terminating, node, zone hints.
+    fn ep(last: u8, conditions: &str, node: &str, hints: &[&str]) -> Endpoint {
+        Endpoint {
+            addr: L4Addr { ip: Ipv4Addr::new(10, 0, 0, last), port: 80, protocol: Protocol::Tcp },
+            ready: conditions.contains('R'),
+            serving: conditions.contains('S'),
+            terminating: conditions.contains('T'),
+            node_name: (!node.is_empty()).then(|| node.to_string()),
+            zone_hints: hints.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    fn ips(chosen: Vec<L4Addr>) -> Vec<u8> {
+        chosen.iter().map(|a| a.ip.octets()[3]).collect()
+    }
+
+    const CLUSTER: PortPolicy = PortPolicy { internal_local: false, topology_aware: false };
+    const HINTS: PortPolicy = PortPolicy { internal_local: false, topology_aware: true };
+    const LOCAL: PortPolicy = PortPolicy { internal_local: true, topology_aware: false };
+
+    #[test]
+    fn kube_proxy_cases() {
+        let node_a_zone_a = NodeContext { node_name: Some("node-a"), zone: Some("zone-a") };
+        let no_zone = NodeContext { node_name: Some("node-a"), zone: None };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<Endpoint>, PortPolicy, NodeContext, Vec<u8>)> = vec![
+            ("ready endpoints only",
+                vec![ep(1, "RS", "node-a", &[]), ep(2, "", "node-b", &[]), ep(3, "RS", "node-b", &[])],
+                CLUSTER, node_a_zone_a, vec![1, 3]),
+            ("no ready endpoint: serving and terminating ones",
+                vec![ep(1, "ST", "node-a", &[]), ep(2, "T", "node-b", &[]), ep(3, "", "node-b", &[])],
+                CLUSTER, node_a_zone_a, vec![1]),
+            ("ready ones win over serving-terminating ones",
+                vec![ep(1, "ST", "node-a", &[]), ep(2, "RS", "node-b", &[])],
+                CLUSTER, node_a_zone_a, vec![2]),
+            ("nothing usable: reject",
+                vec![ep(1, "", "node-a", &[]), ep(2, "T", "node-b", &[])],
+                CLUSTER, node_a_zone_a, vec![]),
+            ("hints used when every ready endpoint has one",
+                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"]), ep(3, "RS", "node-c", &["zone-a"])],
+                HINTS, node_a_zone_a, vec![1, 3]),
+            ("hints ignored when one ready endpoint has none",
+                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &[])],
+                HINTS, node_a_zone_a, vec![1, 2]),
+            ("hints ignored when none is for this zone",
+                vec![ep(1, "RS", "node-a", &["zone-b"]), ep(2, "RS", "node-b", &["zone-c"])],
+                HINTS, node_a_zone_a, vec![1, 2]),
+            ("hints ignored when the node has no zone",
+                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"])],
+                HINTS, no_zone, vec![1, 2]),
+            ("hints ignored when the Service did not ask for them",
+                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"])],
+                CLUSTER, node_a_zone_a, vec![1, 2]),
+            ("not-ready endpoints without hints do not stop hints",
+                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"]), ep(3, "", "node-c", &[])],
+                HINTS, node_a_zone_a, vec![1]),
+            ("internalTrafficPolicy Local: this node's ready endpoints",
+                vec![ep(1, "RS", "node-a", &[]), ep(2, "RS", "node-b", &[]), ep(3, "RS", "node-a", &[])],
+                LOCAL, node_a_zone_a, vec![1, 3]),
+            ("Local: no ready local endpoint, serving-terminating local ones",
+                vec![ep(1, "ST", "node-a", &[]), ep(2, "RS", "node-b", &[])],
+                LOCAL, node_a_zone_a, vec![1]),
+            ("Local: no local endpoint at all rejects, even with remote ones",
+                vec![ep(1, "RS", "node-b", &[])],
+                LOCAL, node_a_zone_a, vec![]),
+            ("Local: unknown node name means nothing is local",
+                vec![ep(1, "RS", "node-a", &[])],
+                LOCAL, NodeContext { node_name: None, zone: None }, vec![]),
+        ];
+        for (name, endpoints, policy, node, want) in cases {
+            assert_eq!(ips(choose(&endpoints, policy, &node)), want, "{name}");
+        }
+    }
+}
