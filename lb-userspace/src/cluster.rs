@@ -10,7 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 
-use crate::convert::ClusterObjects;
+use crate::convert::{ClusterObjects, EndpointsSource};
 
 /// A watcher event of one of the kinds lb reads.
 #[derive(Debug)]
@@ -94,6 +94,16 @@ impl ClusterStore {
             ClusterEvent::Endpoints(e) => self.endpoints.apply(e),
             ClusterEvent::Node(e) => self.nodes.apply(e),
         }
+    }
+
+    /// Whether every kind the controller needs has been listed once: syncing from half a first
+    /// list would delete every Service not listed yet.
+    pub fn ready(&self, endpoints_source: EndpointsSource) -> bool {
+        let endpoints_listed = match endpoints_source {
+            EndpointsSource::EndpointSlices => self.endpoint_slices.listed(),
+            EndpointsSource::Endpoints => self.endpoints.listed(),
+        };
+        self.services.listed() && endpoints_listed && self.nodes.listed()
     }
 
     pub fn objects(&self) -> ClusterObjects {

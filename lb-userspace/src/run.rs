@@ -100,18 +100,11 @@ impl Source {
         }
     }
 
-    /// Whether the source has a complete picture to sync from (never sync half a first list:
-    /// that would delete every Service not listed yet).
+    /// Whether the source has a complete picture to sync from.
     fn ready(&self) -> bool {
         match self {
             Source::Manifests { .. } => true,
-            Source::Kubernetes { store, endpoints_source, .. } => {
-                let endpoints_listed = match endpoints_source {
-                    EndpointsSource::EndpointSlices => store.endpoint_slices.listed(),
-                    EndpointsSource::Endpoints => store.endpoints.listed(),
-                };
-                store.services.listed() && endpoints_listed && store.nodes.listed()
-            }
+            Source::Kubernetes { store, endpoints_source, .. } => store.ready(*endpoints_source),
         }
     }
 

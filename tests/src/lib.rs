@@ -1,6 +1,7 @@
 //! Helpers for lb's root-only tests: packets, a private bpffs, and network namespaces that are
 //! joined only to each other (never to the root namespace) and removed on drop.
 
+pub mod apiserver;
 pub mod packet;
 pub mod playground;
 

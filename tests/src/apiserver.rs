@@ -1,0 +1,348 @@
+//! A small Kubernetes API server for tests: list and watch of Services, EndpointSlices,
+//! Endpoints and Nodes over the real wire protocol (JSON lists with resourceVersions, chunked
+//! watch streams of ADDED/MODIFIED/DELETED, BOOKMARK events, `410 Gone` for a compacted
+//! resourceVersion, connections the server drops), so the real kube-rs client can be pointed
+//! at it through a kubeconfig.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use futures::channel::mpsc;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Endpoints,
+    Node,
+}
+
+impl Kind {
+    fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/services" => Some(Kind::Service),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            "/api/v1/endpoints" => Some(Kind::Endpoints),
+            "/api/v1/nodes" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Endpoints => "Endpoints",
+            Kind::Node => "Node",
+        }
+    }
+
+    /// The kind of a manifest object (`apiVersion` + `kind`).
+    pub fn of(object: &Value) -> Option<Self> {
+        match (object["apiVersion"].as_str()?, object["kind"].as_str()?) {
+            ("v1", "Service") => Some(Kind::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+            ("v1", "Endpoints") => Some(Kind::Endpoints),
+            ("v1", "Node") => Some(Kind::Node),
+            _ => None,
+        }
+    }
+}
+
+type Key = (Kind, String, String);
+
+#[derive(Clone, Debug)]
+struct WatchEvent {
+    resource_version: u64,
+    kind: Kind,
+    type_: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Store {
+    resource_version: u64,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    objects: BTreeMap<Key, Value>,
+    log: Vec<WatchEvent>,
+    lists: BTreeMap<Kind, usize>,
+    watches: BTreeMap<Kind, usize>,
+}
+
+#[derive(Clone, Debug)]
+enum Broadcast {
+    Event(WatchEvent),
+    DropWatches,
+}
+
+#[derive(Clone)]
+struct Shared {
+    store: Arc<Mutex<Store>>,
+    events: broadcast::Sender<Broadcast>,
+}
+
+/// A running fake API server; stops when dropped.
+pub struct FakeApiServer {
+    pub address: SocketAddr,
+    shared: Shared,
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn key_of(kind: Kind, object: &Value) -> Key {
+    let metadata = &object["metadata"];
+    let namespace = match kind {
+        Kind::Node => String::new(),
+        _ => metadata["namespace"].as_str().unwrap_or("default").to_string(),
+    };
+    (kind, namespace, metadata["name"].as_str().unwrap_or_default().to_string())
+}
+
+impl FakeApiServer {
+    /// Serves on `listener` (which may belong to another network namespace) from a runtime of
+    /// its own.
+    pub fn start(listener: std::net::TcpListener) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let mut server = runtime.block_on(async { Self::serve(listener) })?;
+        server._runtime = Some(runtime);
+        Ok(server)
+    }
+
+    /// Serves on `listener` from the current tokio runtime.
+    pub fn serve(listener: std::net::TcpListener) -> anyhow::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let (events, _) = broadcast::channel(4096);
+        let shared = Shared { store: Arc::new(Mutex::new(Store::default())), events };
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { address, shared, _runtime: None })
+    }
+
+    /// Writes a kubeconfig pointing at this server into `dir`.
+    pub fn write_kubeconfig(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: \"http://{}\"}}}}]
+users: [{{name: fake, user: {{token: test-token}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]
+current-context: fake
+",
+                self.address
+            ),
+        )?;
+        Ok(path)
+    }
+
+    fn record(&self, store: &mut Store, kind: Kind, type_: &'static str, object: Value) {
+        let event = WatchEvent { resource_version: store.resource_version, kind, type_, object };
+        store.log.push(event.clone());
+        let _ = self.shared.events.send(Broadcast::Event(event));
+    }
+
+    /// Creates or replaces an object (given as a manifest) and sends ADDED or MODIFIED.
+    pub fn apply(&self, mut object: Value) {
+        let kind = Kind::of(&object).expect("a Service, EndpointSlice, Endpoints or Node");
+        let mut store = self.shared.store.lock().unwrap();
+        store.resource_version += 1;
+        let key = key_of(kind, &object);
+        object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
+        if kind != Kind::Node && object["metadata"]["namespace"].is_null() {
+            object["metadata"]["namespace"] = json!("default");
+        }
+        let type_ = if store.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(&mut store, kind, type_, object);
+    }
+
+    /// Applies every document of a YAML manifest.
+    pub fn apply_yaml(&self, yaml: &str) {
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value: Value = serde::Deserialize::deserialize(document).expect("YAML");
+            if !value.is_null() {
+                self.apply(value);
+            }
+        }
+    }
+
+    /// Deletes an object and sends DELETED.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        let mut store = self.shared.store.lock().unwrap();
+        let key =
+            (kind, if kind == Kind::Node { String::new() } else { namespace.to_string() }, name.to_string());
+        if let Some(mut object) = store.objects.remove(&key) {
+            store.resource_version += 1;
+            object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
+            self.record(&mut store, kind, "DELETED", object);
+        }
+    }
+
+    /// Deletes an object as if its DELETED event had been compacted away before any watcher
+    /// saw it, then drops every watch: watchers come back with a too old resourceVersion, get
+    /// 410 Gone, and must re-list to notice.
+    pub fn delete_unseen(&self, kind: Kind, namespace: &str, name: &str) {
+        {
+            let mut store = self.shared.store.lock().unwrap();
+            let key = (kind, namespace.to_string(), name.to_string());
+            store.objects.remove(&key);
+            store.resource_version += 1;
+            store.compacted = store.resource_version + 1;
+            store.log.clear();
+        }
+        self.drop_watches();
+    }
+
+    /// Closes every open watch connection, as an API server restart or a load balancer would.
+    pub fn drop_watches(&self) {
+        let _ = self.shared.events.send(Broadcast::DropWatches);
+    }
+
+    /// How many list and watch requests each kind has had.
+    pub fn requests(&self, kind: Kind) -> (usize, usize) {
+        let store = self.shared.store.lock().unwrap();
+        (store.lists.get(&kind).copied().unwrap_or(0), store.watches.get(&kind).copied().unwrap_or(0))
+    }
+}
+
+fn matches_field_selector(object: &Value, selector: Option<&String>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return true };
+    selector.split(',').all(|term| match term.split_once('=') {
+        Some(("metadata.name", name)) => {
+            object["metadata"]["name"].as_str() == Some(name.trim_start_matches('='))
+        }
+        Some(("metadata.namespace", ns)) => {
+            object["metadata"]["namespace"].as_str() == Some(ns.trim_start_matches('='))
+        }
+        _ => true,
+    })
+}
+
+fn with_type(kind: Kind, mut object: Value) -> Value {
+    object["apiVersion"] = json!(kind.api_version());
+    object["kind"] = json!(kind.name());
+    object
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn line(value: &Value) -> Result<Bytes, Infallible> {
+    let mut text = value.to_string();
+    text.push('\n');
+    Ok(Bytes::from(text))
+}
+
+async fn handle(
+    State(shared): State<Shared>,
+    uri: Uri,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let Some(kind) = Kind::from_path(uri.path()) else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(status(404, "NotFound", "not served by the fake API server")),
+        )
+            .into_response();
+    };
+    let field_selector = query.get("fieldSelector");
+    let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    if !is_watch {
+        let mut store = shared.store.lock().unwrap();
+        *store.lists.entry(kind).or_default() += 1;
+        let items: Vec<Value> = store
+            .objects
+            .iter()
+            .filter(|((k, _, _), o)| *k == kind && matches_field_selector(o, field_selector))
+            .map(|(_, o)| with_type(kind, o.clone()))
+            .collect();
+        let list = json!({
+            "apiVersion": kind.api_version(),
+            "kind": format!("{}List", kind.name()),
+            "metadata": {"resourceVersion": store.resource_version.to_string()},
+            "items": items,
+        });
+        return axum::Json(list).into_response();
+    }
+
+    let from: u64 = query.get("resourceVersion").and_then(|rv| rv.parse().ok()).unwrap_or(0);
+    let bookmarks = matches!(query.get("allowWatchBookmarks").map(String::as_str), Some("true" | "1"));
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
+    let (tx, rx) = mpsc::unbounded::<Result<Bytes, Infallible>>();
+    let mut subscription = shared.events.subscribe();
+    let (backlog, current) = {
+        let mut store = shared.store.lock().unwrap();
+        *store.watches.entry(kind).or_default() += 1;
+        if from != 0 && from < store.compacted {
+            let gone = json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
+            let _ = tx.unbounded_send(line(&gone));
+            return Response::new(Body::from_stream(rx));
+        }
+        let backlog: Vec<WatchEvent> =
+            store.log.iter().filter(|e| e.kind == kind && e.resource_version > from).cloned().collect();
+        (backlog, store.resource_version)
+    };
+    let selector = field_selector.cloned();
+    tokio::spawn(async move {
+        let send = |event: &WatchEvent| {
+            if !matches_field_selector(&event.object, selector.as_ref()) {
+                return true;
+            }
+            let body = json!({"type": event.type_, "object": with_type(event.kind, event.object.clone())});
+            tx.unbounded_send(line(&body)).is_ok()
+        };
+        let mut last_sent = from.max(current);
+        for event in &backlog {
+            if !send(event) {
+                return;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(300));
+        let mut bookmark_timer = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                received = subscription.recv() => match received {
+                    Ok(Broadcast::Event(event)) if event.kind == kind && event.resource_version > from => {
+                        last_sent = last_sent.max(event.resource_version);
+                        if !send(&event) { return; }
+                    }
+                    Ok(Broadcast::Event(_)) => {}
+                    Ok(Broadcast::DropWatches) | Err(_) => return, // ends the response: a dropped connection
+                },
+                _ = bookmark_timer.tick(), if bookmarks => {
+                    let bookmark = json!({"type": "BOOKMARK", "object": {
+                        "apiVersion": kind.api_version(), "kind": kind.name(),
+                        "metadata": {"resourceVersion": last_sent.to_string()}}});
+                    if tx.unbounded_send(line(&bookmark)).is_err() { return; }
+                }
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    });
+    Response::new(Body::from_stream(rx))
+}
