@@ -122,14 +122,21 @@ impl Playground {
         Ok(())
     }
 
-    /// Starts `lb run` inside the node namespace on every node-side interface.
+    /// Starts `lb run --manifests` inside the node namespace on every node-side interface.
     pub fn start_lb(&mut self) -> Result<()> {
+        let manifests = self.manifests.clone();
+        self.start_lb_with(&["--manifests".as_ref(), manifests.as_os_str()])
+    }
+
+    /// Starts `lb run` with these source arguments inside the node namespace, on every
+    /// node-side interface.
+    pub fn start_lb_with(&mut self, source_args: &[&std::ffi::OsStr]) -> Result<()> {
         let netns = std::fs::File::open(self.node.path())?;
         let log = std::fs::File::create(&self.lb_log)?;
         let mut command = Command::new(lb_binary());
         command
-            .args(["run", "--manifests"])
-            .arg(&self.manifests)
+            .arg("run")
+            .args(source_args)
             .arg("--interfaces")
             .arg(self.node_interfaces.join(","))
             .arg("--bpf-dir")

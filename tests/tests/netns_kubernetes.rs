@@ -1,0 +1,102 @@
+//! End to end with the API server: Services and EndpointSlices created through the (fake) API
+//! server reach the kernel, and an endpoint turning not-ready stops new connections to it. lb
+//! runs in the node namespace, where the API server also listens (on its loopback).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::time::{Duration, Instant};
+
+use lb_userspace::maps::MapsSnapshot;
+use tests::apiserver::FakeApiServer;
+use tests::playground::Playground;
+use tests::{require_root, unique};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 21);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 22);
+
+fn slice(b_ready: bool) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-x1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [\"{POD_A}\"], conditions: {{ready: true}}, nodeName: node-1}}
+- {{addresses: [\"{POD_B}\"], conditions: {{ready: {b_ready}, serving: {b_ready}}}, nodeName: node-1}}
+"
+    )
+}
+
+fn backend_count(snapshot: &MapsSnapshot) -> Option<u16> {
+    snapshot
+        .services
+        .iter()
+        .find(|(k, _)| k.backend_slot == 0 && k.address() == VIP)
+        .map(|(_, v)| v.backend_count)
+}
+
+/// GET on the node's loopback (lb's health port), from inside the node namespace.
+fn http_get_in_node(pg: &Playground, path: &'static str) -> (u16, String) {
+    pg.node
+        .run(move || {
+            let mut stream = TcpStream::connect(("127.0.0.1", 10256)).expect("health port");
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            (code, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+        })
+        .unwrap()
+}
+
+#[test]
+fn services_from_the_api_server_reach_the_kernel() {
+    require_root();
+    let mut pg = Playground::new(&unique("k"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    let listener = pg.node.run(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let server = FakeApiServer::start(listener).unwrap();
+    let kubeconfig = server.write_kubeconfig(pg.work_dir()).unwrap();
+    pg.start_lb_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--hostname-override".as_ref(),
+        "node-1".as_ref(),
+    ])
+    .unwrap();
+
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {VIP}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+    ));
+    server.apply_yaml(&slice(true));
+    pg.wait_for_maps(Duration::from_secs(10), |s| backend_count(s) == Some(2)).unwrap();
+    let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 40).unwrap();
+    let pods: std::collections::BTreeSet<String> =
+        answers.into_iter().map(|a| a.unwrap_or_else(|e| panic!("{e}\n{}", pg.lb_log())).pod).collect();
+    assert_eq!(pods.into_iter().collect::<Vec<_>>(), ["pod-a", "pod-b"]);
+
+    // Let the sync runner's burst refill, so this measures an idle node.
+    std::thread::sleep(Duration::from_millis(1200));
+    let changed_at = Instant::now();
+    server.apply_yaml(&slice(false));
+    let took = pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s) == Some(1)).unwrap();
+    eprintln!(
+        "not-ready endpoint left the maps {took:?} after the API change ({:?} wall)",
+        changed_at.elapsed()
+    );
+    for answer in pg.http_requests(SocketAddrV4::new(VIP, 80), 20).unwrap() {
+        assert_eq!(answer.unwrap().pod, "pod-a", "no new connection reaches the not-ready pod");
+    }
+    let table = pg.services_table().unwrap();
+    assert!(table.contains("default/web:http") && !table.contains(&POD_B.to_string()), "{table}");
+
+    let (code, body) = http_get_in_node(&pg, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["nodeEligible"], true);
+    assert!(report["lastUpdated"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert_eq!(http_get_in_node(&pg, "/livez").0, 200);
+    assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
+}
