@@ -1,5 +1,6 @@
 //! Loading the eBPF object, pinning its maps and attaching its programs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray};
@@ -56,7 +57,8 @@ fn is_bpffs(path: &Path) -> bool {
 /// The loaded eBPF object with its maps pinned under a directory.
 pub struct Datapath {
     ebpf: Ebpf,
-    attached: Vec<(String, SchedClassifierLinkId)>,
+    /// Interface name -> (its index when attached, the link).
+    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
 }
 
 impl Datapath {
@@ -78,7 +80,7 @@ impl Datapath {
             .and_then(|p| p.try_into().ok())
             .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
         program.load().map_err(|source| DatapathError::LoadProgram { name: INGRESS_PROGRAM, source })?;
-        Ok(Self { ebpf, attached: Vec::new() })
+        Ok(Self { ebpf, attached: BTreeMap::new() })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -87,9 +89,9 @@ impl Datapath {
 
     /// Attaches the ingress program to `interface` (TCX on kernels >= 6.6, clsact otherwise).
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
-        if nix::net::if_::if_nametoindex(interface).is_err() {
+        let Ok(index) = nix::net::if_::if_nametoindex(interface) else {
             return Err(DatapathError::NoSuchInterface { interface: interface.to_string() });
-        }
+        };
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|version| version >= aya::util::KernelVersion::new(6, 6, 0));
         if !tcx {
@@ -104,15 +106,58 @@ impl Datapath {
         let link = program.attach(interface, TcAttachType::Ingress).map_err(|source| {
             DatapathError::Attach { name: INGRESS_PROGRAM, interface: interface.to_string(), source }
         })?;
-        self.attached.push((interface.to_string(), link));
+        self.attached.insert(interface.to_string(), (index, link));
         Ok(())
+    }
+
+    /// Makes the attached set equal to `selected` (name -> index, as listed now): attaches to
+    /// new interfaces and to ones that came back under a new index, forgets vanished ones
+    /// (the kernel dropped their attachment with them). Returns the attach failures; the
+    /// other interfaces are handled regardless.
+    pub fn sync_interfaces(&mut self, selected: &BTreeMap<String, u32>) -> Vec<DatapathError> {
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, (index, _))| selected.get(*name) != Some(index))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.forget(&name);
+        }
+        let mut failures = Vec::new();
+        let new: Vec<&String> = selected.keys().filter(|name| !self.attached.contains_key(*name)).collect();
+        for name in new {
+            match self.attach(name) {
+                Ok(()) => tracing::info!(interface = %name, "attached to ingress"),
+                Err(error) => failures.push(error),
+            }
+        }
+        failures
+    }
+
+    fn forget(&mut self, interface: &str) {
+        let Some((_, link)) = self.attached.remove(interface) else { return };
+        if let Some(program) = self.classifier() {
+            // Fails harmlessly when the interface, and so the attachment, is already gone.
+            let _ = program.detach(link);
+        }
+        tracing::info!(%interface, "interface gone or replaced; forgot its attachment");
+    }
+
+    fn classifier(&mut self) -> Option<&mut SchedClassifier> {
+        self.ebpf.program_mut(INGRESS_PROGRAM)?.try_into().ok()
+    }
+
+    /// Names of the interfaces the program is attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
     }
 
     /// Detaches from every interface. Dropping the `Datapath` does the same.
     pub fn detach_all(&mut self) {
-        let Some(program) = self.ebpf.program_mut(INGRESS_PROGRAM) else { return };
-        let Ok(program): Result<&mut SchedClassifier, _> = program.try_into() else { return };
-        for (interface, link) in self.attached.drain(..) {
+        let attached = std::mem::take(&mut self.attached);
+        let Some(program) = self.classifier() else { return };
+        for (interface, (_, link)) in attached {
             if let Err(error) = program.detach(link) {
                 tracing::warn!(%interface, %error, "detaching");
             }

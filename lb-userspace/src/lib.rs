@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod convert;
 pub mod datapath;
 pub mod health;
+pub mod interfaces;
 pub mod kube_source;
 pub mod manifests;
 pub mod maps;

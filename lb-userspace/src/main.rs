@@ -53,7 +53,8 @@ struct RunArgs {
     /// in-cluster service account.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Interfaces to translate traffic on (their ingress), comma separated.
+    /// Interfaces to translate traffic on (their ingress), comma separated: names, which must
+    /// exist, and glob patterns (`veth*,cali*,eth0`), attached as matching interfaces appear.
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
     /// Where the maps are pinned (on a bpffs mount).

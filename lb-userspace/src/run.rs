@@ -15,6 +15,7 @@ use crate::cluster::{ClusterEvent, ClusterStore};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
 use crate::datapath::Datapath;
 use crate::health::{self, SharedHealth};
+use crate::interfaces::{InterfaceSelector, LinkEvents};
 use crate::kube_source;
 use crate::manifests::ManifestStore;
 use crate::maps::BpfMaps;
@@ -221,10 +222,17 @@ fn forward_datapath_logs(ebpf: &mut aya::Ebpf) {
 pub async fn run(options: RunOptions) -> Result<()> {
     let mut source = Source::start(&options).await?;
 
+    let selector = InterfaceSelector::parse(&options.interfaces)?;
+    let mut link_events = LinkEvents::subscribe()?;
     let mut datapath = Datapath::load(&options.bpf_dir)?;
-    for interface in &options.interfaces {
+    // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
+    for interface in selector.literals() {
         datapath.attach(interface)?;
         tracing::info!(%interface, "attached to ingress");
+    }
+    attach_selected(&mut datapath, &selector);
+    if datapath.attached().next().is_none() {
+        tracing::warn!(interfaces = ?options.interfaces, "no interface matches yet; waiting for one to appear");
     }
     forward_datapath_logs(datapath.ebpf_mut());
     let maps = BpfMaps::from_ebpf(datapath.ebpf_mut())?;
@@ -272,6 +280,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 sync(&source, &options.proxy, &mut reconciler, &health);
                 prune(&mut reconciler);
             }
+            changed = link_events.changed() => {
+                changed?;
+                attach_selected(&mut datapath, &selector);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -279,6 +291,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tracing::info!("shutting down: detaching programs (maps stay pinned for the next start)");
     datapath.detach_all();
     Ok(())
+}
+
+/// Attaches to every selected interface present now and forgets vanished ones; a failure on
+/// one interface is logged and does not stop the others.
+fn attach_selected(datapath: &mut Datapath, selector: &InterfaceSelector) {
+    match selector.selected() {
+        Ok(selected) => {
+            for error in datapath.sync_interfaces(&selected) {
+                tracing::error!("{error}");
+            }
+        }
+        Err(error) => tracing::error!("{error}"),
+    }
 }
 
 fn prune(reconciler: &mut Reconciler<BpfMaps>) {

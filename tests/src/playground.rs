@@ -47,8 +47,20 @@ pub struct Playground {
     pub lb_log: PathBuf,
     lb: Option<Child>,
     work_dir: PathBuf,
-    node_interfaces: Vec<String>,
+    prefix: String,
+    next_pod: usize,
     _bpffs: PrivateBpfFs,
+}
+
+impl Pod {
+    /// Starts an HTTP server on `port` answering with the pod's name and the caller's address.
+    pub fn serve_http(&self, port: u16) -> Result<()> {
+        let listener = self.ns.run(move || TcpListener::bind(("0.0.0.0", port)))??;
+        listener.set_nonblocking(true)?;
+        let (name, stop) = (self.name.clone(), self.stop.clone());
+        std::thread::spawn(move || http_server(listener, name, stop));
+        Ok(())
+    }
 }
 
 impl Playground {
@@ -65,42 +77,42 @@ impl Playground {
         }
         veth(&client, "eth0", &format!("{CLIENT_IP}/24"), &node, "lbc0", NODE_CLIENT_SIDE)?;
         client.exec(&["ip", "route", "add", "default", "via", "10.0.0.1"])?;
-        let mut node_interfaces = vec!["lbc0".to_string()];
-
-        let mut created = Vec::new();
-        for (index, (name, ip)) in pods.iter().enumerate() {
-            let ns = NetNs::new(format!("{prefix}-p{index}"))?;
-            let node_if = format!("lbp{index}");
-            veth(&ns, "eth0", &format!("{ip}/32"), &node, &node_if, &format!("{NODE_POD_GATEWAY}/32"))?;
-            node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if])?;
-            ns.exec(&["ip", "route", "add", NODE_POD_GATEWAY, "dev", "eth0"])?;
-            ns.exec(&["ip", "route", "add", "default", "via", NODE_POD_GATEWAY])?;
-            node_interfaces.push(node_if);
-            created.push(Pod { name: name.to_string(), ip: *ip, ns, stop: Arc::new(AtomicBool::new(false)) });
-        }
-        Ok(Self {
+        let mut playground = Self {
             client,
             node,
-            pods: created,
+            pods: Vec::new(),
             manifests: work_dir.join("manifests"),
             bpf_dir: bpffs.path().join("lb"),
             lb_log: work_dir.join("lb.log"),
             lb: None,
             work_dir,
-            node_interfaces,
+            prefix: prefix.to_string(),
+            next_pod: 0,
             _bpffs: bpffs,
-        })
+        };
+        for (name, ip) in pods {
+            playground.add_pod(name, *ip)?;
+        }
+        Ok(playground)
+    }
+
+    /// Creates a pod: its namespace, a veth to the node (`lbp<N>` on the node side) and routes.
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
+        let index = self.next_pod;
+        self.next_pod += 1;
+        let ns = NetNs::new(format!("{}-p{index}", self.prefix))?;
+        let node_if = format!("lbp{index}");
+        veth(&ns, "eth0", &format!("{ip}/32"), &self.node, &node_if, &format!("{NODE_POD_GATEWAY}/32"))?;
+        self.node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if])?;
+        ns.exec(&["ip", "route", "add", NODE_POD_GATEWAY, "dev", "eth0"])?;
+        ns.exec(&["ip", "route", "add", "default", "via", NODE_POD_GATEWAY])?;
+        self.pods.push(Pod { name: name.to_string(), ip, ns, stop: Arc::new(AtomicBool::new(false)) });
+        Ok(self.pods.last().expect("just pushed"))
     }
 
     /// Starts an HTTP server (answering with the pod's name) on `port` in every pod.
     pub fn serve_http(&self, port: u16) -> Result<()> {
-        for pod in &self.pods {
-            let listener = pod.ns.run(move || TcpListener::bind(("0.0.0.0", port)))??;
-            listener.set_nonblocking(true)?;
-            let (name, stop) = (pod.name.clone(), pod.stop.clone());
-            std::thread::spawn(move || http_server(listener, name, stop));
-        }
-        Ok(())
+        self.pods.iter().try_for_each(|pod| pod.serve_http(port))
     }
 
     /// Starts a UDP server (answering with the pod's name) on `port` in every pod.
@@ -137,8 +149,8 @@ impl Playground {
         command
             .arg("run")
             .args(source_args)
-            .arg("--interfaces")
-            .arg(self.node_interfaces.join(","))
+            // The client side by name, the pods' side by pattern: pods added later are attached.
+            .args(["--interfaces", "lbc0,lbp*"])
             .arg("--bpf-dir")
             .arg(&self.bpf_dir)
             .env("LB_LOG", "info,lb_userspace=debug")

@@ -142,3 +142,38 @@ fn a_missing_interface_is_a_clear_error() {
     assert!(stderr.contains("interface nosuchif0 does not exist"), "{stderr}");
     assert!(pg.stop_lb().unwrap());
 }
+
+#[test]
+fn interfaces_that_appear_later_are_attached_and_vanished_ones_forgotten() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
+    pg.start_lb().unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(1)).unwrap();
+
+    // A pod created after lb started: its veth matches `lbp*`. Its replies are only translated
+    // back if lb attached to that veth, so answers from it prove the attachment.
+    let pod_c = Ipv4Addr::new(10, 244, 3, 13);
+    pg.add_pod("pod-c", pod_c).unwrap().serve_http(8080).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A, pod_c])).unwrap();
+    pg.wait_for_maps(Duration::from_secs(2), |s| tcp_backend_count(s) == Some(2)).unwrap();
+    let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 40).unwrap();
+    let pods: std::collections::BTreeSet<String> =
+        answers.into_iter().map(|a| a.unwrap_or_else(|e| panic!("{e}\n{}", pg.lb_log())).pod).collect();
+    assert!(pods.contains("pod-c"), "{pods:?}\n{}", pg.lb_log());
+    assert!(pg.lb_log().contains("attached to ingress interface=lbp1"), "{}", pg.lb_log());
+    assert!(!pg.lb_log().contains("ERROR"), "{}", pg.lb_log());
+
+    pg.remove_pod("pod-c");
+    let forgot = |log: String| {
+        log.lines().any(|l| l.contains("forgot its attachment") && l.contains("interface=lbp1"))
+    };
+    let start = std::time::Instant::now();
+    while !forgot(pg.lb_log()) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(forgot(pg.lb_log()), "{}", pg.lb_log());
+    assert!(pg.stop_lb().unwrap());
+}
