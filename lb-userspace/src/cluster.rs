@@ -112,6 +112,7 @@ impl ClusterStore {
             endpoint_slices: self.endpoint_slices.objects().cloned().collect(),
             endpoints: self.endpoints.objects().cloned().collect(),
             nodes: self.nodes.objects().cloned().collect(),
+            pods: Vec::new(), // the EndpointSlice controller turns Pods into endpoints
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
@@ -66,6 +66,8 @@ pub struct ClusterObjects {
     pub endpoint_slices: Vec<EndpointSlice>,
     pub endpoints: Vec<Endpoints>,
     pub nodes: Vec<Node>,
+    /// Manifests mode only: Pods, from which Services with a selector get endpoints.
+    pub pods: Vec<Pod>,
 }
 
 /// The parts of a Service that frontends are made of.
@@ -145,7 +147,9 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
         return Ok(None); // headless: clients resolve pod IPs, nothing to translate
     }
     if addresses.is_empty() || addresses.iter().all(|ip| ip.is_empty()) {
-        return Err(error("spec.clusterIP is not set".into()));
+        // The API server always sets one; in manifests mode the allocator fills it in first.
+        tracing::debug!(%namespace, %name, "no clusterIP yet; no frontend");
+        return Ok(None);
     }
     let mut cluster_ips = Vec::new();
     for address in addresses {
@@ -394,6 +398,12 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
                     Err(error) => errors.push(error),
                 }
             }
+        }
+    }
+    // Manifests mode stands in for the EndpointSlice controller (API mode reads no Pods).
+    if !objects.pods.is_empty() {
+        for service in &objects.services {
+            crate::pod_endpoints::endpoints_from_pods(service, &objects.pods).into_iter().for_each(&mut add);
         }
     }
     let node = config

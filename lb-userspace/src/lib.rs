@@ -1,5 +1,6 @@
 //! lb's controller: Kubernetes objects in, BPF maps out.
 
+pub mod allocator;
 pub mod cluster;
 pub mod convert;
 pub mod datapath;
@@ -9,6 +10,7 @@ pub mod kube_source;
 pub mod manifests;
 pub mod maps;
 pub mod model;
+pub mod pod_endpoints;
 pub mod reconcile;
 pub mod run;
 pub mod status;

@@ -79,6 +79,12 @@ struct RunArgs {
     /// Address for /healthz and /livez (kube-proxy's port); empty to disable.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// Manifests mode: where Services without a clusterIP get one (the API server's flag).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cluster_ip_range: ipnet::Ipv4Net,
+    /// Manifests mode: where lb remembers the ClusterIPs it allocated.
+    #[arg(long, default_value = "/var/lib/lb")]
+    state_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -96,7 +102,11 @@ fn node_name(hostname_override: Option<String>) -> Option<String> {
 
 fn run_options(args: RunArgs) -> Result<run::RunOptions> {
     let source = match args.manifests {
-        Some(dir) => run::SourceOptions::Manifests(dir),
+        Some(dir) => run::SourceOptions::Manifests {
+            dir,
+            cluster_ip_range: args.service_cluster_ip_range,
+            state_file: args.state_dir.join("cluster-ips.json"),
+        },
         None => run::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig },
     };
     let healthz_bind_address = match args.healthz_bind_address.as_str() {

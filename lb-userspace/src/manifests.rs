@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
@@ -46,6 +46,7 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     Endpoints(Box<Endpoints>),
     Node(Box<Node>),
+    Pod(Box<Pod>),
 }
 
 /// Identity of an object across reloads: kind, namespace, name.
@@ -58,6 +59,7 @@ impl Object {
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::Endpoints(o) => ("Endpoints", &o.metadata),
             Object::Node(o) => ("Node", &o.metadata),
+            Object::Pod(o) => ("Pod", &o.metadata),
         };
         (kind, namespace_of(metadata.namespace.as_ref()), metadata.name.clone().unwrap_or_default())
     }
@@ -128,6 +130,10 @@ fn parse_document(file: &Path, value: serde_yaml_ng::Value) -> Result<Option<Obj
                 serde_yaml_ng::from_value(value).map_err(|e| object_error(e.to_string()))?;
             convert::parse_endpoints(&endpoints).map_err(|e| object_error(e.problem))?;
             Object::Endpoints(Box::new(endpoints))
+        }
+        ("v1", "Pod") => {
+            let pod: Pod = serde_yaml_ng::from_value(value).map_err(|e| object_error(e.to_string()))?;
+            Object::Pod(Box::new(pod))
         }
         ("v1", "Node") => {
             let node: Node = serde_yaml_ng::from_value(value).map_err(|e| object_error(e.to_string()))?;
@@ -242,6 +248,7 @@ pub fn objects_by_kind(objects: impl IntoIterator<Item = Object>) -> ClusterObje
             Object::EndpointSlice(o) => sorted.endpoint_slices.push(*o),
             Object::Endpoints(o) => sorted.endpoints.push(*o),
             Object::Node(o) => sorted.nodes.push(*o),
+            Object::Pod(o) => sorted.pods.push(*o),
         }
     }
     sorted

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Node;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::allocator::ClusterIpAllocator;
 use crate::cluster::{ClusterEvent, ClusterStore};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
 use crate::datapath::Datapath;
@@ -23,8 +24,9 @@ use crate::reconcile::Reconciler;
 use crate::sync::{HealthState, SyncRunner};
 
 pub enum SourceOptions {
-    /// A directory of Kubernetes YAML, watched for changes.
-    Manifests(PathBuf),
+    /// A directory of Kubernetes YAML, watched for changes. Services without a clusterIP get
+    /// one from `cluster_ip_range`, remembered in `state_file`.
+    Manifests { dir: PathBuf, cluster_ip_range: ipnet::Ipv4Net, state_file: PathBuf },
     /// The API server, through this kubeconfig or the in-cluster service account.
     Kubernetes { kubeconfig: Option<PathBuf> },
 }
@@ -49,6 +51,8 @@ enum Source {
     Manifests {
         dir: PathBuf,
         store: ManifestStore,
+        allocator: ClusterIpAllocator,
+        state_file: PathBuf,
         events: mpsc::UnboundedReceiver<()>,
         _watcher: notify::RecommendedWatcher,
     },
@@ -62,7 +66,7 @@ enum Source {
 impl Source {
     async fn start(options: &RunOptions) -> Result<Self> {
         match &options.source {
-            SourceOptions::Manifests(dir) => {
+            SourceOptions::Manifests { dir, cluster_ip_range, state_file } => {
                 if !dir.is_dir() {
                     anyhow::bail!(
                         "manifest directory {} does not exist or is not a directory",
@@ -84,9 +88,17 @@ impl Source {
                 watcher
                     .watch(dir, RecursiveMode::NonRecursive)
                     .with_context(|| format!("watching {}", dir.display()))?;
+                let allocator = ClusterIpAllocator::load(*cluster_ip_range, state_file)?;
                 let mut store = ManifestStore::default();
                 reload_manifests(&mut store, dir);
-                Ok(Source::Manifests { dir: dir.clone(), store, events, _watcher: watcher })
+                Ok(Source::Manifests {
+                    dir: dir.clone(),
+                    store,
+                    allocator,
+                    state_file: state_file.clone(),
+                    events,
+                    _watcher: watcher,
+                })
             }
             SourceOptions::Kubernetes { kubeconfig } => {
                 let client = kube_source::client(kubeconfig.as_deref()).await?;
@@ -109,9 +121,22 @@ impl Source {
         }
     }
 
-    fn objects(&self) -> ClusterObjects {
+    /// The objects to convert. Manifests mode also gives Services their ClusterIPs here.
+    fn objects(&mut self) -> ClusterObjects {
         match self {
-            Source::Manifests { store, .. } => store.cluster_objects(),
+            Source::Manifests { store, allocator, state_file, .. } => {
+                let mut objects = store.cluster_objects();
+                let before = allocator.assigned().clone();
+                for error in allocator.assign(&mut objects.services) {
+                    tracing::error!("{error}");
+                }
+                if *allocator.assigned() != before {
+                    if let Err(error) = allocator.save(state_file) {
+                        tracing::error!("{error}");
+                    }
+                }
+                objects
+            }
             Source::Kubernetes { store, .. } => store.objects(),
         }
     }
@@ -163,7 +188,12 @@ fn node_eligible(objects: &ClusterObjects, config: &ProxyConfig) -> bool {
     node.metadata.deletion_timestamp.is_none() && !tainted(node)
 }
 
-fn sync(source: &Source, config: &ProxyConfig, reconciler: &mut Reconciler<BpfMaps>, health: &SharedHealth) {
+fn sync(
+    source: &mut Source,
+    config: &ProxyConfig,
+    reconciler: &mut Reconciler<BpfMaps>,
+    health: &SharedHealth,
+) {
     let started = Instant::now();
     let objects = source.objects();
     let (desired, errors) = convert::desired_state(&objects, config);
@@ -265,7 +295,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
             }
             () = sync_due => {
-                sync(&source, &options.proxy, &mut reconciler, &health);
+                sync(&mut source, &options.proxy, &mut reconciler, &health);
                 runner.synced(Instant::now());
                 if !synced_once {
                     synced_once = true;
@@ -277,7 +307,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let Err(error) = reconciler.refresh_from_maps() {
                     tracing::warn!("{error}");
                 }
-                sync(&source, &options.proxy, &mut reconciler, &health);
+                sync(&mut source, &options.proxy, &mut reconciler, &health);
                 prune(&mut reconciler);
             }
             changed = link_events.changed() => {

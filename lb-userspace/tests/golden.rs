@@ -6,26 +6,34 @@
 
 use std::path::{Path, PathBuf};
 
+use lb_userspace::allocator::ClusterIpAllocator;
 use lb_userspace::convert;
 use lb_userspace::convert::{EndpointsSource, ProxyConfig};
 use lb_userspace::manifests::{objects_by_kind, parse_manifest};
 use lb_userspace::maps::InMemoryMaps;
 use lb_userspace::reconcile::{Reconciler, render_snapshot};
 
-/// A case's proxy configuration, from an optional first line
-/// `# config: node=NAME service-proxy-name=NAME endpoints-api=endpoints`.
-fn config_of(text: &str) -> ProxyConfig {
+/// A case's configuration, from an optional first line `# config: node=NAME
+/// service-proxy-name=NAME endpoints-api=endpoints cluster-ip-range=CIDR` (the last runs the
+/// manifests-mode ClusterIP allocator).
+fn config_of(text: &str) -> (ProxyConfig, Option<ClusterIpAllocator>) {
     let mut config = ProxyConfig::default();
-    let Some(line) = text.lines().next().and_then(|l| l.strip_prefix("# config:")) else { return config };
+    let mut allocator = None;
+    let Some(line) = text.lines().next().and_then(|l| l.strip_prefix("# config:")) else {
+        return (config, allocator);
+    };
     for setting in line.split_whitespace() {
         match setting.split_once('=') {
             Some(("node", name)) => config.node_name = Some(name.into()),
             Some(("service-proxy-name", name)) => config.service_proxy_name = Some(name.into()),
             Some(("endpoints-api", "endpoints")) => config.endpoints_source = EndpointsSource::Endpoints,
+            Some(("cluster-ip-range", range)) => {
+                allocator = Some(ClusterIpAllocator::new(range.parse().unwrap()))
+            }
             _ => panic!("unknown golden config {setting:?}"),
         }
     }
-    config
+    (config, allocator)
 }
 
 fn render_case(yaml: &Path) -> String {
@@ -33,11 +41,14 @@ fn render_case(yaml: &Path) -> String {
     let label = Path::new("testdata").join(yaml.file_name().unwrap());
     let mut out = String::new();
     let (objects, errors) = parse_manifest(&label, &text).expect("file is YAML");
-    let (desired, convert_errors) = convert::desired_state(&objects_by_kind(objects), &config_of(&text));
+    let (config, allocator) = config_of(&text);
+    let mut objects = objects_by_kind(objects);
+    let allocation_errors = allocator.map(|mut a| a.assign(&mut objects.services)).unwrap_or_default();
+    let (desired, convert_errors) = convert::desired_state(&objects, &config);
     for error in &errors {
         out += &format!("error: {error}\n");
     }
-    for error in &convert_errors {
+    for error in allocation_errors.iter().chain(&convert_errors) {
         out += &format!("error: {error}\n");
     }
     let mut reconciler = Reconciler::restore(InMemoryMaps::default()).unwrap();

@@ -153,6 +153,8 @@ impl Playground {
             .args(["--interfaces", "lbc0,lbp*"])
             .arg("--bpf-dir")
             .arg(&self.bpf_dir)
+            .arg("--state-dir")
+            .arg(self.work_dir.join("state"))
             .env("LB_LOG", "info,lb_userspace=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
