@@ -177,3 +177,38 @@ fn interfaces_that_appear_later_are_attached_and_vanished_ones_forgotten() {
     assert!(forgot(pg.lb_log()), "{}", pg.lb_log());
     assert!(pg.stop_lb().unwrap());
 }
+
+#[test]
+fn the_periodic_resync_repairs_and_prunes_the_maps() {
+    use lb_common::{ServiceKey, ServiceValue};
+    use lb_userspace::maps::{BpfMaps, ServiceMaps};
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
+    let manifests = pg.manifests.clone();
+    pg.start_lb_with(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--sync-period".as_ref(),
+        "500ms".as_ref(),
+    ])
+    .unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(1)).unwrap();
+
+    // Behind lb's back: the service entry disappears and a stray frontend appears.
+    let mut maps = BpfMaps::from_pins(&pg.bpf_dir).unwrap();
+    maps.delete_service(ServiceKey::new(VIP, 80, 6, 0)).unwrap();
+    let stray = ServiceKey::new(Ipv4Addr::new(10, 96, 9, 9), 80, 6, 0);
+    maps.update_service(stray, ServiceValue::service_entry(999, 0)).unwrap();
+    assert_eq!(tcp_backend_count(&pg.snapshot()), None);
+
+    pg.wait_for_maps(Duration::from_secs(3), |s| {
+        tcp_backend_count(s) == Some(1) && !s.services.contains_key(&stray)
+    })
+    .unwrap();
+    let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 3).unwrap();
+    assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|a| a.pod == "pod-a")), "{answers:?}");
+    assert!(pg.stop_lb().unwrap());
+}
