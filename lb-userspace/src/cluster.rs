@@ -14,6 +14,7 @@ use crate::convert::{ClusterObjects, EndpointsSource};
 
 /// A watcher event of one of the kinds lb reads.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "each event is moved once, through a channel")]
 pub enum ClusterEvent {
     Service(Event<Service>),
     EndpointSlice(Event<EndpointSlice>),

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
-use crate::topology::{self, Endpoint, NodeContext, PortPolicy};
+use crate::topology::{self, Endpoint, EndpointConditions, NodeContext, PortPolicy};
 
 /// The label that joins an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -108,11 +108,7 @@ pub struct SlicePort {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointState {
     pub ip: Ipv4Addr,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone_hints: Vec<String>,
+    pub conditions: EndpointConditions,
 }
 
 fn port_number(value: i32) -> Option<u16> {
@@ -255,16 +251,18 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, Obje
         // Unset ready/serving mean "unknown", which consumers are told to read as true.
         endpoints.push(EndpointState {
             ip,
-            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: endpoint.node_name.clone(),
-            zone_hints: endpoint
-                .hints
-                .iter()
-                .flat_map(|h| h.for_zones.iter().flatten())
-                .map(|zone| zone.name.clone())
-                .collect(),
+            conditions: EndpointConditions {
+                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: endpoint.node_name.clone(),
+                zone_hints: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|zone| zone.name.clone())
+                    .collect(),
+            },
         });
     }
     Ok(Some(SliceEndpoints { namespace, service_name, ports, endpoints }))
@@ -297,11 +295,12 @@ pub fn parse_endpoints(endpoints: &Endpoints) -> Result<Vec<SliceEndpoints>, Obj
             };
             states.push(EndpointState {
                 ip,
-                ready: is_ready,
-                serving: is_ready,
-                terminating: false,
-                node_name: address.node_name.clone(),
-                zone_hints: Vec::new(),
+                conditions: EndpointConditions {
+                    ready: is_ready,
+                    serving: is_ready,
+                    node_name: address.node_name.clone(),
+                    ..Default::default()
+                },
             });
         }
         slices.push(SliceEndpoints {
@@ -335,14 +334,7 @@ pub fn service_frontends(
                 for state in &slice.endpoints {
                     let addr = L4Addr { ip: state.ip, port: slice_port.port, protocol: slice_port.protocol };
                     if seen.insert(addr) {
-                        endpoints.push(Endpoint {
-                            addr,
-                            ready: state.ready,
-                            serving: state.serving,
-                            terminating: state.terminating,
-                            node_name: state.node_name.clone(),
-                            zone_hints: state.zone_hints.clone(),
-                        });
+                        endpoints.push(Endpoint { addr, conditions: state.conditions.clone() });
                     }
                 }
             }

@@ -23,6 +23,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start")]
 enum Command {
     /// Load the data path and keep it in sync with Services and their endpoints.
     Run(RunArgs),

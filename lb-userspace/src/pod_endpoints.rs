@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::convert::{EndpointState, SliceEndpoints, SlicePort, namespace_of};
 use crate::model::Protocol;
+use crate::topology::EndpointConditions;
 
 fn selects(service: &Service, pod: &Pod) -> bool {
     let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty())
@@ -86,11 +87,13 @@ pub fn endpoints_from_pods(service: &Service, pods: &[Pod]) -> Vec<SliceEndpoint
             ports,
             endpoints: vec![EndpointState {
                 ip,
-                ready: ready_condition && !terminating,
-                serving: ready_condition,
-                terminating,
-                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-                zone_hints: Vec::new(),
+                conditions: EndpointConditions {
+                    ready: ready_condition && !terminating,
+                    serving: ready_condition,
+                    terminating,
+                    node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                    zone_hints: Vec::new(),
+                },
             }],
         });
     }

@@ -130,10 +130,10 @@ impl Source {
                 for error in allocator.assign(&mut objects.services) {
                     tracing::error!("{error}");
                 }
-                if *allocator.assigned() != before {
-                    if let Err(error) = allocator.save(state_file) {
-                        tracing::error!("{error}");
-                    }
+                if *allocator.assigned() != before
+                    && let Err(error) = allocator.save(state_file)
+                {
+                    tracing::error!("{error}");
                 }
                 objects
             }

@@ -5,15 +5,21 @@
 
 use crate::model::L4Addr;
 
-/// An endpoint of one Service port, with the conditions and placement the choice looks at.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub addr: L4Addr,
+/// An endpoint's conditions and placement: what the choice looks at.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointConditions {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
     pub zone_hints: Vec<String>,
+}
+
+/// An endpoint of one Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: L4Addr,
+    pub conditions: EndpointConditions,
 }
 
 /// The Service-level inputs of the choice.
@@ -34,7 +40,7 @@ pub struct NodeContext<'a> {
     pub zone: Option<&'a str>,
 }
 
-fn is_local(endpoint: &Endpoint, node: &NodeContext) -> bool {
+fn is_local(endpoint: &EndpointConditions, node: &NodeContext) -> bool {
     node.node_name.is_some() && endpoint.node_name.as_deref() == node.node_name
 }
 
@@ -46,7 +52,7 @@ fn can_use_topology(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeConte
         return false;
     }
     let mut has_endpoint_for_zone = false;
-    for endpoint in endpoints.iter().filter(|e| e.ready) {
+    for endpoint in endpoints.iter().map(|e| &e.conditions).filter(|e| e.ready) {
         if endpoint.zone_hints.is_empty() {
             return false;
         }
@@ -55,8 +61,8 @@ fn can_use_topology(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeConte
     has_endpoint_for_zone
 }
 
-fn pick(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<L4Addr> {
-    endpoints.iter().filter(|e| keep(e)).map(|e| e.addr).collect()
+fn pick(endpoints: &[Endpoint], keep: impl Fn(&EndpointConditions) -> bool) -> Vec<L4Addr> {
+    endpoints.iter().filter(|e| keep(&e.conditions)).map(|e| e.addr).collect()
 }
 
 /// The endpoints traffic to the frontend may go to. Empty means "reject".
@@ -89,11 +95,13 @@ mod tests {
     fn ep(last: u8, conditions: &str, node: &str, hints: &[&str]) -> Endpoint {
         Endpoint {
             addr: L4Addr { ip: Ipv4Addr::new(10, 0, 0, last), port: 80, protocol: Protocol::Tcp },
-            ready: conditions.contains('R'),
-            serving: conditions.contains('S'),
-            terminating: conditions.contains('T'),
-            node_name: (!node.is_empty()).then(|| node.to_string()),
-            zone_hints: hints.iter().map(|h| h.to_string()).collect(),
+            conditions: EndpointConditions {
+                ready: conditions.contains('R'),
+                serving: conditions.contains('S'),
+                terminating: conditions.contains('T'),
+                node_name: (!node.is_empty()).then(|| node.to_string()),
+                zone_hints: hints.iter().map(|h| h.to_string()).collect(),
+            },
         }
     }
 
@@ -110,49 +118,114 @@ mod tests {
         let node_a_zone_a = NodeContext { node_name: Some("node-a"), zone: Some("zone-a") };
         let no_zone = NodeContext { node_name: Some("node-a"), zone: None };
         #[rustfmt::skip]
-        let cases: Vec<(&str, Vec<Endpoint>, PortPolicy, NodeContext, Vec<u8>)> = vec![
-            ("ready endpoints only",
+        type Case<'a> = (&'a str, Vec<Endpoint>, PortPolicy, NodeContext<'a>, Vec<u8>);
+        let cases: Vec<Case> = vec![
+            (
+                "ready endpoints only",
                 vec![ep(1, "RS", "node-a", &[]), ep(2, "", "node-b", &[]), ep(3, "RS", "node-b", &[])],
-                CLUSTER, node_a_zone_a, vec![1, 3]),
-            ("no ready endpoint: serving and terminating ones",
+                CLUSTER,
+                node_a_zone_a,
+                vec![1, 3],
+            ),
+            (
+                "no ready endpoint: serving and terminating ones",
                 vec![ep(1, "ST", "node-a", &[]), ep(2, "T", "node-b", &[]), ep(3, "", "node-b", &[])],
-                CLUSTER, node_a_zone_a, vec![1]),
-            ("ready ones win over serving-terminating ones",
+                CLUSTER,
+                node_a_zone_a,
+                vec![1],
+            ),
+            (
+                "ready ones win over serving-terminating ones",
                 vec![ep(1, "ST", "node-a", &[]), ep(2, "RS", "node-b", &[])],
-                CLUSTER, node_a_zone_a, vec![2]),
-            ("nothing usable: reject",
+                CLUSTER,
+                node_a_zone_a,
+                vec![2],
+            ),
+            (
+                "nothing usable: reject",
                 vec![ep(1, "", "node-a", &[]), ep(2, "T", "node-b", &[])],
-                CLUSTER, node_a_zone_a, vec![]),
-            ("hints used when every ready endpoint has one",
-                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"]), ep(3, "RS", "node-c", &["zone-a"])],
-                HINTS, node_a_zone_a, vec![1, 3]),
-            ("hints ignored when one ready endpoint has none",
+                CLUSTER,
+                node_a_zone_a,
+                vec![],
+            ),
+            (
+                "hints used when every ready endpoint has one",
+                vec![
+                    ep(1, "RS", "node-a", &["zone-a"]),
+                    ep(2, "RS", "node-b", &["zone-b"]),
+                    ep(3, "RS", "node-c", &["zone-a"]),
+                ],
+                HINTS,
+                node_a_zone_a,
+                vec![1, 3],
+            ),
+            (
+                "hints ignored when one ready endpoint has none",
                 vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &[])],
-                HINTS, node_a_zone_a, vec![1, 2]),
-            ("hints ignored when none is for this zone",
+                HINTS,
+                node_a_zone_a,
+                vec![1, 2],
+            ),
+            (
+                "hints ignored when none is for this zone",
                 vec![ep(1, "RS", "node-a", &["zone-b"]), ep(2, "RS", "node-b", &["zone-c"])],
-                HINTS, node_a_zone_a, vec![1, 2]),
-            ("hints ignored when the node has no zone",
+                HINTS,
+                node_a_zone_a,
+                vec![1, 2],
+            ),
+            (
+                "hints ignored when the node has no zone",
                 vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"])],
-                HINTS, no_zone, vec![1, 2]),
-            ("hints ignored when the Service did not ask for them",
+                HINTS,
+                no_zone,
+                vec![1, 2],
+            ),
+            (
+                "hints ignored when the Service did not ask for them",
                 vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"])],
-                CLUSTER, node_a_zone_a, vec![1, 2]),
-            ("not-ready endpoints without hints do not stop hints",
-                vec![ep(1, "RS", "node-a", &["zone-a"]), ep(2, "RS", "node-b", &["zone-b"]), ep(3, "", "node-c", &[])],
-                HINTS, node_a_zone_a, vec![1]),
-            ("internalTrafficPolicy Local: this node's ready endpoints",
+                CLUSTER,
+                node_a_zone_a,
+                vec![1, 2],
+            ),
+            (
+                "not-ready endpoints without hints do not stop hints",
+                vec![
+                    ep(1, "RS", "node-a", &["zone-a"]),
+                    ep(2, "RS", "node-b", &["zone-b"]),
+                    ep(3, "", "node-c", &[]),
+                ],
+                HINTS,
+                node_a_zone_a,
+                vec![1],
+            ),
+            (
+                "internalTrafficPolicy Local: this node's ready endpoints",
                 vec![ep(1, "RS", "node-a", &[]), ep(2, "RS", "node-b", &[]), ep(3, "RS", "node-a", &[])],
-                LOCAL, node_a_zone_a, vec![1, 3]),
-            ("Local: no ready local endpoint, serving-terminating local ones",
+                LOCAL,
+                node_a_zone_a,
+                vec![1, 3],
+            ),
+            (
+                "Local: no ready local endpoint, serving-terminating local ones",
                 vec![ep(1, "ST", "node-a", &[]), ep(2, "RS", "node-b", &[])],
-                LOCAL, node_a_zone_a, vec![1]),
-            ("Local: no local endpoint at all rejects, even with remote ones",
+                LOCAL,
+                node_a_zone_a,
+                vec![1],
+            ),
+            (
+                "Local: no local endpoint at all rejects, even with remote ones",
                 vec![ep(1, "RS", "node-b", &[])],
-                LOCAL, node_a_zone_a, vec![]),
-            ("Local: unknown node name means nothing is local",
+                LOCAL,
+                node_a_zone_a,
+                vec![],
+            ),
+            (
+                "Local: unknown node name means nothing is local",
                 vec![ep(1, "RS", "node-a", &[])],
-                LOCAL, NodeContext { node_name: None, zone: None }, vec![]),
+                LOCAL,
+                NodeContext { node_name: None, zone: None },
+                vec![],
+            ),
         ];
         for (name, endpoints, policy, node, want) in cases {
             assert_eq!(ips(choose(&endpoints, policy, &node)), want, "{name}");
