@@ -32,6 +32,12 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
     verdict.action
 }
 
+/// Does nothing: the baseline that `cargo xtask bench` compares lb_ingress's cost with.
+#[classifier]
+pub fn lb_noop(_ctx: TcContext) -> i32 {
+    verdict::TC_PASS
+}
+
 /// `Err` ends processing early; it carries a verdict just like `Ok`.
 #[inline(always)]
 fn try_lb_ingress(ctx: &TcContext) -> Result<Verdict, Verdict> {

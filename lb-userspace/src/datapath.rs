@@ -54,6 +54,26 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
+/// Map sizes.
+#[derive(Clone, Debug)]
+pub struct Capacity {
+    /// Service entries plus backend slots: frontends x (1 + backends each).
+    pub service_slots: u32,
+    pub backends: u32,
+    /// Tracked flows (each direction).
+    pub flows: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            service_slots: lb_common::capacity::SERVICES,
+            backends: lb_common::capacity::BACKENDS,
+            flows: lb_common::capacity::CONNTRACK,
+        }
+    }
+}
+
 /// The loaded eBPF object with its maps pinned under a directory.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -65,6 +85,11 @@ impl Datapath {
     /// Loads the object, reusing maps already pinned in `bpf_dir` (so a restart keeps its flows)
     /// and pinning new ones there.
     pub fn load(bpf_dir: &Path) -> Result<Self, DatapathError> {
+        Self::load_with(bpf_dir, &Capacity::default())
+    }
+
+    /// `load`, with map sizes other than the defaults.
+    pub fn load_with(bpf_dir: &Path, capacity: &Capacity) -> Result<Self, DatapathError> {
         let parent = bpf_dir.parent().unwrap_or(Path::new("/"));
         if !is_bpffs(bpf_dir) && !is_bpffs(parent) {
             return Err(DatapathError::NotBpfFs { dir: bpf_dir.to_path_buf() });
@@ -73,6 +98,10 @@ impl Datapath {
             .map_err(|source| DatapathError::CreateDir { dir: bpf_dir.to_path_buf(), source })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
+            .map_max_entries(map_names::SERVICES, capacity.service_slots)
+            .map_max_entries(map_names::BACKENDS, capacity.backends)
+            .map_max_entries(map_names::CONNTRACK, capacity.flows)
+            .map_max_entries(map_names::REVERSE_NAT, capacity.flows)
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
         let program: &mut SchedClassifier = ebpf

@@ -80,6 +80,15 @@ struct RunArgs {
     /// Address for /healthz and /livez (kube-proxy's port); empty to disable.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// Size of the services map: frontends x (1 + their backends).
+    #[arg(long, default_value_t = lb_common::capacity::SERVICES)]
+    max_service_slots: u32,
+    /// Size of the backends map: distinct pod address:port pairs.
+    #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
+    max_backends: u32,
+    /// Size of each flow-tracking map (least recently used flows are evicted beyond it).
+    #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
+    max_flows: u32,
     /// Manifests mode: where Services without a clusterIP get one (the API server's flag).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cluster_ip_range: ipnet::Ipv4Net,
@@ -125,6 +134,11 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
                 EndpointsApi::Endpointslices => EndpointsSource::EndpointSlices,
                 EndpointsApi::Endpoints => EndpointsSource::Endpoints,
             },
+        },
+        capacity: datapath::Capacity {
+            service_slots: args.max_service_slots,
+            backends: args.max_backends,
+            flows: args.max_flows,
         },
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,

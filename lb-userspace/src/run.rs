@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::allocator::ClusterIpAllocator;
 use crate::cluster::{ClusterEvent, ClusterStore};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
-use crate::datapath::Datapath;
+use crate::datapath::{Capacity, Datapath};
 use crate::health::{self, SharedHealth};
 use crate::interfaces::{InterfaceSelector, LinkEvents};
 use crate::kube_source;
@@ -36,6 +36,7 @@ pub struct RunOptions {
     pub interfaces: Vec<String>,
     pub bpf_dir: PathBuf,
     pub proxy: ProxyConfig,
+    pub capacity: Capacity,
     /// kube-proxy's `--min-sync-period`: the least time between syncs once a burst is used up.
     pub min_sync_period: Duration,
     /// Full resync (maps re-read, repaired and pruned) this often; health times out at twice it.
@@ -254,7 +255,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let selector = InterfaceSelector::parse(&options.interfaces)?;
     let mut link_events = LinkEvents::subscribe()?;
-    let mut datapath = Datapath::load(&options.bpf_dir)?;
+    let mut datapath = Datapath::load_with(&options.bpf_dir, &options.capacity)?;
     // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
     for interface in selector.literals() {
         datapath.attach(interface)?;

@@ -2,6 +2,7 @@
 //! joined only to each other (never to the root namespace) and removed on drop.
 
 pub mod apiserver;
+pub mod bench;
 pub mod packet;
 pub mod playground;
 

@@ -195,6 +195,11 @@ impl Playground {
         }
     }
 
+    /// The running lb's process ID.
+    pub fn lb_pid(&self) -> Option<u32> {
+        self.lb.as_ref().map(Child::id)
+    }
+
     pub fn lb_log(&self) -> String {
         std::fs::read_to_string(&self.lb_log).unwrap_or_default()
     }
@@ -218,6 +223,19 @@ impl Playground {
             std::thread::sleep(Duration::from_millis(5));
         }
         bail!("maps did not reach the expected state within {timeout:?}; lb log:\n{}", self.lb_log())
+    }
+
+    /// Polls lb's log until a line contains `needle`. Unlike the maps, which stay pinned, the
+    /// log is new for each start: this is how to know a restarted lb is attached and synced.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.lb_log().contains(needle) {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("lb did not log {needle:?} within {timeout:?}; log:\n{}", self.lb_log())
     }
 
     /// `lb services` output for this playground's maps.

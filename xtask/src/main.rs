@@ -30,6 +30,13 @@ enum Task {
     Test,
     /// Run the demo: alpaca-prod pods behind a ClusterIP in network namespaces (root).
     Demo,
+    /// Benchmark lb against no load balancer and kube-proxy's iptables and nftables rules
+    /// (root); writes bench/results/<date>.md and .json.
+    Bench {
+        /// A few minutes: fewer sizes, rounds and samples.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -44,6 +51,30 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Task::Test => test(),
+        Task::Bench { quick } => {
+            setup::setup()?;
+            require_root("the benchmark creates network namespaces and loads BPF programs")?;
+            setup::ensure_debian_packages(&[
+                ("iptables-restore", "iptables"),
+                ("nft", "nftables"),
+                ("conntrack", "conntrack"),
+            ])?;
+            run(&mut cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "lb-userspace",
+                "--package",
+                "tests",
+                "--bins",
+            ]))?;
+            let mut bench =
+                cargo(&["run", "--release", "--quiet", "--package", "tests", "--bin", "lb-bench", "--"]);
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)
+        }
         Task::Demo => {
             setup::setup()?;
             require_root("the demo creates network namespaces and loads BPF programs")?;

@@ -1,0 +1,95 @@
+//! `cargo xtask bench [--quick]`: see tests::bench. Writes bench/results/<date>.md and .json.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use tests::bench::report::{Machine, Report};
+use tests::bench::{Plan, controlplane, datapath, program};
+
+fn output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    Machine {
+        date: output("date", &["-u", "+%Y-%m-%d"]),
+        kernel: output("uname", &["-r"]),
+        cpu: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map_or("?".into(), |l| l.trim_start_matches([' ', '\t', ':']).to_string()),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gib: meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1048576.0),
+        iptables: output("iptables", &["--version"]),
+        nft: output("nft", &["--version"]),
+    }
+}
+
+fn main() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmark loads BPF programs and creates network namespaces: run it as root");
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut plan = if args.iter().any(|a| a == "--quick") { Plan::quick() } else { Plan::full() };
+    // For investigating one part: `--only datapath|program|controlplane`, `--sizes 1,1000`.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    if let Some(sizes) = args.iter().position(|a| a == "--sizes").and_then(|i| args.get(i + 1)) {
+        plan.datapath_sizes = sizes.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    }
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let out_dir = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"));
+
+    let program_cost = if wants("program") {
+        eprintln!("bench: program cost ({} runs per fixture)", plan.program_runs);
+        program::measure(plan.program_runs)?
+    } else {
+        Vec::new()
+    };
+
+    let mut sync = Vec::new();
+    let mut change_latency = Vec::new();
+    let mut rule_loads = Vec::new();
+    let mut memory = Vec::new();
+    for &n in plan.sync_sizes.iter().filter(|_| wants("controlplane")) {
+        eprintln!("bench: control plane with {n} Services x 10 endpoints");
+        let objects = controlplane::objects(n);
+        let manifest = controlplane::manifest(&objects)?;
+        let (full, change) = controlplane::sync_and_changes(n, 100)?;
+        sync.push(full);
+        change_latency.push(change);
+        sync.push(controlplane::sync_from_manifests(n, &manifest)?);
+        sync.push(controlplane::sync_from_api_server(n, &objects)?);
+        rule_loads.extend(controlplane::rule_loads(n, &objects, plan.rule_load_bound)?);
+        memory.push(controlplane::daemon_memory(n, &manifest).context("daemon memory")?);
+    }
+
+    let datapath = if wants("datapath") { datapath::measure(&plan)? } else { Default::default() };
+    let report =
+        Report { machine: machine(), plan, program_cost, datapath, sync, change_latency, rule_loads, memory };
+
+    std::fs::create_dir_all(&out_dir)?;
+    let stem = format!("{}{}", report.machine.date, if report.plan.quick { "-quick" } else { "" });
+    let markdown = report.markdown();
+    std::fs::write(out_dir.join(format!("{stem}.md")), &markdown)?;
+    std::fs::write(out_dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&report)?)?;
+    println!("{markdown}");
+    eprintln!("bench: wrote {}/{stem}.md and .json", out_dir.display());
+    Ok(())
+}
