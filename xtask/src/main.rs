@@ -58,6 +58,7 @@ fn main() -> Result<()> {
                 ("iptables-restore", "iptables"),
                 ("nft", "nftables"),
                 ("conntrack", "conntrack"),
+                ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
             ])?;
             run(&mut cargo(&[
                 "build",

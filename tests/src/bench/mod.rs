@@ -5,6 +5,7 @@
 pub mod controlplane;
 pub mod datapath;
 pub mod loadgen;
+pub mod plots;
 pub mod program;
 pub mod report;
 pub mod rules;

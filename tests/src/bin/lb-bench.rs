@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use tests::bench::report::{Machine, Report};
-use tests::bench::{Plan, controlplane, datapath, program};
+use tests::bench::{Plan, controlplane, datapath, plots, program};
 
 fn output(program: &str, args: &[&str]) -> String {
     Command::new(program)
@@ -89,7 +89,8 @@ fn main() -> Result<()> {
     let markdown = report.markdown();
     std::fs::write(out_dir.join(format!("{stem}.md")), &markdown)?;
     std::fs::write(out_dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&report)?)?;
+    plots::write(&report, &out_dir, &stem).context("plots")?;
     println!("{markdown}");
-    eprintln!("bench: wrote {}/{stem}.md and .json", out_dir.display());
+    eprintln!("bench: wrote {}/{stem}.md, .json and -*.png", out_dir.display());
     Ok(())
 }
