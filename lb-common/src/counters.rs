@@ -1,7 +1,9 @@
 //! Indexes into the per-CPU counters array: one per verdict and per drop or pass-over reason.
-//! Every packet the program sees bumps `PACKETS` and exactly one verdict counter (`PASS_*`,
-//! `FORWARD_*`, `REPLY_*`, `DROP_*`); the `CONNTRACK_*` counters are events on top of that.
+//! Every packet the program sees bumps exactly one verdict counter (`PASS_*`, `FORWARD_*`,
+//! `REPLY_*`, `DROP_*`); the `CONNTRACK_*` counters are events on top of that.
 
+/// Packets seen: not counted by the data path (one map update per packet fewer), but summed
+/// from the verdict counters by `packets`.
 pub const PACKETS: u32 = 0;
 /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
 pub const PASS_NOT_IPV4: u32 = 1;
@@ -53,3 +55,16 @@ pub const NAMES: [&str; COUNT as usize] = [
     "conntrack_insert_failed",
     "conntrack_backend_gone",
 ];
+
+/// Whether the counter at `index` is a verdict (exactly one per packet).
+pub const fn is_verdict(index: u32) -> bool {
+    index != PACKETS && index != CONNTRACK_INSERT_FAILED && index != CONNTRACK_BACKEND_GONE && index < COUNT
+}
+
+/// Fills in `PACKETS` from the verdict counters of a full set of values, indexed as above.
+pub fn derive_packets(values: &mut [u64]) {
+    let packets = (0..values.len() as u32).filter(|i| is_verdict(*i)).map(|i| values[i as usize]).sum();
+    if let Some(slot) = values.get_mut(PACKETS as usize) {
+        *slot = packets;
+    }
+}

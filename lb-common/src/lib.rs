@@ -21,11 +21,10 @@ pub mod map_names {
     pub const SERVICES: &str = "LB_SERVICES";
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
-    pub const REVERSE_NAT: &str = "LB_REVERSE_NAT";
     pub const SERVICE_META: &str = "LB_SERVICE_META";
     pub const COUNTERS: &str = "LB_COUNTERS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 6] = [SERVICES, BACKENDS, CONNTRACK, REVERSE_NAT, SERVICE_META, COUNTERS];
+    pub const PINNED: [&str; 5] = [SERVICES, BACKENDS, CONNTRACK, SERVICE_META, COUNTERS];
 }
 
 /// Default map capacities; userspace may raise them at load time.
@@ -33,8 +32,9 @@ pub mod capacity {
     /// Service entries plus backend slots (one per backend per frontend).
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
-    /// Tracked flows; the LRU evicts the least recently used beyond this.
-    pub const CONNTRACK: u32 = 262_144;
+    /// Conntrack entries, two per tracked flow; the LRU evicts the least recently used beyond
+    /// this.
+    pub const CONNTRACK: u32 = 524_288;
     pub const SERVICE_META: u32 = 65_536;
 }
 
@@ -166,35 +166,40 @@ impl FlowKey {
     }
 }
 
-/// Value of the conntrack map, keyed by the client's flow to a frontend (client -> frontend).
-/// Holds the backend the flow was given, so the flow keeps it while the backend set changes.
+/// Value of the conntrack map, keyed by a packet's 5-tuple as it arrives (`FlowKey`). A
+/// translated flow has two entries: the client's direction (client -> frontend) and the reply's
+/// (backend -> client). Each holds the addresses its packets leave with, so one lookup both
+/// recognises a packet and says how to rewrite it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ConntrackEntry {
-    /// Backend IPv4 address, network byte order.
-    pub backend_address: u32,
-    /// Backend port, network byte order.
-    pub backend_port: u16,
-    pub _pad: u16,
-    /// The backend's ID; when it leaves the backends map the flow is given a new backend.
-    /// Host byte order.
+    /// Source address to write, network byte order (the packet's own when unchanged).
+    pub src_address: u32,
+    /// Destination address to write, network byte order.
+    pub dst_address: u32,
+    /// Source port to write, network byte order.
+    pub src_port: u16,
+    /// Destination port to write, network byte order.
+    pub dst_port: u16,
+    /// The backend's ID. On the client's direction, the flow is given a new backend once this
+    /// ID leaves the backends map. Host byte order.
     pub backend_id: u32,
     /// The frontend's ID. Host byte order.
     pub service_id: u32,
+    /// `conntrack_flags::*`. Host byte order.
+    pub flags: u32,
 }
 
-/// Value of the reverse-NAT map, keyed by the reply's 5-tuple (backend -> client): the frontend
-/// address that replaces the backend as the reply's source.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ReverseNatEntry {
-    /// Frontend IPv4 address, network byte order.
-    pub frontend_address: u32,
-    /// Frontend port, network byte order.
-    pub frontend_port: u16,
-    pub _pad: u16,
-    /// The frontend's ID. Host byte order.
-    pub service_id: u32,
+impl ConntrackEntry {
+    pub fn is_reply(&self) -> bool {
+        self.flags & conntrack_flags::REPLY != 0
+    }
+}
+
+/// Bits of `ConntrackEntry::flags`.
+pub mod conntrack_flags {
+    /// The entry is for the reply direction (backend -> client).
+    pub const REPLY: u32 = 1;
 }
 
 /// Frontend types, as stored in `ServiceMeta::frontend_type`.
@@ -248,7 +253,6 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConntrackEntry {}
-    unsafe impl aya::Pod for ReverseNatEntry {}
     unsafe impl aya::Pod for ServiceMeta {}
 }
 
@@ -262,8 +266,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ServiceValue>(), 12);
         assert_eq!(core::mem::size_of::<Backend>(), 8);
         assert_eq!(core::mem::size_of::<FlowKey>(), 16);
-        assert_eq!(core::mem::size_of::<ConntrackEntry>(), 16);
-        assert_eq!(core::mem::size_of::<ReverseNatEntry>(), 12);
+        assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
         assert_eq!(core::mem::size_of::<ServiceMeta>(), 256);
     }
 

@@ -1,10 +1,10 @@
-//! Flow tracking: the conntrack map pins a client's flow to its backend, and the reverse-NAT
-//! map lets the reply find the frontend it has to appear to come from.
+//! Flow tracking: one LRU map holds both directions of every translated flow, keyed by the
+//! 5-tuple a packet arrives with, so any packet of a tracked flow costs one lookup.
 
-use lb_common::{Backend, ConntrackEntry, FlowKey, ReverseNatEntry, counters};
+use lb_common::{Backend, ConntrackEntry, FlowKey, conntrack_flags, counters};
 
 use crate::{
-    maps::{LB_BACKENDS, LB_CONNTRACK, LB_REVERSE_NAT, count},
+    maps::{LB_BACKENDS, LB_CONNTRACK, count},
     parse::Ipv4Flow,
 };
 
@@ -21,36 +21,33 @@ pub fn packet_key(flow: &Ipv4Flow) -> FlowKey {
     }
 }
 
-/// A tracked flow's entry, if its backend still exists.
+/// The packet's conntrack entry. A client-direction entry whose backend has been removed is
+/// ignored, so the flow picks a new backend (and overwrites both entries).
 #[inline(always)]
-pub fn lookup_forward(key: &FlowKey) -> Option<ConntrackEntry> {
+pub fn lookup(key: &FlowKey) -> Option<ConntrackEntry> {
     // SAFETY: the value is copied out at once; LRU entries may be reused after that.
     let entry = *unsafe { LB_CONNTRACK.get(key) }?;
     // SAFETY: only the presence of the key is used.
-    if unsafe { LB_BACKENDS.get(entry.backend_id) }.is_none() {
+    if !entry.is_reply() && unsafe { LB_BACKENDS.get(entry.backend_id) }.is_none() {
         count(counters::CONNTRACK_BACKEND_GONE);
         return None;
     }
     Some(entry)
 }
 
-#[inline(always)]
-pub fn lookup_reply(key: &FlowKey) -> Option<ReverseNatEntry> {
-    // SAFETY: copied out at once.
-    unsafe { LB_REVERSE_NAT.get(key) }.copied()
-}
-
 /// Records a new flow in both directions. Failure is counted, not fatal: the packet is still
 /// translated, later packets just pick again (and land on the same backend unless the set
 /// changed).
 #[inline(always)]
-pub fn track(key: &FlowKey, service_id: u32, backend_id: u32, backend: &Backend) {
+pub fn track(key: &FlowKey, service_id: u32, backend_id: u32, backend: &Backend) -> ConntrackEntry {
     let forward = ConntrackEntry {
-        backend_address: backend.address,
-        backend_port: backend.port,
-        _pad: 0,
+        src_address: key.src_address,
+        dst_address: backend.address,
+        src_port: key.src_port,
+        dst_port: backend.port,
         backend_id,
         service_id,
+        flags: 0,
     };
     let reply_key = FlowKey {
         src_address: backend.address,
@@ -60,14 +57,18 @@ pub fn track(key: &FlowKey, service_id: u32, backend_id: u32, backend: &Backend)
         protocol: key.protocol,
         _pad: [0; 3],
     };
-    let reverse = ReverseNatEntry {
-        frontend_address: key.dst_address,
-        frontend_port: key.dst_port,
-        _pad: 0,
+    let reply = ConntrackEntry {
+        src_address: key.dst_address,
+        dst_address: key.src_address,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        backend_id,
         service_id,
+        flags: conntrack_flags::REPLY,
     };
-    if LB_REVERSE_NAT.insert(reply_key, reverse, 0).is_err() || LB_CONNTRACK.insert(key, forward, 0).is_err()
-    {
+    // The reply entry first: once the forward entry exists, a reply may come back at any time.
+    if LB_CONNTRACK.insert(&reply_key, &reply, 0).is_err() || LB_CONNTRACK.insert(key, &forward, 0).is_err() {
         count(counters::CONNTRACK_INSERT_FAILED);
     }
+    forward
 }

@@ -17,14 +17,12 @@ use lb_common::{ServiceKey, counters};
 
 use crate::{
     maps::{LB_BACKENDS, LB_SERVICES, count},
-    nat::Side,
     parse::Ipv4Flow,
     verdict::Verdict,
 };
 
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
-    count(counters::PACKETS);
     let verdict = match try_lb_ingress(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     };
@@ -44,13 +42,11 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let flow = parse::parse_ipv4_flow(ctx)?;
     let key = conntrack::packet_key(&flow);
 
-    if let Some(reply) = conntrack::lookup_reply(&key) {
-        nat::rewrite(ctx, &flow, Side::Source, reply.frontend_address, reply.frontend_port)?;
-        return Ok(Verdict::pass(counters::REPLY_REVERSE_NAT));
-    }
-    if let Some(tracked) = conntrack::lookup_forward(&key) {
-        nat::rewrite(ctx, &flow, Side::Destination, tracked.backend_address, tracked.backend_port)?;
-        return Ok(Verdict::pass(counters::FORWARD_TRACKED_FLOW));
+    if let Some(entry) = conntrack::lookup(&key) {
+        nat::rewrite_to(ctx, &flow, &entry)?;
+        let counter =
+            if entry.is_reply() { counters::REPLY_REVERSE_NAT } else { counters::FORWARD_TRACKED_FLOW };
+        return Ok(Verdict::pass(counter));
     }
     forward_new_flow(ctx, &flow, &key)
 }
@@ -82,8 +78,8 @@ fn forward_new_flow(ctx: &TcContext, flow: &Ipv4Flow, key: &lb_common::FlowKey) 
     let backend =
         unsafe { LB_BACKENDS.get(slot.backend_id) }.copied().ok_or_else(|| inconsistent("backend"))?;
 
-    conntrack::track(key, service.service_id, slot.backend_id, &backend);
-    nat::rewrite(ctx, flow, Side::Destination, backend.address, backend.port)?;
+    let entry = conntrack::track(key, service.service_id, slot.backend_id, &backend);
+    nat::rewrite_to(ctx, flow, &entry)?;
     Ok(Verdict::pass(counters::FORWARD_NEW_FLOW))
 }
 

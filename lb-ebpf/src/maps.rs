@@ -6,8 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, ConntrackEntry, FlowKey, ReverseNatEntry, ServiceKey, ServiceMeta, ServiceValue, capacity,
-    counters,
+    Backend, ConntrackEntry, FlowKey, ServiceKey, ServiceMeta, ServiceValue, capacity, counters,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -18,14 +17,10 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capa
 #[map]
 pub static LB_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
 
-/// client -> frontend flow -> its backend. Written by the data path on a flow's first packet.
+/// A packet's 5-tuple -> the addresses it leaves with, for both directions of every tracked
+/// flow. Written by the data path on a flow's first packet.
 #[map]
 pub static LB_CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
-
-/// backend -> client reply flow -> the frontend to put back as source. Written with the
-/// conntrack entry.
-#[map]
-pub static LB_REVERSE_NAT: LruHashMap<FlowKey, ReverseNatEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 /// Service ID -> name and type, for `lb services`. Never read here; declared in this object so
 /// it is created and pinned with the others.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{PROTOCOL_UDP, counters};
+use lb_common::{ConntrackEntry, PROTOCOL_UDP, counters};
 
 use crate::{
     parse::{
@@ -64,6 +64,18 @@ pub fn rewrite(
         ctx.l4_csum_replace(l4_checksum, u64::from(old_port), u64::from(new_port), udp_flag | 2)
             .map_err(failed)?;
         ctx.store(flow.l4_offset + port_offset, &new_port, 0).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Rewrites the packet to the addresses a conntrack entry holds, each end only if it changes.
+#[inline(always)]
+pub fn rewrite_to(ctx: &TcContext, flow: &Ipv4Flow, entry: &ConntrackEntry) -> Result<(), Verdict> {
+    if entry.src_address != flow.src_address || entry.src_port != flow.src_port {
+        rewrite(ctx, flow, Side::Source, entry.src_address, entry.src_port)?;
+    }
+    if entry.dst_address != flow.dst_address || entry.dst_port != flow.dst_port {
+        rewrite(ctx, flow, Side::Destination, entry.dst_address, entry.dst_port)?;
     }
     Ok(())
 }

@@ -60,7 +60,7 @@ pub struct Capacity {
     /// Service entries plus backend slots: frontends x (1 + backends each).
     pub service_slots: u32,
     pub backends: u32,
-    /// Tracked flows (each direction).
+    /// Conntrack entries: two per tracked flow, one for each direction.
     pub flows: u32,
 }
 
@@ -101,7 +101,6 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, capacity.service_slots)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
-            .map_max_entries(map_names::REVERSE_NAT, capacity.flows)
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
         let program: &mut SchedClassifier = ebpf
@@ -199,10 +198,10 @@ pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
     let data = MapData::from_pin(bpf_dir.join(map_names::COUNTERS)).map_err(DatapathError::Counters)?;
     let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
     let array: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map).map_err(DatapathError::Counters)?;
-    let mut out = Vec::new();
-    for (index, name) in counters::NAMES.iter().enumerate() {
-        let values = array.get(&(index as u32), 0).map_err(DatapathError::Counters)?;
-        out.push((*name, values.iter().sum()));
+    let mut values = Vec::with_capacity(counters::NAMES.len());
+    for index in 0..counters::COUNT {
+        values.push(array.get(&index, 0).map_err(DatapathError::Counters)?.iter().sum());
     }
-    Ok(out)
+    counters::derive_packets(&mut values);
+    Ok(counters::NAMES.iter().copied().zip(values).collect())
 }

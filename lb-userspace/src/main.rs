@@ -86,7 +86,8 @@ struct RunArgs {
     /// Size of the backends map: distinct pod address:port pairs.
     #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
     max_backends: u32,
-    /// Size of each flow-tracking map (least recently used flows are evicted beyond it).
+    /// Size of the conntrack map: two entries per tracked flow (least recently used entries
+    /// are evicted beyond it).
     #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
     max_flows: u32,
     /// Manifests mode: where Services without a clusterIP get one (the API server's flag).

@@ -163,6 +163,15 @@ impl BpfMaps {
             service_meta: hash_map(pinned(dir, map_names::SERVICE_META)?, map_names::SERVICE_META)?,
         })
     }
+
+    /// One services-map entry, without dumping the map.
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, MapsError> {
+        match self.services.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(bpf_error("look up", map_names::SERVICES)(source)),
+        }
+    }
 }
 
 fn bpf_error(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
 
 use crate::maps::{MapsError, MapsSnapshot, ServiceMaps};
-use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol};
+use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -156,6 +156,8 @@ pub struct Reconciler<M: ServiceMaps> {
     backend_ids: BTreeMap<L4Addr, u32>,
     service_id_allocator: IdAllocator,
     backend_id_allocator: IdAllocator,
+    /// Backends may be unused without a write of ours: after a re-read, or a failed release.
+    release_pending: bool,
 }
 
 fn service_key(frontend: &L4Addr, slot: u16) -> ServiceKey {
@@ -175,6 +177,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             backend_ids: BTreeMap::new(),
             service_id_allocator: IdAllocator::default(),
             backend_id_allocator: IdAllocator::default(),
+            release_pending: true,
         };
         reconciler.refresh_from_maps()?;
         Ok(reconciler)
@@ -188,6 +191,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.service_id_allocator = IdAllocator::from_used(state.frontends.values().map(|f| f.service_id));
         self.backend_id_allocator = IdAllocator::from_used(state.backends.keys().copied());
         self.state = state;
+        self.release_pending = true;
         Ok(())
     }
 
@@ -223,8 +227,14 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Err(error) => report.errors.push(error.to_string()),
             }
         }
-        if let Err(error) = self.release_unused_backends() {
-            report.errors.push(error.to_string());
+        // Backends can only have lost their last user if something was written (or an
+        // earlier release failed); skipping the scan keeps an idle sync cheap.
+        if report.programmed + report.removed > 0 || !report.errors.is_empty() || self.release_pending {
+            self.release_pending = false;
+            if let Err(error) = self.release_unused_backends() {
+                self.release_pending = true;
+                report.errors.push(error.to_string());
+            }
         }
         report
     }
@@ -251,10 +261,29 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// Returns whether anything was written.
+    /// Whether the maps already hold `frontend` exactly. The common case of a sync, so it
+    /// allocates nothing.
+    fn is_programmed(&self, frontend: &Frontend, count: u16) -> bool {
+        let Some(current) = self.state.frontends.get(&frontend.address) else { return false };
+        current.count == Some(count)
+            && current.slots.len() == frontend.backends.len()
+            && current.meta.as_ref().is_some_and(|(frontend_type, name)| {
+                *frontend_type == frontend.frontend_type && names_service_port(name, &frontend.service)
+            })
+            && frontend
+                .backends
+                .iter()
+                .zip(&current.slots)
+                .all(|(backend, slot)| self.backend_ids.get(backend) == Some(slot))
+    }
+
     fn program_frontend(&mut self, frontend: &Frontend) -> Result<bool, ReconcileError> {
         let addr = frontend.address;
-        let service = frontend.service.to_string();
         let count = frontend.backends.len();
+        if count <= MAX_BACKENDS_PER_FRONTEND && self.is_programmed(frontend, count as u16) {
+            return Ok(false);
+        }
+        let service = frontend.service.to_string();
         if count > MAX_BACKENDS_PER_FRONTEND {
             return Err(ReconcileError::TooManyBackends {
                 frontend: addr,
@@ -271,15 +300,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             source: Box::new(source),
         };
 
-        if let Some(current) = self.state.frontends.get(&addr) {
-            let ids: Option<Vec<u32>> =
-                frontend.backends.iter().map(|b| self.backend_ids.get(b).copied()).collect();
-            if current.count == Some(count)
-                && current.meta.as_ref() == Some(&meta)
-                && ids.as_deref() == Some(current.slots.as_slice())
-            {
-                return Ok(false);
-            }
+        if self.is_programmed(frontend, count) {
+            return Ok(false);
         }
 
         let mut ids = Vec::with_capacity(frontend.backends.len());
@@ -400,6 +422,19 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 }
 
+/// `name` == `service.to_string()`, without building the string.
+fn names_service_port(name: &str, service: &ServicePortName) -> bool {
+    let Some(rest) = name.strip_prefix(service.namespace.as_str()).and_then(|r| r.strip_prefix('/')) else {
+        return false;
+    };
+    let Some(rest) = rest.strip_prefix(service.name.as_str()) else { return false };
+    if service.port.is_empty() {
+        rest.is_empty()
+    } else {
+        rest.strip_prefix(':') == Some(service.port.as_str())
+    }
+}
+
 fn prune_error(source: MapsError) -> ReconcileError {
     ReconcileError::Prune(Box::new(source))
 }
@@ -434,4 +469,24 @@ pub fn render_snapshot(snapshot: &MapsSnapshot) -> String {
         out += &format!("meta {id}: {kind} {}\n", meta.name());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_port_names_match_their_display_form_only() {
+        let named = ServicePortName { namespace: "ns".into(), name: "web".into(), port: "http".into() };
+        let unnamed = ServicePortName { port: String::new(), ..named.clone() };
+        for service in [&named, &unnamed] {
+            assert!(names_service_port(&service.to_string(), service));
+        }
+        for other in
+            ["ns/web", "ns/web:https", "ns/webb:http", "ns/web:http:", "nsx/web:http", "ns:web:http", ""]
+        {
+            assert!(!names_service_port(other, &named), "{other}");
+        }
+        assert!(!names_service_port("ns/web:http", &unnamed));
+    }
 }

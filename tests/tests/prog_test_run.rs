@@ -72,7 +72,10 @@ impl Harness {
     fn counters(&mut self) -> Vec<u64> {
         let map = self.datapath.ebpf_mut().map(map_names::COUNTERS).unwrap();
         let array = PerCpuArray::<&MapData, u64>::try_from(map).unwrap();
-        (0..counters::COUNT).map(|i| array.get(&i, 0).unwrap().iter().sum()).collect()
+        let mut values: Vec<u64> =
+            (0..counters::COUNT).map(|i| array.get(&i, 0).unwrap().iter().sum()).collect();
+        counters::derive_packets(&mut values);
+        values
     }
 
     /// Runs a packet and checks verdict, output bytes and that exactly `counter` moved
@@ -280,11 +283,18 @@ fn conntrack_records_both_directions() {
     h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
     h.run(&PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build());
     let key = FlowKey::new(CLIENT, (VIP, 80), packet::TCP);
+    let pod = (Ipv4Addr::new(10, 244, 1, 11), 8080);
     let entry = h.conntrack().get(&key, 0).expect("forward entry");
-    assert_eq!(
-        (Ipv4Addr::from(u32::from_be(entry.backend_address)), u16::from_be(entry.backend_port)),
-        (Ipv4Addr::new(10, 244, 1, 11), 8080)
-    );
+    let addresses = |e: &lb_common::ConntrackEntry| {
+        [(e.src_address, e.src_port), (e.dst_address, e.dst_port)]
+            .map(|(address, port)| (Ipv4Addr::from(u32::from_be(address)), u16::from_be(port)))
+    };
+    assert!(!entry.is_reply());
+    assert_eq!(addresses(&entry), [CLIENT, pod]);
+    let reply = h.conntrack().get(&FlowKey::new(pod, CLIENT, packet::TCP), 0).expect("reply entry");
+    assert!(reply.is_reply());
+    assert_eq!(addresses(&reply), [(VIP, 80), CLIENT]);
+    assert_eq!((reply.backend_id, reply.service_id), (entry.backend_id, entry.service_id));
 }
 
 #[test]

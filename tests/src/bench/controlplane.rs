@@ -3,6 +3,7 @@
 //! under that load, the daemon's memory, and the same sync work for iptables-restore and nft.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -256,7 +257,9 @@ pub fn sync_from_api_server(services: usize, objects: &ClusterObjects) -> Result
 }
 
 /// Runs `program args` in `ns` with `input` on stdin; `None` if it outlived `bound`.
-fn timed_load(
+/// Runs `program` in `ns` with `input` on stdin; its run time, or `None` once it passes
+/// `bound` (it is then killed).
+pub fn timed_load(
     ns: &NetNs,
     program: &str,
     args: &[&str],
@@ -270,21 +273,23 @@ fn timed_load(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting {program}"))?;
+        .with_context(|| format!("starting {program} (cargo xtask bench installs it)"))?;
     let start = Instant::now();
-    {
-        let mut stdin = child.stdin.take().context("stdin")?;
-        let input = input.to_string();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(input.as_bytes());
-        });
-    }
+    // Both pipes on threads of their own, so a chatty program never blocks on a full pipe.
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_string();
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let mut stderr_pipe = child.stderr.take().context("stderr")?;
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+        text
+    });
     loop {
         if let Some(status) = child.try_wait()? {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-            }
+            let stderr = stderr.join().unwrap_or_default();
             anyhow::ensure!(status.success(), "{program} failed: {}", stderr.trim());
             return Ok(Some(start.elapsed()));
         }
@@ -299,7 +304,14 @@ fn timed_load(
 
 /// kube-proxy's rules for the same Services, loaded with one iptables-restore and one nft -f
 /// call each, in a namespace of their own.
-pub fn rule_loads(services: usize, objects: &ClusterObjects, bound: Duration) -> Result<Vec<RuleLoad>> {
+/// A mode in `too_slow` (over the bound at a smaller size) is not tried again: rule loads grow
+/// faster than linearly, so it would only spend the bound once more.
+pub fn rule_loads(
+    services: usize,
+    objects: &ClusterObjects,
+    bound: Duration,
+    too_slow: &mut BTreeSet<&'static str>,
+) -> Result<Vec<RuleLoad>> {
     let bench: Vec<BenchService> = objects
         .services
         .iter()
@@ -318,7 +330,19 @@ pub fn rule_loads(services: usize, objects: &ClusterObjects, bound: Duration) ->
         ("iptables", "iptables-restore", vec!["--noflush"], rules::iptables_restore(&bench, true)),
         ("nftables", "nft", vec!["-f", "-"], rules::nft_ruleset(&bench)),
     ] {
+        if too_slow.contains(mode) {
+            loads.push(RuleLoad {
+                services,
+                mode,
+                ms: None,
+                note: format!("skipped: over {} s at a smaller size", bound.as_secs()),
+            });
+            continue;
+        }
         let took = timed_load(&ns, program, &args, &text, bound)?;
+        if took.is_none() {
+            too_slow.insert(mode);
+        }
         loads.push(RuleLoad {
             services,
             mode,

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use lb_common::{ConntrackEntry, FlowKey, ReverseNatEntry, map_names};
+use lb_common::{ConntrackEntry, FlowKey, map_names};
 use lb_userspace::datapath::{Datapath, INGRESS_PROGRAM};
 use lb_userspace::maps::BpfMaps;
 use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
@@ -104,9 +104,7 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
                 let mut conntrack: HashMap<&mut MapData, FlowKey, ConntrackEntry> =
                     HashMap::try_from(ebpf.map_mut(map_names::CONNTRACK).context("conntrack")?)?;
                 let _ = conntrack.remove(&flow);
-                let mut reverse: HashMap<&mut MapData, FlowKey, ReverseNatEntry> =
-                    HashMap::try_from(ebpf.map_mut(map_names::REVERSE_NAT).context("reverse nat")?)?;
-                let _ = reverse.remove(&reply_key);
+                let _ = conntrack.remove(&reply_key);
             }
             lb.push(run_once(&mut datapath, INGRESS_PROGRAM, packet)?);
             empty.push(run_once(&mut datapath, "lb_noop", packet)?);

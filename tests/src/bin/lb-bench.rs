@@ -67,6 +67,7 @@ fn main() -> Result<()> {
     let mut change_latency = Vec::new();
     let mut rule_loads = Vec::new();
     let mut memory = Vec::new();
+    let mut too_slow = std::collections::BTreeSet::new();
     for &n in plan.sync_sizes.iter().filter(|_| wants("controlplane")) {
         eprintln!("bench: control plane with {n} Services x 10 endpoints");
         let objects = controlplane::objects(n);
@@ -76,7 +77,7 @@ fn main() -> Result<()> {
         change_latency.push(change);
         sync.push(controlplane::sync_from_manifests(n, &manifest)?);
         sync.push(controlplane::sync_from_api_server(n, &objects)?);
-        rule_loads.extend(controlplane::rule_loads(n, &objects, plan.rule_load_bound)?);
+        rule_loads.extend(controlplane::rule_loads(n, &objects, plan.rule_load_bound, &mut too_slow)?);
         memory.push(controlplane::daemon_memory(n, &manifest).context("daemon memory")?);
     }
 
