@@ -59,6 +59,8 @@ fn is_bpffs(path: &Path) -> bool {
 pub struct Capacity {
     /// Service entries plus backend slots: frontends x (1 + backends each).
     pub service_slots: u32,
+    /// Frontends (each has one metadata entry).
+    pub frontends: u32,
     pub backends: u32,
     /// Conntrack entries: two per tracked flow, one for each direction.
     pub flows: u32,
@@ -68,6 +70,7 @@ impl Default for Capacity {
     fn default() -> Self {
         Self {
             service_slots: lb_common::capacity::SERVICES,
+            frontends: lb_common::capacity::SERVICE_META,
             backends: lb_common::capacity::BACKENDS,
             flows: lb_common::capacity::CONNTRACK,
         }
@@ -99,6 +102,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
             .map_max_entries(map_names::SERVICES, capacity.service_slots)
+            .map_max_entries(map_names::SERVICE_META, capacity.frontends)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
             .load(EBPF_OBJECT)

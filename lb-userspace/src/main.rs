@@ -83,6 +83,9 @@ struct RunArgs {
     /// Size of the services map: frontends x (1 + their backends).
     #[arg(long, default_value_t = lb_common::capacity::SERVICES)]
     max_service_slots: u32,
+    /// Most frontends (Service ports x their addresses); each has a metadata entry.
+    #[arg(long, default_value_t = lb_common::capacity::SERVICE_META)]
+    max_frontends: u32,
     /// Size of the backends map: distinct pod address:port pairs.
     #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
     max_backends: u32,
@@ -138,6 +141,7 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
         },
         capacity: datapath::Capacity {
             service_slots: args.max_service_slots,
+            frontends: args.max_frontends,
             backends: args.max_backends,
             flows: args.max_flows,
         },

@@ -68,6 +68,7 @@ pub struct Memory {
 fn capacity(services: usize) -> Capacity {
     Capacity {
         service_slots: (services * (ENDPOINTS_PER_SERVICE + 1) + 4096) as u32,
+        frontends: (services + 4096) as u32,
         backends: (services * ENDPOINTS_PER_SERVICE + 4096) as u32,
         flows: 65_536,
     }
@@ -369,6 +370,8 @@ pub fn daemon_memory(services: usize, manifest_text: &str) -> Result<Memory> {
         capacity.service_slots.to_string().into(),
         "--max-backends".into(),
         capacity.backends.to_string().into(),
+        "--max-frontends".into(),
+        capacity.frontends.to_string().into(),
         "--healthz-bind-address".into(),
         "".into(),
     ];

@@ -299,6 +299,7 @@ fn activate(
         ("lb", true) => {
             let manifests = pg.manifests.clone();
             let (slots, backends) = ((4 * n + 4096).to_string(), (3 * n + 4096).to_string());
+            let frontends = (n + 4096).to_string();
             pg.start_lb_with(&[
                 "--manifests".as_ref(),
                 manifests.as_os_str(),
@@ -306,6 +307,8 @@ fn activate(
                 slots.as_ref(),
                 "--max-backends".as_ref(),
                 backends.as_ref(),
+                "--max-frontends".as_ref(),
+                frontends.as_ref(),
             ])?;
             // The maps stay pinned across restarts, so they alone do not show that this lb is
             // attached: wait for its first sync, then for the measured frontend.
