@@ -181,7 +181,9 @@ impl Playground {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )?;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // A sync in progress finishes first (seconds at 100 000 Services); Kubernetes gives a
+        // pod 30 s after SIGTERM by default.
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
                 return Ok(status.success());
@@ -189,7 +191,7 @@ impl Playground {
             if Instant::now() > deadline {
                 child.kill()?;
                 child.wait()?;
-                bail!("lb did not exit within 5 s of SIGTERM");
+                bail!("lb did not exit within 30 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
