@@ -1,13 +1,14 @@
 //! Indexes into the per-CPU counters array: one per verdict and per drop or pass-over reason.
 //! Every packet the program sees bumps exactly one verdict counter (`PASS_*`, `FORWARD_*`,
-//! `REPLY_*`, `DROP_*`); the `CONNTRACK_*` counters are events on top of that.
+//! `REPLY_*`, `DROP_*`); the `CONNTRACK_*` counters are events on top of that, and the
+//! `SOCKET_*` ones count the socket programs' work, not packets.
 
 /// Packets seen: not counted by the data path (one map update per packet fewer), but summed
 /// from the verdict counters by `packets`.
 pub const PACKETS: u32 = 0;
 /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
 pub const PASS_NOT_IPV4: u32 = 1;
-/// IPv4 but neither TCP nor UDP: passed untouched.
+/// IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow): passed untouched.
 pub const PASS_OTHER_PROTOCOL: u32 = 2;
 /// TCP/UDP to no frontend and not a reply of a tracked flow: passed untouched.
 pub const PASS_NOT_SERVICE: u32 = 3;
@@ -24,8 +25,9 @@ pub const PASS_FRAGMENT: u32 = 7;
 pub const PASS_MALFORMED: u32 = 8;
 /// Packet shorter than the headers it announces: passed untouched.
 pub const PASS_TRUNCATED: u32 = 9;
-/// Frontend with no usable endpoints: dropped.
-pub const DROP_NO_BACKEND: u32 = 10;
+/// Frontend with no usable endpoints: the client was sent a TCP RST or an ICMP port
+/// unreachable, as kube-proxy rejects.
+pub const REJECT_NO_BACKEND: u32 = 10;
 /// Service entry whose backend slot or backend is missing (a bug or a torn update): dropped.
 pub const DROP_SERVICE_INCONSISTENT: u32 = 11;
 /// A packet rewrite helper failed: dropped rather than sent half-rewritten.
@@ -35,7 +37,30 @@ pub const CONNTRACK_INSERT_FAILED: u32 = 13;
 /// A tracked flow's backend was removed: the flow was given a new backend.
 pub const CONNTRACK_BACKEND_GONE: u32 = 14;
 
-pub const COUNT: u32 = 15;
+/// Source outside the frontend's loadBalancerSourceRanges: dropped.
+pub const DROP_SOURCE_RANGE: u32 = 15;
+/// No local endpoint under a Local traffic policy while the Service has endpoints elsewhere:
+/// dropped, as kube-proxy does.
+pub const DROP_NO_LOCAL_BACKEND: u32 = 16;
+/// A new flow needed source NAT but the node's address is unknown or no source port was
+/// free: dropped.
+pub const DROP_SNAT_FAILED: u32 = 17;
+/// No reject could be built (the packet is itself a RST, has IP options, or a helper failed):
+/// dropped.
+pub const DROP_REJECT_FAILED: u32 = 18;
+/// Source NAT applied to a new flow (external traffic under Cluster policy, or hairpin): an
+/// event on top of the flow's verdict.
+pub const CONNTRACK_SNAT: u32 = 19;
+/// ICMP error about a tracked flow: its quoted packet and addresses translated back.
+pub const ICMP_ERROR_TRANSLATED: u32 = 20;
+/// A socket of the node's own connected (or sent) to a frontend, given a backend instead
+/// (socket programs; not a packet).
+pub const SOCKET_TRANSLATED: u32 = 21;
+/// A socket of the node's own refused: the frontend has no usable endpoint (socket programs;
+/// not a packet).
+pub const SOCKET_REFUSED: u32 = 22;
+
+pub const COUNT: u32 = 23;
 
 /// Names in index order, for display.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -49,16 +74,32 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_fragment",
     "pass_malformed",
     "pass_truncated",
-    "drop_no_backend",
+    "reject_no_backend",
     "drop_service_inconsistent",
     "drop_rewrite_failed",
     "conntrack_insert_failed",
     "conntrack_backend_gone",
+    "drop_source_range",
+    "drop_no_local_backend",
+    "drop_snat_failed",
+    "drop_reject_failed",
+    "conntrack_snat",
+    "icmp_error_translated",
+    "socket_translated",
+    "socket_refused",
 ];
 
 /// Whether the counter at `index` is a verdict (exactly one per packet).
 pub const fn is_verdict(index: u32) -> bool {
-    index != PACKETS && index != CONNTRACK_INSERT_FAILED && index != CONNTRACK_BACKEND_GONE && index < COUNT
+    !matches!(
+        index,
+        PACKETS
+            | CONNTRACK_INSERT_FAILED
+            | CONNTRACK_BACKEND_GONE
+            | CONNTRACK_SNAT
+            | SOCKET_TRANSLATED
+            | SOCKET_REFUSED
+    ) && index < COUNT
 }
 
 /// Fills in `PACKETS` from the verdict counters of a full set of values, indexed as above.

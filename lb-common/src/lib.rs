@@ -22,9 +22,13 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
     pub const SERVICE_META: &str = "LB_SERVICE_META";
+    pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
+    pub const CONFIG: &str = "LB_CONFIG";
+    pub const SOCKETS: &str = "LB_SOCKETS";
     pub const COUNTERS: &str = "LB_COUNTERS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 5] = [SERVICES, BACKENDS, CONNTRACK, SERVICE_META, COUNTERS];
+    pub const PINNED: [&str; 8] =
+        [SERVICES, BACKENDS, CONNTRACK, SERVICE_META, SOURCE_RANGES, CONFIG, SOCKETS, COUNTERS];
 }
 
 /// Default map capacities; userspace may raise them at load time.
@@ -36,6 +40,10 @@ pub mod capacity {
     /// this.
     pub const CONNTRACK: u32 = 524_288;
     pub const SERVICE_META: u32 = 65_536;
+    /// loadBalancerSourceRanges entries over all frontends.
+    pub const SOURCE_RANGES: u32 = 16_384;
+    /// The node's own sockets connected to a backend through a frontend (LRU).
+    pub const SOCKETS: u32 = 65_536;
 }
 
 /// Key of the services map.
@@ -95,13 +103,37 @@ pub struct ServiceValue {
     pub service_id: u32,
     /// Slot 0: number of backend slots; 0 means "no endpoints: reject". Host byte order.
     pub backend_count: u16,
-    /// Reserved for per-service flags; always 0.
+    /// Slot 0: `service_flags::*`; slots > 0: 0. Host byte order.
     pub flags: u16,
+}
+
+/// Bits of a service entry's `ServiceValue::flags`: how the data path treats the frontend.
+pub mod service_flags {
+    /// Rewrite a new flow's source to the node's address (`DatapathConfig::snat_address`), so
+    /// the reply comes back through this node: external traffic under
+    /// `externalTrafficPolicy: Cluster`, as kube-proxy masquerades it.
+    pub const SNAT: u16 = 1;
+    /// Only sources in the frontend's `loadBalancerSourceRanges` (the source-ranges map) may
+    /// connect; others are dropped.
+    pub const SOURCE_RANGES: u16 = 1 << 1;
+    /// With no backends, drop instead of rejecting: the Service has endpoints, just none on this
+    /// node that a Local traffic policy allows.
+    pub const DROP_WHEN_EMPTY: u16 = 1 << 2;
+    /// The frontend's traffic policy is Local (for display; the control plane already chose
+    /// only local backends).
+    pub const LOCAL_POLICY: u16 = 1 << 3;
+    /// The frontend address is one of the node's own (NodePort): replies leave with it as
+    /// their source, so they are routed by the data path (`conntrack_flags::ROUTE`).
+    pub const NODE_ADDRESS: u16 = 1 << 4;
 }
 
 impl ServiceValue {
     pub fn service_entry(service_id: u32, backend_count: u16) -> Self {
         Self { backend_id: 0, service_id, backend_count, flags: 0 }
+    }
+
+    pub fn with_flags(self, flags: u16) -> Self {
+        Self { flags, ..self }
     }
 
     pub fn backend_slot(service_id: u32, backend_id: u32) -> Self {
@@ -200,12 +232,82 @@ impl ConntrackEntry {
 pub mod conntrack_flags {
     /// The entry is for the reply direction (backend -> client).
     pub const REPLY: u32 = 1;
+    /// After rewriting, send the packet to its next hop (FIB lookup and redirect) instead of
+    /// through the stack, which would drop it: its new source is one of the node's addresses.
+    pub const ROUTE: u32 = 1 << 1;
 }
 
 /// Frontend types, as stored in `ServiceMeta::frontend_type`.
 pub mod frontend_type {
     pub const CLUSTER_IP: u32 = 1;
+    pub const NODE_PORT: u32 = 2;
+    pub const LOAD_BALANCER: u32 = 3;
+    pub const EXTERNAL_IP: u32 = 4;
 }
+
+/// Data of a source-ranges LPM key: a frontend's service ID, then a client address. The key's
+/// prefix length is 32 (the ID) plus the range's prefix length, so one trie holds every
+/// frontend's ranges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// The frontend's service ID, network byte order (LPM tries match bytes from the first).
+    pub service_id: u32,
+    /// Client address (or range base), network byte order.
+    pub address: u32,
+}
+
+impl SourceRangeKey {
+    /// Prefix length of an LPM key for a range of `range_bits` leading bits.
+    pub const fn prefix_len(range_bits: u8) -> u32 {
+        32 + range_bits as u32
+    }
+}
+
+/// Node-wide settings of the data path: the one entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// Cookie of the network namespace lb serves: the socket programs translate only sockets
+    /// there (the node's own), never a pod's. 0 turns them off. Host byte order.
+    pub netns_cookie: u64,
+    /// The node address that source-NATed flows leave with; 0 when unknown (such flows are then
+    /// dropped and counted). Network byte order.
+    pub snat_address: u32,
+    /// First and last source port for source NAT (inclusive), host byte order. Kept above
+    /// Linux's ephemeral range so they do not collide with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// Key of the socket map: a socket connected (or sending) to a backend in place of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SocketKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`). Host byte order.
+    pub cookie: u64,
+    /// The backend's address, network byte order.
+    pub backend_address: u32,
+    /// The backend's port, network byte order.
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of the socket map: the frontend the application asked for, which `getpeername` and
+/// `recvmsg` report in place of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SocketFrontend {
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Source ports lb uses for source NAT by default: above Linux's ephemeral range (32768-60999).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Longest `namespace/name:port-name` a `ServiceMeta` holds (63 + 1 + 63 + 1 + 15 fits).
 pub const SERVICE_NAME_MAX: usize = 248;
@@ -254,6 +356,10 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConntrackEntry {}
     unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for SocketFrontend {}
 }
 
 #[cfg(test)]
@@ -268,6 +374,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16);
         assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
         assert_eq!(core::mem::size_of::<ServiceMeta>(), 256);
+        assert_eq!(core::mem::size_of::<SourceRangeKey>(), 8);
+        assert_eq!(core::mem::size_of::<DatapathConfig>(), 16);
+        assert_eq!(core::mem::size_of::<SocketKey>(), 16);
+        assert_eq!(core::mem::size_of::<SocketFrontend>(), 8);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, ConntrackEntry, FlowKey, ServiceKey, ServiceMeta, ServiceValue, capacity, counters,
+    Backend, ConntrackEntry, DatapathConfig, FlowKey, ServiceKey, ServiceMeta, ServiceValue, SocketFrontend,
+    SocketKey, SourceRangeKey, capacity, counters,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -26,6 +27,20 @@ pub static LB_CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> = LruHashMap::pinne
 /// it is created and pinned with the others.
 #[map]
 pub static LB_SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(capacity::SERVICE_META, 0);
+
+/// (service ID, client range) -> 1, for frontends flagged `SOURCE_RANGES`. Written only by
+/// userspace, before the service entry that sets the flag.
+#[map]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+/// One entry: node-wide settings (the source-NAT address and ports).
+#[map]
+pub static LB_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+/// (socket, backend) -> the frontend it stands for, for the node's own sockets translated at
+/// connect/sendmsg. LRU: closed sockets age out.
+#[map]
+pub static LB_SOCKETS: LruHashMap<SocketKey, SocketFrontend> = LruHashMap::pinned(capacity::SOCKETS, 0);
 
 /// Per-CPU packet counters, indexed by `lb_common::counters`.
 #[map]

@@ -29,6 +29,9 @@ const TCP_CHECKSUM_OFFSET: usize = 16;
 const TCP_MIN_HEADER_LEN: usize = 20;
 const UDP_CHECKSUM_OFFSET: usize = 6;
 const UDP_HEADER_LEN: usize = 8;
+pub const PROTOCOL_ICMP: u8 = 1;
+/// An ICMP error header and the quoted IPv4 header and ports it must carry to be translated.
+const ICMP_ERROR_MIN_LEN: usize = 8 + 20 + 4;
 /// Enough linear bytes for the longest headers lb reads: Ethernet, IPv4 with options, TCP.
 const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN + IPV4_MAX_HEADER_LEN + TCP_MIN_HEADER_LEN;
 
@@ -95,7 +98,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
         return Err(truncated());
     }
     let protocol = read::<u8>(ctx, l3_offset + IPV4_PROTOCOL_OFFSET).ok_or_else(truncated)?;
-    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP && protocol != PROTOCOL_ICMP {
         return Err(Verdict::pass(counters::PASS_OTHER_PROTOCOL));
     }
     // Only the first fragment has ports, so no fragment can be translated on its own.
@@ -103,11 +106,30 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
     if fragment & IPV4_FRAGMENT_MASK != 0 {
         return Err(Verdict::pass(counters::PASS_FRAGMENT));
     }
-    let l4_min_len = if protocol == PROTOCOL_TCP { TCP_MIN_HEADER_LEN } else { UDP_HEADER_LEN };
+    let l4_min_len = match protocol {
+        PROTOCOL_TCP => TCP_MIN_HEADER_LEN,
+        PROTOCOL_UDP => UDP_HEADER_LEN,
+        _ => ICMP_ERROR_MIN_LEN,
+    };
     if total_len < header_len + l4_min_len {
-        return Err(truncated());
+        // A short ICMP message is no error lb translates; leave it to the stack.
+        let counter =
+            if protocol == PROTOCOL_ICMP { counters::PASS_OTHER_PROTOCOL } else { counters::PASS_TRUNCATED };
+        return Err(Verdict::pass(counter));
     }
     let l4_offset = l3_offset + header_len;
+    if protocol == PROTOCOL_ICMP {
+        // ICMP has no ports; `icmp` reads what it needs.
+        return Ok(Ipv4Flow {
+            l3_offset,
+            l4_offset,
+            protocol,
+            src_address: read::<u32>(ctx, l3_offset + IPV4_SRC_OFFSET).ok_or_else(truncated)?,
+            dst_address: read::<u32>(ctx, l3_offset + IPV4_DST_OFFSET).ok_or_else(truncated)?,
+            src_port: 0,
+            dst_port: 0,
+        });
+    }
     Ok(Ipv4Flow {
         l3_offset,
         l4_offset,

@@ -5,7 +5,7 @@ use crate::parse::Ipv4Flow;
 
 /// murmur3's 32-bit finalizer: cheap, and spreads nearby ports over all slots.
 #[inline(always)]
-fn mix(mut h: u32) -> u32 {
+pub fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -23,8 +23,8 @@ pub fn flow_hash(flow: &Ipv4Flow) -> u32 {
     mix(h ^ u32::from(flow.protocol))
 }
 
-/// Slot in 1..=backend_count (backend_count > 0).
+/// Slot in 1..=backend_count (backend_count > 0) for a flow's hash.
 #[inline(always)]
-pub fn backend_slot(flow: &Ipv4Flow, backend_count: u16) -> u16 {
-    (flow_hash(flow) % u32::from(backend_count)) as u16 + 1
+pub fn backend_slot(hash: u32, backend_count: u16) -> u16 {
+    (hash % u32::from(backend_count)) as u16 + 1
 }

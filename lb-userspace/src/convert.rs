@@ -1,7 +1,9 @@
 //! Pure conversion from Kubernetes objects to the desired state, with kube-proxy's meaning:
-//! a frontend per ClusterIP x Service port; its backends are the endpoints of the Service's
-//! EndpointSlices (joined by the `kubernetes.io/service-name` label; or its v1 Endpoints) whose
-//! port has the Service port's name and protocol, chosen by `topology::choose`.
+//! a frontend per Service port and per address clients use for it (each ClusterIP; each node
+//! address on the port's nodePort; each externalIP; each LoadBalancer ingress IP). Its backends
+//! are the endpoints of the Service's EndpointSlices (joined by the `kubernetes.io/service-name`
+//! label; or its v1 Endpoints) whose port has the Service port's name and protocol, chosen by
+//! `topology::choose` under the traffic policy that applies to the frontend.
 //!
 //! Every check on an object happens here, so both sources (manifests and the API server)
 //! reject the same objects with the same words.
@@ -12,7 +14,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
+use crate::model::{
+    DesiredState, Frontend, FrontendPolicy, FrontendType, HealthCheck, L4Addr, Protocol, ServicePortName,
+};
 use crate::topology::{self, Endpoint, EndpointConditions, NodeContext, PortPolicy};
 
 /// The label that joins an EndpointSlice to its Service.
@@ -57,6 +61,9 @@ pub struct ProxyConfig {
     /// `--service-proxy-name`: Services labelled with this proxy name are ours too.
     pub service_proxy_name: Option<String>,
     pub endpoints_source: EndpointsSource,
+    /// The node addresses NodePort frontends listen on (kube-proxy's `--nodeport-addresses`
+    /// applied to the node's interfaces); the run loop refreshes them.
+    pub node_addresses: Vec<Ipv4Addr>,
 }
 
 /// The objects conversion reads, from whichever source.
@@ -77,7 +84,19 @@ pub struct ServiceFrontends {
     pub name: String,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePortSpec>,
+    /// Endpoint choice for ClusterIP traffic (`internalTrafficPolicy`, topology).
     pub policy: PortPolicy,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` of a LoadBalancer Service (not those with ipMode
+    /// Proxy, whose load balancer sends traffic to the nodes, not to the IP).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    /// `spec.healthCheckNodePort` (LoadBalancer with Local external policy).
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +105,8 @@ pub struct ServicePortSpec {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// The port's nodePort, for NodePort and LoadBalancer Services.
+    pub node_port: Option<u16>,
 }
 
 /// The endpoints one EndpointSlice (or one v1 Endpoints subset) offers a Service.
@@ -155,21 +176,69 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
             Err(_) => return Err(error(format!("spec.clusterIP {address:?} is not an IP address"))),
         }
     }
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let Some(number) = port_number(port.port) else {
             return Err(error(format!("port {port_name:?}: {} is not a port number (1-65535)", port.port)));
         };
+        let node_port = match port.node_port.filter(|_| has_node_ports) {
+            None => None,
+            Some(value) => Some(port_number(value).ok_or_else(|| {
+                error(format!("port {port_name:?}: nodePort {value} is not a port number (1-65535)"))
+            })?),
+        };
         let Some(protocol) = Protocol::from_kubernetes(port.protocol.as_deref()) else {
             tracing::debug!(%namespace, %name, port = %port_name, protocol = ?port.protocol, "protocol not translated; port skipped");
             continue;
         };
-        ports.push(ServicePortSpec { name: port_name, port: number, protocol });
+        ports.push(ServicePortSpec { name: port_name, port: number, protocol, node_port });
     }
     if cluster_ips.is_empty() {
         return Ok(None);
     }
+    let mut external_ips = Vec::new();
+    for address in spec.external_ips.iter().flatten() {
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => external_ips.push(ip),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(error(format!("spec.externalIPs: {address:?} is not an IP address"))),
+        }
+    }
+    let mut load_balancer_ips = Vec::new();
+    let ingress =
+        service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    for entry in ingress.into_iter().flatten().filter(|_| service_type == "LoadBalancer") {
+        let (Some(address), false) = (entry.ip.as_ref(), entry.ip_mode.as_deref() == Some("Proxy")) else {
+            continue;
+        };
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => load_balancer_ips.push(ip),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => {
+                return Err(error(format!("status.loadBalancer.ingress: {address:?} is not an IP address")));
+            }
+        }
+    }
+    let mut source_ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        match range.trim().parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) => source_ranges.push(net.trunc()),
+            Ok(ipnet::IpNet::V6(_)) => {}
+            Err(_) => return Err(error(format!("spec.loadBalancerSourceRanges: {range:?} is not a CIDR"))),
+        }
+    }
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| service_type == "LoadBalancer" && external_local)
+        .map(|value| {
+            port_number(value)
+                .ok_or_else(|| error(format!("healthCheckNodePort {value} is not a port number")))
+        })
+        .transpose()?;
     let annotations = service.metadata.annotations.as_ref();
     let topology_mode = annotations
         .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION).or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION)))
@@ -178,7 +247,18 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         topology_aware: spec.traffic_distribution.is_some() || matches!(topology_mode, Some("Auto" | "auto")),
     };
-    Ok(Some(ServiceFrontends { namespace, name, cluster_ips, ports, policy }))
+    Ok(Some(ServiceFrontends {
+        namespace,
+        name,
+        cluster_ips,
+        ports,
+        policy,
+        external_ips,
+        load_balancer_ips,
+        external_local,
+        source_ranges,
+        health_check_node_port,
+    }))
 }
 
 /// kube-proxy's label filters: Services of another proxy, or marked headless, are not ours.
@@ -313,45 +393,99 @@ pub fn parse_endpoints(endpoints: &Endpoints) -> Result<Vec<SliceEndpoints>, Obj
     Ok(slices)
 }
 
+/// The endpoints of one Service port that the given slices (already joined to the Service)
+/// list. An endpoint listed by several slices counts once (the first listing wins).
+fn port_endpoints(port: &ServicePortSpec, slices: &[&SliceEndpoints]) -> Vec<Endpoint> {
+    // kube-proxy matches slice ports to Service ports by name and takes the number from the
+    // slice, where the EndpointSlice controller resolved numeric and named targetPorts.
+    let mut seen = BTreeSet::new();
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        for slice_port in slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol) {
+            for state in &slice.endpoints {
+                let addr = L4Addr { ip: state.ip, port: slice_port.port, protocol: slice_port.protocol };
+                if seen.insert(addr) {
+                    endpoints.push(Endpoint { addr, conditions: state.conditions.clone() });
+                }
+            }
+        }
+    }
+    endpoints
+}
+
+/// Backends under one traffic policy, and the frontend policy that goes with them.
+fn choose_backends(
+    endpoints: &[Endpoint],
+    policy: PortPolicy,
+    local: bool,
+    node: &NodeContext,
+) -> (Vec<L4Addr>, bool) {
+    let mut backends = topology::choose(endpoints, PortPolicy { internal_local: local, ..policy }, node);
+    backends.sort();
+    // kube-proxy drops (rather than rejects) when a Local policy leaves nothing although the
+    // Service has endpoints elsewhere.
+    let drop_when_empty = local
+        && backends.is_empty()
+        && !topology::choose(endpoints, PortPolicy { internal_local: false, ..policy }, node).is_empty();
+    (backends, drop_when_empty)
+}
+
 /// The frontends of one Service, with the backends the given slices (already joined to this
 /// Service) provide for each port.
 pub fn service_frontends(
     service: &ServiceFrontends,
     slices: &[&SliceEndpoints],
     node: &NodeContext,
+    node_addresses: &[Ipv4Addr],
 ) -> Vec<Frontend> {
     let mut frontends = Vec::new();
     for port in &service.ports {
-        // kube-proxy matches slice ports to Service ports by name and takes the number from the
-        // slice, where the EndpointSlice controller resolved numeric and named targetPorts. An
-        // endpoint listed by several slices counts once (the first listing wins).
-        let mut seen = BTreeSet::new();
-        let mut endpoints = Vec::new();
-        for slice in slices {
-            for slice_port in
-                slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol)
-            {
-                for state in &slice.endpoints {
-                    let addr = L4Addr { ip: state.ip, port: slice_port.port, protocol: slice_port.protocol };
-                    if seen.insert(addr) {
-                        endpoints.push(Endpoint { addr, conditions: state.conditions.clone() });
-                    }
-                }
+        let endpoints = port_endpoints(port, slices);
+        let name = ServicePortName {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            port: port.name.clone(),
+        };
+        let internal = choose_backends(&endpoints, service.policy, service.policy.internal_local, node);
+        let external = choose_backends(&endpoints, service.policy, service.external_local, node);
+        let mut add = |ip: Ipv4Addr, number: u16, frontend_type: FrontendType| {
+            let (local, (backends, drop_when_empty)) = if frontend_type.is_external() {
+                (service.external_local, external.clone())
+            } else {
+                (service.policy.internal_local, internal.clone())
+            };
+            let source_ranges = if frontend_type == FrontendType::LoadBalancer {
+                service.source_ranges.clone()
+            } else {
+                Vec::new()
+            };
+            frontends.push(Frontend {
+                address: L4Addr { ip, port: number, protocol: port.protocol },
+                frontend_type,
+                policy: FrontendPolicy {
+                    local,
+                    snat: frontend_type.is_external() && !local,
+                    drop_when_empty,
+                    source_ranges,
+                    node_address: frontend_type == FrontendType::NodePort,
+                },
+                service: name.clone(),
+                backends,
+            });
+        };
+        for ip in &service.cluster_ips {
+            add(*ip, port.port, FrontendType::ClusterIp);
+        }
+        if let Some(node_port) = port.node_port {
+            for ip in node_addresses {
+                add(*ip, node_port, FrontendType::NodePort);
             }
         }
-        let mut backends = topology::choose(&endpoints, service.policy, node);
-        backends.sort();
-        for ip in &service.cluster_ips {
-            frontends.push(Frontend {
-                address: L4Addr { ip: *ip, port: port.port, protocol: port.protocol },
-                frontend_type: FrontendType::ClusterIp,
-                service: ServicePortName {
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                    port: port.name.clone(),
-                },
-                backends: backends.clone(),
-            });
+        for ip in &service.external_ips {
+            add(*ip, port.port, FrontendType::ExternalIp);
+        }
+        for ip in &service.load_balancer_ips {
+            add(*ip, port.port, FrontendType::LoadBalancer);
         }
     }
     frontends
@@ -422,7 +556,33 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
     for service in &parsed_services {
         let key = (service.namespace.clone(), service.name.clone());
         let slices: Vec<&SliceEndpoints> = slices_by_service.get(&key).into_iter().flatten().collect();
-        for frontend in service_frontends(service, &slices, &node_context) {
+        if let Some(port) = service.health_check_node_port {
+            let local: BTreeSet<Ipv4Addr> = slices
+                .iter()
+                .flat_map(|slice| &slice.endpoints)
+                .filter(|e| e.conditions.ready && topology::is_local(&e.conditions, &node_context))
+                .map(|e| e.ip)
+                .collect();
+            let check = HealthCheck {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                local_endpoints: local.len(),
+            };
+            if let Some(owner) = state.health_checks.get(&port) {
+                errors.push(ObjectError {
+                    kind: "Service",
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                    problem: format!(
+                        "healthCheckNodePort {port} is already used by Service {}/{}; ignored",
+                        owner.namespace, owner.name
+                    ),
+                });
+            } else {
+                state.health_checks.insert(port, check);
+            }
+        }
+        for frontend in service_frontends(service, &slices, &node_context, &config.node_addresses) {
             if let Some(owner) = state.frontends.get(&frontend.address) {
                 errors.push(ObjectError {
                     kind: "Service",

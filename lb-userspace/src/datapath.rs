@@ -3,17 +3,19 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray};
 use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{counters, map_names};
+use lb_common::{DatapathConfig, counters, map_names};
 
 /// The eBPF object built from lb-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// The TC ingress program's name in the object.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+/// The cgroup socket programs (socket-level load balancing for the node's own traffic).
+pub const SOCKET_PROGRAMS: [&str; 4] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4", "lb_getpeername4"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -31,6 +33,8 @@ pub enum DatapathError {
     Load(#[source] aya::EbpfError),
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
     #[error("loading program {name} into the kernel (needs root, or CAP_BPF and CAP_NET_ADMIN): {source}")]
     LoadProgram {
         name: &'static str,
@@ -46,8 +50,27 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("opening cgroup {path} for the socket programs: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching {name} to cgroup {path}: {source}")]
+    AttachCgroup {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("reading counters: {0}")]
     Counters(#[source] aya::maps::MapError),
+    #[error("writing the data path's settings to {map}: {source}")]
+    Config {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -99,6 +122,14 @@ impl Datapath {
         }
         std::fs::create_dir_all(bpf_dir)
             .map_err(|source| DatapathError::CreateDir { dir: bpf_dir.to_path_buf(), source })?;
+        for (name, size) in [
+            (map_names::SERVICES, capacity.service_slots),
+            (map_names::SERVICE_META, capacity.frontends),
+            (map_names::BACKENDS, capacity.backends),
+            (map_names::CONNTRACK, capacity.flows),
+        ] {
+            unpin_if_resized(bpf_dir, name, size);
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
             .map_max_entries(map_names::SERVICES, capacity.service_slots)
@@ -180,6 +211,37 @@ impl Datapath {
         self.ebpf.program_mut(INGRESS_PROGRAM)?.try_into().ok()
     }
 
+    /// Writes the node-wide settings (the source-NAT address and ports).
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
+        let config_error = |source| DatapathError::Config { map: map_names::CONFIG, source };
+        let map = self
+            .ebpf
+            .map_mut(map_names::CONFIG)
+            .ok_or(DatapathError::MissingMap { name: map_names::CONFIG })?;
+        let mut array: Array<&mut MapData, DatapathConfig> = Array::try_from(map).map_err(config_error)?;
+        array.set(0, config, 0).map_err(config_error)
+    }
+
+    /// Loads the socket programs and attaches them to the cgroup at `cgroup_path`: the node's
+    /// own connections to frontends (host processes in that cgroup) are translated there. They
+    /// translate only sockets in the namespace whose cookie `set_config` wrote.
+    pub fn attach_sockets(&mut self, cgroup_path: &Path) -> Result<(), DatapathError> {
+        let cgroup = std::fs::File::open(cgroup_path)
+            .map_err(|source| DatapathError::Cgroup { path: cgroup_path.to_path_buf(), source })?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { name })?;
+            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+            program.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| {
+                DatapathError::AttachCgroup { name, path: cgroup_path.to_path_buf(), source }
+            })?;
+        }
+        Ok(())
+    }
+
     /// Names of the interfaces the program is attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
@@ -208,4 +270,49 @@ pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
     }
     counters::derive_packets(&mut values);
     Ok(counters::NAMES.iter().copied().zip(values).collect())
+}
+
+/// A pinned map is reused as it is, whatever size is asked for now. When the size changed
+/// (a --max-* flag), the pin is removed so the map is created anew at the new size: the
+/// reconciler fills the service maps again at once; tracked flows of that map are lost.
+fn unpin_if_resized(bpf_dir: &Path, name: &str, size: u32) {
+    let path = bpf_dir.join(name);
+    let Ok(map) = MapData::from_pin(&path) else { return };
+    let Ok(current) = map.info().map(|info| info.max_entries()) else { return };
+    if current != size {
+        tracing::info!(map = name, current, size, "map size changed: creating the map anew");
+        if let Err(error) = std::fs::remove_file(&path) {
+            tracing::warn!(map = name, %error, "removing the old pin; the old size stays");
+        }
+    }
+}
+
+/// The cookie of the network namespace this thread is in (`SO_NETNS_COOKIE`).
+pub fn netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: getsockopt into a properly sized integer.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|path| {
+        nix::sys::statfs::statfs(path)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+    })
 }

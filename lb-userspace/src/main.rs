@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lb_userspace::convert::{EndpointsSource, ProxyConfig};
+use lb_userspace::node_addresses::NodeAddressConfig;
 use lb_userspace::{
     datapath,
     maps::{BpfMaps, ServiceMaps},
@@ -58,6 +59,19 @@ struct RunArgs {
     /// exist, and glob patterns (`veth*,cali*,eth0`), attached as matching interfaces appear.
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
+    /// The node's uplinks, comma separated (they must exist): attached like --interfaces, and
+    /// the first address on them is what external Cluster-policy traffic is source-NATed to.
+    #[arg(long, value_delimiter = ',')]
+    external_interfaces: Vec<String>,
+    /// Node addresses that take NodePort traffic, as CIDRs, comma separated (kube-proxy's
+    /// flag); by default every non-loopback address of the node.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// The cgroup (v2) whose processes' connections to frontends are load-balanced at the
+    /// socket (the node's own traffic: host processes, hostNetwork pods); by default the root
+    /// of the cgroup v2 mount. Empty turns socket load balancing off.
+    #[arg(long)]
+    cgroup_path: Option<String>,
     /// Where the maps are pinned (on a bpffs mount).
     #[arg(long, default_value = DEFAULT_BPF_DIR)]
     bpf_dir: PathBuf,
@@ -123,6 +137,19 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
         },
         None => run::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig },
     };
+    let cgroup_path = match args.cgroup_path {
+        Some(path) if path.is_empty() => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            let mount = datapath::cgroup2_mount();
+            if mount.is_none() {
+                tracing::warn!(
+                    "no cgroup v2 mount: the node's own connections to Services are not load-balanced"
+                );
+            }
+            mount
+        }
+    };
     let healthz_bind_address = match args.healthz_bind_address.as_str() {
         "" => None,
         address => Some(address.parse().with_context(|| format!("--healthz-bind-address {address:?}"))?),
@@ -138,6 +165,7 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
                 EndpointsApi::Endpointslices => EndpointsSource::EndpointSlices,
                 EndpointsApi::Endpoints => EndpointsSource::Endpoints,
             },
+            node_addresses: Vec::new(),
         },
         capacity: datapath::Capacity {
             service_slots: args.max_service_slots,
@@ -148,6 +176,11 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         healthz_bind_address,
+        node_addresses: NodeAddressConfig {
+            nodeport_ranges: args.nodeport_addresses,
+            external_interfaces: args.external_interfaces,
+        },
+        cgroup_path,
     })
 }
 

@@ -1,11 +1,14 @@
 //! Access to the data path's service maps behind a trait, with the real BPF maps and an
 //! in-memory implementation, so the reconciler is the same code in tests without root.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, map_names};
+use ipnet::Ipv4Net;
+use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, map_names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -34,6 +37,8 @@ pub struct MapsSnapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub service_meta: BTreeMap<u32, ServiceMeta>,
+    /// (service ID, allowed client range) of frontends with source ranges.
+    pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
 }
 
 /// The writes the reconciler makes. Deleting a missing key is not an error, so every
@@ -45,6 +50,8 @@ pub trait ServiceMaps {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapsError>;
     fn update_service_meta(&mut self, id: u32, meta: ServiceMeta) -> Result<(), MapsError>;
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError>;
+    fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError>;
 }
 
@@ -111,6 +118,18 @@ impl ServiceMaps for InMemoryMaps {
         Ok(())
     }
 
+    fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
+        self.write("update source range", format!("{service_id} {range}"))?;
+        self.contents.source_ranges.insert((service_id, range));
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
+        self.write("delete source range", format!("{service_id} {range}"))?;
+        self.contents.source_ranges.remove(&(service_id, range));
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError> {
         Ok(self.contents.clone())
     }
@@ -121,6 +140,14 @@ pub struct BpfMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
     service_meta: BpfHashMap<MapData, u32, ServiceMeta>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+}
+
+fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SourceRangeKey::prefix_len(range.prefix_len()),
+        SourceRangeKey { service_id: service_id.to_be(), address: u32::from(range.network()).to_be() },
+    )
 }
 
 fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -128,6 +155,14 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
 ) -> Result<BpfHashMap<MapData, K, V>, MapsError> {
     BpfHashMap::try_from(map).map_err(|source| MapsError::Bpf { operation: "open", map: name, source })
+}
+
+fn lpm_trie(map: Map) -> Result<LpmTrie<MapData, SourceRangeKey, u8>, MapsError> {
+    LpmTrie::try_from(map).map_err(|source| MapsError::Bpf {
+        operation: "open",
+        map: map_names::SOURCE_RANGES,
+        source,
+    })
 }
 
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
@@ -152,6 +187,7 @@ impl BpfMaps {
             services: hash_map(take(map_names::SERVICES)?, map_names::SERVICES)?,
             backends: hash_map(take(map_names::BACKENDS)?, map_names::BACKENDS)?,
             service_meta: hash_map(take(map_names::SERVICE_META)?, map_names::SERVICE_META)?,
+            source_ranges: lpm_trie(take(map_names::SOURCE_RANGES)?)?,
         })
     }
 
@@ -161,6 +197,7 @@ impl BpfMaps {
             services: hash_map(pinned(dir, map_names::SERVICES)?, map_names::SERVICES)?,
             backends: hash_map(pinned(dir, map_names::BACKENDS)?, map_names::BACKENDS)?,
             service_meta: hash_map(pinned(dir, map_names::SERVICE_META)?, map_names::SERVICE_META)?,
+            source_ranges: lpm_trie(pinned(dir, map_names::SOURCE_RANGES)?)?,
         })
     }
 
@@ -211,11 +248,33 @@ impl ServiceMaps for BpfMaps {
         ignore_missing(self.service_meta.remove(&id)).map_err(bpf_error("delete", map_names::SERVICE_META))
     }
 
+    fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), 1, 0)
+            .map_err(bpf_error("update", map_names::SOURCE_RANGES))
+    }
+
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
+        ignore_missing(self.source_ranges.remove(&source_range_key(service_id, range)))
+            .map_err(bpf_error("delete", map_names::SOURCE_RANGES))
+    }
+
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError> {
+        let mut source_ranges = BTreeSet::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(bpf_error("iterate", map_names::SOURCE_RANGES))?;
+            let data = key.data();
+            let bits = key.prefix_len().saturating_sub(32).min(32) as u8;
+            let network = Ipv4Addr::from(u32::from_be(data.address));
+            if let Ok(range) = Ipv4Net::new(network, bits) {
+                source_ranges.insert((u32::from_be(data.service_id), range));
+            }
+        }
         Ok(MapsSnapshot {
             services: dump(&self.services, map_names::SERVICES)?,
             backends: dump(&self.backends, map_names::BACKENDS)?,
             service_meta: dump(&self.service_meta, map_names::SERVICE_META)?,
+            source_ranges,
         })
     }
 }

@@ -65,20 +65,37 @@ impl fmt::Display for L4Addr {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrontendType {
     ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
 }
 
 impl FrontendType {
     pub fn code(self) -> u32 {
+        use lb_common::frontend_type::*;
         match self {
-            Self::ClusterIp => lb_common::frontend_type::CLUSTER_IP,
+            Self::ClusterIp => CLUSTER_IP,
+            Self::NodePort => NODE_PORT,
+            Self::LoadBalancer => LOAD_BALANCER,
+            Self::ExternalIp => EXTERNAL_IP,
         }
     }
 
     pub fn from_code(code: u32) -> Option<Self> {
+        use lb_common::frontend_type::*;
         match code {
-            lb_common::frontend_type::CLUSTER_IP => Some(Self::ClusterIp),
+            CLUSTER_IP => Some(Self::ClusterIp),
+            NODE_PORT => Some(Self::NodePort),
+            LOAD_BALANCER => Some(Self::LoadBalancer),
+            EXTERNAL_IP => Some(Self::ExternalIp),
             _ => None,
         }
+    }
+
+    /// Whether traffic to this frontend comes from outside the cluster, so
+    /// `externalTrafficPolicy` (not `internalTrafficPolicy`) applies.
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
     }
 }
 
@@ -86,7 +103,46 @@ impl fmt::Display for FrontendType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
         })
+    }
+}
+
+/// How the data path treats a frontend's new flows, beyond picking a backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendPolicy {
+    /// The traffic policy that applies is Local (only this node's endpoints).
+    pub local: bool,
+    /// Source-NAT new flows to the node's address (external traffic, Cluster policy).
+    pub snat: bool,
+    /// With no backends, drop instead of rejecting: the Service has endpoints, none of them
+    /// allowed here by a Local policy.
+    pub drop_when_empty: bool,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends only); empty means any source.
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    /// The frontend address is one of the node's own (NodePort).
+    pub node_address: bool,
+}
+
+impl FrontendPolicy {
+    /// The service entry's `service_flags`.
+    pub fn flags(&self) -> u16 {
+        use lb_common::service_flags::*;
+        let mut flags = 0;
+        for (set, flag) in [
+            (self.snat, SNAT),
+            (!self.source_ranges.is_empty(), SOURCE_RANGES),
+            (self.drop_when_empty, DROP_WHEN_EMPTY),
+            (self.local, LOCAL_POLICY),
+            (self.node_address, NODE_ADDRESS),
+        ] {
+            if set {
+                flags |= flag;
+            }
+        }
+        flags
     }
 }
 
@@ -114,13 +170,27 @@ impl fmt::Display for ServicePortName {
 pub struct Frontend {
     pub address: L4Addr,
     pub frontend_type: FrontendType,
+    pub policy: FrontendPolicy,
     pub service: ServicePortName,
     /// Sorted and without duplicates, so equal sets compare equal.
     pub backends: Vec<L4Addr>,
 }
 
-/// Everything the data path should translate, by frontend address.
+/// Everything the data path should translate, by frontend address, and the health-check
+/// node ports this node answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<L4Addr, Frontend>,
+    /// healthCheckNodePort -> what to report there.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// A LoadBalancer Service with Local external policy asks each node, on its
+/// healthCheckNodePort, whether the node has endpoints for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// This node's distinct ready endpoint addresses of the Service.
+    pub local_endpoints: usize,
 }

@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
+
 use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
 
 use crate::maps::{MapsError, MapsSnapshot, ServiceMaps};
@@ -92,7 +94,11 @@ pub struct ProgrammedFrontend {
     pub slots: Vec<u32>,
     /// The service entry's backend count; `None` while the entry is not written.
     pub count: Option<u16>,
+    /// The service entry's `service_flags`.
+    pub flags: u16,
     pub meta: Option<(FrontendType, String)>,
+    /// Source ranges in the source-ranges map under this frontend's service ID.
+    pub source_ranges: BTreeSet<Ipv4Net>,
 }
 
 /// The frontends and backends a snapshot of the maps holds, as the reconciler records them.
@@ -125,11 +131,14 @@ impl ProgrammedState {
                 service_id: value.service_id,
                 slots: Vec::new(),
                 count: None,
+                flags: 0,
                 meta: None,
+                source_ranges: BTreeSet::new(),
             });
             if key.backend_slot == 0 {
                 entry.service_id = value.service_id;
                 entry.count = Some(value.backend_count);
+                entry.flags = value.flags;
             } else {
                 slots.entry(frontend).or_default().insert(key.backend_slot, value.backend_id);
             }
@@ -140,6 +149,12 @@ impl ProgrammedState {
             entry.meta = snapshot.service_meta.get(&entry.service_id).and_then(|meta| {
                 Some((FrontendType::from_code(meta.frontend_type)?, meta.name().to_string()))
             });
+            entry.source_ranges = snapshot
+                .source_ranges
+                .range((entry.service_id, Ipv4Net::default())..)
+                .take_while(|(id, _)| *id == entry.service_id)
+                .map(|(_, range)| *range)
+                .collect();
         }
         let backends = snapshot
             .backends
@@ -266,6 +281,9 @@ impl<M: ServiceMaps> Reconciler<M> {
     fn is_programmed(&self, frontend: &Frontend, count: u16) -> bool {
         let Some(current) = self.state.frontends.get(&frontend.address) else { return false };
         current.count == Some(count)
+            && current.flags == frontend.policy.flags()
+            && current.source_ranges.len() == frontend.policy.source_ranges.len()
+            && frontend.policy.source_ranges.iter().all(|range| current.source_ranges.contains(range))
             && current.slots.len() == frontend.backends.len()
             && current.meta.as_ref().is_some_and(|(frontend_type, name)| {
                 *frontend_type == frontend.frontend_type && names_service_port(name, &frontend.service)
@@ -310,9 +328,17 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         if !self.state.frontends.contains_key(&addr) {
             let service_id = self.service_id_allocator.allocate("service")?;
-            self.state
-                .frontends
-                .insert(addr, ProgrammedFrontend { service_id, slots: Vec::new(), count: None, meta: None });
+            self.state.frontends.insert(
+                addr,
+                ProgrammedFrontend {
+                    service_id,
+                    slots: Vec::new(),
+                    count: None,
+                    flags: 0,
+                    meta: None,
+                    source_ranges: BTreeSet::new(),
+                },
+            );
         }
         let programmed = self.state.frontends.get_mut(&addr).expect("inserted above");
         let service_id = programmed.service_id;
@@ -336,16 +362,33 @@ impl<M: ServiceMaps> Reconciler<M> {
                 None => programmed.slots.push(*id),
             }
         }
-        if programmed.count != Some(count) {
+        // New source ranges before the entry that may turn their check on.
+        let wanted_ranges: BTreeSet<Ipv4Net> = frontend.policy.source_ranges.iter().copied().collect();
+        for range in wanted_ranges.difference(&programmed.source_ranges.clone()) {
+            self.maps.update_source_range(service_id, *range).map_err(program_error)?;
+            programmed.source_ranges.insert(*range);
+        }
+        let flags = frontend.policy.flags();
+        if programmed.count != Some(count) || programmed.flags != flags {
             self.maps
-                .update_service(service_key(&addr, 0), ServiceValue::service_entry(service_id, count))
+                .update_service(
+                    service_key(&addr, 0),
+                    ServiceValue::service_entry(service_id, count).with_flags(flags),
+                )
                 .map_err(program_error)?;
             programmed.count = Some(count);
+            programmed.flags = flags;
         }
         while programmed.slots.len() > usize::from(count) {
             let slot = programmed.slots.len() as u16;
             self.maps.delete_service(service_key(&addr, slot)).map_err(program_error)?;
             programmed.slots.pop();
+        }
+        // Ranges no longer wanted go after the entry: if it still checks ranges, it checks the
+        // new set.
+        for range in programmed.source_ranges.clone().difference(&wanted_ranges) {
+            self.maps.delete_source_range(service_id, *range).map_err(program_error)?;
+            programmed.source_ranges.remove(range);
         }
         Ok(true)
     }
@@ -364,6 +407,12 @@ impl<M: ServiceMaps> Reconciler<M> {
             programmed.slots.pop();
         }
         let service_id = programmed.service_id;
+        for range in std::mem::take(&mut programmed.source_ranges) {
+            if let Err(error) = self.maps.delete_source_range(service_id, range) {
+                programmed.source_ranges.insert(range);
+                return Err(remove_error(error));
+            }
+        }
         self.maps.delete_service_meta(service_id).map_err(remove_error)?;
         self.state.frontends.remove(&addr);
         self.service_id_allocator.release(service_id);
@@ -414,6 +463,16 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_service_meta(*id).map_err(prune_error)?;
             deleted += 1;
         }
+        let wanted_ranges: BTreeSet<(u32, Ipv4Net)> = self
+            .state
+            .frontends
+            .values()
+            .flat_map(|f| f.source_ranges.iter().map(|range| (f.service_id, *range)))
+            .collect();
+        for (id, range) in snapshot.source_ranges.difference(&wanted_ranges) {
+            self.maps.delete_source_range(*id, *range).map_err(prune_error)?;
+            deleted += 1;
+        }
         for id in snapshot.backends.keys().filter(|id| !self.state.backends.contains_key(id)) {
             self.maps.delete_backend(*id).map_err(prune_error)?;
             deleted += 1;
@@ -450,8 +509,13 @@ pub fn render_snapshot(snapshot: &MapsSnapshot) -> String {
         let frontend = addr(key.address(), key.port(), key.protocol);
         if key.backend_slot == 0 {
             out += &format!(
-                "service {frontend} slot 0: service_id={} backend_count={}\n",
-                value.service_id, value.backend_count
+                "service {frontend} slot 0: service_id={} backend_count={}{}\n",
+                value.service_id,
+                value.backend_count,
+                match value.flags {
+                    0 => String::new(),
+                    flags => format!(" flags={}", flag_names(flags)),
+                }
             );
         } else {
             out += &format!(
@@ -468,7 +532,27 @@ pub fn render_snapshot(snapshot: &MapsSnapshot) -> String {
             .map_or(format!("type{}", meta.frontend_type), |t| t.to_string());
         out += &format!("meta {id}: {kind} {}\n", meta.name());
     }
+    for (id, range) in &snapshot.source_ranges {
+        out += &format!("source range {id}: {range}\n");
+    }
     out
+}
+
+/// `service_flags` as names joined by `|`, for display.
+pub fn flag_names(flags: u16) -> String {
+    use lb_common::service_flags::*;
+    let names: Vec<&str> = [
+        (SNAT, "snat"),
+        (SOURCE_RANGES, "source-ranges"),
+        (DROP_WHEN_EMPTY, "drop-when-empty"),
+        (LOCAL_POLICY, "local"),
+        (NODE_ADDRESS, "node-address"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect();
+    names.join("|")
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `lb run`: load the data path, then keep the maps equal to what the source says: a directory
 //! of manifests or the API server, through the same conversion and the same reconciler.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,14 +15,18 @@ use tokio::sync::mpsc;
 use crate::allocator::ClusterIpAllocator;
 use crate::cluster::{ClusterEvent, ClusterStore};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
-use crate::datapath::{Capacity, Datapath};
+use crate::datapath::{self, Capacity, Datapath};
 use crate::health::{self, SharedHealth};
+use crate::health_check::HealthCheckServers;
 use crate::interfaces::{InterfaceSelector, LinkEvents};
 use crate::kube_source;
 use crate::manifests::ManifestStore;
 use crate::maps::BpfMaps;
+use crate::model::HealthCheck;
+use crate::node_addresses::{NodeAddressConfig, NodeAddresses};
 use crate::reconcile::Reconciler;
 use crate::sync::{HealthState, SyncRunner};
+use lb_common::DatapathConfig;
 
 pub enum SourceOptions {
     /// A directory of Kubernetes YAML, watched for changes. Services without a clusterIP get
@@ -43,6 +48,11 @@ pub struct RunOptions {
     pub sync_period: Duration,
     /// Where `/healthz` and `/livez` are served; `None` disables them.
     pub healthz_bind_address: Option<SocketAddr>,
+    /// Which node addresses take NodePort traffic and which one source-NAT uses.
+    pub node_addresses: NodeAddressConfig,
+    /// The cgroup whose processes' sockets are load-balanced at connect/sendmsg (the node's
+    /// own traffic); `None` leaves them alone.
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// How long to wait after a file event for the rest of a burst (an editor's write + rename).
@@ -189,12 +199,49 @@ fn node_eligible(objects: &ClusterObjects, config: &ProxyConfig) -> bool {
     node.metadata.deletion_timestamp.is_none() && !tainted(node)
 }
 
+/// Re-reads the node's addresses; when the source-NAT address changed, tells the data path.
+fn refresh_node_addresses(
+    options: &NodeAddressConfig,
+    current: &mut Option<NodeAddresses>,
+    config: &mut ProxyConfig,
+    datapath: &mut Datapath,
+    netns_cookie: &u64,
+) {
+    let addresses = options.read();
+    if current.as_ref() == Some(&addresses) {
+        return;
+    }
+    if current.as_ref().is_none_or(|current| current.snat != addresses.snat) {
+        let snat_address = addresses.snat.map_or(0, |ip| u32::from(ip).to_be());
+        let settings = DatapathConfig {
+            netns_cookie: *netns_cookie,
+            snat_address,
+            snat_port_min: lb_common::SNAT_PORT_MIN,
+            snat_port_max: lb_common::SNAT_PORT_MAX,
+        };
+        match datapath.set_config(settings) {
+            Ok(()) => {
+                tracing::info!(snat_address = ?addresses.snat, nodeport_addresses = ?addresses.nodeport, "node addresses")
+            }
+            Err(error) => tracing::error!("{error}"),
+        }
+        if addresses.snat.is_none() {
+            tracing::warn!(
+                "the node has no address to source-NAT with: external Cluster-policy and hairpin flows are dropped"
+            );
+        }
+    }
+    config.node_addresses = addresses.nodeport.clone();
+    *current = Some(addresses);
+}
+
+/// Converts and reconciles; returns the health-check node ports the state asks for.
 fn sync(
     source: &mut Source,
     config: &ProxyConfig,
     reconciler: &mut Reconciler<BpfMaps>,
     health: &SharedHealth,
-) {
+) -> BTreeMap<u16, HealthCheck> {
     let started = Instant::now();
     let objects = source.objects();
     let (desired, errors) = convert::desired_state(&objects, config);
@@ -227,6 +274,7 @@ fn sync(
         health.last_updated = Some(SystemTime::now());
         health.oldest_pending = None;
     }
+    desired.health_checks
 }
 
 /// Forwards the data path's aya-log records (rare: they report inconsistencies) to our log.
@@ -253,7 +301,9 @@ fn forward_datapath_logs(ebpf: &mut aya::Ebpf) {
 pub async fn run(options: RunOptions) -> Result<()> {
     let mut source = Source::start(&options).await?;
 
-    let selector = InterfaceSelector::parse(&options.interfaces)?;
+    let interfaces: Vec<String> =
+        options.interfaces.iter().chain(&options.node_addresses.external_interfaces).cloned().collect();
+    let selector = InterfaceSelector::parse(&interfaces)?;
     let mut link_events = LinkEvents::subscribe()?;
     let mut datapath = Datapath::load_with(&options.bpf_dir, &options.capacity)?;
     // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
@@ -265,7 +315,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if datapath.attached().next().is_none() {
         tracing::warn!(interfaces = ?options.interfaces, "no interface matches yet; waiting for one to appear");
     }
+    if let Some(path) = &options.cgroup_path {
+        datapath.attach_sockets(path)?;
+        tracing::info!(cgroup = %path.display(), "socket load balancing for the node's own connections");
+    }
     forward_datapath_logs(datapath.ebpf_mut());
+    let mut proxy = options.proxy.clone();
+    let mut addresses = None;
+    // The socket programs translate only sockets of this namespace: the node's own.
+    let netns_cookie = match &options.cgroup_path {
+        None => 0,
+        Some(_) => datapath::netns_cookie().context("reading this network namespace's cookie")?,
+    };
+    refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
     let maps = BpfMaps::from_ebpf(datapath.ebpf_mut())?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps")?;
     let health: SharedHealth = Arc::new(Mutex::new(HealthState::new(2 * options.sync_period)));
@@ -273,6 +335,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         health::serve(address, health.clone()).await?;
     }
 
+    let mut health_checks = HealthCheckServers::default();
     let mut runner = SyncRunner::new(options.min_sync_period, Instant::now());
     runner.queue(Instant::now());
     let mut synced_once = false;
@@ -296,7 +359,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
             }
             () = sync_due => {
-                sync(&mut source, &options.proxy, &mut reconciler, &health);
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
+                let checks = sync(&mut source, &proxy, &mut reconciler, &health);
+                health_checks.sync(&checks).await;
                 runner.synced(Instant::now());
                 if !synced_once {
                     synced_once = true;
@@ -308,12 +373,20 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let Err(error) = reconciler.refresh_from_maps() {
                     tracing::warn!("{error}");
                 }
-                sync(&mut source, &options.proxy, &mut reconciler, &health);
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
+                let checks = sync(&mut source, &proxy, &mut reconciler, &health);
+                health_checks.sync(&checks).await;
                 prune(&mut reconciler);
             }
             changed = link_events.changed() => {
                 changed?;
                 attach_selected(&mut datapath, &selector);
+                // An interface (and its addresses) came or went: NodePort frontends may change.
+                let before = proxy.node_addresses.clone();
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
+                if proxy.node_addresses != before {
+                    runner.queue(Instant::now());
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

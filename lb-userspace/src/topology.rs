@@ -40,7 +40,7 @@ pub struct NodeContext<'a> {
     pub zone: Option<&'a str>,
 }
 
-fn is_local(endpoint: &EndpointConditions, node: &NodeContext) -> bool {
+pub fn is_local(endpoint: &EndpointConditions, node: &NodeContext) -> bool {
     node.node_name.is_some() && endpoint.node_name.as_deref() == node.node_name
 }
 

@@ -14,8 +14,9 @@ use lb_userspace::maps::InMemoryMaps;
 use lb_userspace::reconcile::{Reconciler, render_snapshot};
 
 /// A case's configuration, from an optional first line `# config: node=NAME
-/// service-proxy-name=NAME endpoints-api=endpoints cluster-ip-range=CIDR` (the last runs the
-/// manifests-mode ClusterIP allocator).
+/// service-proxy-name=NAME endpoints-api=endpoints cluster-ip-range=CIDR
+/// node-addresses=IP,IP` (cluster-ip-range runs the manifests-mode ClusterIP allocator;
+/// node-addresses are where NodePorts listen).
 fn config_of(text: &str) -> (ProxyConfig, Option<ClusterIpAllocator>) {
     let mut config = ProxyConfig::default();
     let mut allocator = None;
@@ -27,6 +28,9 @@ fn config_of(text: &str) -> (ProxyConfig, Option<ClusterIpAllocator>) {
             Some(("node", name)) => config.node_name = Some(name.into()),
             Some(("service-proxy-name", name)) => config.service_proxy_name = Some(name.into()),
             Some(("endpoints-api", "endpoints")) => config.endpoints_source = EndpointsSource::Endpoints,
+            Some(("node-addresses", list)) => {
+                config.node_addresses = list.split(',').map(|ip| ip.parse().unwrap()).collect()
+            }
             Some(("cluster-ip-range", range)) => {
                 allocator = Some(ClusterIpAllocator::new(range.parse().unwrap()))
             }
@@ -55,6 +59,12 @@ fn render_case(yaml: &Path) -> String {
     let report = reconciler.reconcile(&desired);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     out += &render_snapshot(&reconciler.maps().contents);
+    for (port, check) in &desired.health_checks {
+        out += &format!(
+            "health check {port}: {}/{} local_endpoints={}\n",
+            check.namespace, check.name, check.local_endpoints
+        );
+    }
     out
 }
 

@@ -23,6 +23,7 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
             let frontend = Frontend {
                 address: *address,
                 frontend_type: FrontendType::ClusterIp,
+                policy: Default::default(),
                 service: ServicePortName {
                     namespace: "default".into(),
                     name: format!("svc{}", address.ip.octets()[3]),
@@ -33,7 +34,7 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
             (*address, frontend)
         })
         .collect();
-    DesiredState { frontends }
+    DesiredState { frontends, ..Default::default() }
 }
 
 fn reconciler() -> Reconciler<InMemoryMaps> {

@@ -5,6 +5,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod packet;
 pub mod playground;
+pub mod two_nodes;
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -53,6 +54,47 @@ impl PrivateBpfFs {
 impl Drop for PrivateBpfFs {
     fn drop(&mut self) {
         let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A cgroup (v2) this test creates for lb's socket programs, so they are never attached to a
+/// cgroup of the machine's own; removed on drop. `enter` moves this test process into it (and
+/// drop moves it back), so its sockets in the node namespace are the node's own traffic.
+pub struct TestCgroup {
+    path: PathBuf,
+    /// Where this process was before `enter`.
+    left: Option<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn new() -> Result<Self> {
+        let mount = lb_userspace::datapath::cgroup2_mount().context("no cgroup v2 mount")?;
+        let path = mount.join(unique("cg"));
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Self { path, left: None })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves this whole test process into the cgroup until drop.
+    pub fn enter(&mut self) -> Result<()> {
+        let mount = lb_userspace::datapath::cgroup2_mount().context("no cgroup v2 mount")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let relative = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 entry")?;
+        self.left = Some(mount.join(relative.trim_start_matches('/')));
+        std::fs::write(self.path.join("cgroup.procs"), std::process::id().to_string())
+            .context("entering the test cgroup")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Some(left) = &self.left {
+            let _ = std::fs::write(left.join("cgroup.procs"), std::process::id().to_string());
+        }
         let _ = std::fs::remove_dir(&self.path);
     }
 }

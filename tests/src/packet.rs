@@ -130,6 +130,89 @@ impl PacketSpec {
     }
 }
 
+/// The IPv4 header of a reply lb builds itself (a RST or an ICMP error) from `from` to `to`.
+fn reply_ip_header(from: Ipv4Addr, to: Ipv4Addr, protocol: u8, total_len: usize) -> Vec<u8> {
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(total_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]); // id 0, DF, ttl 64
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let sum = !ones_complement_sum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip
+}
+
+/// The Ethernet header of a frame sent back where `ethernet_header`'s frames came from.
+fn swapped_ethernet_header() -> Vec<u8> {
+    let forward = ethernet_header(0x0800);
+    let mut frame = forward[6..12].to_vec();
+    frame.extend_from_slice(&forward[0..6]);
+    frame.extend_from_slice(&forward[12..14]);
+    frame
+}
+
+/// The RST (RFC 9293) a closed port answers `segment` with, as the client receives it.
+pub fn tcp_reset_for(segment: &PacketSpec) -> Vec<u8> {
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&segment.dst.1.to_be_bytes());
+    tcp.extend_from_slice(&segment.src.1.to_be_bytes());
+    let (seq, ack, flags) = if segment.tcp_flags & 0x10 != 0 {
+        (0u32, 0u32, 0x04u8) // their ACK number would be the seq; `build` sends ack 0
+    } else {
+        let length = segment.payload.len() as u32 + u32::from(segment.tcp_flags & 0x02 != 0);
+        (0, 0x0102_0304u32 + length, 0x14)
+    };
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&ack.to_be_bytes());
+    tcp.extend_from_slice(&[5 << 4, flags, 0, 0, 0, 0, 0, 0]);
+    let sum = !ones_complement_sum(&tcp, pseudo_header_sum(segment.dst.0, segment.src.0, TCP, tcp.len()));
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = swapped_ethernet_header();
+    frame.extend_from_slice(&reply_ip_header(segment.dst.0, segment.src.0, TCP, 20 + tcp.len()));
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+/// The ICMP port unreachable (RFC 792) answering `datagram`: its IP header and 8 bytes quoted.
+pub fn icmp_port_unreachable_for(datagram: &PacketSpec) -> Vec<u8> {
+    let original = datagram.build();
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&original[ETH_LEN..ETH_LEN + 28]);
+    let sum = !ones_complement_sum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = swapped_ethernet_header();
+    frame.extend_from_slice(&reply_ip_header(datagram.dst.0, datagram.src.0, 1, 20 + icmp.len()));
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// An ICMP error (`kind`, `code`, the 4 bytes after the checksum) from `from` to `to`, quoting
+/// the IP header and first 8 bytes of `quoted` (an Ethernet frame).
+pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(&quoted[ETH_LEN..ETH_LEN + 28]);
+    let sum = !ones_complement_sum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x56, 0x78, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let sum = !ones_complement_sum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = ethernet_header(0x0800);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// Whether an ICMP frame's IP and ICMP checksums are valid.
+pub fn icmp_checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_LEN..];
+    ones_complement_sum(&ip[..20], 0) == 0xffff && ones_complement_sum(&ip[20..], 0) == 0xffff
+}
+
 pub fn ethernet_header(ether_type: u16) -> Vec<u8> {
     let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
     frame.extend_from_slice(&ether_type.to_be_bytes());

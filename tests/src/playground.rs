@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
 
-use crate::{NetNs, PrivateBpfFs, lb_binary, veth};
+use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, veth};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const NODE_CLIENT_SIDE: &str = "10.0.0.1/24";
@@ -49,6 +49,8 @@ pub struct Playground {
     work_dir: PathBuf,
     prefix: String,
     next_pod: usize,
+    /// The cgroup lb's socket programs attach to (never one of the machine's own).
+    pub cgroup: TestCgroup,
     _bpffs: PrivateBpfFs,
 }
 
@@ -88,6 +90,7 @@ impl Playground {
             work_dir,
             prefix: prefix.to_string(),
             next_pod: 0,
+            cgroup: TestCgroup::new()?,
             _bpffs: bpffs,
         };
         for (name, ip) in pods {
@@ -153,6 +156,8 @@ impl Playground {
             .args(["--interfaces", "lbc0,lbp*"])
             .arg("--bpf-dir")
             .arg(&self.bpf_dir)
+            .arg("--cgroup-path")
+            .arg(self.cgroup.path())
             .arg("--state-dir")
             .arg(self.work_dir.join("state"))
             .env("LB_LOG", "info,lb_userspace=debug")
@@ -316,8 +321,12 @@ pub struct HttpAnswer {
     pub peer: SocketAddr,
 }
 
-fn http_get(target: SocketAddrV4) -> Result<HttpAnswer> {
-    let mut stream = TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?;
+pub fn http_get(target: SocketAddrV4) -> Result<HttpAnswer> {
+    http_exchange(TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?)
+}
+
+/// One HTTP/1.0 request on a connected stream, and the test server's answer.
+pub fn http_exchange(mut stream: TcpStream) -> Result<HttpAnswer> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let peer = stream.peer_addr()?;
     stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
@@ -330,7 +339,7 @@ fn http_get(target: SocketAddrV4) -> Result<HttpAnswer> {
     Ok(HttpAnswer { pod, client_seen, peer })
 }
 
-fn http_server(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
+pub fn http_server(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut stream, peer)) => {

@@ -131,7 +131,8 @@ fn a_missing_interface_is_a_clear_error() {
     let mut pg = Playground::new(&unique("t"), &[]).unwrap();
     pg.write_manifest("echo.yaml", SERVICE).unwrap();
     let out = std::process::Command::new(tests::lb_binary())
-        .args(["run", "--healthz-bind-address", "", "--interfaces", "nosuchif0", "--manifests"])
+        .args(["run", "--healthz-bind-address", "", "--cgroup-path", "", "--interfaces", "nosuchif0"])
+        .arg("--manifests")
         .arg(&pg.manifests)
         .arg("--bpf-dir")
         .arg(&pg.bpf_dir)
@@ -211,4 +212,137 @@ fn the_periodic_resync_repairs_and_prunes_the_maps() {
     let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 3).unwrap();
     assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|a| a.pod == "pod-a")), "{answers:?}");
     assert!(pg.stop_lb().unwrap());
+}
+
+/// The path MTU the kernel holds for a connected socket (`IP_MTU`).
+fn path_mtu(socket: &std::net::UdpSocket) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut mtu: nix::libc::c_int = 0;
+    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+    // SAFETY: getsockopt into a properly sized integer.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            nix::libc::IPPROTO_IP,
+            nix::libc::IP_MTU,
+            (&mut mtu as *mut nix::libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt(IP_MTU): {}", std::io::Error::last_os_error());
+    mtu
+}
+
+#[test]
+fn fragmentation_needed_from_a_pod_reaches_the_client_about_the_cluster_ip() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
+    pg.serve_udp(5353).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
+    pg.start_lb().unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(1)).unwrap();
+
+    // A connected UDP socket to the ClusterIP, with one exchange so lb tracks the flow.
+    let client = pg
+        .client
+        .run(|| {
+            let socket = std::net::UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+            socket.connect((VIP, 53)).unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            socket.send(b"ping").unwrap();
+            let mut buffer = [0u8; 64];
+            socket.recv(&mut buffer).expect("answer through the ClusterIP");
+            socket
+        })
+        .unwrap();
+    assert_eq!(path_mtu(&client), 1500);
+    let client_port = client.local_addr().unwrap().port();
+
+    // The pod reports "fragmentation needed, MTU 1200" about the datagram it received
+    // (client -> pod:5353), as a router or the pod's own stack would.
+    let received = tests::packet::PacketSpec::udp((CLIENT_IP, client_port), (POD_A, 5353)).build();
+    let frame = tests::packet::icmp_error(POD_A, CLIENT_IP, 3, 4, [0, 0, 0x04, 0xb0], &received);
+    let icmp = frame[tests::packet::ETH_LEN + 20..].to_vec();
+    pg.pods[0]
+        .ns
+        .run(move || {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::ICMPV4),
+            )
+            .unwrap();
+            socket.send_to(&icmp, &SocketAddrV4::new(CLIENT_IP, 0).into()).unwrap();
+        })
+        .unwrap();
+
+    // Only a translated error (about client -> ClusterIP) finds the client's socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while path_mtu(&client) != 1200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(path_mtu(&client), 1200, "lb log:\n{}", pg.lb_log());
+    let counters = std::process::Command::new(tests::lb_binary())
+        .args(["counters", "--bpf-dir"])
+        .arg(&pg.bpf_dir)
+        .output()
+        .unwrap();
+    let counters = String::from_utf8_lossy(&counters.stdout);
+    assert!(
+        counters.lines().any(|l| l.starts_with("icmp_error_translated") && !l.trim_end().ends_with(" 0")),
+        "{counters}"
+    );
+}
+
+#[test]
+fn the_nodes_own_connections_to_a_cluster_ip_are_balanced_at_the_socket() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.serve_udp(5353).unwrap();
+    pg.write_manifest("echo.yaml", SERVICE).unwrap();
+    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A, POD_B])).unwrap();
+    pg.start_lb().unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(2)).unwrap();
+    // This process joins the cgroup lb's socket programs sit on; its threads in the node
+    // namespace are then the node's own traffic, which no interface of lb ever sees.
+    pg.cgroup.enter().unwrap();
+
+    let target = SocketAddrV4::new(VIP, 80);
+    let answers = pg
+        .node
+        .run(move || {
+            (0..20)
+                .map(|_| tests::playground::http_get(target).map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut pods = std::collections::BTreeSet::new();
+    for answer in answers {
+        let answer = answer.unwrap_or_else(|e| panic!("{e}\n{}", pg.lb_log()));
+        assert_eq!(answer.peer, SocketAddr::V4(target), "getpeername reports the ClusterIP");
+        pods.insert(answer.pod);
+    }
+    assert_eq!(pods.len(), 2, "both pods answer: {pods:?}");
+
+    // UDP without connect: each datagram is sent to a backend, the answer comes from the
+    // ClusterIP.
+    let (answer, from) = pg
+        .node
+        .run(|| {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            socket.send_to(b"ping", (VIP, 53)).unwrap();
+            let mut buffer = [0u8; 64];
+            let (len, from) = socket.recv_from(&mut buffer).expect("UDP answer");
+            (String::from_utf8_lossy(&buffer[..len]).into_owned(), from)
+        })
+        .unwrap();
+    assert!(answer.starts_with("pod-"), "{answer}");
+    assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(VIP, 53)));
+
+    // A process outside the cgroup (the client namespace is not the node's) is not touched:
+    // its connection still works through the TC program.
+    assert!(pg.http_requests(target, 1).unwrap()[0].is_ok());
 }

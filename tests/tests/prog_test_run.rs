@@ -5,16 +5,20 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use lb_common::DatapathConfig;
 use lb_common::{ConntrackEntry, FlowKey, counters, map_names};
 use lb_userspace::datapath::{Datapath, INGRESS_PROGRAM};
-use lb_userspace::maps::BpfMaps;
-use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
+use lb_userspace::maps::{BpfMaps, ServiceMaps};
+use lb_userspace::model::{
+    DesiredState, Frontend, FrontendPolicy, FrontendType, L4Addr, Protocol, ServicePortName,
+};
 use lb_userspace::reconcile::Reconciler;
 use tests::packet::{self, ETH_LEN, PacketSpec};
-use tests::{PrivateBpfFs, require_root};
+use tests::{NetNs, PrivateBpfFs, require_root};
 
 const PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: continue (TCX_NEXT)
 const DROP: u32 = 2; // TC_ACT_SHOT
+const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 1, 2), 40000);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -27,6 +31,7 @@ fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Frontend {
     Frontend {
         address: L4Addr { ip: VIP, port, protocol },
         frontend_type: FrontendType::ClusterIp,
+        policy: FrontendPolicy::default(),
         service: ServicePortName {
             namespace: "default".into(),
             name: "web".into(),
@@ -40,20 +45,30 @@ struct Harness {
     datapath: Datapath,
     reconciler: Reconciler<BpfMaps>,
     _bpffs: PrivateBpfFs,
+    _netns: NetNs,
 }
 
 impl Harness {
     fn new() -> Self {
         require_root();
+        // Test runs happen in the caller's namespace, whose routes the data path's FIB
+        // lookups see: an empty namespace of our own (forwarding off) makes them predictable.
+        let netns = NetNs::new(tests::unique("prog")).expect("netns");
+        let file = std::fs::File::open(netns.path()).expect("netns file");
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("joining the test's netns");
         let bpffs = PrivateBpfFs::new().expect("private bpffs");
         let mut datapath = Datapath::load(&bpffs.path().join("lb")).expect("load datapath");
         let maps = BpfMaps::from_ebpf(datapath.ebpf_mut()).expect("service maps");
         let reconciler = Reconciler::restore(maps).expect("restore");
-        Self { datapath, reconciler, _bpffs: bpffs }
+        Self { datapath, reconciler, _bpffs: bpffs, _netns: netns }
     }
 
     fn program(&mut self, frontends: Vec<Frontend>) {
-        let desired = DesiredState { frontends: frontends.into_iter().map(|f| (f.address, f)).collect() };
+        let desired = DesiredState {
+            frontends: frontends.into_iter().map(|f| (f.address, f)).collect(),
+            ..Default::default()
+        };
         let report = self.reconciler.reconcile(&desired);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
@@ -81,17 +96,34 @@ impl Harness {
     /// Runs a packet and checks verdict, output bytes and that exactly `counter` moved
     /// (besides the packet counter).
     fn expect(&mut self, what: &str, input: &[u8], verdict: u32, output: &[u8], counter: u32) {
+        self.expect_counters(what, input, verdict, output, &[counter]);
+    }
+
+    /// `expect`, for packets that also move event counters (`CONNTRACK_*`).
+    fn expect_counters(&mut self, what: &str, input: &[u8], verdict: u32, output: &[u8], moved: &[u32]) {
         let before = self.counters();
         let (got_verdict, got_output) = self.run(input);
         let after = self.counters();
         assert_eq!(got_verdict, verdict, "{what}: verdict");
         assert_eq!(got_output, output, "{what}: output packet");
-        let moved: Vec<&str> = (1..counters::COUNT as usize)
+        let got: Vec<&str> = (1..counters::COUNT as usize)
             .filter(|i| after[*i] != before[*i])
             .map(|i| counters::NAMES[i])
             .collect();
-        assert_eq!(moved, vec![counters::NAMES[counter as usize]], "{what}: counters that moved");
+        let mut want: Vec<&str> = moved.iter().map(|c| counters::NAMES[*c as usize]).collect();
+        want.sort_by_key(|name| counters::NAMES.iter().position(|n| n == name));
+        assert_eq!(got, want, "{what}: counters that moved");
         assert_eq!(after[0], before[0] + 1, "{what}: packet counter");
+    }
+
+    fn set_snat_address(&mut self, address: Ipv4Addr) {
+        let config = DatapathConfig {
+            snat_address: u32::from(address).to_be(),
+            snat_port_min: lb_common::SNAT_PORT_MIN,
+            snat_port_max: lb_common::SNAT_PORT_MAX,
+            ..Default::default()
+        };
+        self.datapath.set_config(config).expect("datapath config");
     }
 
     fn conntrack(&mut self) -> HashMap<&mut MapData, FlowKey, ConntrackEntry> {
@@ -216,11 +248,123 @@ fn packets_lb_does_not_own_pass_untouched() {
 }
 
 #[test]
-fn frontend_without_endpoints_drops() {
+fn frontend_without_endpoints_rejects_with_rst_or_icmp() {
     let mut h = Harness::new();
-    h.program(vec![frontend(80, Protocol::Tcp, vec![])]);
+    h.program(vec![frontend(80, Protocol::Tcp, vec![]), frontend(53, Protocol::Udp, vec![])]);
+    let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02);
+    let reset = packet::tcp_reset_for(&syn);
+    h.expect("SYN", &syn.build(), REDIRECT, &reset, counters::REJECT_NO_BACKEND);
+    assert!(packet::checksums_valid(&reset));
+    let ack = PacketSpec::tcp(CLIENT, (VIP, 80), 0x10);
+    h.expect("ACK", &ack.build(), REDIRECT, &packet::tcp_reset_for(&ack), counters::REJECT_NO_BACKEND);
+
+    let query = PacketSpec::udp(CLIENT, (VIP, 53));
+    let unreachable = packet::icmp_port_unreachable_for(&query);
+    h.expect("UDP", &query.build(), REDIRECT, &unreachable, counters::REJECT_NO_BACKEND);
+
+    // Never answer a RST; options are not stripped: both dropped, counted.
+    let rst = PacketSpec::tcp(CLIENT, (VIP, 80), 0x04).build();
+    h.expect("RST", &rst, DROP, &rst, counters::DROP_REJECT_FAILED);
+    let with_options =
+        PacketSpec { ip_options: vec![1, 1, 1, 1], ..PacketSpec::tcp(CLIENT, (VIP, 80), 0x02) }.build();
+    h.expect("IP options", &with_options, DROP, &with_options, counters::DROP_REJECT_FAILED);
+}
+
+#[test]
+fn local_policy_without_a_local_endpoint_drops() {
+    let mut h = Harness::new();
+    let mut empty_here = frontend(80, Protocol::Tcp, vec![]);
+    empty_here.policy = FrontendPolicy { local: true, drop_when_empty: true, ..Default::default() };
+    h.program(vec![empty_here]);
     let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
-    h.expect("no endpoints", &syn, DROP, &syn, counters::DROP_NO_BACKEND);
+    h.expect("no local endpoint", &syn, DROP, &syn, counters::DROP_NO_LOCAL_BACKEND);
+}
+
+#[test]
+fn source_ranges_admit_listed_clients_only() {
+    let mut h = Harness::new();
+    let mut lb = frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)]);
+    lb.frontend_type = FrontendType::LoadBalancer;
+    lb.policy.source_ranges = vec!["10.0.1.0/24".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
+    h.program(vec![lb.clone()]);
+    let pod = (Ipv4Addr::new(10, 244, 1, 11), 8080);
+    for client in [CLIENT, (Ipv4Addr::new(192, 0, 2, 7), 41000)] {
+        let syn = PacketSpec::tcp(client, (VIP, 80), 0x02);
+        h.expect("listed", &syn.build(), PASS, &syn.with_dst(pod).build(), counters::FORWARD_NEW_FLOW);
+    }
+    for client in [(Ipv4Addr::new(10, 0, 2, 2), 40000), (Ipv4Addr::new(192, 0, 2, 8), 40000)] {
+        let syn = PacketSpec::tcp(client, (VIP, 80), 0x02).build();
+        h.expect("not listed", &syn, DROP, &syn, counters::DROP_SOURCE_RANGE);
+    }
+    // Ranges removed: everyone may connect, and the trie holds nothing for the frontend.
+    lb.policy.source_ranges.clear();
+    h.program(vec![lb]);
+    let syn = PacketSpec::tcp((Ipv4Addr::new(10, 0, 2, 2), 40001), (VIP, 80), 0x02);
+    h.expect("after removal", &syn.build(), PASS, &syn.with_dst(pod).build(), counters::FORWARD_NEW_FLOW);
+    assert!(h.reconciler.maps().snapshot().unwrap().source_ranges.is_empty());
+}
+
+/// The source-NAT port the client direction of `flow` was given.
+fn snat_port(h: &mut Harness, flow: &FlowKey) -> u16 {
+    let entry = h.conntrack().get(flow, 0).expect("forward entry");
+    let port = u16::from_be(entry.src_port);
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&port), "{port}");
+    port
+}
+
+#[test]
+fn cluster_policy_external_traffic_is_source_natted_and_replies_come_back() {
+    let mut h = Harness::new();
+    let node = Ipv4Addr::new(192, 168, 50, 1);
+    h.set_snat_address(node);
+    let mut node_port = frontend(30080, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)]);
+    node_port.address.ip = node;
+    node_port.frontend_type = FrontendType::NodePort;
+    node_port.policy.snat = true;
+    h.program(vec![node_port]);
+    let pod = (Ipv4Addr::new(10, 244, 1, 11), 8080);
+
+    let syn = PacketSpec::tcp(CLIENT, (node, 30080), 0x02);
+    let before = h.counters();
+    let (verdict, out) = h.run(&syn.build());
+    assert_eq!(verdict, PASS);
+    let port = snat_port(&mut h, &FlowKey::new(CLIENT, (node, 30080), packet::TCP));
+    assert_eq!(out, syn.with_src((node, port)).with_dst(pod).build());
+    let after = h.counters();
+    assert_eq!(after[counters::CONNTRACK_SNAT as usize], before[counters::CONNTRACK_SNAT as usize] + 1);
+
+    let reply = PacketSpec::tcp(pod, (node, port), 0x12);
+    let expected = reply.with_src((node, 30080)).with_dst(CLIENT).build();
+    assert!(packet::checksums_valid(&expected));
+    h.expect("SYN-ACK", &reply.build(), PASS, &expected, counters::REPLY_REVERSE_NAT);
+    let ack = PacketSpec::tcp(CLIENT, (node, 30080), 0x10);
+    let expected = ack.with_src((node, port)).with_dst(pod).build();
+    h.expect("ACK", &ack.build(), PASS, &expected, counters::FORWARD_TRACKED_FLOW);
+
+    // Another client gets its own port.
+    let other = (Ipv4Addr::new(10, 0, 1, 3), 40000);
+    h.run(&PacketSpec::tcp(other, (node, 30080), 0x02).build());
+    assert_ne!(snat_port(&mut h, &FlowKey::new(other, (node, 30080), packet::TCP)), port);
+}
+
+#[test]
+fn hairpin_is_source_natted_and_without_a_node_address_dropped() {
+    let mut h = Harness::new();
+    let pod = (Ipv4Addr::new(10, 244, 1, 11), 8080);
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    let from_itself = PacketSpec::tcp((pod.0, 45000), (VIP, 80), 0x02);
+    let input = from_itself.build();
+    h.expect("no SNAT address", &input, DROP, &input, counters::DROP_SNAT_FAILED);
+
+    let node = Ipv4Addr::new(10, 244, 1, 1);
+    h.set_snat_address(node);
+    let (verdict, out) = h.run(&input);
+    assert_eq!(verdict, PASS);
+    let port = snat_port(&mut h, &FlowKey::new((pod.0, 45000), (VIP, 80), packet::TCP));
+    assert_eq!(out, from_itself.with_src((node, port)).with_dst(pod).build());
+    let reply = PacketSpec::tcp(pod, (node, port), 0x12);
+    let expected = reply.with_src((VIP, 80)).with_dst((pod.0, 45000)).build();
+    h.expect("reply to itself", &reply.build(), PASS, &expected, counters::REPLY_REVERSE_NAT);
 }
 
 #[test]
@@ -300,11 +444,40 @@ fn conntrack_records_both_directions() {
 #[test]
 fn service_entry_pointing_at_a_missing_slot_drops() {
     use lb_common::{ServiceKey, ServiceValue};
-    use lb_userspace::maps::ServiceMaps;
     let mut h = Harness::new();
     // Written by hand, as a torn update would leave it: two slots announced, none written.
     let mut maps = BpfMaps::from_pins(&h._bpffs.path().join("lb")).unwrap();
     maps.update_service(ServiceKey::new(VIP, 80, packet::TCP, 0), ServiceValue::service_entry(9, 2)).unwrap();
     let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
     h.expect("missing slot", &syn, DROP, &syn, counters::DROP_SERVICE_INCONSISTENT);
+}
+
+#[test]
+fn icmp_errors_about_a_translated_flow_are_translated_back() {
+    let mut h = Harness::new();
+    let pod = (Ipv4Addr::new(10, 244, 1, 11), 8080);
+    h.program(vec![frontend(80, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)])]);
+    let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02);
+    h.run(&syn.build());
+    // The pod says "fragmentation needed, MTU 1200" about the packet it got (client -> pod);
+    // the client must get it about the packet it sent (client -> ClusterIP), from the ClusterIP.
+    let mtu = [0, 0, 0x04, 0xb0];
+    let from_pod = packet::icmp_error(pod.0, CLIENT.0, 3, 4, mtu, &syn.with_dst(pod).build());
+    let expected = packet::icmp_error(VIP, CLIENT.0, 3, 4, mtu, &syn.build());
+    assert!(packet::icmp_checksums_valid(&expected));
+    h.expect("frag needed from the pod", &from_pod, PASS, &expected, counters::ICMP_ERROR_TRANSLATED);
+
+    // From a router on the way (not the pod): only the quote and destination change.
+    let router = Ipv4Addr::new(10, 244, 0, 254);
+    let from_router = packet::icmp_error(router, CLIENT.0, 11, 0, [0; 4], &syn.with_dst(pod).build());
+    let expected = packet::icmp_error(router, CLIENT.0, 11, 0, [0; 4], &syn.build());
+    h.expect("time exceeded", &from_router, PASS, &expected, counters::ICMP_ERROR_TRANSLATED);
+
+    // About a flow lb does not track, or not an error at all: untouched.
+    let other = PacketSpec::tcp((Ipv4Addr::new(10, 0, 9, 9), 1234), pod, 0x02).build();
+    let untracked = packet::icmp_error(pod.0, Ipv4Addr::new(10, 0, 9, 9), 3, 4, mtu, &other);
+    h.expect("untracked", &untracked, PASS, &untracked, counters::PASS_OTHER_PROTOCOL);
+    let mut echo = packet::icmp_error(pod.0, CLIENT.0, 8, 0, [0; 4], &syn.build());
+    echo[ETH_LEN + 20] = 8; // echo request, whatever follows
+    h.expect("echo", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
 }

@@ -65,6 +65,7 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
             Frontend {
                 address,
                 frontend_type: FrontendType::ClusterIp,
+                policy: Default::default(),
                 service: ServicePortName {
                     namespace: "bench".into(),
                     name: "web".into(),

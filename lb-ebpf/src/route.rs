@@ -1,0 +1,63 @@
+//! Sending a translated packet straight to its next hop (FIB lookup, then redirect) instead of
+//! through the stack's input routing. The stack would drop it as a martian: after source NAT,
+//! or on the reply of a NodePort flow, its source is one of the node's own addresses.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup as FibLookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+use crate::parse::{ETH_HEADER_LEN, Ipv4Flow};
+
+const AF_INET: u8 = 2;
+const IPV4_TTL_OFFSET: usize = 8;
+const IPV4_CHECKSUM_OFFSET: usize = 10;
+
+/// Redirects the (already rewritten) packet to the next hop towards `dst_address`. `None`
+/// leaves it to the stack: no route, forwarding off, or a TTL that the stack must answer.
+#[inline(always)]
+pub fn to_next_hop(ctx: &TcContext, flow: &Ipv4Flow, src_address: u32, dst_address: u32) -> Option<i32> {
+    let ttl_word: u16 = ctx.load(flow.l3_offset + IPV4_TTL_OFFSET).ok()?;
+    let [ttl, protocol] = ttl_word.to_ne_bytes();
+    if ttl <= 1 {
+        return None;
+    }
+    // SAFETY: plain old data; every field the kernel reads is set below.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = flow.protocol;
+    // SAFETY: reads a field of the context the program was given.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = src_address;
+    params.__bindgen_anon_4.ipv4_dst = dst_address;
+    // SAFETY: helper call with a pointer to a stack struct of the size passed.
+    let result =
+        unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &mut params, size_of::<FibLookup>() as i32, 0) } as u32;
+    if result != BPF_FIB_LKUP_RET_SUCCESS && result != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return None;
+    }
+    // Forwarded here, so the TTL drops here.
+    let new_word = u16::from_ne_bytes([ttl - 1, protocol]);
+    ctx.l3_csum_replace(flow.l3_offset + IPV4_CHECKSUM_OFFSET, u64::from(ttl_word), u64::from(new_word), 2)
+        .ok()?;
+    ctx.store(flow.l3_offset + IPV4_TTL_OFFSET, &new_word, 0).ok()?;
+    let action = if result == BPF_FIB_LKUP_RET_SUCCESS {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&params.dmac);
+        macs[6..].copy_from_slice(&params.smac);
+        ctx.store(0, &macs, 0).ok()?;
+        const _: () = assert!(ETH_HEADER_LEN >= 12);
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(params.ifindex, 0) }
+    } else {
+        // No neighbour entry yet: the kernel resolves it and sends the packet.
+        // SAFETY: plain helper call; no parameters passed.
+        unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
+    };
+    (action == i64::from(TC_ACT_REDIRECT)).then_some(TC_ACT_REDIRECT)
+}

@@ -1,0 +1,110 @@
+//! Socket-level load balancing for the node's own traffic (host processes, hostNetwork pods).
+//! Their packets to a frontend never arrive on an interface lb sits on, so the frontend is
+//! swapped for a backend where the socket names it: at connect() and at each UDP sendmsg().
+//! getpeername() and recvmsg() then report the frontend again, so the application only ever
+//! sees the address it asked for. Only sockets in lb's own network namespace are touched: a
+//! pod's traffic is translated on its interface.
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use lb_common::{SocketFrontend, SocketKey, counters};
+
+use crate::{
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SERVICES, LB_SOCKETS, count},
+    select,
+};
+
+/// What a cgroup/sock_addr program returns: go on, or fail the call with EPERM.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx)
+}
+
+#[inline(always)]
+fn in_node_namespace(ctx: &SockAddrContext) -> bool {
+    let Some(config) = LB_CONFIG.get(0) else { return false };
+    // SAFETY: helper call on the program's own context.
+    config.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == config.netns_cookie
+}
+
+/// Replaces a frontend address the socket is about to use with one of its backends.
+#[inline(always)]
+fn to_backend(ctx: &SockAddrContext) -> i32 {
+    if !in_node_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the kernel passes a valid context for the program's whole run.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Ok(protocol) = u8::try_from(addr.protocol) else { return ALLOW };
+    let (frontend_address, frontend_port) = (addr.user_ip4, addr.user_port as u16);
+    let key = lb_common::ServiceKey {
+        address: frontend_address,
+        port: frontend_port,
+        backend_slot: 0,
+        protocol,
+        scope: 0,
+        _pad: [0; 2],
+    };
+    // SAFETY (map reads): values are copied out at once.
+    let Some(service) = (unsafe { LB_SERVICES.get(key) }).copied() else { return ALLOW };
+    if service.backend_count == 0 {
+        count(counters::SOCKET_REFUSED);
+        return REFUSE;
+    }
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let hash = select::mix((cookie as u32) ^ ((cookie >> 32) as u32) ^ frontend_address);
+    let slot_key = key.with_slot(select::backend_slot(hash, service.backend_count));
+    let Some(slot) = (unsafe { LB_SERVICES.get(slot_key) }).copied() else { return ALLOW };
+    let Some(backend) = (unsafe { LB_BACKENDS.get(slot.backend_id) }).copied() else { return ALLOW };
+    let socket = SocketKey { cookie, backend_address: backend.address, backend_port: backend.port, _pad: 0 };
+    let frontend = SocketFrontend { address: frontend_address, port: frontend_port, _pad: 0 };
+    if LB_SOCKETS.insert(&socket, &frontend, 0).is_err() {
+        count(counters::CONNTRACK_INSERT_FAILED);
+    }
+    addr.user_ip4 = backend.address;
+    addr.user_port = u32::from(backend.port);
+    count(counters::SOCKET_TRANSLATED);
+    ALLOW
+}
+
+/// Reports the frontend in place of the backend a translated socket talks to.
+#[inline(always)]
+fn to_frontend(ctx: &SockAddrContext) -> i32 {
+    if !in_node_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let socket =
+        SocketKey { cookie, backend_address: addr.user_ip4, backend_port: addr.user_port as u16, _pad: 0 };
+    // SAFETY: copied out at once.
+    if let Some(frontend) = unsafe { LB_SOCKETS.get(&socket) }.copied() {
+        addr.user_ip4 = frontend.address;
+        addr.user_port = u32::from(frontend.port);
+    }
+    ALLOW
+}

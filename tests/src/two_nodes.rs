@@ -1,0 +1,282 @@
+//! Two nodes, each running its own lb with its own pods, and an external client, all on one
+//! LAN (a bridge in a namespace of its own). Nothing links to the root namespace.
+//!
+//! ```text
+//!  client ns  eth0 192.168.50.100/24 (+ .101)  ─┐
+//!  node1 ns   uplink 192.168.50.1/24           ─┼─ lan ns: bridge br0
+//!  node2 ns   uplink 192.168.50.2/24           ─┘
+//!  node<N>:   lbp<i> 10.244.<N>.1/32 ── pod ns eth0 10.244.<N>.<host>/32
+//!             route 10.244.<other>.0/24 via 192.168.50.<other>
+//! ```
+//!
+//! The client has no route to pod addresses: it reaches pods only through node addresses,
+//! LoadBalancer IPs and externalIPs, which it routes to node1 as a cloud load balancer or a
+//! router would.
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
+
+use crate::playground::{HttpAnswer, http_exchange, http_get, http_server};
+use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, veth};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+/// A second client address, for source-range checks.
+pub const OTHER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 101);
+
+pub fn node_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 50, node as u8)
+}
+
+pub fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node as u8, host)
+}
+
+pub struct PodNs {
+    pub name: String,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub ns: NetNs,
+}
+
+pub struct Node {
+    pub index: usize,
+    pub ns: NetNs,
+    pub bpf_dir: PathBuf,
+    pub log: PathBuf,
+    lb: Option<Child>,
+    /// The cgroup this node's lb attaches its socket programs to.
+    pub cgroup: TestCgroup,
+    _bpffs: PrivateBpfFs,
+}
+
+pub struct TwoNodes {
+    pub client: NetNs,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<PodNs>,
+    pub manifests: PathBuf,
+    work_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    _lan: NetNs,
+}
+
+impl TwoNodes {
+    /// The namespaces and links; `pods` are (name, node 1 or 2, host part of the address).
+    pub fn new(prefix: &str, pods: &[(&str, usize, u8)]) -> Result<Self> {
+        let work_dir = std::env::temp_dir().join(prefix);
+        std::fs::create_dir_all(work_dir.join("manifests"))?;
+        let lan = NetNs::new(format!("{prefix}-lan"))?;
+        lan.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        lan.exec(&["ip", "link", "set", "br0", "up"])?;
+        let client = NetNs::new(format!("{prefix}-client"))?;
+        veth(&client, "eth0", &format!("{CLIENT_IP}/24"), &lan, "lan-client", "0.0.0.0/32")?;
+        client.exec(&["ip", "addr", "add", &format!("{OTHER_CLIENT_IP}/24"), "dev", "eth0"])?;
+        lan.exec(&["ip", "addr", "flush", "dev", "lan-client"])?;
+        lan.exec(&["ip", "link", "set", "lan-client", "master", "br0"])?;
+
+        let mut nodes = Vec::new();
+        for index in 1..=2 {
+            let ns = NetNs::new(format!("{prefix}-node{index}"))?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            for scope in ["all", "default"] {
+                ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+            }
+            let lan_side = format!("lan-node{index}");
+            veth(&ns, "uplink", &format!("{}/24", node_ip(index)), &lan, &lan_side, "0.0.0.0/32")?;
+            lan.exec(&["ip", "addr", "flush", "dev", &lan_side])?;
+            lan.exec(&["ip", "link", "set", &lan_side, "master", "br0"])?;
+            let other = 3 - index;
+            ns.exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("10.244.{other}.0/24"),
+                "via",
+                &node_ip(other).to_string(),
+            ])?;
+            let bpffs = PrivateBpfFs::new()?;
+            nodes.push(Node {
+                index,
+                ns,
+                bpf_dir: bpffs.path().join("lb"),
+                log: work_dir.join(format!("lb-node{index}.log")),
+                lb: None,
+                cgroup: TestCgroup::new()?,
+                _bpffs: bpffs,
+            });
+        }
+        let mut pod_namespaces = Vec::new();
+        for (i, (name, node, host)) in pods.iter().enumerate() {
+            let ip = pod_ip(*node, *host);
+            let ns = NetNs::new(format!("{prefix}-p{i}"))?;
+            let gateway = format!("10.244.{node}.1");
+            let node_ns = &nodes[node - 1].ns;
+            let node_if = format!("lbp{i}");
+            veth(&ns, "eth0", &format!("{ip}/32"), node_ns, &node_if, &format!("{gateway}/32"))?;
+            node_ns.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if])?;
+            ns.exec(&["ip", "route", "add", &gateway, "dev", "eth0"])?;
+            ns.exec(&["ip", "route", "add", "default", "via", &gateway])?;
+            pod_namespaces.push(PodNs { name: name.to_string(), node: *node, ip, ns });
+        }
+        Ok(Self {
+            client,
+            nodes,
+            pods: pod_namespaces,
+            manifests: work_dir.join("manifests"),
+            work_dir,
+            stop: Arc::new(AtomicBool::new(false)),
+            _lan: lan,
+        })
+    }
+
+    /// Routes `address` from the client to node `node`, as a load balancer or router would.
+    pub fn route_to_node(&self, address: Ipv4Addr, node: usize) -> Result<()> {
+        self.client.exec(&["ip", "route", "add", &format!("{address}/32"), "via", &node_ip(node).to_string()])
+    }
+
+    /// An HTTP server in every pod, answering with its name and the caller's address.
+    pub fn serve_http(&self, port: u16) -> Result<()> {
+        for pod in &self.pods {
+            let listener = pod.ns.run(move || TcpListener::bind(("0.0.0.0", port)))??;
+            listener.set_nonblocking(true)?;
+            let (name, stop) = (pod.name.clone(), self.stop.clone());
+            std::thread::spawn(move || http_server(listener, name, stop));
+        }
+        Ok(())
+    }
+
+    pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Starts lb on both nodes, on their pods' veths and their uplink.
+    pub fn start_lb(&mut self) -> Result<()> {
+        for node in &mut self.nodes {
+            let netns = std::fs::File::open(node.ns.path())?;
+            let log = std::fs::File::create(&node.log)?;
+            let mut command = Command::new(lb_binary());
+            command
+                .arg("run")
+                .arg("--manifests")
+                .arg(&self.manifests)
+                .args(["--interfaces", "lbp*", "--external-interfaces", "uplink"])
+                .args(["--nodeport-addresses", "192.168.50.0/24"])
+                .args(["--hostname-override", &format!("node{}", node.index)])
+                .args(["--healthz-bind-address", ""])
+                .arg("--bpf-dir")
+                .arg(&node.bpf_dir)
+                .arg("--cgroup-path")
+                .arg(node.cgroup.path())
+                .arg("--state-dir")
+                .arg(self.work_dir.join(format!("state{}", node.index)))
+                .env("LB_LOG", "info,lb_userspace=debug")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            let fd = netns.as_raw_fd();
+            // SAFETY: setns is a single syscall, safe between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            node.lb = Some(command.spawn().with_context(|| format!("starting {}", lb_binary().display()))?);
+        }
+        Ok(())
+    }
+
+    /// Waits until `ready` holds for node `node`'s maps.
+    pub fn wait_for_maps(
+        &self,
+        node: usize,
+        timeout: Duration,
+        ready: impl Fn(&MapsSnapshot) -> bool,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let dir = &self.nodes[node - 1].bpf_dir;
+        while start.elapsed() < timeout {
+            let snapshot = BpfMaps::from_pins(dir).and_then(|m| m.snapshot()).unwrap_or_default();
+            if ready(&snapshot) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("node{node}'s maps did not get ready within {timeout:?}; log:\n{}", self.log(node))
+    }
+
+    pub fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(&self.nodes[node - 1].log).unwrap_or_default()
+    }
+
+    /// `lb services` for node `node`.
+    pub fn services_table(&self, node: usize) -> Result<String> {
+        let out = Command::new(lb_binary())
+            .args(["services", "--bpf-dir"])
+            .arg(&self.nodes[node - 1].bpf_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("lb services: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `count` HTTP requests from `ns`, each on a new connection, from `source` if given.
+    pub fn http_from(
+        ns: &NetNs,
+        source: Option<Ipv4Addr>,
+        target: SocketAddrV4,
+        count: usize,
+    ) -> Result<Vec<Result<HttpAnswer, String>>> {
+        ns.run(move || {
+            (0..count).map(|_| http_get_from(source, target).map_err(|e| format!("{e:#}"))).collect()
+        })
+    }
+}
+
+/// `http_get`, optionally bound to a source address first.
+fn http_get_from(source: Option<Ipv4Addr>, target: SocketAddrV4) -> Result<HttpAnswer> {
+    match source {
+        None => http_get(target),
+        Some(source) => {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddrV4::new(source, 0).into())?;
+            socket.connect_timeout(&target.into(), Duration::from_secs(2))?;
+            http_exchange(socket.into())
+        }
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.lb.take() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
