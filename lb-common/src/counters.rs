@@ -59,8 +59,15 @@ pub const SOCKET_TRANSLATED: u32 = 21;
 /// A socket of the node's own refused: the frontend has no usable endpoint (socket programs;
 /// not a packet).
 pub const SOCKET_REFUSED: u32 = 22;
+/// XDP translated a packet and sent it back out the interface it came in on (a remote
+/// backend, or a reply to an external client), before the stack saw it. The packet's verdict:
+/// the TC program never sees it.
+pub const XDP_TX: u32 = 23;
+/// XDP left a packet to the TC program (its next hop is another interface, or it is not
+/// XDP's to handle): an event on top of TC's verdict.
+pub const XDP_PASS: u32 = 24;
 
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 25;
 
 /// Names in index order, for display.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -87,6 +94,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "icmp_error_translated",
     "socket_translated",
     "socket_refused",
+    "xdp_tx",
+    "xdp_pass",
 ];
 
 /// Whether the counter at `index` is a verdict (exactly one per packet).
@@ -99,6 +108,7 @@ pub const fn is_verdict(index: u32) -> bool {
             | CONNTRACK_SNAT
             | SOCKET_TRANSLATED
             | SOCKET_REFUSED
+            | XDP_PASS
     ) && index < COUNT
 }
 

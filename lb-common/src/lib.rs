@@ -125,6 +125,9 @@ pub mod service_flags {
     /// The frontend address is one of the node's own (NodePort): replies leave with it as
     /// their source, so they are routed by the data path (`conntrack_flags::ROUTE`).
     pub const NODE_ADDRESS: u16 = 1 << 4;
+    /// Not a ClusterIP: NodePort, LoadBalancer or externalIP traffic, which the XDP program
+    /// on the external interfaces takes on.
+    pub const EXTERNAL: u16 = 1 << 5;
 }
 
 impl ServiceValue {

@@ -1,10 +1,13 @@
-//! lb's TC ingress program. Attached to every interface that carries Service traffic, it
-//! translates a client's packets to a frontend (ClusterIP:port) into packets to a backend pod,
-//! and the backend's replies back to the frontend.
+//! lb's data path. The TC ingress program, attached to every interface that carries Service
+//! traffic, translates a client's packets to a frontend into packets to a backend pod, and the
+//! backend's replies back to the frontend. Beside it: an XDP program for the external
+//! interfaces (`xdp`) and cgroup socket programs for the node's own connections (`socket`).
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod csum;
+mod flow;
 mod icmp;
 mod maps;
 mod nat;
@@ -14,18 +17,12 @@ mod route;
 mod select;
 mod socket;
 mod verdict;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, maps::lpm_trie::Key, programs::TcContext};
-use aya_log_ebpf::error;
-use lb_common::{
-    ConntrackEntry, FlowKey, ServiceKey, SourceRangeKey, conntrack_flags, counters, service_flags,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use lb_common::{ConntrackEntry, FlowKey, conntrack_flags, counters};
 
-use crate::{
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SERVICES, LB_SOURCE_RANGES, count},
-    parse::Ipv4Flow,
-    verdict::Verdict,
-};
+use crate::{flow::NewFlow, maps::count, parse::Ipv4Flow, verdict::Verdict};
 
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
@@ -65,65 +62,12 @@ fn try_lb_ingress(ctx: &TcContext) -> Result<Verdict, Verdict> {
 
 #[inline(always)]
 fn forward_new_flow(ctx: &TcContext, flow: &Ipv4Flow, key: &FlowKey) -> Result<Verdict, Verdict> {
-    let service_key = ServiceKey {
-        address: flow.dst_address,
-        port: flow.dst_port,
-        backend_slot: 0,
-        protocol: flow.protocol,
-        scope: 0,
-        _pad: [0; 2],
-    };
-    // SAFETY (all map reads below): values are copied out at once.
-    let Some(service) = (unsafe { LB_SERVICES.get(service_key) }).copied() else {
-        return Ok(Verdict::pass(counters::PASS_NOT_SERVICE));
-    };
-    if service.flags & service_flags::SOURCE_RANGES != 0 {
-        let range_key = Key::new(
-            SourceRangeKey::prefix_len(32),
-            SourceRangeKey { service_id: service.service_id.to_be(), address: flow.src_address },
-        );
-        if LB_SOURCE_RANGES.get(range_key).is_none() {
-            return Ok(Verdict::drop(counters::DROP_SOURCE_RANGE));
-        }
+    match flow::new_flow(ctx, flow, key, false) {
+        NewFlow::NotService => Ok(Verdict::pass(counters::PASS_NOT_SERVICE)),
+        NewFlow::Reject => reject::reject(ctx, flow),
+        NewFlow::Drop(counter) => Ok(Verdict::drop(counter)),
+        NewFlow::Tracked(entry) => translate(ctx, flow, &entry, counters::FORWARD_NEW_FLOW),
     }
-    if service.backend_count == 0 {
-        if service.flags & service_flags::DROP_WHEN_EMPTY != 0 {
-            return Ok(Verdict::drop(counters::DROP_NO_LOCAL_BACKEND));
-        }
-        return reject::reject(ctx, flow);
-    }
-    let hash = select::flow_hash(flow);
-    let slot_key = service_key.with_slot(select::backend_slot(hash, service.backend_count));
-    // Only a controller bug (or a torn update) gets here: worth a log line, off the fast path.
-    let inconsistent = |what: &str| {
-        error!(ctx, "service {} slot {}: {} missing", service.service_id, slot_key.backend_slot, what);
-        Verdict::drop(counters::DROP_SERVICE_INCONSISTENT)
-    };
-    let slot = unsafe { LB_SERVICES.get(slot_key) }.copied().ok_or_else(|| inconsistent("slot"))?;
-    let backend =
-        unsafe { LB_BACKENDS.get(slot.backend_id) }.copied().ok_or_else(|| inconsistent("backend"))?;
-
-    // Source NAT for external traffic under Cluster policy, and for hairpin: a pod reaching
-    // itself through the Service would otherwise get a packet from its own address.
-    let snat_address = if service.flags & service_flags::SNAT != 0 || flow.src_address == backend.address {
-        match LB_CONFIG.get(0).map(|config| config.snat_address) {
-            Some(address) if address != 0 => Some(address),
-            _ => return Ok(Verdict::drop(counters::DROP_SNAT_FAILED)),
-        }
-    } else {
-        None
-    };
-    let route_replies = service.flags & service_flags::NODE_ADDRESS != 0;
-    let entry = conntrack::track(
-        key,
-        hash,
-        service.service_id,
-        slot.backend_id,
-        &backend,
-        snat_address,
-        route_replies,
-    )?;
-    translate(ctx, flow, &entry, counters::FORWARD_NEW_FLOW)
 }
 
 /// Rewrites the packet as `entry` says and sends it on: to its next hop directly when its

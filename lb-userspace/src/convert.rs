@@ -468,6 +468,7 @@ pub fn service_frontends(
                     drop_when_empty,
                     source_ranges,
                     node_address: frontend_type == FrontendType::NodePort,
+                    external: frontend_type.is_external(),
                 },
                 service: name.clone(),
                 backends,

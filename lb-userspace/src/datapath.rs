@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, PerCpuArray};
 use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{DatapathConfig, counters, map_names};
 
@@ -14,6 +15,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The TC ingress program's name in the object.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+/// The XDP program for the external interfaces.
+pub const XDP_PROGRAM: &str = "lb_xdp";
 /// The cgroup socket programs (socket-level load balancing for the node's own traffic).
 pub const SOCKET_PROGRAMS: [&str; 4] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4", "lb_getpeername4"];
 
@@ -63,6 +66,14 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("attaching {name} to {interface} in {mode} mode: {source}")]
+    AttachXdp {
+        name: &'static str,
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("reading counters: {0}")]
     Counters(#[source] aya::maps::MapError),
     #[error("writing the data path's settings to {map}: {source}")]
@@ -105,6 +116,19 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// Interface name -> (its index when attached, the link).
     attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// Interface name -> the XDP program's link there.
+    xdp_attached: BTreeMap<String, XdpLinkId>,
+}
+
+/// How the XDP program is attached to the external interfaces (`--xdp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XdpAttach {
+    /// In the driver, before any skb exists.
+    #[default]
+    Native,
+    /// In the stack's generic hook: works on any device, for less gain.
+    Generic,
+    Off,
 }
 
 impl Datapath {
@@ -143,7 +167,7 @@ impl Datapath {
             .and_then(|p| p.try_into().ok())
             .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
         program.load().map_err(|source| DatapathError::LoadProgram { name: INGRESS_PROGRAM, source })?;
-        Ok(Self { ebpf, attached: BTreeMap::new() })
+        Ok(Self { ebpf, attached: BTreeMap::new(), xdp_attached: BTreeMap::new() })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -222,6 +246,32 @@ impl Datapath {
         array.set(0, config, 0).map_err(config_error)
     }
 
+    /// Attaches the XDP program to an external interface. On failure the TC program, attached
+    /// there too, still handles all of its traffic.
+    pub fn attach_xdp(&mut self, interface: &str, attach: XdpAttach) -> Result<(), DatapathError> {
+        let (mode, name) = match attach {
+            XdpAttach::Off => return Ok(()),
+            XdpAttach::Native => (XdpMode::Driver, "native"),
+            XdpAttach::Generic => (XdpMode::Skb, "generic"),
+        };
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { name: XDP_PROGRAM })?;
+        if program.fd().is_err() {
+            program.load().map_err(|source| DatapathError::LoadProgram { name: XDP_PROGRAM, source })?;
+        }
+        let link = program.attach(interface, mode).map_err(|source| DatapathError::AttachXdp {
+            name: XDP_PROGRAM,
+            interface: interface.to_string(),
+            mode: name,
+            source: Box::new(source),
+        })?;
+        self.xdp_attached.insert(interface.to_string(), link);
+        Ok(())
+    }
+
     /// Loads the socket programs and attaches them to the cgroup at `cgroup_path`: the node's
     /// own connections to frontends (host processes in that cgroup) are translated there. They
     /// translate only sockets in the namespace whose cookie `set_config` wrote.
@@ -249,6 +299,14 @@ impl Datapath {
 
     /// Detaches from every interface. Dropping the `Datapath` does the same.
     pub fn detach_all(&mut self) {
+        let xdp_attached = std::mem::take(&mut self.xdp_attached);
+        if let Some(program) = self.ebpf.program_mut(XDP_PROGRAM).and_then(|p| <&mut Xdp>::try_from(p).ok()) {
+            for (interface, link) in xdp_attached {
+                if let Err(error) = program.detach(link) {
+                    tracing::warn!(%interface, %error, "detaching XDP");
+                }
+            }
+        }
         let attached = std::mem::take(&mut self.attached);
         let Some(program) = self.classifier() else { return };
         for (interface, (_, link)) in attached {

@@ -63,6 +63,10 @@ struct RunArgs {
     /// the first address on them is what external Cluster-policy traffic is source-NATed to.
     #[arg(long, value_delimiter = ',')]
     external_interfaces: Vec<String>,
+    /// How the XDP program is attached to the external interfaces: in the driver (native), in
+    /// the stack's generic hook, or not at all. Where it cannot attach, TC does all the work.
+    #[arg(long, value_enum, default_value = "native")]
+    xdp: XdpArg,
     /// Node addresses that take NodePort traffic, as CIDRs, comma separated (kube-proxy's
     /// flag); by default every non-loopback address of the node.
     #[arg(long, value_delimiter = ',')]
@@ -113,6 +117,13 @@ struct RunArgs {
     /// Manifests mode: where lb remembers the ClusterIPs it allocated.
     #[arg(long, default_value = "/var/lib/lb")]
     state_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum XdpArg {
+    Native,
+    Generic,
+    Off,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -181,6 +192,11 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
             external_interfaces: args.external_interfaces,
         },
         cgroup_path,
+        xdp: match args.xdp {
+            XdpArg::Native => datapath::XdpAttach::Native,
+            XdpArg::Generic => datapath::XdpAttach::Generic,
+            XdpArg::Off => datapath::XdpAttach::Off,
+        },
     })
 }
 

@@ -124,6 +124,8 @@ pub struct FrontendPolicy {
     pub source_ranges: Vec<ipnet::Ipv4Net>,
     /// The frontend address is one of the node's own (NodePort).
     pub node_address: bool,
+    /// Not a ClusterIP: traffic from outside the cluster.
+    pub external: bool,
 }
 
 impl FrontendPolicy {
@@ -137,6 +139,7 @@ impl FrontendPolicy {
             (self.drop_when_empty, DROP_WHEN_EMPTY),
             (self.local, LOCAL_POLICY),
             (self.node_address, NODE_ADDRESS),
+            (self.external, EXTERNAL),
         ] {
             if set {
                 flags |= flag;

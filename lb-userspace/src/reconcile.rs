@@ -547,6 +547,7 @@ pub fn flag_names(flags: u16) -> String {
         (DROP_WHEN_EMPTY, "drop-when-empty"),
         (LOCAL_POLICY, "local"),
         (NODE_ADDRESS, "node-address"),
+        (EXTERNAL, "external"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)

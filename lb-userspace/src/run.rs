@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub healthz_bind_address: Option<SocketAddr>,
     /// Which node addresses take NodePort traffic and which one source-NAT uses.
     pub node_addresses: NodeAddressConfig,
+    /// How the XDP program goes on the external interfaces.
+    pub xdp: datapath::XdpAttach,
     /// The cgroup whose processes' sockets are load-balanced at connect/sendmsg (the node's
     /// own traffic); `None` leaves them alone.
     pub cgroup_path: Option<PathBuf>,
@@ -314,6 +316,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     attach_selected(&mut datapath, &selector);
     if datapath.attached().next().is_none() {
         tracing::warn!(interfaces = ?options.interfaces, "no interface matches yet; waiting for one to appear");
+    }
+    for interface in &options.node_addresses.external_interfaces {
+        match datapath.attach_xdp(interface, options.xdp) {
+            Ok(()) if options.xdp != datapath::XdpAttach::Off => {
+                tracing::info!(%interface, mode = ?options.xdp, "XDP attached")
+            }
+            Ok(()) => {}
+            Err(error) => tracing::warn!("{error}; TC handles this interface's traffic alone"),
+        }
     }
     if let Some(path) = &options.cgroup_path {
         datapath.attach_sockets(path)?;

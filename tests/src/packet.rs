@@ -50,6 +50,9 @@ pub struct PacketSpec {
     pub fragment: u16,
     /// Leave the UDP checksum at 0 ("no checksum").
     pub udp_zero_checksum: bool,
+    pub ttl: u8,
+    /// Ethernet destination and source; `ethernet_header`'s by default.
+    pub macs: Option<([u8; 6], [u8; 6])>,
 }
 
 impl PacketSpec {
@@ -63,6 +66,8 @@ impl PacketSpec {
             ip_options: Vec::new(),
             fragment: 0,
             udp_zero_checksum: false,
+            ttl: 64,
+            macs: None,
         }
     }
 
@@ -114,7 +119,7 @@ impl PacketSpec {
         ip.extend_from_slice(&((header_len + l4.len()) as u16).to_be_bytes());
         ip.extend_from_slice(&0x1234u16.to_be_bytes()); // id
         ip.extend_from_slice(&self.fragment.to_be_bytes());
-        ip.push(64); // ttl
+        ip.push(self.ttl);
         ip.push(self.protocol);
         ip.extend_from_slice(&[0, 0]);
         ip.extend_from_slice(&self.src.0.octets());
@@ -124,6 +129,10 @@ impl PacketSpec {
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
 
         let mut frame = ethernet_header(0x0800);
+        if let Some((dst, src)) = self.macs {
+            frame[..6].copy_from_slice(&dst);
+            frame[6..12].copy_from_slice(&src);
+        }
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(&l4);
         frame

@@ -63,6 +63,8 @@ pub struct TwoNodes {
     pub nodes: Vec<Node>,
     pub pods: Vec<PodNs>,
     pub manifests: PathBuf,
+    /// `--xdp` for both lbs: "off" unless a test sets it, so the TC path is what is tested.
+    pub xdp: &'static str,
     work_dir: PathBuf,
     stop: Arc<AtomicBool>,
     _lan: NetNs,
@@ -131,6 +133,7 @@ impl TwoNodes {
             nodes,
             pods: pod_namespaces,
             manifests: work_dir.join("manifests"),
+            xdp: "off",
             work_dir,
             stop: Arc::new(AtomicBool::new(false)),
             _lan: lan,
@@ -171,7 +174,7 @@ impl TwoNodes {
                 .arg("--manifests")
                 .arg(&self.manifests)
                 .args(["--interfaces", "lbp*", "--external-interfaces", "uplink"])
-                .args(["--nodeport-addresses", "192.168.50.0/24"])
+                .args(["--nodeport-addresses", "192.168.50.0/24", "--xdp", self.xdp])
                 .args(["--hostname-override", &format!("node{}", node.index)])
                 .args(["--healthz-bind-address", ""])
                 .arg("--bpf-dir")
@@ -216,6 +219,24 @@ impl TwoNodes {
             std::thread::sleep(Duration::from_millis(10));
         }
         bail!("node{node}'s maps did not get ready within {timeout:?}; log:\n{}", self.log(node))
+    }
+
+    /// `lb counters` for node `node`, by name.
+    pub fn counters(&self, node: usize) -> Result<std::collections::BTreeMap<String, u64>> {
+        let out = Command::new(lb_binary())
+            .args(["counters", "--bpf-dir"])
+            .arg(&self.nodes[node - 1].bpf_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("lb counters: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                Some((words.next()?.to_string(), words.next()?.parse().ok()?))
+            })
+            .collect())
     }
 
     pub fn log(&self, node: usize) -> String {

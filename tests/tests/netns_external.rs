@@ -89,8 +89,13 @@ fn manifests() -> String {
 }
 
 fn started() -> TwoNodes {
+    started_with_xdp("off")
+}
+
+fn started_with_xdp(xdp: &'static str) -> TwoNodes {
     require_root();
     let mut nodes = TwoNodes::new(&tests::unique("ext"), &[("pod-a", 1, 11), ("pod-b", 2, 11)]).unwrap();
+    nodes.xdp = xdp;
     nodes.serve_http(HTTP).unwrap();
     for address in [LB_IP, RANGED_LB_IP, EXTERNAL_IP] {
         nodes.route_to_node(address, 1).unwrap();
@@ -310,4 +315,22 @@ fn the_nodes_own_processes_reach_node_ports_at_the_socket() {
         })
         .collect();
     assert_eq!(seen, BTreeSet::from(["pod-a".to_string(), "pod-b".to_string()]));
+}
+
+#[test]
+fn xdp_forwards_node_port_traffic_for_remote_pods_and_tc_does_the_rest() {
+    let nodes = started_with_xdp("generic");
+    assert!(nodes.log(1).contains("XDP attached"), "{}", nodes.log(1));
+    let before = nodes.counters(1).unwrap();
+    // Cluster policy: pod-b's traffic goes back out node1's uplink from XDP (both ways);
+    // pod-a's is left to TC. Both work, source-NATed to node1.
+    let seen = answers(&nodes, None, SocketAddrV4::new(node_ip(1), 30080), 40);
+    assert_eq!(seen, set(&[("pod-a", node_ip(1)), ("pod-b", node_ip(1))]));
+    // Local policy on node1: its own pod only, through TC after XDP passes it.
+    let seen = answers(&nodes, None, SocketAddrV4::new(LB_IP, 80), 10);
+    assert_eq!(seen, set(&[("pod-a", CLIENT_IP)]));
+    let after = nodes.counters(1).unwrap();
+    let moved = |name: &str| after[name] - before[name];
+    assert!(moved("xdp_tx") > 0, "XDP sent nothing back out: {after:?}");
+    assert!(moved("xdp_pass") > 0, "XDP passed nothing to TC: {after:?}");
 }

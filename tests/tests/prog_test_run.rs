@@ -4,10 +4,10 @@
 use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb_common::DatapathConfig;
 use lb_common::{ConntrackEntry, FlowKey, counters, map_names};
-use lb_userspace::datapath::{Datapath, INGRESS_PROGRAM};
+use lb_userspace::datapath::{Datapath, INGRESS_PROGRAM, XDP_PROGRAM};
 use lb_userspace::maps::{BpfMaps, ServiceMaps};
 use lb_userspace::model::{
     DesiredState, Frontend, FrontendPolicy, FrontendType, L4Addr, Protocol, ServicePortName,
@@ -480,4 +480,101 @@ fn icmp_errors_about_a_translated_flow_are_translated_back() {
     let mut echo = packet::icmp_error(pod.0, CLIENT.0, 8, 0, [0; 4], &syn.build());
     echo[ETH_LEN + 20] = 8; // echo request, whatever follows
     h.expect("echo", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
+}
+
+/// Runs the XDP program on `input` as if it arrived on `ingress` (an interface index).
+fn run_xdp(h: &mut Harness, ingress: u32, input: &[u8]) -> (u32, Vec<u8>) {
+    let program: &mut Xdp = h.datapath.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+    if program.fd().is_err() {
+        program.load().expect("loading the XDP program");
+    }
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    let mut out = vec![0u8; 512];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (XDP)");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// An interface's MAC address, from this thread's namespace (sysfs shows the mounter's).
+fn mac_of(interface: &str) -> [u8; 6] {
+    nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter(|entry| entry.interface_name == interface)
+        .find_map(|entry| entry.address?.as_link_addr()?.addr())
+        .expect("interface has a MAC address")
+}
+
+#[test]
+fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+    let mut h = Harness::new();
+    // The harness namespace becomes a node: uplink lbx0 (192.168.50.1) with a peer, the other
+    // node at .2 (pods 10.244.2.0/24 behind it) and the client at .100, both known neighbours.
+    let (other_node_mac, client_mac) = ([2, 0, 0, 0, 0, 0x22], [2, 0, 0, 0, 0, 0x64]);
+    for command in [
+        "ip link add lbx0 type veth peer name lbx1",
+        "ip link set lbx0 up",
+        "ip link set lbx1 up",
+        "ip addr add 192.168.50.1/24 dev lbx0",
+        "ip neigh add 192.168.50.2 lladdr 02:00:00:00:00:22 dev lbx0 nud permanent",
+        "ip neigh add 192.168.50.100 lladdr 02:00:00:00:00:64 dev lbx0 nud permanent",
+        "ip route add 10.244.2.0/24 via 192.168.50.2",
+        "sysctl -qw net.ipv4.ip_forward=1",
+    ] {
+        let args: Vec<&str> = command.split(' ').collect();
+        let status = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(status.success(), "{command}");
+    }
+    let ingress = nix::net::if_::if_nametoindex("lbx0").unwrap();
+    let uplink_mac = mac_of("lbx0");
+    let node = Ipv4Addr::new(192, 168, 50, 1);
+    let client = (Ipv4Addr::new(192, 168, 50, 100), 40000);
+    h.set_snat_address(node);
+    let remote = L4Addr { ip: Ipv4Addr::new(10, 244, 2, 11), port: 8080, protocol: Protocol::Tcp };
+    let mut node_port = frontend(30080, Protocol::Tcp, vec![remote]);
+    node_port.address.ip = node;
+    node_port.frontend_type = FrontendType::NodePort;
+    node_port.policy =
+        FrontendPolicy { snat: true, node_address: true, external: true, ..Default::default() };
+    let mut cluster_ip = frontend(80, Protocol::Tcp, vec![remote]);
+    cluster_ip.policy = FrontendPolicy::default();
+    h.program(vec![node_port, cluster_ip]);
+
+    // New flow to the NodePort: translated, source-NATed, TTL down, MACs for the other node.
+    let syn = PacketSpec::tcp(client, (node, 30080), 0x02);
+    let (action, out) = run_xdp(&mut h, ingress, &syn.build());
+    assert_eq!(action, XDP_TX);
+    let port = snat_port(&mut h, &FlowKey::new(client, (node, 30080), packet::TCP));
+    let expected = PacketSpec { ttl: 63, macs: Some((other_node_mac, uplink_mac)), ..syn.clone() }
+        .with_src((node, port))
+        .with_dst((remote.ip, remote.port))
+        .build();
+    assert!(packet::checksums_valid(&expected));
+    assert_eq!(out, expected, "translated SYN");
+
+    // The reply from the other node's pod goes back out to the client, from the NodePort.
+    let reply = PacketSpec::tcp((remote.ip, remote.port), (node, port), 0x12);
+    let (action, out) = run_xdp(&mut h, ingress, &reply.build());
+    assert_eq!(action, XDP_TX);
+    let expected = PacketSpec { ttl: 63, macs: Some((client_mac, uplink_mac)), ..reply.clone() }
+        .with_src((node, 30080))
+        .with_dst(client)
+        .build();
+    assert_eq!(out, expected, "translated reply");
+
+    // ClusterIP traffic is not XDP's: passed untouched, no flow recorded.
+    let to_cluster_ip = PacketSpec::tcp(client, (VIP, 80), 0x02).build();
+    assert_eq!(run_xdp(&mut h, ingress, &to_cluster_ip), (XDP_PASS, to_cluster_ip));
+    assert!(h.conntrack().get(&FlowKey::new(client, (VIP, 80), packet::TCP), 0).is_err());
 }

@@ -1,0 +1,185 @@
+//! XDP on the external interfaces: NodePort, LoadBalancer and externalIP traffic is translated
+//! and sent back out before the stack sees it, where its next hop is out the same interface
+//! (a backend on another node, or the reply to an external client). Everything else is passed
+//! untouched to the TC program on the same interface, which handles every case: packets for a
+//! local pod (redirecting into a veth is not something every driver's XDP can do), ClusterIP
+//! traffic, rejects, IP options, fragments, no route or no neighbour yet. A new flow tracked
+//! here and then passed is translated by TC from the conntrack entry.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
+    helpers::bpf_fib_lookup,
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{ConntrackEntry, PROTOCOL_TCP, PROTOCOL_UDP, counters};
+
+use crate::{
+    conntrack, csum,
+    flow::{self, NewFlow},
+    maps::count,
+    parse::Ipv4Flow,
+};
+
+const ETH_HEADER_LEN: usize = 14;
+const IPV4_HEADER_LEN: usize = 20;
+const AF_INET: u8 = 2;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let action = try_lb_xdp(&ctx);
+    if action == xdp_action::XDP_PASS {
+        count(counters::XDP_PASS);
+    }
+    action
+}
+
+/// A bounds-checked pointer to a `T` at `offset`.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    (start + offset + size_of::<T>() <= ctx.data_end()).then_some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: bounds checked by `at`; packet data has no alignment guarantee.
+    at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn write<T>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
+    // SAFETY: bounds checked by `at`.
+    at::<T>(ctx, offset).map(|p| unsafe { core::ptr::write_unaligned(p, value) })
+}
+
+/// Only plain packets: IPv4 without options or fragmentation, TCP or UDP with its header in
+/// the frame. Anything else is TC's.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Option<Ipv4Flow> {
+    if u16::from_be(read::<u16>(ctx, 12)?) != 0x0800 || read::<u8>(ctx, ETH_HEADER_LEN)? != 0x45 {
+        return None;
+    }
+    let total_len = usize::from(u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + 2)?));
+    let protocol = read::<u8>(ctx, ETH_HEADER_LEN + 9)?;
+    let l4_len = match protocol {
+        PROTOCOL_TCP => 20,
+        PROTOCOL_UDP => 8,
+        _ => return None,
+    };
+    let fragment = u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + 6)?);
+    if fragment & 0x3fff != 0 || total_len < IPV4_HEADER_LEN + l4_len {
+        return None;
+    }
+    if ctx.data_end() - ctx.data() < ETH_HEADER_LEN + total_len {
+        return None;
+    }
+    let l4_offset = ETH_HEADER_LEN + IPV4_HEADER_LEN;
+    // The whole L4 header must be readable: its checksum is updated in place.
+    at::<[u8; 20]>(ctx, l4_offset)
+        .filter(|_| protocol == PROTOCOL_TCP)
+        .or(at::<[u8; 8]>(ctx, l4_offset).map(|p| p.cast()))?;
+    Some(Ipv4Flow {
+        l3_offset: ETH_HEADER_LEN,
+        l4_offset,
+        protocol,
+        src_address: read(ctx, ETH_HEADER_LEN + 12)?,
+        dst_address: read(ctx, ETH_HEADER_LEN + 16)?,
+        src_port: read(ctx, l4_offset)?,
+        dst_port: read(ctx, l4_offset + 2)?,
+    })
+}
+
+#[inline(always)]
+fn try_lb_xdp(ctx: &XdpContext) -> u32 {
+    let Some(flow) = parse(ctx) else { return xdp_action::XDP_PASS };
+    let key = conntrack::packet_key(&flow);
+    let entry = match conntrack::lookup(&key) {
+        Some(entry) => entry,
+        None => match flow::new_flow(ctx, &flow, &key, true) {
+            NewFlow::Tracked(entry) => entry,
+            NewFlow::Drop(counter) => {
+                count(counter);
+                return xdp_action::XDP_DROP;
+            }
+            NewFlow::NotService | NewFlow::Reject => return xdp_action::XDP_PASS,
+        },
+    };
+    match send_back(ctx, &flow, &entry) {
+        Some(()) => {
+            count(counters::XDP_TX);
+            xdp_action::XDP_TX
+        }
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// Translates and readdresses the frame for XDP_TX when the translated packet's next hop is
+/// out the interface it came in on; `None` (packet untouched) otherwise.
+#[inline(always)]
+fn send_back(ctx: &XdpContext, flow: &Ipv4Flow, entry: &ConntrackEntry) -> Option<()> {
+    let ttl_word: u16 = read(ctx, ETH_HEADER_LEN + 8)?;
+    let [ttl, protocol] = ttl_word.to_ne_bytes();
+    if ttl <= 1 {
+        return None;
+    }
+    // SAFETY: plain old data; every field the kernel reads is set below.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = flow.protocol;
+    // SAFETY: reads a field of the context the program was given.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = entry.src_address;
+    params.__bindgen_anon_4.ipv4_dst = entry.dst_address;
+    // SAFETY: helper call with a pointer to a stack struct of the size passed.
+    let result = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut params, size_of::<FibLookup>() as i32, 0) };
+    if result as u32 != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ingress {
+        return None;
+    }
+    rewrite(ctx, flow, entry, ttl_word, u16::from_ne_bytes([ttl - 1, protocol]))?;
+    write(ctx, 0, params.dmac)?;
+    write(ctx, 6, params.smac)?;
+    Some(())
+}
+
+/// Addresses, ports and TTL, with the IP and L4 checksums updated to match.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    flow: &Ipv4Flow,
+    entry: &ConntrackEntry,
+    ttl_word: u16,
+    new_ttl_word: u16,
+) -> Option<()> {
+    let ip_check_offset = ETH_HEADER_LEN + 10;
+    let l4_check_offset = flow.l4_offset + if flow.protocol == PROTOCOL_TCP { 16 } else { 6 };
+    let mut ip_check: u16 = read(ctx, ip_check_offset)?;
+    let mut l4_check: u16 = read(ctx, l4_check_offset)?;
+    // UDP's 0 means "no checksum": it stays 0.
+    let l4_checked = flow.protocol == PROTOCOL_TCP || l4_check != 0;
+
+    ip_check = csum::replace2(ip_check, ttl_word, new_ttl_word);
+    for (from, to) in [(flow.src_address, entry.src_address), (flow.dst_address, entry.dst_address)] {
+        ip_check = csum::replace4(ip_check, from, to);
+        l4_check = csum::replace4(l4_check, from, to);
+    }
+    for (from, to) in [(flow.src_port, entry.src_port), (flow.dst_port, entry.dst_port)] {
+        l4_check = csum::replace2(l4_check, from, to);
+    }
+    if flow.protocol == PROTOCOL_UDP && l4_check == 0 {
+        l4_check = 0xffff;
+    }
+    write(ctx, ETH_HEADER_LEN + 8, new_ttl_word)?;
+    write(ctx, ip_check_offset, ip_check)?;
+    write(ctx, ETH_HEADER_LEN + 12, entry.src_address)?;
+    write(ctx, ETH_HEADER_LEN + 16, entry.dst_address)?;
+    write(ctx, flow.l4_offset, entry.src_port)?;
+    write(ctx, flow.l4_offset + 2, entry.dst_port)?;
+    if l4_checked {
+        write(ctx, l4_check_offset, l4_check)?;
+    }
+    Some(())
+}
