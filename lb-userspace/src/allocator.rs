@@ -3,7 +3,7 @@
 //! state file. As the API server would, it rejects an explicit clusterIP outside the range or
 //! already held by another Service, and refuses to change a Service's clusterIP in place.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -72,11 +72,17 @@ impl ClusterIpAllocator {
     /// gone, and reports rejected ones, which are left out of `services`.
     pub fn assign(&mut self, services: &mut Vec<Service>) -> Vec<ObjectError> {
         let mut errors = Vec::new();
-        let present: Vec<ServiceName> = services.iter().map(name_of).collect();
+        let present: BTreeSet<ServiceName> = services.iter().map(name_of).collect();
         self.assigned.retain(|name, _| present.contains(name));
         services.sort_by_key(name_of);
+        // Who holds each address, kept alongside `assigned`: every check below is a lookup,
+        // so 100 000 Services take a moment, not minutes.
+        let mut holders: BTreeMap<Ipv4Addr, ServiceName> =
+            self.assigned.iter().map(|(name, ip)| (*ip, name.clone())).collect();
+        let network = self.range.network();
+        let mut free = self.range.hosts().filter(move |ip| *ip != network);
 
-        let mut rejected = Vec::new();
+        let mut rejected = BTreeSet::new();
         // Explicit addresses first, so an allocation never takes one a manifest asks for.
         for (index, service) in services.iter_mut().enumerate() {
             let name = name_of(service);
@@ -100,19 +106,18 @@ impl ClusterIpAllocator {
                     "spec.clusterIP {ip} is outside --service-cluster-ip-range {}",
                     self.range
                 )));
-                rejected.push(index);
+                rejected.insert(index);
                 continue;
             }
-            if let Some((owner, _)) =
-                self.assigned.iter().find(|(owner, held)| **held == ip && **owner != name)
-            {
+            if let Some(owner) = holders.get(&ip).filter(|owner| **owner != name) {
                 errors.push(error(format!(
                     "spec.clusterIP {ip} is already used by Service {}/{}",
                     owner.0, owner.1
                 )));
-                rejected.push(index);
+                rejected.insert(index);
                 continue;
             }
+            holders.insert(ip, name.clone());
             self.assigned.insert(name, ip);
         }
         for (index, service) in services.iter_mut().enumerate() {
@@ -122,8 +127,10 @@ impl ClusterIpAllocator {
             let name = name_of(service);
             let ip = match self.assigned.get(&name) {
                 Some(ip) => *ip,
-                None => match self.next_free() {
+                // Addresses are handed out in order, so one pass over the range serves them all.
+                None => match free.find(|ip| !holders.contains_key(ip)) {
                     Some(ip) => {
+                        holders.insert(ip, name.clone());
                         self.assigned.insert(name.clone(), ip);
                         ip
                     }
@@ -137,7 +144,7 @@ impl ClusterIpAllocator {
                                 self.range
                             ),
                         });
-                        rejected.push(index);
+                        rejected.insert(index);
                         continue;
                     }
                 },
@@ -153,11 +160,6 @@ impl ClusterIpAllocator {
     }
 
     /// The lowest free address, skipping the network address (as the API server does).
-    fn next_free(&self) -> Option<Ipv4Addr> {
-        let used: std::collections::BTreeSet<Ipv4Addr> = self.assigned.values().copied().collect();
-        self.range.hosts().find(|ip| !used.contains(ip) && *ip != self.range.network())
-    }
-
     /// Loads allocations saved by `save`; a missing file means none yet.
     pub fn load(range: Ipv4Net, path: &Path) -> Result<Self, StateError> {
         let mut allocator = Self::new(range);
