@@ -18,6 +18,28 @@ const AF_INET: u8 = 2;
 const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CHECKSUM_OFFSET: usize = 10;
 
+/// The kernel's route and neighbour for a packet from `src_address` to `dst_address` that
+/// arrived on `ingress`: the lookup's result code and, on success, egress interface and MACs.
+#[inline(always)]
+pub fn fib_lookup(
+    ctx: *mut core::ffi::c_void,
+    ingress: u32,
+    protocol: u8,
+    src_address: u32,
+    dst_address: u32,
+) -> (u32, FibLookup) {
+    // SAFETY: plain old data; every field the kernel reads is set below.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = protocol;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = src_address;
+    params.__bindgen_anon_4.ipv4_dst = dst_address;
+    // SAFETY: helper call with the program's context and a stack struct of the size passed.
+    let result = unsafe { bpf_fib_lookup(ctx, &mut params, size_of::<FibLookup>() as i32, 0) };
+    (result as u32, params)
+}
+
 /// Redirects the (already rewritten) packet to the next hop towards `dst_address`. `None`
 /// leaves it to the stack: no route, forwarding off, or a TTL that the stack must answer.
 #[inline(always)]
@@ -27,17 +49,9 @@ pub fn to_next_hop(ctx: &TcContext, flow: &Ipv4Flow, src_address: u32, dst_addre
     if ttl <= 1 {
         return None;
     }
-    // SAFETY: plain old data; every field the kernel reads is set below.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = flow.protocol;
     // SAFETY: reads a field of the context the program was given.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = src_address;
-    params.__bindgen_anon_4.ipv4_dst = dst_address;
-    // SAFETY: helper call with a pointer to a stack struct of the size passed.
-    let result =
-        unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &mut params, size_of::<FibLookup>() as i32, 0) } as u32;
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let (result, params) = fib_lookup(ctx.skb.skb.cast(), ingress, flow.protocol, src_address, dst_address);
     if result != BPF_FIB_LKUP_RET_SUCCESS && result != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }

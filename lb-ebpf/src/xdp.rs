@@ -9,8 +9,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
-    helpers::bpf_fib_lookup,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, xdp_action},
     macros::xdp,
     programs::XdpContext,
 };
@@ -21,11 +20,11 @@ use crate::{
     flow::{self, NewFlow},
     maps::count,
     parse::Ipv4Flow,
+    route,
 };
 
 const ETH_HEADER_LEN: usize = 14;
 const IPV4_HEADER_LEN: usize = 20;
-const AF_INET: u8 = 2;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -125,18 +124,11 @@ fn send_back(ctx: &XdpContext, flow: &Ipv4Flow, entry: &ConntrackEntry) -> Optio
     if ttl <= 1 {
         return None;
     }
-    // SAFETY: plain old data; every field the kernel reads is set below.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = flow.protocol;
     // SAFETY: reads a field of the context the program was given.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = entry.src_address;
-    params.__bindgen_anon_4.ipv4_dst = entry.dst_address;
-    // SAFETY: helper call with a pointer to a stack struct of the size passed.
-    let result = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut params, size_of::<FibLookup>() as i32, 0) };
-    if result as u32 != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ingress {
+    let (result, params) =
+        route::fib_lookup(ctx.ctx.cast(), ingress, flow.protocol, entry.src_address, entry.dst_address);
+    if result != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ingress {
         return None;
     }
     rewrite(ctx, flow, entry, ttl_word, u16::from_ne_bytes([ttl - 1, protocol]))?;

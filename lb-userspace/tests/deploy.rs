@@ -100,9 +100,14 @@ fn manifests_parse_and_say_what_lb_needs() {
     };
     assert_eq!(probe_path(&container.liveness_probe), ("/livez".into(), Value::from(10256)));
     assert_eq!(probe_path(&container.readiness_probe), ("/healthz".into(), Value::from(10256)));
-    let bpffs = pod.volumes.unwrap().into_iter().find_map(|v| v.host_path).unwrap();
-    assert_eq!(bpffs.path, "/sys/fs/bpf");
+    let host_paths: Vec<String> =
+        pod.volumes.unwrap().into_iter().filter_map(|v| Some(v.host_path?.path)).collect();
+    assert_eq!(host_paths, ["/sys/fs/bpf", "/sys/fs/cgroup"]);
     let args = container.args.clone().unwrap();
     assert_eq!(args[0], "run");
-    assert!(args.iter().any(|a| a == "--hostname-override=$(NODE_NAME)"), "{args:?}");
+    for needed in ["--hostname-override=$(NODE_NAME)", "--cgroup-path=/host/cgroup"] {
+        assert!(args.iter().any(|a| a == needed), "{needed} missing from {args:?}");
+    }
+    let mounts = container.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == "/host/cgroup"), "{mounts:?}");
 }

@@ -168,6 +168,33 @@ pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: 
     Ok(())
 }
 
+/// Starts `lb` with `args` inside `ns` (it joins the namespace between fork and exec), its
+/// output going to `log`, with debug logging from lb's own crate.
+pub fn spawn_lb_in(ns: &NetNs, args: &[&std::ffi::OsStr], log: &Path) -> Result<std::process::Child> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let netns = File::open(ns.path())?;
+    let log = File::create(log)?;
+    let mut command = Command::new(lb_binary());
+    command
+        .args(args)
+        .env("LB_LOG", "info,lb_userspace=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns is a single syscall, safe between fork and exec; `netns` outlives spawn.
+    unsafe {
+        command.pre_exec(move || {
+            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().with_context(|| format!("starting {}", lb_binary().display()))
+}
+
 /// The `lb` binary cargo built beside this executable (`target/<profile>/lb`, whether this is
 /// a binary there or a test in `deps/`), or `LB_BIN` when set.
 pub fn lb_binary() -> PathBuf {

@@ -13,10 +13,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -24,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
 
-use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, veth};
+use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, spawn_lb_in, veth};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const NODE_CLIENT_SIDE: &str = "10.0.0.1/24";
@@ -146,36 +144,21 @@ impl Playground {
     /// Starts `lb run` with these source arguments inside the node namespace, on every
     /// node-side interface.
     pub fn start_lb_with(&mut self, source_args: &[&std::ffi::OsStr]) -> Result<()> {
-        let netns = std::fs::File::open(self.node.path())?;
-        let log = std::fs::File::create(&self.lb_log)?;
-        let mut command = Command::new(lb_binary());
-        command
-            .arg("run")
-            .args(source_args)
+        let state = self.work_dir.join("state");
+        let mut args: Vec<&std::ffi::OsStr> = vec!["run".as_ref()];
+        args.extend_from_slice(source_args);
+        args.extend([
             // The client side by name, the pods' side by pattern: pods added later are attached.
-            .args(["--interfaces", "lbc0,lbp*"])
-            .arg("--bpf-dir")
-            .arg(&self.bpf_dir)
-            .arg("--cgroup-path")
-            .arg(self.cgroup.path())
-            .arg("--state-dir")
-            .arg(self.work_dir.join("state"))
-            .env("LB_LOG", "info,lb_userspace=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let fd = netns.as_raw_fd();
-        // SAFETY: setns is a single syscall, safe between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                if libc_setns(fd) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().with_context(|| format!("starting {}", lb_binary().display()))?;
-        self.lb = Some(child);
+            "--interfaces".as_ref(),
+            "lbc0,lbp*".as_ref(),
+            "--bpf-dir".as_ref(),
+            self.bpf_dir.as_os_str(),
+            "--cgroup-path".as_ref(),
+            self.cgroup.path().as_os_str(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+        ]);
+        self.lb = Some(spawn_lb_in(&self.node, &args, &self.lb_log)?);
         Ok(())
     }
 
@@ -369,9 +352,4 @@ fn udp_server(socket: UdpSocket, name: String, stop: Arc<AtomicBool>) {
             let _ = socket.send_to(name.as_bytes(), from);
         }
     }
-}
-
-fn libc_setns(fd: i32) -> i32 {
-    // SAFETY: plain syscall on a valid descriptor.
-    unsafe { nix::libc::setns(fd, nix::libc::CLONE_NEWNET) }
 }

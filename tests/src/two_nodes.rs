@@ -14,19 +14,17 @@
 //! router would.
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
 
 use crate::playground::{HttpAnswer, http_exchange, http_get, http_server};
-use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, veth};
+use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, spawn_lb_in, veth};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
 /// A second client address, for source-range checks.
@@ -166,38 +164,33 @@ impl TwoNodes {
     /// Starts lb on both nodes, on their pods' veths and their uplink.
     pub fn start_lb(&mut self) -> Result<()> {
         for node in &mut self.nodes {
-            let netns = std::fs::File::open(node.ns.path())?;
-            let log = std::fs::File::create(&node.log)?;
-            let mut command = Command::new(lb_binary());
-            command
-                .arg("run")
-                .arg("--manifests")
-                .arg(&self.manifests)
-                .args(["--interfaces", "lbp*", "--external-interfaces", "uplink"])
-                .args(["--nodeport-addresses", "192.168.50.0/24", "--xdp", self.xdp])
-                .args(["--hostname-override", &format!("node{}", node.index)])
-                .args(["--healthz-bind-address", ""])
-                .arg("--bpf-dir")
-                .arg(&node.bpf_dir)
-                .arg("--cgroup-path")
-                .arg(node.cgroup.path())
-                .arg("--state-dir")
-                .arg(self.work_dir.join(format!("state{}", node.index)))
-                .env("LB_LOG", "info,lb_userspace=debug")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            let fd = netns.as_raw_fd();
-            // SAFETY: setns is a single syscall, safe between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+            let mut owned: Vec<std::ffi::OsString> = [
+                "run",
+                "--interfaces",
+                "lbp*",
+                "--external-interfaces",
+                "uplink",
+                "--nodeport-addresses",
+                "192.168.50.0/24",
+                "--xdp",
+                self.xdp,
+                "--healthz-bind-address",
+                "",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect();
+            for (flag, value) in [
+                ("--manifests", self.manifests.clone().into_os_string()),
+                ("--hostname-override", format!("node{}", node.index).into()),
+                ("--bpf-dir", node.bpf_dir.clone().into_os_string()),
+                ("--cgroup-path", node.cgroup.path().into()),
+                ("--state-dir", self.work_dir.join(format!("state{}", node.index)).into_os_string()),
+            ] {
+                owned.extend([flag.into(), value]);
             }
-            node.lb = Some(command.spawn().with_context(|| format!("starting {}", lb_binary().display()))?);
+            let args: Vec<&std::ffi::OsStr> = owned.iter().map(|a| a.as_os_str()).collect();
+            node.lb = Some(spawn_lb_in(&node.ns, &args, &node.log)?);
         }
         Ok(())
     }
