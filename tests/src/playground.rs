@@ -128,11 +128,7 @@ impl Playground {
     }
 
     pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
-        // Write then rename, as editors and kubectl-like tools do: lb never reads half a file.
-        let tmp = self.manifests.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.manifests.join(file))?;
-        Ok(())
+        write_manifest(&self.manifests, file, text)
     }
 
     /// Starts `lb run --manifests` inside the node namespace on every node-side interface.
@@ -302,6 +298,15 @@ pub struct HttpAnswer {
     pub client_seen: String,
     /// The address the client's socket is connected to.
     pub peer: SocketAddr,
+}
+
+/// Writes `dir/file` by a rename, as editors and kubectl-like tools do: lb never reads half a
+/// file.
+pub fn write_manifest(dir: &Path, file: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(file))?;
+    Ok(())
 }
 
 pub fn http_get(target: SocketAddrV4) -> Result<HttpAnswer> {

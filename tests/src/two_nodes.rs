@@ -155,10 +155,7 @@ impl TwoNodes {
     }
 
     pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
-        let tmp = self.manifests.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.manifests.join(file))?;
-        Ok(())
+        crate::playground::write_manifest(&self.manifests, file, text)
     }
 
     /// Starts lb on both nodes, on their pods' veths and their uplink.

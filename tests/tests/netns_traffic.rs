@@ -51,16 +51,25 @@ fn tcp_backend_count(snapshot: &lb_userspace::maps::MapsSnapshot) -> Option<u16>
         .map(|(_, v)| v.backend_count)
 }
 
-#[test]
-fn cluster_ip_traffic_through_lb() {
+/// A playground with these pods serving HTTP on 8080 and UDP on 5353, the echo Service and
+/// its slice written, and lb started and synced.
+fn echo_playground(pods: &[(&str, Ipv4Addr)]) -> Playground {
     require_root();
-    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
+    let mut pg = Playground::new(&unique("t"), pods).unwrap();
     pg.serve_http(8080).unwrap();
     pg.serve_udp(5353).unwrap();
     pg.write_manifest("echo.yaml", SERVICE).unwrap();
-    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A, POD_B])).unwrap();
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|(_, ip)| *ip).collect();
+    pg.write_manifest("echo-slice.yaml", &slice(&ips)).unwrap();
     pg.start_lb().unwrap();
-    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(2)).unwrap();
+    let count = pods.len() as u16;
+    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(count)).unwrap();
+    pg
+}
+
+#[test]
+fn cluster_ip_traffic_through_lb() {
+    let mut pg = echo_playground(&[("pod-a", POD_A), ("pod-b", POD_B)]);
 
     // 100 TCP connections: all succeed, both pods answer, the client only ever talks to the
     // ClusterIP, and the pods see the client's own address.
@@ -146,13 +155,7 @@ fn a_missing_interface_is_a_clear_error() {
 
 #[test]
 fn interfaces_that_appear_later_are_attached_and_vanished_ones_forgotten() {
-    require_root();
-    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
-    pg.serve_http(8080).unwrap();
-    pg.write_manifest("echo.yaml", SERVICE).unwrap();
-    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
-    pg.start_lb().unwrap();
-    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(1)).unwrap();
+    let mut pg = echo_playground(&[("pod-a", POD_A)]);
 
     // A pod created after lb started: its veth matches `lbp*`. Its replies are only translated
     // back if lb attached to that veth, so answers from it prove the attachment.
@@ -235,13 +238,7 @@ fn path_mtu(socket: &std::net::UdpSocket) -> i32 {
 
 #[test]
 fn fragmentation_needed_from_a_pod_reaches_the_client_about_the_cluster_ip() {
-    require_root();
-    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
-    pg.serve_udp(5353).unwrap();
-    pg.write_manifest("echo.yaml", SERVICE).unwrap();
-    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A])).unwrap();
-    pg.start_lb().unwrap();
-    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(1)).unwrap();
+    let pg = echo_playground(&[("pod-a", POD_A)]);
 
     // A connected UDP socket to the ClusterIP, with one exchange so lb tracks the flow.
     let client = pg
@@ -297,14 +294,7 @@ fn fragmentation_needed_from_a_pod_reaches_the_client_about_the_cluster_ip() {
 
 #[test]
 fn the_nodes_own_connections_to_a_cluster_ip_are_balanced_at_the_socket() {
-    require_root();
-    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
-    pg.serve_http(8080).unwrap();
-    pg.serve_udp(5353).unwrap();
-    pg.write_manifest("echo.yaml", SERVICE).unwrap();
-    pg.write_manifest("echo-slice.yaml", &slice(&[POD_A, POD_B])).unwrap();
-    pg.start_lb().unwrap();
-    pg.wait_for_maps(Duration::from_secs(10), |s| tcp_backend_count(s) == Some(2)).unwrap();
+    let mut pg = echo_playground(&[("pod-a", POD_A), ("pod-b", POD_B)]);
     // This process joins the cgroup lb's socket programs sit on; its threads in the node
     // namespace are then the node's own traffic, which no interface of lb ever sees.
     pg.cgroup.enter().unwrap();
