@@ -27,6 +27,8 @@ pub struct Plan {
     pub sync_sizes: Vec<usize>,
     /// A mode whose rules take longer than this to load is skipped at that size.
     pub rule_load_bound: Duration,
+    /// Measure kube-proxy's rule layouts too (off only when investigating lb alone).
+    pub kube_proxy_modes: bool,
 }
 
 impl Plan {
@@ -39,6 +41,7 @@ impl Plan {
             program_runs: 3_000,
             sync_sizes: vec![10_000],
             rule_load_bound: Duration::from_secs(60),
+            kube_proxy_modes: true,
         }
     }
 
@@ -51,6 +54,7 @@ impl Plan {
             program_runs: 20_000,
             sync_sizes: vec![10_000, 100_000],
             rule_load_bound: Duration::from_secs(120),
+            kube_proxy_modes: true,
         }
     }
 }

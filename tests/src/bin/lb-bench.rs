@@ -43,11 +43,14 @@ fn main() -> Result<()> {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut plan = if args.iter().any(|a| a == "--quick") { Plan::quick() } else { Plan::full() };
-    // For investigating one part: `--only datapath|program|controlplane`, `--sizes 1,1000`.
+    // For investigating one part: `--only datapath|program|controlplane`, `--sizes 1,1000`,
+    // `--lb-only`.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     if let Some(sizes) = args.iter().position(|a| a == "--sizes").and_then(|i| args.get(i + 1)) {
         plan.datapath_sizes = sizes.split(',').map(str::parse).collect::<Result<_, _>>()?;
     }
+    // `--lb-only`: direct and lb, without kube-proxy's rule layouts.
+    plan.kube_proxy_modes = !args.iter().any(|a| a == "--lb-only");
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let out_dir = args
         .iter()
