@@ -6,7 +6,7 @@
 //! pod's traffic is translated on its interface.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -17,9 +17,12 @@ use crate::{
     select,
 };
 
-/// What a cgroup/sock_addr program returns: go on, or fail the call with EPERM.
+/// What a cgroup/sock_addr program returns: go on, or fail the call (with the error set by
+/// `bpf_set_retval`, else EPERM).
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+/// What a client of a Service without endpoints gets from kube-proxy's REJECT.
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -70,6 +73,8 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { LB_SERVICES.get(key) }).copied() else { return ALLOW };
     if service.backend_count == 0 {
         count(counters::SOCKET_REFUSED);
+        // SAFETY: plain helper call; it sets the error the refused call returns.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     }
     // SAFETY: helper call on the program's own context.

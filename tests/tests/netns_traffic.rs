@@ -332,6 +332,28 @@ fn the_nodes_own_connections_to_a_cluster_ip_are_balanced_at_the_socket() {
     assert!(answer.starts_with("pod-"), "{answer}");
     assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(VIP, 53)));
 
+    // A Service without endpoints is refused at connect, as kube-proxy's REJECT refuses it.
+    pg.write_manifest(
+        "empty.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| {
+        s.services.keys().any(|k| k.backend_slot == 0 && k.address() == Ipv4Addr::new(10, 96, 0, 11))
+    })
+    .unwrap();
+    let refused = pg
+        .node
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &(Ipv4Addr::new(10, 96, 0, 11), 80).into(),
+                Duration::from_secs(2),
+            )
+        })
+        .unwrap()
+        .expect_err("no endpoints: refused");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+
     // A process outside the cgroup (the client namespace is not the node's) is not touched:
     // its connection still works through the TC program.
     assert!(pg.http_requests(target, 1).unwrap()[0].is_ok());
