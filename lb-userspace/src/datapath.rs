@@ -146,13 +146,8 @@ impl Datapath {
         }
         std::fs::create_dir_all(bpf_dir)
             .map_err(|source| DatapathError::CreateDir { dir: bpf_dir.to_path_buf(), source })?;
-        for (name, size) in [
-            (map_names::SERVICES, capacity.service_slots),
-            (map_names::SERVICE_META, capacity.frontends),
-            (map_names::BACKENDS, capacity.backends),
-            (map_names::CONNTRACK, capacity.flows),
-        ] {
-            unpin_if_resized(bpf_dir, name, size);
+        for (name, shape) in expected_shapes(capacity) {
+            unpin_if_reshaped(bpf_dir, name, shape);
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
@@ -330,17 +325,49 @@ pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
     Ok(counters::NAMES.iter().copied().zip(values).collect())
 }
 
-/// A pinned map is reused as it is, whatever size is asked for now. When the size changed
-/// (a --max-* flag), the pin is removed so the map is created anew at the new size: the
-/// reconciler fills the service maps again at once; tracked flows of that map are lost.
-fn unpin_if_resized(bpf_dir: &Path, name: &str, size: u32) {
+/// (key size, value size, entries) of each pinned map, as this build and `capacity` want it.
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32)); 8] {
+    use core::mem::size_of;
+    use lb_common::*;
+    let size = |bytes: usize| bytes as u32;
+    [
+        (
+            map_names::SERVICES,
+            (size(size_of::<ServiceKey>()), size(size_of::<ServiceValue>()), capacity.service_slots),
+        ),
+        (map_names::BACKENDS, (4, size(size_of::<Backend>()), capacity.backends)),
+        (
+            map_names::CONNTRACK,
+            (size(size_of::<FlowKey>()), size(size_of::<ConntrackEntry>()), capacity.flows),
+        ),
+        (map_names::SERVICE_META, (4, size(size_of::<ServiceMeta>()), capacity.frontends)),
+        // LPM keys carry a 4-byte prefix length before the data.
+        (
+            map_names::SOURCE_RANGES,
+            (4 + size(size_of::<SourceRangeKey>()), 1, lb_common::capacity::SOURCE_RANGES),
+        ),
+        (map_names::CONFIG, (4, size(size_of::<DatapathConfig>()), 1)),
+        (
+            map_names::SOCKETS,
+            (size(size_of::<SocketKey>()), size(size_of::<SocketFrontend>()), lb_common::capacity::SOCKETS),
+        ),
+        (map_names::COUNTERS, (4, 8, counters::COUNT)),
+    ]
+}
+
+/// A pinned map is reused as it is, whatever this build or the flags ask for. When its shape
+/// differs (a --max-* flag changed, or an older lb left a map whose entries have another
+/// layout or count), the pin is removed so the map is created anew: the reconciler fills the
+/// service maps again at once; tracked flows and counts of that map are lost.
+fn unpin_if_reshaped(bpf_dir: &Path, name: &str, wanted: (u32, u32, u32)) {
     let path = bpf_dir.join(name);
     let Ok(map) = MapData::from_pin(&path) else { return };
-    let Ok(current) = map.info().map(|info| info.max_entries()) else { return };
-    if current != size {
-        tracing::info!(map = name, current, size, "map size changed: creating the map anew");
+    let Ok(info) = map.info() else { return };
+    let current = (info.key_size(), info.value_size(), info.max_entries());
+    if current != wanted {
+        tracing::info!(map = name, ?current, ?wanted, "map shape changed: creating the map anew");
         if let Err(error) = std::fs::remove_file(&path) {
-            tracing::warn!(map = name, %error, "removing the old pin; the old size stays");
+            tracing::warn!(map = name, %error, "removing the old pin; the old map stays");
         }
     }
 }

@@ -578,3 +578,18 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
     assert_eq!(run_xdp(&mut h, ingress, &to_cluster_ip), (XDP_PASS, to_cluster_ip));
     assert!(h.conntrack().get(&FlowKey::new(client, (VIP, 80), packet::TCP), 0).is_err());
 }
+
+#[test]
+fn pinned_maps_have_the_shape_a_restart_expects() {
+    // A restart re-creates any pinned map whose shape differs from what it expects (losing
+    // flows): the maps this build creates must match, or every restart would.
+    let h = Harness::new();
+    let dir = h._bpffs.path().join("lb");
+    for (name, wanted) in
+        lb_userspace::datapath::expected_shapes(&lb_userspace::datapath::Capacity::default())
+    {
+        let map = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let info = map.info().unwrap();
+        assert_eq!((info.key_size(), info.value_size(), info.max_entries()), wanted, "{name}");
+    }
+}
