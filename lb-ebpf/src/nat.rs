@@ -68,14 +68,10 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Rewrites the packet to the addresses a conntrack entry holds, each end only if it changes.
+/// Rewrites the packet to the addresses a conntrack entry holds (`rewrite` leaves alone what
+/// does not change).
 #[inline(always)]
 pub fn rewrite_to(ctx: &TcContext, flow: &Ipv4Flow, entry: &ConntrackEntry) -> Result<(), Verdict> {
-    if entry.src_address != flow.src_address || entry.src_port != flow.src_port {
-        rewrite(ctx, flow, Side::Source, entry.src_address, entry.src_port)?;
-    }
-    if entry.dst_address != flow.dst_address || entry.dst_port != flow.dst_port {
-        rewrite(ctx, flow, Side::Destination, entry.dst_address, entry.dst_port)?;
-    }
-    Ok(())
+    rewrite(ctx, flow, Side::Source, entry.src_address, entry.src_port)?;
+    rewrite(ctx, flow, Side::Destination, entry.dst_address, entry.dst_port)
 }

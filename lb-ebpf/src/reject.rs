@@ -11,6 +11,7 @@ use aya_ebpf::{
 use lb_common::{PROTOCOL_TCP, counters};
 
 use crate::{
+    csum::{checksum, sum_words},
     parse::{ETH_HEADER_LEN, Ipv4Flow},
     verdict::Verdict,
 };
@@ -71,7 +72,7 @@ fn reply_ip_header(flow: &Ipv4Flow, protocol: u8, total_len: u16) -> [u8; IPV4_H
     ip[9] = protocol;
     ip[12..16].copy_from_slice(&flow.dst_address.to_ne_bytes());
     ip[16..20].copy_from_slice(&flow.src_address.to_ne_bytes());
-    let checksum = fold(sum_words(&ip, 0));
+    let checksum = checksum(&ip, 0);
     ip[10..12].copy_from_slice(&checksum.to_be_bytes());
     ip
 }
@@ -106,7 +107,7 @@ fn tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), Verdict> {
     tcp[12] = (TCP_HEADER_LEN as u8 / 4) << 4;
     let ip = reply_ip_header(flow, PROTOCOL_TCP, (IPV4_HEADER_LEN + TCP_HEADER_LEN) as u16);
     let pseudo = pseudo_header_sum(&ip, TCP_HEADER_LEN as u16);
-    let checksum = fold(sum_words(&tcp, pseudo));
+    let checksum = checksum(&tcp, pseudo);
     tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
 
     let new_len = (ETH_HEADER_LEN + IPV4_HEADER_LEN + TCP_HEADER_LEN) as u32;
@@ -128,7 +129,7 @@ fn icmp_port_unreachable(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), Verdict
     let mut icmp = [0u8; ICMP_HEADER_LEN];
     icmp[0] = ICMP_DEST_UNREACHABLE;
     icmp[1] = ICMP_PORT_UNREACHABLE;
-    let checksum = fold(sum_words(&quote, sum_words(&icmp, 0)));
+    let checksum = checksum(&quote, sum_words(&icmp, 0));
     icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
     let ip =
         reply_ip_header(flow, PROTOCOL_ICMP, (IPV4_HEADER_LEN + ICMP_HEADER_LEN + ICMP_QUOTE_LEN) as u16);
@@ -147,28 +148,10 @@ fn icmp_port_unreachable(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), Verdict
     Ok(())
 }
 
-/// One's-complement sum of big-endian 16-bit words (an even number of bytes), not folded.
-#[inline(always)]
-fn sum_words<const N: usize>(bytes: &[u8; N], mut sum: u32) -> u32 {
-    let mut i = 0;
-    while i + 1 < N {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
 /// The TCP/UDP pseudo-header's contribution: addresses, protocol and L4 length.
 #[inline(always)]
 fn pseudo_header_sum(ip: &[u8; IPV4_HEADER_LEN], l4_len: u16) -> u32 {
     let mut addresses = [0u8; 8];
     addresses.copy_from_slice(&ip[12..20]);
     sum_words(&addresses, u32::from(ip[9]) + u32::from(l4_len))
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
