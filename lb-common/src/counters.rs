@@ -1,10 +1,11 @@
 //! Indexes into the per-CPU counters array: one per verdict and per drop or pass-over reason.
-//! Every packet the program sees bumps exactly one verdict counter (`PASS_*`, `FORWARD_*`,
-//! `REPLY_*`, `DROP_*`); the `CONNTRACK_*` counters are events on top of that, and the
-//! `SOCKET_*` ones count the socket programs' work, not packets.
+//! Every packet a TC program sees bumps exactly one verdict counter (`PASS_*`, `FORWARD_*`,
+//! `REPLY_*`, `DROP_*`, `RESET_*`, `EGRESS_*`); the `CONNTRACK_*`, `AFFINITY_*` and `FRAGMENT_*`
+//! event counters come on top of that, and the `SOCKET_*` ones count the socket programs' work,
+//! not packets.
 
 /// Packets seen: not counted by the data path (one map update per packet fewer), but summed
-/// from the verdict counters by `packets`.
+/// from the verdict counters by `derive_packets`.
 pub const PACKETS: u32 = 0;
 /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
 pub const PASS_NOT_IPV4: u32 = 1;
@@ -18,7 +19,8 @@ pub const FORWARD_NEW_FLOW: u32 = 4;
 pub const FORWARD_TRACKED_FLOW: u32 = 5;
 /// Reply of a tracked flow: source rewritten back to the frontend.
 pub const REPLY_REVERSE_NAT: u32 = 6;
-/// IPv4 fragment: not translated (ports are only in the first fragment), passed untouched.
+/// A later IPv4 fragment of a datagram whose first fragment lb did not translate (or has not
+/// seen yet): passed untouched.
 pub const PASS_FRAGMENT: u32 = 7;
 /// IPv4 header that is not what it claims (bad version, IHL < 5, total length shorter than the
 /// header): passed untouched for the stack to reject.
@@ -32,11 +34,12 @@ pub const REJECT_NO_BACKEND: u32 = 10;
 pub const DROP_SERVICE_INCONSISTENT: u32 = 11;
 /// A packet rewrite helper failed: dropped rather than sent half-rewritten.
 pub const DROP_REWRITE_FAILED: u32 = 12;
-/// The flow could not be recorded (map full and not LRU-evictable): translated anyway.
+/// A new flow's entries could not be written for a reason other than a full table: translated
+/// anyway (an event).
 pub const CONNTRACK_INSERT_FAILED: u32 = 13;
-/// A tracked flow's backend was removed: the flow was given a new backend.
-pub const CONNTRACK_BACKEND_GONE: u32 = 14;
-
+/// The conntrack table is full: the new flow was dropped (its client retries), so no live
+/// flow is ever evicted to make room.
+pub const DROP_CONNTRACK_FULL: u32 = 14;
 /// Source outside the frontend's loadBalancerSourceRanges: dropped.
 pub const DROP_SOURCE_RANGE: u32 = 15;
 /// No local endpoint under a Local traffic policy while the Service has endpoints elsewhere:
@@ -66,8 +69,27 @@ pub const XDP_TX: u32 = 23;
 /// XDP left a packet to the TC program (its next hop is another interface, or it is not
 /// XDP's to handle): an event on top of TC's verdict.
 pub const XDP_PASS: u32 = 24;
+/// A packet of a TCP flow whose backend stopped being an endpoint: answered with a RST.
+pub const RESET_BACKEND_GONE: u32 = 25;
+/// A SYN-ACK matched the reply entry of a flow that had ended: a new connection that is not
+/// lb's (a client reaching the pod directly from a port an old Service flow used). Passed
+/// untouched, and the stale entry removed.
+pub const PASS_ENDED_FLOW: u32 = 26;
+/// A SYN on the tuple of an ended flow: tracked as the new flow it is (an event).
+pub const CONNTRACK_REOPENED: u32 = 27;
+/// A later fragment rewritten like its datagram's first fragment.
+pub const FRAGMENT_TRANSLATED: u32 = 28;
+/// A first fragment's translation could not be recorded for its later fragments (an event).
+pub const FRAGMENT_TRACK_FAILED: u32 = 29;
+/// A new flow went to the backend its client's session affinity names (an event).
+pub const AFFINITY_HIT: u32 = 30;
+/// Egress: a reply from a socket of the node's (an endpoint in the host network) rewritten
+/// back to its frontend.
+pub const EGRESS_REVERSE_NAT: u32 = 31;
+/// Egress: anything else, passed untouched.
+pub const EGRESS_PASS: u32 = 32;
 
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 33;
 
 /// Names in index order, for display.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -85,7 +107,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_service_inconsistent",
     "drop_rewrite_failed",
     "conntrack_insert_failed",
-    "conntrack_backend_gone",
+    "drop_conntrack_full",
     "drop_source_range",
     "drop_no_local_backend",
     "drop_snat_failed",
@@ -96,6 +118,14 @@ pub const NAMES: [&str; COUNT as usize] = [
     "socket_refused",
     "xdp_tx",
     "xdp_pass",
+    "reset_backend_gone",
+    "pass_ended_flow",
+    "conntrack_reopened",
+    "fragment_translated",
+    "fragment_track_failed",
+    "affinity_hit",
+    "egress_reverse_nat",
+    "egress_pass",
 ];
 
 /// Whether the counter at `index` is a verdict (exactly one per packet).
@@ -104,11 +134,13 @@ pub const fn is_verdict(index: u32) -> bool {
         index,
         PACKETS
             | CONNTRACK_INSERT_FAILED
-            | CONNTRACK_BACKEND_GONE
             | CONNTRACK_SNAT
             | SOCKET_TRANSLATED
             | SOCKET_REFUSED
             | XDP_PASS
+            | CONNTRACK_REOPENED
+            | FRAGMENT_TRACK_FAILED
+            | AFFINITY_HIT
     ) && index < COUNT
 }
 

@@ -13,6 +13,7 @@ use bytemuck::{Pod, Zeroable};
 pub mod counters;
 
 /// IANA protocol numbers, as in the IPv4 header's protocol field.
+pub const PROTOCOL_ICMP: u8 = 1;
 pub const PROTOCOL_TCP: u8 = 6;
 pub const PROTOCOL_UDP: u8 = 17;
 
@@ -26,9 +27,25 @@ pub mod map_names {
     pub const CONFIG: &str = "LB_CONFIG";
     pub const SOCKETS: &str = "LB_SOCKETS";
     pub const COUNTERS: &str = "LB_COUNTERS";
+    pub const AFFINITY: &str = "LB_AFFINITY";
+    pub const FRAGMENTS: &str = "LB_FRAGMENTS";
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const CONNTRACK_GC: &str = "LB_CONNTRACK_GC";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 8] =
-        [SERVICES, BACKENDS, CONNTRACK, SERVICE_META, SOURCE_RANGES, CONFIG, SOCKETS, COUNTERS];
+    pub const PINNED: [&str; 12] = [
+        SERVICES,
+        BACKENDS,
+        CONNTRACK,
+        SERVICE_META,
+        SOURCE_RANGES,
+        CONFIG,
+        SOCKETS,
+        COUNTERS,
+        AFFINITY,
+        FRAGMENTS,
+        MAGLEV,
+        CONNTRACK_GC,
+    ];
 }
 
 /// Default map capacities; userspace may raise them at load time.
@@ -36,14 +53,57 @@ pub mod capacity {
     /// Service entries plus backend slots (one per backend per frontend).
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
-    /// Conntrack entries, two per tracked flow; the LRU evicts the least recently used beyond
-    /// this.
+    /// Conntrack entries, two per tracked flow. Not an LRU: a full table refuses new flows
+    /// (counted) and never evicts a live one; the collector removes ended flows.
     pub const CONNTRACK: u32 = 524_288;
     pub const SERVICE_META: u32 = 65_536;
     /// loadBalancerSourceRanges entries over all frontends.
     pub const SOURCE_RANGES: u32 = 16_384;
     /// The node's own sockets connected to a backend through a frontend (LRU).
     pub const SOCKETS: u32 = 65_536;
+    /// Session-affinity records (client, frontend) -> backend (LRU).
+    pub const AFFINITY: u32 = 65_536;
+    /// Datagrams whose first fragment was translated and whose later fragments are awaited
+    /// (LRU: a datagram whose fragments never come ages out).
+    pub const FRAGMENTS: u32 = 8_192;
+    /// Maglev lookup tables (one per external Service port).
+    pub const MAGLEV_TABLES: u32 = 4_096;
+}
+
+/// Maglev lookup table positions: a prime, as Maglev needs, with about 160 positions per
+/// backend for a Service of 100 (Cilium's default).
+pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
+
+/// murmur3's 32-bit finalizer: cheap, and spreads nearby ports over all slots.
+#[inline(always)]
+pub fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// A flow's hash, from its 5-tuple as the client sent it (addresses and ports in network byte
+/// order, as on the wire), so every node computes the same one: the data path picks a slot or
+/// a Maglev position with it, and userspace's Maglev tests use the same function.
+#[inline(always)]
+pub fn flow_hash(src_address: u32, dst_address: u32, src_port: u16, dst_port: u16, protocol: u8) -> u32 {
+    let ports = (u32::from(src_port) << 16) | u32::from(dst_port);
+    let mut h = mix(src_address ^ 0x9e37_79b9);
+    h = mix(h ^ dst_address);
+    h = mix(h ^ ports);
+    mix(h ^ u32::from(protocol))
+}
+
+/// Frontend scopes: which view of a frontend a source gets. Most frontends have only the
+/// external scope; an external frontend under `externalTrafficPolicy: Local` also has an
+/// internal one, with every endpoint, for sources inside the cluster (kube-proxy sends pods
+/// and the node itself to all endpoints there).
+pub mod scope {
+    pub const EXTERNAL: u8 = 0;
+    pub const INTERNAL: u8 = 1;
 }
 
 /// Key of the services map.
@@ -62,20 +122,24 @@ pub struct ServiceKey {
     pub backend_slot: u16,
     /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
     pub protocol: u8,
-    /// Reserved for frontend scopes (internal/external traffic); always 0.
+    /// `scope::EXTERNAL` (every frontend) or `scope::INTERNAL`.
     pub scope: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 impl ServiceKey {
     pub fn new(address: Ipv4Addr, port: u16, protocol: u8, backend_slot: u16) -> Self {
+        Self::scoped(address, port, protocol, scope::EXTERNAL, backend_slot)
+    }
+
+    pub fn scoped(address: Ipv4Addr, port: u16, protocol: u8, scope: u8, backend_slot: u16) -> Self {
         Self {
             address: u32::from(address).to_be(),
             port: port.to_be(),
             backend_slot,
             protocol,
-            scope: 0,
-            _pad: [0; 2],
+            scope,
+            _pad: 0,
         }
     }
 
@@ -105,6 +169,12 @@ pub struct ServiceValue {
     pub backend_count: u16,
     /// Slot 0: `service_flags::*`; slots > 0: 0. Host byte order.
     pub flags: u16,
+    /// Slot 0: `sessionAffinity: ClientIP`'s timeout in seconds; 0 without affinity. Host
+    /// byte order.
+    pub affinity_timeout: u32,
+    /// Slot 0: the Maglev table new flows pick their backend from (an index of the Maglev
+    /// map); 0 picks a slot by hash. Host byte order.
+    pub maglev_table: u32,
 }
 
 /// Bits of a service entry's `ServiceValue::flags`: how the data path treats the frontend.
@@ -128,11 +198,14 @@ pub mod service_flags {
     /// Not a ClusterIP: NodePort, LoadBalancer or externalIP traffic, which the XDP program
     /// on the external interfaces takes on.
     pub const EXTERNAL: u16 = 1 << 5;
+    /// The frontend also has an internal scope (`scope::INTERNAL`) for sources inside the
+    /// cluster: pods and the node.
+    pub const TWO_SCOPES: u16 = 1 << 6;
 }
 
 impl ServiceValue {
     pub fn service_entry(service_id: u32, backend_count: u16) -> Self {
-        Self { backend_id: 0, service_id, backend_count, flags: 0 }
+        Self { backend_id: 0, service_id, backend_count, flags: 0, affinity_timeout: 0, maglev_table: 0 }
     }
 
     pub fn with_flags(self, flags: u16) -> Self {
@@ -140,7 +213,7 @@ impl ServiceValue {
     }
 
     pub fn backend_slot(service_id: u32, backend_id: u32) -> Self {
-        Self { backend_id, service_id, backend_count: 0, flags: 0 }
+        Self { backend_id, ..Self::service_entry(service_id, 0) }
     }
 }
 
@@ -154,13 +227,25 @@ pub struct Backend {
     pub port: u16,
     /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
     pub protocol: u8,
-    /// Reserved for backend state (terminating, ...); always 0.
+    /// `backend_flags::*`.
     pub flags: u8,
+}
+
+/// Bits of `Backend::flags`.
+pub mod backend_flags {
+    /// The backend is one of the node's own addresses (a host-network endpoint): flows to it
+    /// are never source-NATed (their replies leave through this node anyway), and its replies
+    /// are translated back on egress (`lb_egress`).
+    pub const HOST: u8 = 1;
 }
 
 impl Backend {
     pub fn new(address: Ipv4Addr, port: u16, protocol: u8) -> Self {
         Self { address: u32::from(address).to_be(), port: port.to_be(), protocol, flags: 0 }
+    }
+
+    pub fn with_flags(self, flags: u8) -> Self {
+        Self { flags, ..self }
     }
 
     pub fn address(&self) -> Ipv4Addr {
@@ -185,7 +270,9 @@ pub struct FlowKey {
     /// Network byte order.
     pub dst_port: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    // Scalar padding: an array here makes the compiler zero it with a memset call in eBPF.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 impl FlowKey {
@@ -196,15 +283,26 @@ impl FlowKey {
             src_port: src.1.to_be(),
             dst_port: dst.1.to_be(),
             protocol,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
+    }
+
+    pub fn src(&self) -> (Ipv4Addr, u16) {
+        (Ipv4Addr::from(u32::from_be(self.src_address)), u16::from_be(self.src_port))
+    }
+
+    pub fn dst(&self) -> (Ipv4Addr, u16) {
+        (Ipv4Addr::from(u32::from_be(self.dst_address)), u16::from_be(self.dst_port))
     }
 }
 
 /// Value of the conntrack map, keyed by a packet's 5-tuple as it arrives (`FlowKey`). A
 /// translated flow has two entries: the client's direction (client -> frontend) and the reply's
 /// (backend -> client). Each holds the addresses its packets leave with, so one lookup both
-/// recognises a packet and says how to rewrite it.
+/// recognises a packet and says how to rewrite it. Reversing those addresses gives the other
+/// entry's key (`peer_key`), which the data path uses only when the flow's state changes (SYN-ACK,
+/// FIN, RST) to keep both entries' state alike.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ConntrackEntry {
@@ -216,28 +314,140 @@ pub struct ConntrackEntry {
     pub src_port: u16,
     /// Destination port to write, network byte order.
     pub dst_port: u16,
-    /// The backend's ID. On the client's direction, the flow is given a new backend once this
-    /// ID leaves the backends map. Host byte order.
+    /// The backend's ID. IDs are not reused until the collector has passed over every flow
+    /// that may hold them, so it never stands for a later backend. Host byte order.
     pub backend_id: u32,
-    /// The frontend's ID. Host byte order.
+    /// The frontend's ID (per frontend address and scope). Host byte order.
     pub service_id: u32,
     /// `conntrack_flags::*`. Host byte order.
-    pub flags: u32,
+    pub flags: u16,
+    /// `conntrack_state::*`.
+    pub state: u8,
+    pub _pad: u8,
+    /// When a packet of this direction was last seen: CLOCK_MONOTONIC nanoseconds (coarse),
+    /// refreshed at most about once a second. Host byte order.
+    pub last_seen_ns: u64,
+    /// When the flow was tracked, same clock. Host byte order.
+    pub created_ns: u64,
 }
 
 impl ConntrackEntry {
     pub fn is_reply(&self) -> bool {
         self.flags & conntrack_flags::REPLY != 0
     }
+
+    /// The key of the flow's other direction: this entry's rewritten addresses, reversed.
+    pub fn peer_key(&self, protocol: u8) -> FlowKey {
+        FlowKey {
+            src_address: self.dst_address,
+            dst_address: self.src_address,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
 }
 
 /// Bits of `ConntrackEntry::flags`.
 pub mod conntrack_flags {
     /// The entry is for the reply direction (backend -> client).
-    pub const REPLY: u32 = 1;
+    pub const REPLY: u16 = 1;
     /// After rewriting, send the packet to its next hop (FIB lookup and redirect) instead of
     /// through the stack, which would drop it: its new source is one of the node's addresses.
-    pub const ROUTE: u32 = 1 << 1;
+    pub const ROUTE: u16 = 1 << 1;
+    /// Set by the collector on both entries of a TCP flow whose backend is no longer an
+    /// endpoint of its frontend: the client's next packet is answered with a RST instead of
+    /// going to a pod that is gone (or moving mid-stream to another one).
+    pub const BACKEND_GONE: u16 = 1 << 2;
+    /// The flow's source was rewritten to the node's address (for display).
+    pub const SNAT: u16 = 1 << 3;
+    /// TCP: the client sent a FIN.
+    pub const FIN_CLIENT: u16 = 1 << 4;
+    /// TCP: the backend sent a FIN.
+    pub const FIN_BACKEND: u16 = 1 << 5;
+}
+
+/// Values of `ConntrackEntry::state`: where a flow is in its life, which decides how long it
+/// may stay idle before the collector removes it.
+pub mod conntrack_state {
+    /// TCP: the client's SYN was seen, nothing from the backend yet.
+    pub const TCP_SYN_SENT: u8 = 1;
+    /// TCP: the backend answered.
+    pub const TCP_ESTABLISHED: u8 = 2;
+    /// TCP: one side sent a FIN; the other may still send (half-closed).
+    pub const TCP_CLOSING: u8 = 3;
+    /// TCP: both sides sent a FIN, or either a RST: the flow has ended. A SYN on its tuple
+    /// starts a new flow, and a SYN-ACK on its reply tuple is not this flow's.
+    pub const TCP_CLOSED: u8 = 4;
+    /// UDP (and other datagrams): only the client has sent.
+    pub const UDP_ONE_WAY: u8 = 5;
+    /// UDP: the backend has answered.
+    pub const UDP_REPLIED: u8 = 6;
+
+    pub const fn name(state: u8) -> &'static str {
+        match state {
+            TCP_SYN_SENT => "SYN_SENT",
+            TCP_ESTABLISHED => "ESTABLISHED",
+            TCP_CLOSING => "CLOSING",
+            TCP_CLOSED => "CLOSED",
+            UDP_ONE_WAY => "UNREPLIED",
+            UDP_REPLIED => "REPLIED",
+            _ => "?",
+        }
+    }
+}
+
+/// Key of the session-affinity map: a client and the frontend it reached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// The client's address, network byte order; 0 for the node's own sockets.
+    pub client_address: u32,
+    /// The frontend's ID. Host byte order.
+    pub service_id: u32,
+}
+
+/// Value of the session-affinity map: where the client's last new connection went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// Host byte order.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds (coarse) of the client's last new connection: affinity
+    /// holds for the frontend's timeout after it (kube-proxy's sliding window). Host byte order.
+    pub last_used_ns: u64,
+}
+
+/// Key of the fragments map: one datagram, as its fragments carry it (RFC 791: source,
+/// destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentKey {
+    /// Network byte order.
+    pub src_address: u32,
+    /// Network byte order.
+    pub dst_address: u32,
+    /// The IPv4 identification field, network byte order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragments map: the addresses the first fragment was rewritten to, which the
+/// datagram's later fragments (they have no ports) get too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentValue {
+    /// Network byte order.
+    pub src_address: u32,
+    /// Network byte order.
+    pub dst_address: u32,
+    /// The flow's `conntrack_flags` (`ROUTE` matters here). Host byte order.
+    pub flags: u16,
+    pub _pad: u16,
 }
 
 /// Frontend types, as stored in `ServiceMeta::frontend_type`.
@@ -281,6 +491,9 @@ pub struct DatapathConfig {
     /// Linux's ephemeral range so they do not collide with the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Positions in each Maglev table (the inner maps' size). Host byte order.
+    pub maglev_table_size: u32,
+    pub _pad: u32,
 }
 
 /// Key of the socket map: a socket connected (or sending) to a backend in place of a frontend.
@@ -363,6 +576,42 @@ mod user {
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SocketFrontend {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentValue {}
+}
+
+/// Indexes of the collector's statistics array (`map_names::CONNTRACK_GC`), written by lb's
+/// conntrack collector after each pass and read by `lb counters`.
+pub mod gc_stats {
+    /// Conntrack entries found by the last pass.
+    pub const ENTRIES: u32 = 0;
+    /// The conntrack map's capacity.
+    pub const CAPACITY: u32 = 1;
+    /// Entries removed because their flow had ended or stayed idle past its timeout (total).
+    pub const EXPIRED: u32 = 2;
+    /// UDP entries removed because their backend stopped being an endpoint (total).
+    pub const BACKEND_GONE_REMOVED: u32 = 3;
+    /// TCP flows marked to be reset because their backend stopped being an endpoint (total).
+    pub const BACKEND_GONE_MARKED: u32 = 4;
+    /// Affinity records removed: expired, or their backend left the frontend (total).
+    pub const AFFINITY_REMOVED: u32 = 5;
+    /// Passes completed.
+    pub const PASSES: u32 = 6;
+    /// How long the last pass took, microseconds.
+    pub const LAST_PASS_US: u32 = 7;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "conntrack_entries",
+        "conntrack_capacity",
+        "conntrack_expired_total",
+        "conntrack_backend_gone_removed_total",
+        "conntrack_backend_gone_reset_total",
+        "affinity_removed_total",
+        "conntrack_gc_passes_total",
+        "conntrack_gc_last_pass_us",
+    ];
 }
 
 #[cfg(test)]
@@ -372,13 +621,17 @@ mod tests {
     #[test]
     fn sizes_are_what_the_kernel_side_expects() {
         assert_eq!(core::mem::size_of::<ServiceKey>(), 12);
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 12);
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 20);
         assert_eq!(core::mem::size_of::<Backend>(), 8);
         assert_eq!(core::mem::size_of::<FlowKey>(), 16);
-        assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
+        assert_eq!(core::mem::size_of::<ConntrackEntry>(), 40);
         assert_eq!(core::mem::size_of::<ServiceMeta>(), 256);
         assert_eq!(core::mem::size_of::<SourceRangeKey>(), 8);
-        assert_eq!(core::mem::size_of::<DatapathConfig>(), 16);
+        assert_eq!(core::mem::size_of::<DatapathConfig>(), 24);
+        assert_eq!(core::mem::size_of::<AffinityKey>(), 8);
+        assert_eq!(core::mem::size_of::<AffinityValue>(), 16);
+        assert_eq!(core::mem::size_of::<FragmentKey>(), 12);
+        assert_eq!(core::mem::size_of::<FragmentValue>(), 12);
         assert_eq!(core::mem::size_of::<SocketKey>(), 16);
         assert_eq!(core::mem::size_of::<SocketFrontend>(), 8);
     }
@@ -391,6 +644,29 @@ mod tests {
         assert_eq!(key.port(), 80);
         let backend = Backend::new(Ipv4Addr::new(10, 244, 1, 2), 8080, PROTOCOL_UDP);
         assert_eq!(bytemuck::bytes_of(&backend), [10, 244, 1, 2, 0x1f, 0x90, 17, 0]);
+    }
+
+    #[test]
+    fn an_entrys_peer_key_is_the_other_direction() {
+        let client: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 2), 40000);
+        let (vip, pod): ((Ipv4Addr, u16), (Ipv4Addr, u16)) =
+            ((Ipv4Addr::new(10, 96, 0, 1), 80), (Ipv4Addr::new(10, 244, 1, 2), 8080));
+        let forward = ConntrackEntry {
+            src_address: u32::from(client.0).to_be(),
+            dst_address: u32::from(pod.0).to_be(),
+            src_port: client.1.to_be(),
+            dst_port: pod.1.to_be(),
+            ..Zeroable::zeroed()
+        };
+        assert_eq!(forward.peer_key(PROTOCOL_TCP), FlowKey::new(pod, client, PROTOCOL_TCP));
+        let reply = ConntrackEntry {
+            src_address: u32::from(vip.0).to_be(),
+            dst_address: u32::from(client.0).to_be(),
+            src_port: vip.1.to_be(),
+            dst_port: client.1.to_be(),
+            ..Zeroable::zeroed()
+        };
+        assert_eq!(reply.peer_key(PROTOCOL_TCP), FlowKey::new(client, vip, PROTOCOL_TCP));
     }
 
     #[test]

@@ -1,13 +1,44 @@
-//! Flow tracking: one LRU map holds both directions of every translated flow, keyed by the
-//! 5-tuple a packet arrives with, so any packet of a tracked flow costs one lookup.
+//! Flow tracking. One map holds both directions of every translated flow, keyed by the 5-tuple
+//! a packet arrives with, so a packet of a tracked flow costs one lookup. Each entry carries
+//! the flow's state, and the data path keeps the two entries' states alike when they change
+//! (SYN-ACK, FIN, RST: a second lookup, once per change, never per packet). Userspace's
+//! collector removes flows that ended or idled past their timeout, and marks or removes those
+//! whose backend left its frontend.
+//!
+//! The state is what keeps a flow from capturing connections that are not its own: once a
+//! flow has ended, a SYN on its tuple starts a new flow, and a SYN-ACK matching its reply entry
+//! (a client reaching the pod directly from a port the old flow used) passes untouched.
 
-use lb_common::{Backend, ConntrackEntry, FlowKey, conntrack_flags, counters};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{Backend, ConntrackEntry, FlowKey, conntrack_flags as cf, conntrack_state as cs, counters};
 
 use crate::{
-    maps::{LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, count},
+    headers::{PROTOCOL_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{LB_CONFIG, LB_CONNTRACK, count},
     parse::Ipv4Flow,
     verdict::Verdict,
 };
+
+/// The clock entries are stamped with (CLOCK_MONOTONIC, coarse: no clock read, a tick's
+/// precision), which userspace compares with its own CLOCK_MONOTONIC.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// `last_seen_ns` is rewritten only when it is older than this (about a second): a flow's
+/// packets on several CPUs do not all write the entry.
+const REFRESH_NS: u64 = 1 << 30;
+
+/// Linux's BPF_NOEXIST and BPF_ANY.
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+/// What the map update helper returns for a key taken (BPF_NOEXIST) and for a full map.
+const EEXIST: i32 = -17;
+const E2BIG: i32 = -7;
+/// Source ports tried for a source-NATed flow before giving up.
+const SNAT_PORT_TRIES: u32 = 8;
 
 /// The flow as the packet carries it (client -> frontend, or backend -> client for a reply).
 #[inline(always)]
@@ -18,97 +49,253 @@ pub fn packet_key(flow: &Ipv4Flow) -> FlowKey {
         src_port: flow.src_port,
         dst_port: flow.dst_port,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
-/// The packet's conntrack entry. A client-direction entry whose backend has been removed is
-/// ignored, so the flow picks a new backend (and overwrites both entries).
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<ConntrackEntry> {
-    // SAFETY: the value is copied out at once; LRU entries may be reused after that.
-    let entry = *unsafe { LB_CONNTRACK.get(key) }?;
-    // SAFETY: only the presence of the key is used.
-    if !entry.is_reply() && unsafe { LB_BACKENDS.get(entry.backend_id) }.is_none() {
-        count(counters::CONNTRACK_BACKEND_GONE);
+pub fn lookup(key: &FlowKey) -> Option<*mut ConntrackEntry> {
+    LB_CONNTRACK.get_ptr_mut(key)
+}
+
+/// What to do with a packet whose 5-tuple has an entry.
+pub enum Tracked {
+    /// Rewrite it as the (copied) entry says.
+    Translate(ConntrackEntry),
+    /// A new connection on the tuple of an ended flow: track it as the new flow it is.
+    Reopen,
+    /// A new connection that is not this flow's: pass it untouched.
+    NotOurs,
+    /// The flow's backend is gone: answer the client with a RST.
+    Reset,
+}
+
+/// Sets the state (and adds `flags`) on an entry and on its flow's other entry. The other
+/// entry is found by reversing this one's rewrite, and changed only if it points back at `key`:
+/// a reply tuple (a source-NAT port) may already belong to a newer flow.
+#[inline(always)]
+fn set_state(key: &FlowKey, entry: &mut ConntrackEntry, state: u8, flags: u16) {
+    entry.state = state;
+    entry.flags |= flags;
+    if let Some(peer) = LB_CONNTRACK.get_ptr_mut(&entry.peer_key(key.protocol)) {
+        // SAFETY: a pointer into the map's value; concurrent writers only set the same fields
+        // to values of the same transition.
+        let peer = unsafe { &mut *peer };
+        if peer.peer_key(key.protocol) == *key {
+            peer.state = state;
+            peer.flags |= flags;
+        }
+    }
+}
+
+/// A TCP packet with SYN, FIN or RST, or a reply still in SYN_SENT: the flow's state moves.
+/// `Some` ends processing with that outcome; `None` translates as usual.
+#[inline(never)]
+fn tcp_transition(key: &FlowKey, entry: &mut ConntrackEntry, tcp_flags: u8) -> Option<Tracked> {
+    let reply = entry.is_reply();
+    if tcp_flags & TCP_SYN != 0 {
+        if !reply {
+            // The client's SYN: a retransmission while the flow is new, else a new connection
+            // on this tuple (the old flow ended, or its backend is gone).
+            if tcp_flags & TCP_ACK == 0
+                && (entry.state != cs::TCP_SYN_SENT || entry.flags & cf::BACKEND_GONE != 0)
+            {
+                // The old flow is over: its reply entry must not take the new flow's (or
+                // anyone's) packets while it waits for the collector.
+                set_state(key, entry, cs::TCP_CLOSED, 0);
+                return Some(Tracked::Reopen);
+            }
+            return None;
+        }
+        // From the backend, only a SYN-ACK answering this flow's SYN belongs to it.
+        let answers = tcp_flags & TCP_ACK != 0
+            && (entry.state == cs::TCP_SYN_SENT || entry.state == cs::TCP_ESTABLISHED);
+        if !answers {
+            if entry.state == cs::TCP_CLOSED || entry.state == cs::TCP_CLOSING {
+                // The backend started a new connection on this tuple: the old flow is over, and
+                // the new connection's later packets must not be translated either.
+                let _ = LB_CONNTRACK.remove(key);
+            }
+            return Some(Tracked::NotOurs);
+        }
+        if entry.state == cs::TCP_SYN_SENT {
+            set_state(key, entry, cs::TCP_ESTABLISHED, 0);
+        }
         return None;
     }
-    Some(entry)
+    if tcp_flags & TCP_RST != 0 {
+        set_state(key, entry, cs::TCP_CLOSED, 0);
+        return None;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        let fin = if reply { cf::FIN_BACKEND } else { cf::FIN_CLIENT };
+        let both = cf::FIN_CLIENT | cf::FIN_BACKEND;
+        let state = if (entry.flags | fin) & both == both { cs::TCP_CLOSED } else { cs::TCP_CLOSING };
+        if entry.state != cs::TCP_CLOSED {
+            set_state(key, entry, state, fin);
+        }
+        return None;
+    }
+    // A reply without SYN while SYN_SENT: the SYN-ACK was not seen (lb started in between).
+    set_state(key, entry, cs::TCP_ESTABLISHED, 0);
+    None
 }
 
-/// Linux's BPF_NOEXIST: insert only if the key is free.
-const BPF_NOEXIST: u64 = 1;
-/// Source ports tried for a source-NATed flow before giving up.
-const SNAT_PORT_TRIES: u32 = 8;
+/// Moves a tracked flow along with this packet and says what to do with it.
+#[inline(always)]
+pub fn on_packet(key: &FlowKey, entry: *mut ConntrackEntry, tcp_flags: u8, now: u64) -> Tracked {
+    // SAFETY: a pointer into the map's value, valid for this program run.
+    let entry = unsafe { &mut *entry };
+    if key.protocol == PROTOCOL_TCP {
+        let moves = tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+            || (entry.state == cs::TCP_SYN_SENT && entry.is_reply());
+        if moves && let Some(outcome) = tcp_transition(key, entry, tcp_flags) {
+            return outcome;
+        }
+        if entry.flags & cf::BACKEND_GONE != 0 && !entry.is_reply() {
+            set_state(key, entry, cs::TCP_CLOSED, 0);
+            return Tracked::Reset;
+        }
+    } else if entry.state == cs::UDP_ONE_WAY && entry.is_reply() {
+        set_state(key, entry, cs::UDP_REPLIED, 0);
+    }
+    if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
+    Tracked::Translate(*entry)
+}
+
+/// The state a flow starts in, from its first packet.
+#[inline(always)]
+fn initial_state(protocol: u8, tcp_flags: u8) -> (u8, u16) {
+    if protocol != PROTOCOL_TCP {
+        return (cs::UDP_ONE_WAY, 0);
+    }
+    if tcp_flags & TCP_RST != 0 {
+        (cs::TCP_CLOSED, 0)
+    } else if tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0 {
+        (cs::TCP_SYN_SENT, 0)
+    } else if tcp_flags & TCP_FIN != 0 {
+        (cs::TCP_CLOSING, cf::FIN_CLIENT)
+    } else {
+        // Picked up mid-stream (its entries were lost): it is established.
+        (cs::TCP_ESTABLISHED, 0)
+    }
+}
+
+/// A new flow's choice, for `track`.
+pub struct NewFlowEntry<'a> {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend: &'a Backend,
+    /// Source NAT to this node address (network byte order).
+    pub snat_address: Option<u32>,
+    /// Replies leave with a node address as their source: route them (NodePort).
+    pub route_replies: bool,
+    pub tcp_flags: u8,
+}
 
 /// Records a new flow in both directions and returns the client direction's entry. With
 /// `snat_address`, the flow's source becomes that address and a free port, so the reply comes
-/// back through this node. Failure to record is counted, not fatal: the packet is still
-/// translated, later packets just pick again (and land on the same backend unless the set
-/// changed). Only a source-NAT flow without a free port is refused: its reply could not be
-/// told apart.
+/// back through this node. The reply entry goes in first (once the forward entry exists, a
+/// reply may come back at any time); a reply tuple held by another live flow gets this flow a
+/// new source port, as netfilter resolves such clashes. A full table refuses the flow.
 #[inline(always)]
-pub fn track(
-    key: &FlowKey,
-    hash: u32,
-    service_id: u32,
-    backend_id: u32,
-    backend: &Backend,
-    snat_address: Option<u32>,
-    route_replies: bool,
-) -> Result<ConntrackEntry, Verdict> {
+pub fn track(key: &FlowKey, hash: u32, new: &NewFlowEntry, now: u64) -> Result<ConntrackEntry, Verdict> {
+    let (state, state_flags) = initial_state(key.protocol, new.tcp_flags);
+    let route = if new.route_replies || new.snat_address.is_some() { cf::ROUTE } else { 0 };
     let mut forward = ConntrackEntry {
         src_address: key.src_address,
-        dst_address: backend.address,
+        dst_address: new.backend.address,
         src_port: key.src_port,
-        dst_port: backend.port,
-        backend_id,
-        service_id,
-        flags: 0,
+        dst_port: new.backend.port,
+        backend_id: new.backend_id,
+        service_id: new.service_id,
+        flags: state_flags,
+        state,
+        _pad: 0,
+        last_seen_ns: now,
+        created_ns: now,
     };
-    let route = if route_replies || snat_address.is_some() { conntrack_flags::ROUTE } else { 0 };
     let reply = ConntrackEntry {
         src_address: key.dst_address,
         dst_address: key.src_address,
         src_port: key.dst_port,
         dst_port: key.src_port,
-        backend_id,
-        service_id,
-        flags: conntrack_flags::REPLY | route,
+        flags: cf::REPLY | route | state_flags,
+        ..forward
     };
     let mut reply_key = FlowKey {
-        src_address: backend.address,
+        src_address: new.backend.address,
         dst_address: key.src_address,
-        src_port: backend.port,
+        src_port: new.backend.port,
         dst_port: key.src_port,
         protocol: key.protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
-    // The reply entry first: once the forward entry exists, a reply may come back at any time.
-    match snat_address {
-        None => {
-            if LB_CONNTRACK.insert(&reply_key, &reply, 0).is_err() {
-                count(counters::CONNTRACK_INSERT_FAILED);
+    let full = Verdict::drop(counters::DROP_CONNTRACK_FULL);
+    match new.snat_address {
+        None => match LB_CONNTRACK.insert(&reply_key, &reply, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(E2BIG) => return Err(full),
+            Err(EEXIST) if reply_tuple_free(&reply_key, key) => {
+                if LB_CONNTRACK.insert(&reply_key, &reply, BPF_ANY).is_err() {
+                    count(counters::CONNTRACK_INSERT_FAILED);
+                }
             }
-        }
+            Err(EEXIST) => {
+                // Another live flow from this client port reaches the same backend (through
+                // another frontend): give this one a port of its own on the client's address.
+                let port = claim_port(&mut reply_key, key.src_address, hash, &reply)?;
+                forward.src_port = port;
+                count(counters::CONNTRACK_SNAT);
+            }
+            Err(_) => count(counters::CONNTRACK_INSERT_FAILED),
+        },
         Some(address) => {
-            let port = snat_port(&mut reply_key, address, hash, &reply)?;
+            let port = claim_port(&mut reply_key, address, hash, &reply)?;
             forward.src_address = address;
             forward.src_port = port;
-            forward.flags = conntrack_flags::ROUTE;
+            forward.flags |= cf::ROUTE | cf::SNAT;
             count(counters::CONNTRACK_SNAT);
         }
     }
-    if LB_CONNTRACK.insert(key, &forward, 0).is_err() {
-        count(counters::CONNTRACK_INSERT_FAILED);
+    match LB_CONNTRACK.insert(key, &forward, BPF_ANY) {
+        Ok(()) => Ok(forward),
+        Err(E2BIG) => {
+            let _ = LB_CONNTRACK.remove(&reply_key);
+            Err(full)
+        }
+        Err(_) => {
+            count(counters::CONNTRACK_INSERT_FAILED);
+            Ok(forward)
+        }
     }
-    Ok(forward)
+}
+
+/// Whether a taken reply tuple may be overwritten: it is the reply entry of this same flow (a
+/// new connection on its tuple), or of a flow that has ended.
+#[inline(always)]
+fn reply_tuple_free(reply_key: &FlowKey, forward_key: &FlowKey) -> bool {
+    // SAFETY: copied out at once.
+    let Some(existing) = (unsafe { LB_CONNTRACK.get(reply_key) }).copied() else { return true };
+    existing.state == cs::TCP_CLOSED || existing.peer_key(reply_key.protocol) == *forward_key
+}
+
+/// Whether the entry at `key` belongs to a flow that has ended (or is gone).
+#[inline(always)]
+fn ended(key: &FlowKey) -> bool {
+    // SAFETY: copied out at once.
+    (unsafe { LB_CONNTRACK.get(key) }).is_none_or(|existing| existing.state == cs::TCP_CLOSED)
 }
 
 /// Claims a source port on `address` for a flow by inserting its reply entry where no other
-/// flow's is; returns the port (network byte order).
+/// flow's is; returns the port (network byte order). Ports of flows that have not been removed
+/// yet are never taken: a port is reused only once the collector removed its flow.
 #[inline(always)]
-fn snat_port(
+fn claim_port(
     reply_key: &mut FlowKey,
     address: u32,
     hash: u32,
@@ -125,8 +312,17 @@ fn snat_port(
     for attempt in 0..SNAT_PORT_TRIES {
         let port = (min + (hash.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % span)) as u16;
         reply_key.dst_port = port.to_be();
-        if LB_CONNTRACK.insert(&*reply_key, reply, BPF_NOEXIST).is_ok() {
-            return Ok(port.to_be());
+        match LB_CONNTRACK.insert(&*reply_key, reply, BPF_NOEXIST) {
+            Ok(()) => return Ok(port.to_be()),
+            Err(E2BIG) => return Err(Verdict::drop(counters::DROP_CONNTRACK_FULL)),
+            // The port's flow has ended: it is free again, as netfilter reuses a port whose
+            // connection is in TIME_WAIT or CLOSE.
+            Err(EEXIST) if ended(reply_key) => {
+                if LB_CONNTRACK.insert(&*reply_key, reply, BPF_ANY).is_ok() {
+                    return Ok(port.to_be());
+                }
+            }
+            Err(_) => {}
         }
     }
     Err(failed())

@@ -1,7 +1,15 @@
-//! Internet checksum arithmetic where the kernel's skb csum helpers do not serve: incremental
-//! updates (RFC 1624) in the XDP program, which has no skb, and whole checksums of the replies
-//! `reject` builds. Incremental updates take values as read from the packet: one's complement
+//! Internet checksum arithmetic done in the program rather than by the kernel's skb csum
+//! helpers: incremental updates (RFC 1624) of the IPv4 header checksum and in the XDP program
+//! (which has no skb), the combined differences handed to `l4_csum_replace`, and whole checksums
+//! of the replies `reject` builds. Values are taken as read from the packet: one's complement
 //! sums do not depend on byte order as long as every operand uses the same one.
+
+/// One's complement addition of 32-bit words (end-around carry).
+#[inline(always)]
+pub fn add32(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum.wrapping_add(u32::from(carry))
+}
 
 #[inline(always)]
 fn fold(mut sum: u32) -> u16 {
@@ -10,21 +18,34 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// The checksum difference of a 32-bit field changing from `from` to `to`.
+#[inline(always)]
+pub fn diff4(from: u32, to: u32) -> u32 {
+    add32(!from, to)
+}
+
+/// The checksum difference of a 16-bit field changing from `from` to `to`.
+#[inline(always)]
+pub fn diff2(from: u16, to: u16) -> u32 {
+    add32(u32::from(!from), u32::from(to))
+}
+
+/// A checksum after the data it covers changed by `diff` (a sum of `diff4`/`diff2`).
+#[inline(always)]
+pub fn apply_diff(check: u16, diff: u32) -> u16 {
+    !fold(add32(diff, u32::from(!check)))
+}
+
 /// The checksum after a 16-bit word of the data it covers changed from `from` to `to`.
 #[inline(always)]
 pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
-    !fold(u32::from(!check) + u32::from(!from) + u32::from(to))
+    apply_diff(check, diff2(from, to))
 }
 
 /// The checksum after a 32-bit field it covers changed from `from` to `to`.
 #[inline(always)]
 pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
-    let sum = u32::from(!check)
-        + u32::from(!(from as u16))
-        + u32::from(!((from >> 16) as u16))
-        + u32::from(to as u16)
-        + u32::from((to >> 16) as u16);
-    !fold(sum)
+    apply_diff(check, diff4(from, to))
 }
 
 /// One's-complement sum of big-endian 16-bit words (an even number of bytes), not folded.

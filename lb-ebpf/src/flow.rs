@@ -4,17 +4,32 @@
 
 use aya_ebpf::{EbpfContext, maps::lpm_trie::Key};
 use aya_log_ebpf::error;
-use lb_common::{ConntrackEntry, FlowKey, ServiceKey, SourceRangeKey, counters, service_flags};
-
-use crate::{
-    conntrack,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SERVICES, LB_SOURCE_RANGES},
-    parse::Ipv4Flow,
-    select,
+use lb_common::{
+    ConntrackEntry, FlowKey, ServiceKey, ServiceValue, SourceRangeKey, backend_flags, counters, scope,
+    service_flags,
 };
 
+use crate::{
+    conntrack::{self, NewFlowEntry},
+    maps::{LB_CONFIG, LB_SERVICES, LB_SOURCE_RANGES},
+    parse::Ipv4Flow,
+    select::{self, Inconsistent},
+};
+
+/// Where a packet's source is, which decides the view of an external frontend it gets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A pod or the node: inside the cluster. An `externalTrafficPolicy: Local` frontend gives
+    /// it every endpoint, as kube-proxy does.
+    InCluster,
+    /// Arrived on an uplink: Local policies apply.
+    External,
+    /// XDP on an uplink: like `External`, and only external frontends are its business.
+    ExternalXdp,
+}
+
 pub enum NewFlow {
-    /// No frontend here (or, with `external_only`, not an external one).
+    /// No frontend here (or, for XDP, not an external one).
     NotService,
     /// A frontend without backends whose client must be told (TCP RST / ICMP unreachable).
     Reject,
@@ -24,21 +39,29 @@ pub enum NewFlow {
     Tracked(ConntrackEntry),
 }
 
+/// The service entry of the frontend at `address:port/protocol` as `source` sees it, with its
+/// key. A frontend with two scopes gives in-cluster sources its internal one.
 #[inline(always)]
-pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, external_only: bool) -> NewFlow {
-    let service_key = ServiceKey {
-        address: flow.dst_address,
-        port: flow.dst_port,
-        backend_slot: 0,
-        protocol: flow.protocol,
-        scope: 0,
-        _pad: [0; 2],
-    };
-    // SAFETY (all map reads below): values are copied out at once.
-    let Some(service) = (unsafe { LB_SERVICES.get(service_key) }).copied() else {
+pub fn frontend(address: u32, port: u16, protocol: u8, source: Source) -> Option<(ServiceKey, ServiceValue)> {
+    let key = ServiceKey { address, port, backend_slot: 0, protocol, scope: scope::EXTERNAL, _pad: 0 };
+    // SAFETY (map reads): values are copied out at once.
+    let service = *unsafe { LB_SERVICES.get(key) }?;
+    if source == Source::InCluster && service.flags & service_flags::TWO_SCOPES != 0 {
+        let internal = ServiceKey { scope: scope::INTERNAL, ..key };
+        if let Some(value) = unsafe { LB_SERVICES.get(internal) } {
+            return Some((internal, *value));
+        }
+    }
+    Some((key, service))
+}
+
+#[inline(always)]
+pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, source: Source) -> NewFlow {
+    let Some((service_key, service)) = frontend(flow.dst_address, flow.dst_port, flow.protocol, source)
+    else {
         return NewFlow::NotService;
     };
-    if external_only && service.flags & service_flags::EXTERNAL == 0 {
+    if source == Source::ExternalXdp && service.flags & service_flags::EXTERNAL == 0 {
         return NewFlow::NotService;
     }
     if service.flags & service_flags::SOURCE_RANGES != 0 {
@@ -56,21 +79,28 @@ pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, externa
         }
         return NewFlow::Reject;
     }
-    let hash = select::flow_hash(flow);
-    let slot_key = service_key.with_slot(select::backend_slot(hash, service.backend_count));
-    // Only a controller bug (or a torn update) gets here: worth a log line, off the fast path.
-    let inconsistent = |what: &str| {
-        error!(ctx, "service {} slot {}: {} missing", service.service_id, slot_key.backend_slot, what);
-        NewFlow::Drop(counters::DROP_SERVICE_INCONSISTENT)
-    };
-    let Some(slot) = (unsafe { LB_SERVICES.get(slot_key) }).copied() else { return inconsistent("slot") };
-    let Some(backend) = (unsafe { LB_BACKENDS.get(slot.backend_id) }).copied() else {
-        return inconsistent("backend");
+    let hash =
+        select::flow_hash(flow.src_address, flow.dst_address, flow.src_port, flow.dst_port, flow.protocol);
+    let (backend_id, backend) = match select::choose(&service_key, &service, hash, flow.src_address) {
+        Ok(chosen) => chosen,
+        // Only a controller bug (or a torn update) gets here: worth a log line, off the fast path.
+        Err(what) => {
+            let what = match what {
+                Inconsistent::Slot => "slot",
+                Inconsistent::Backend => "backend",
+            };
+            error!(ctx, "service {}: {} missing", service.service_id, what);
+            return NewFlow::Drop(counters::DROP_SERVICE_INCONSISTENT);
+        }
     };
 
     // Source NAT for external traffic under Cluster policy, and for hairpin: a pod reaching
-    // itself through the Service would otherwise get a packet from its own address.
-    let snat_address = if service.flags & service_flags::SNAT != 0 || flow.src_address == backend.address {
+    // itself through the Service would otherwise get a packet from its own address. Never to
+    // a host-network backend: its replies leave through this node anyway, and a packet from a
+    // node address to a node address would be a martian.
+    let host_backend = backend.flags & backend_flags::HOST != 0;
+    let wants_snat = service.flags & service_flags::SNAT != 0 || flow.src_address == backend.address;
+    let snat_address = if wants_snat && !host_backend {
         match LB_CONFIG.get(0).map(|config| config.snat_address) {
             Some(address) if address != 0 => Some(address),
             _ => return NewFlow::Drop(counters::DROP_SNAT_FAILED),
@@ -78,16 +108,15 @@ pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, externa
     } else {
         None
     };
-    let route_replies = service.flags & service_flags::NODE_ADDRESS != 0;
-    match conntrack::track(
-        key,
-        hash,
-        service.service_id,
-        slot.backend_id,
-        &backend,
+    let new = NewFlowEntry {
+        service_id: service.service_id,
+        backend_id,
+        backend: &backend,
         snat_address,
-        route_replies,
-    ) {
+        route_replies: service.flags & service_flags::NODE_ADDRESS != 0,
+        tcp_flags: flow.tcp_flags,
+    };
+    match conntrack::track(key, hash, &new, conntrack::now()) {
         Ok(entry) => NewFlow::Tracked(entry),
         Err(verdict) => NewFlow::Drop(verdict.counter),
     }

@@ -7,17 +7,16 @@ use aya_ebpf::programs::TcContext;
 use lb_common::{ConntrackEntry, FlowKey, PROTOCOL_TCP, PROTOCOL_UDP, counters};
 
 use crate::{
+    headers::{
+        ICMP_CHECKSUM_OFFSET, ICMP_DEST_UNREACHABLE, ICMP_HEADER_LEN, ICMP_PARAMETER_PROBLEM,
+        ICMP_TIME_EXCEEDED, IPV4_CHECKSUM_OFFSET, IPV4_DST_OFFSET,
+        IPV4_MIN_HEADER_LEN as INNER_IPV4_HEADER_LEN, IPV4_PROTOCOL_OFFSET, IPV4_SRC_OFFSET,
+        IPV4_VERSION_IHL_PLAIN,
+    },
     maps::LB_CONNTRACK,
-    parse::{IPV4_CHECKSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Flow},
+    parse::Ipv4Flow,
     verdict::Verdict,
 };
-
-const ICMP_DEST_UNREACHABLE: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROBLEM: u8 = 12;
-const ICMP_CHECKSUM_OFFSET: usize = 2;
-const ICMP_HEADER_LEN: usize = 8;
-const INNER_IPV4_HEADER_LEN: usize = 20;
 
 /// The ICMP error's quoted packet, as found.
 struct Quoted {
@@ -37,10 +36,10 @@ fn quoted(ctx: &TcContext, flow: &Ipv4Flow) -> Option<Quoted> {
     }
     let offset = flow.l4_offset + ICMP_HEADER_LEN;
     // Quoted options would move the ports; senders do not use them towards Services.
-    if ctx.load::<u8>(offset).ok()? != 0x45 {
+    if ctx.load::<u8>(offset).ok()? != IPV4_VERSION_IHL_PLAIN {
         return None;
     }
-    let protocol: u8 = ctx.load(offset + 9).ok()?;
+    let protocol: u8 = ctx.load(offset + IPV4_PROTOCOL_OFFSET).ok()?;
     if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
         return None;
     }
@@ -54,16 +53,14 @@ fn quoted(ctx: &TcContext, flow: &Ipv4Flow) -> Option<Quoted> {
     })
 }
 
-/// Translates an ICMP error about a tracked flow; `None` for any other ICMP packet.
+/// Translates an ICMP error about a tracked flow and returns the entry it was translated by;
+/// `None` for any other ICMP packet.
 ///
 /// The quoted packet went from A to B, so the error travels towards A. The conntrack entry for
 /// B -> A says how that direction is rewritten (to S -> D): the quote becomes D -> S, the
 /// error is addressed to D, and if B itself sent it, it comes from S.
 #[inline(always)]
-pub fn translate_error(
-    ctx: &TcContext,
-    flow: &Ipv4Flow,
-) -> Option<Result<(Verdict, ConntrackEntry), Verdict>> {
+pub fn translate_error(ctx: &TcContext, flow: &Ipv4Flow) -> Option<Result<ConntrackEntry, Verdict>> {
     let inner = quoted(ctx, flow)?;
     let key = FlowKey {
         src_address: inner.dst_address,
@@ -71,11 +68,12 @@ pub fn translate_error(
         src_port: inner.dst_port,
         dst_port: inner.src_port,
         protocol: inner.protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     // SAFETY: copied out at once.
     let entry = unsafe { LB_CONNTRACK.get(&key) }.copied()?;
-    Some(rewrite(ctx, flow, &inner, &entry).map(|()| (Verdict::pass(counters::ICMP_ERROR_TRANSLATED), entry)))
+    Some(rewrite(ctx, flow, &inner, &entry).map(|()| entry))
 }
 
 #[inline(always)]

@@ -1,13 +1,18 @@
-//! lb's data path. The TC ingress program, attached to every interface that carries Service
-//! traffic, translates a client's packets to a frontend into packets to a backend pod, and the
-//! backend's replies back to the frontend. Beside it: an XDP program for the external
-//! interfaces (`xdp`) and cgroup socket programs for the node's own connections (`socket`).
+//! lb's data path. The TC ingress programs, attached to every interface that carries Service
+//! traffic, translate a client's packets to a frontend into packets to a backend, and the
+//! backend's replies back to the frontend. `lb_ingress` sits on the pods' (and other in-cluster)
+//! interfaces, `lb_ingress_external` on the node's uplinks: they differ only in whether a source
+//! counts as inside the cluster. `lb_egress` translates the replies of endpoints in the node's
+//! own host network. Beside them: an XDP program for the external interfaces (`xdp`) and cgroup
+//! socket programs for the node's own connections (`socket`).
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod csum;
 mod flow;
+mod fragment;
+mod headers;
 mod icmp;
 mod maps;
 mod nat;
@@ -20,17 +25,35 @@ mod verdict;
 mod xdp;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{ConntrackEntry, FlowKey, conntrack_flags, counters};
+use lb_common::{ConntrackEntry, FlowKey, counters};
 
-use crate::{flow::NewFlow, maps::count, parse::Ipv4Flow, verdict::Verdict};
+use crate::{
+    conntrack::Tracked,
+    flow::{NewFlow, Source},
+    headers::PROTOCOL_ICMP,
+    maps::count,
+    parse::{Fragment, Ipv4Flow},
+    verdict::Verdict,
+};
 
+/// Ingress of the pods' interfaces: sources here are inside the cluster.
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
-    let verdict = match try_lb_ingress(&ctx) {
-        Ok(verdict) | Err(verdict) => verdict,
-    };
-    count(verdict.counter);
-    verdict.action
+    finish(try_lb_ingress(&ctx, Source::InCluster))
+}
+
+/// Ingress of the node's uplinks (`--external-interfaces`): sources here are outside the
+/// cluster, so `externalTrafficPolicy: Local` applies to them.
+#[classifier]
+pub fn lb_ingress_external(ctx: TcContext) -> i32 {
+    finish(try_lb_ingress(&ctx, Source::External))
+}
+
+/// Egress of the same interfaces: replies from sockets of the node's own (endpoints in the host
+/// network) are translated back here, since they never cross an ingress lb sits on.
+#[classifier]
+pub fn lb_egress(ctx: TcContext) -> i32 {
+    finish(try_lb_egress(&ctx))
 }
 
 /// Does nothing: the baseline that `cargo xtask bench` compares lb_ingress's cost with.
@@ -39,32 +62,61 @@ pub fn lb_noop(_ctx: TcContext) -> i32 {
     verdict::TC_PASS
 }
 
+#[inline(always)]
+fn finish(result: Result<Verdict, Verdict>) -> i32 {
+    let verdict = match result {
+        Ok(verdict) | Err(verdict) => verdict,
+    };
+    count(verdict.counter);
+    verdict.action
+}
+
 /// `Err` ends processing early; it carries a verdict just like `Ok`.
 #[inline(always)]
-fn try_lb_ingress(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn try_lb_ingress(ctx: &TcContext, source: Source) -> Result<Verdict, Verdict> {
     let flow = parse::parse_ipv4_flow(ctx)?;
-    if flow.protocol == parse::PROTOCOL_ICMP {
+    if flow.protocol == PROTOCOL_ICMP {
         return match icmp::translate_error(ctx, &flow) {
             None => Ok(Verdict::pass(counters::PASS_OTHER_PROTOCOL)),
             Some(Err(verdict)) => Err(verdict),
-            Some(Ok((verdict, entry))) => Ok(route_if_needed(ctx, &flow, &entry, verdict.counter)),
+            Some(Ok(entry)) => Ok(route_if_needed(ctx, &flow, &entry, counters::ICMP_ERROR_TRANSLATED)),
         };
     }
-    let key = conntrack::packet_key(&flow);
-
-    if let Some(entry) = conntrack::lookup(&key) {
-        let counter =
-            if entry.is_reply() { counters::REPLY_REVERSE_NAT } else { counters::FORWARD_TRACKED_FLOW };
-        return translate(ctx, &flow, &entry, counter);
+    if flow.fragment == Fragment::Later {
+        return fragment::translate_later(ctx, &flow, true);
     }
-    forward_new_flow(ctx, &flow, &key)
+    let key = conntrack::packet_key(&flow);
+    if let Some(entry) = conntrack::lookup(&key) {
+        return match conntrack::on_packet(&key, entry, flow.tcp_flags, conntrack::now()) {
+            Tracked::Translate(entry) => {
+                let counter = if entry.is_reply() {
+                    counters::REPLY_REVERSE_NAT
+                } else {
+                    counters::FORWARD_TRACKED_FLOW
+                };
+                translate(ctx, &flow, &entry, counter)
+            }
+            Tracked::Reopen => {
+                count(counters::CONNTRACK_REOPENED);
+                forward_new_flow(ctx, &flow, &key, source)
+            }
+            Tracked::NotOurs => Ok(Verdict::pass(counters::PASS_ENDED_FLOW)),
+            Tracked::Reset => reject::reject(ctx, &flow, counters::RESET_BACKEND_GONE),
+        };
+    }
+    forward_new_flow(ctx, &flow, &key, source)
 }
 
 #[inline(always)]
-fn forward_new_flow(ctx: &TcContext, flow: &Ipv4Flow, key: &FlowKey) -> Result<Verdict, Verdict> {
-    match flow::new_flow(ctx, flow, key, false) {
+fn forward_new_flow(
+    ctx: &TcContext,
+    flow: &Ipv4Flow,
+    key: &FlowKey,
+    source: Source,
+) -> Result<Verdict, Verdict> {
+    match flow::new_flow(ctx, flow, key, source) {
         NewFlow::NotService => Ok(Verdict::pass(counters::PASS_NOT_SERVICE)),
-        NewFlow::Reject => reject::reject(ctx, flow),
+        NewFlow::Reject => reject::reject(ctx, flow, counters::REJECT_NO_BACKEND),
         NewFlow::Drop(counter) => Ok(Verdict::drop(counter)),
         NewFlow::Tracked(entry) => translate(ctx, flow, &entry, counters::FORWARD_NEW_FLOW),
     }
@@ -79,18 +131,63 @@ fn translate(
     entry: &ConntrackEntry,
     counter: u32,
 ) -> Result<Verdict, Verdict> {
-    nat::rewrite_to(ctx, flow, entry)?;
+    nat::rewrite(ctx, flow, entry)?;
+    if flow.fragment == Fragment::First {
+        fragment::remember(flow, entry);
+    }
     Ok(route_if_needed(ctx, flow, entry, counter))
 }
 
 #[inline(always)]
 fn route_if_needed(ctx: &TcContext, flow: &Ipv4Flow, entry: &ConntrackEntry, counter: u32) -> Verdict {
-    if entry.flags & conntrack_flags::ROUTE != 0
-        && let Some(action) = route::to_next_hop(ctx, flow, entry.src_address, entry.dst_address)
-    {
-        return Verdict { action, counter };
+    route::if_flagged(ctx, flow, entry.flags, entry.src_address, entry.dst_address, counter)
+}
+
+/// Egress: only packets of the node's own sockets can be replies of a host-network endpoint;
+/// forwarded packets (pods' traffic, flows lb already translated) carry no socket and leave at
+/// the cost of one check.
+#[inline(always)]
+fn try_lb_egress(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    let pass = Verdict::pass(counters::EGRESS_PASS);
+    // SAFETY: reads a field of the context the program was given.
+    if unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
+        return Ok(pass);
     }
-    Verdict::pass(counter)
+    let Ok(flow) = parse::parse_ipv4_flow(ctx) else { return Ok(pass) };
+    if flow.protocol == PROTOCOL_ICMP {
+        // The node's own ICMP errors about a translated flow (port unreachable, say).
+        return match icmp::translate_error(ctx, &flow) {
+            None => Ok(pass),
+            Some(Err(verdict)) => Err(verdict),
+            Some(Ok(_)) => Ok(Verdict::pass(counters::EGRESS_REVERSE_NAT)),
+        };
+    }
+    if flow.fragment == Fragment::Later {
+        return fragment::translate_later(ctx, &flow, false).map(|verdict| {
+            if verdict.counter == counters::FRAGMENT_TRANSLATED {
+                Verdict::pass(counters::EGRESS_REVERSE_NAT)
+            } else {
+                pass
+            }
+        });
+    }
+    let key = conntrack::packet_key(&flow);
+    let Some(entry) = conntrack::lookup(&key) else { return Ok(pass) };
+    // SAFETY: a pointer into the map's value, valid for this program run.
+    if !unsafe { &*entry }.is_reply() {
+        return Ok(pass);
+    }
+    match conntrack::on_packet(&key, entry, flow.tcp_flags, conntrack::now()) {
+        Tracked::Translate(entry) => {
+            nat::rewrite(ctx, &flow, &entry)?;
+            if flow.fragment == Fragment::First {
+                fragment::remember(&flow, &entry);
+            }
+            // Already leaving through the right interface: no routing of its own.
+            Ok(Verdict::pass(counters::EGRESS_REVERSE_NAT))
+        }
+        Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => Ok(pass),
+    }
 }
 
 #[cfg(not(test))]

@@ -2,12 +2,15 @@
 //! `lb services` can read them and a restarted daemon finds the flows and IDs it left.
 
 use aya_ebpf::{
-    macros::map,
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, ConntrackEntry, DatapathConfig, FlowKey, ServiceKey, ServiceMeta, ServiceValue, SocketFrontend,
-    SocketKey, SourceRangeKey, capacity, counters,
+    AffinityKey, AffinityValue, Backend, ConntrackEntry, DatapathConfig, FlowKey, FragmentKey, FragmentValue,
+    ServiceKey, ServiceMeta, ServiceValue, SocketFrontend, SocketKey, SourceRangeKey, capacity, counters,
+    gc_stats,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -18,10 +21,13 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capa
 #[map]
 pub static LB_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
 
-/// A packet's 5-tuple -> the addresses it leaves with, for both directions of every tracked
-/// flow. Written by the data path on a flow's first packet.
+/// A packet's 5-tuple -> the addresses it leaves with and the flow's state, for both directions
+/// of every tracked flow. Written by the data path on a flow's first packet and on its state
+/// changes; removed by userspace's collector once the flow has ended or stayed idle too long.
+/// A plain hash, not an LRU: when full, new flows are refused (and counted) rather than a live
+/// flow evicted.
 #[map]
-pub static LB_CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static LB_CONNTRACK: HashMap<FlowKey, ConntrackEntry> = HashMap::pinned(capacity::CONNTRACK, 0);
 
 /// Service ID -> name and type, for `lb services`. Never read here; declared in this object so
 /// it is created and pinned with the others.
@@ -33,7 +39,7 @@ pub static LB_SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(capacity
 #[map]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
-/// One entry: node-wide settings (the source-NAT address and ports).
+/// One entry: node-wide settings (the source-NAT address and ports, the Maglev table size).
 #[map]
 pub static LB_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
@@ -41,6 +47,32 @@ pub static LB_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 /// connect/sendmsg. LRU: closed sockets age out.
 #[map]
 pub static LB_SOCKETS: LruHashMap<SocketKey, SocketFrontend> = LruHashMap::pinned(capacity::SOCKETS, 0);
+
+/// (client, frontend) -> the backend of the client's last new connection, for frontends with
+/// `sessionAffinity: ClientIP`. LRU: under pressure, the oldest affinity is forgotten (its
+/// client's next connection is simply balanced anew).
+#[map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+/// A datagram's (source, destination, protocol, IP ID) -> the addresses its first fragment was
+/// rewritten to, so its later fragments (which carry no ports) follow. LRU: incomplete
+/// datagrams age out.
+#[map]
+pub static LB_FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+/// Maglev lookup tables: table ID -> an array of `DatapathConfig::maglev_table_size` backend
+/// IDs. Tables are created and filled by userspace (`BPF_F_INNER_MAP`: their size is set at
+/// run time); a frontend names its table in its service entry.
+#[btf_map]
+pub static LB_MAGLEV: ArrayOfMaps<
+    BtfArray<u32, 1, { BPF_F_INNER_MAP as usize }>,
+    { capacity::MAGLEV_TABLES as usize },
+> = ArrayOfMaps::new();
+
+/// The conntrack collector's statistics (`lb_common::gc_stats`), written by userspace; declared
+/// here so it is created and pinned with the others.
+#[map]
+pub static LB_CONNTRACK_GC: Array<u64> = Array::pinned(gc_stats::COUNT, 0);
 
 /// Per-CPU packet counters, indexed by `lb_common::counters`.
 #[map]
@@ -52,4 +84,10 @@ pub fn count(counter: u32) {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on a CPU while running.
         unsafe { *slot += 1 };
     }
+}
+
+/// The node-wide settings (userspace writes them before attaching any program).
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    LB_CONFIG.get(0)
 }

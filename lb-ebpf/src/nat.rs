@@ -1,6 +1,9 @@
-//! Address and port rewriting with incremental checksum updates (RFC 1624) done by the kernel's
-//! csum helpers, which also keep `skb->csum` right for CHECKSUM_COMPLETE and CHECKSUM_PARTIAL
-//! packets.
+//! Address and port rewriting. Addresses, ports and the IPv4 header checksum are written in
+//! place (direct packet access: no helper call, no copy of an unshared skb). The TCP/UDP
+//! checksum is left to the kernel's `l4_csum_replace`, which alone knows how the skb carries it
+//! (a full checksum, or CHECKSUM_PARTIAL's pseudo-header sum that only address changes touch)
+//! and keeps `skb->csum` right for CHECKSUM_COMPLETE: one call for the addresses, one for the
+//! ports, each with the combined difference (RFC 1624).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -9,69 +12,69 @@ use aya_ebpf::{
 use lb_common::{ConntrackEntry, PROTOCOL_UDP, counters};
 
 use crate::{
-    parse::{
-        IPV4_CHECKSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Flow, L4_DST_PORT_OFFSET,
-        L4_SRC_PORT_OFFSET,
+    csum,
+    headers::{
+        IPV4_CHECKSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET,
     },
+    parse::{Ipv4Flow, at},
     verdict::Verdict,
 };
 
-/// Which end of the packet to rewrite.
-#[derive(Clone, Copy)]
-pub enum Side {
-    Source,
-    Destination,
+#[inline(always)]
+fn write<T>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Verdict> {
+    let pointer = at::<T>(ctx, offset).ok_or(Verdict::drop(counters::DROP_REWRITE_FAILED))?;
+    // SAFETY: bounds checked by `at`; packet data has no alignment guarantee.
+    unsafe { core::ptr::write_unaligned(pointer, value) };
+    Ok(())
 }
 
-/// Rewrites one end's address and port (both network byte order) and fixes the IPv4 header
-/// checksum and the TCP/UDP checksum, whose pseudo-header covers the address.
+/// Rewrites the IPv4 source and destination and the header checksum. Returns the checksum
+/// difference for the L4 pseudo-header (0 when nothing changed).
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    flow: &Ipv4Flow,
-    side: Side,
-    new_address: u32,
-    new_port: u16,
-) -> Result<(), Verdict> {
-    let (old_address, old_port, address_offset, port_offset) = match side {
-        Side::Source => (flow.src_address, flow.src_port, IPV4_SRC_OFFSET, L4_SRC_PORT_OFFSET),
-        Side::Destination => (flow.dst_address, flow.dst_port, IPV4_DST_OFFSET, L4_DST_PORT_OFFSET),
-    };
+pub fn rewrite_addresses(ctx: &TcContext, flow: &Ipv4Flow, src: u32, dst: u32) -> Result<u32, Verdict> {
+    if flow.src_address == src && flow.dst_address == dst {
+        return Ok(0);
+    }
+    let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
+    let diff = csum::add32(csum::diff4(flow.src_address, src), csum::diff4(flow.dst_address, dst));
+    let check_offset = flow.l3_offset + IPV4_CHECKSUM_OFFSET;
+    let check = crate::parse::read::<u16>(ctx, check_offset).ok_or(failed)?;
+    write(ctx, check_offset, csum::apply_diff(check, diff))?;
+    write(ctx, flow.l3_offset + IPV4_SRC_OFFSET, src)?;
+    write(ctx, flow.l3_offset + IPV4_DST_OFFSET, dst)?;
+    Ok(diff)
+}
+
+/// Rewrites the packet to the addresses a conntrack entry holds: addresses, ports, and both
+/// checksums.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, flow: &Ipv4Flow, to: &ConntrackEntry) -> Result<(), Verdict> {
+    let failed = |_| Verdict::drop(counters::DROP_REWRITE_FAILED);
+    let address_diff = rewrite_addresses(ctx, flow, to.src_address, to.dst_address)?;
+    let mut port_diff = 0;
+    let mut ports_changed = false;
+    if flow.src_port != to.src_port {
+        port_diff = csum::add32(port_diff, csum::diff2(flow.src_port, to.src_port));
+        write(ctx, flow.l4_offset + L4_SRC_PORT_OFFSET, to.src_port)?;
+        ports_changed = true;
+    }
+    if flow.dst_port != to.dst_port {
+        port_diff = csum::add32(port_diff, csum::diff2(flow.dst_port, to.dst_port));
+        write(ctx, flow.l4_offset + L4_DST_PORT_OFFSET, to.dst_port)?;
+        ports_changed = true;
+    }
     // A UDP checksum of 0 means "none": MARK_MANGLED_0 leaves it 0, and writes 0xffff where an
     // update would produce 0.
     let udp_flag = if flow.protocol == PROTOCOL_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     let l4_checksum = flow.l4_checksum_offset();
-    let failed = |_| Verdict::drop(counters::DROP_REWRITE_FAILED);
-
-    if old_address != new_address {
-        ctx.l4_csum_replace(
-            l4_checksum,
-            u64::from(old_address),
-            u64::from(new_address),
-            u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
-        )
-        .map_err(failed)?;
-        ctx.l3_csum_replace(
-            flow.l3_offset + IPV4_CHECKSUM_OFFSET,
-            u64::from(old_address),
-            u64::from(new_address),
-            4,
-        )
-        .map_err(failed)?;
-        ctx.store(flow.l3_offset + address_offset, &new_address, 0).map_err(failed)?;
-    }
-    if old_port != new_port {
-        ctx.l4_csum_replace(l4_checksum, u64::from(old_port), u64::from(new_port), udp_flag | 2)
+    let addresses_changed = flow.src_address != to.src_address || flow.dst_address != to.dst_address;
+    // Size 0 in the flags: `to` is a checksum difference, not a value.
+    if addresses_changed {
+        ctx.l4_csum_replace(l4_checksum, 0, u64::from(address_diff), u64::from(BPF_F_PSEUDO_HDR) | udp_flag)
             .map_err(failed)?;
-        ctx.store(flow.l4_offset + port_offset, &new_port, 0).map_err(failed)?;
+    }
+    if ports_changed {
+        ctx.l4_csum_replace(l4_checksum, 0, u64::from(port_diff), udp_flag).map_err(failed)?;
     }
     Ok(())
-}
-
-/// Rewrites the packet to the addresses a conntrack entry holds (`rewrite` leaves alone what
-/// does not change).
-#[inline(always)]
-pub fn rewrite_to(ctx: &TcContext, flow: &Ipv4Flow, entry: &ConntrackEntry) -> Result<(), Verdict> {
-    rewrite(ctx, flow, Side::Source, entry.src_address, entry.src_port)?;
-    rewrite(ctx, flow, Side::Destination, entry.dst_address, entry.dst_port)
 }

@@ -1,42 +1,29 @@
-//! Header parsing: Ethernet -> IPv4 -> TCP/UDP ports, with every length checked against the
-//! packet before a field is trusted. Headers are read in place (direct packet access); when
-//! they are not all in the skb's linear part, they are pulled in once first.
+//! Header parsing for the TC programs: Ethernet -> IPv4 -> TCP/UDP ports and TCP flags, with
+//! every length checked against the packet before a field is trusted. Headers are read in place
+//! (direct packet access); only when they are not in the skb's linear part are they pulled in,
+//! since pulling a cloned skb (TCP's are) copies it.
 
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{PROTOCOL_TCP, PROTOCOL_UDP, counters};
+use lb_common::counters;
 
+use crate::headers::*;
 use crate::verdict::Verdict;
 
-pub const ETH_HEADER_LEN: usize = 14;
-const ETH_TYPE_OFFSET: usize = 12;
-const ETH_P_IP: u16 = 0x0800;
-const IPV4_MIN_HEADER_LEN: usize = 20;
-const IPV4_MAX_HEADER_LEN: usize = 60;
-/// Fragment offset mask and more-fragments flag in the IPv4 flags/fragment field.
-const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
+/// Where a packet stands in its datagram's fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    No,
+    /// The first of several fragments: it carries the ports.
+    First,
+    /// A later fragment: no L4 header, translated like its datagram's first fragment.
+    Later,
+}
 
-const IPV4_TOTAL_LEN_OFFSET: usize = 2;
-const IPV4_FRAGMENT_OFFSET: usize = 6;
-const IPV4_PROTOCOL_OFFSET: usize = 9;
-pub const IPV4_CHECKSUM_OFFSET: usize = 10;
-pub const IPV4_SRC_OFFSET: usize = 12;
-pub const IPV4_DST_OFFSET: usize = 16;
-pub const L4_SRC_PORT_OFFSET: usize = 0;
-pub const L4_DST_PORT_OFFSET: usize = 2;
-const TCP_CHECKSUM_OFFSET: usize = 16;
-const TCP_MIN_HEADER_LEN: usize = 20;
-const UDP_CHECKSUM_OFFSET: usize = 6;
-const UDP_HEADER_LEN: usize = 8;
-pub const PROTOCOL_ICMP: u8 = 1;
-/// An ICMP error header and the quoted IPv4 header and ports it must carry to be translated.
-const ICMP_ERROR_MIN_LEN: usize = 8 + 20 + 4;
-/// Enough linear bytes for the longest headers lb reads: Ethernet, IPv4 with options, TCP.
-const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN + IPV4_MAX_HEADER_LEN + TCP_MIN_HEADER_LEN;
-
-/// An IPv4 TCP or UDP packet's addressing, as found in its headers. Addresses and ports are
-/// in network byte order, as on the wire and as in the map keys.
+/// An IPv4 packet's addressing, as found in its headers. Addresses and ports are in network
+/// byte order, as on the wire and as in the map keys. A later fragment has no ports (0).
 pub struct Ipv4Flow {
     pub l3_offset: usize,
     pub l4_offset: usize,
@@ -45,6 +32,11 @@ pub struct Ipv4Flow {
     pub dst_address: u32,
     pub src_port: u16,
     pub dst_port: u16,
+    /// TCP only: the flags byte (SYN, ACK, FIN, RST...); 0 otherwise.
+    pub tcp_flags: u8,
+    pub fragment: Fragment,
+    /// The IPv4 identification field, network byte order (meaningful for fragments).
+    pub ip_id: u16,
 }
 
 impl Ipv4Flow {
@@ -54,10 +46,10 @@ impl Ipv4Flow {
     }
 }
 
-/// Reads a `T` at `offset`, or `None` past the linear data. The caller's check against
-/// `data_end` is what the verifier needs to see.
+/// Reads a `T` at `offset`, or `None` past the linear data. The check against `data_end` is
+/// what the verifier needs to see.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     if start + offset + size_of::<T>() > ctx.data_end() {
         return None;
@@ -66,17 +58,23 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
 }
 
+/// A pointer to a `T` at `offset` in the linear data, bounds checked, for writing in place.
+#[inline(always)]
+pub fn at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    (start + offset + size_of::<T>() <= ctx.data_end()).then_some((start + offset) as *mut T)
+}
+
 /// Parses an Ethernet frame. `Err` carries the verdict for packets lb leaves alone.
 #[inline(always)]
 pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
     let packet_len = ctx.len() as usize;
-    let linear_len = ctx.data_end() - ctx.data();
-    if linear_len < MAX_HEADERS_LEN && linear_len < packet_len {
+    let truncated = || Verdict::pass(counters::PASS_TRUNCATED);
+    if ctx.data_end() - ctx.data() < COMMON_HEADERS_LEN && packet_len > ctx.data_end() - ctx.data() {
         // Headers in paged data (GRO, some drivers): make them linear. Failure leaves the
         // packet as it was; the reads below then find it short.
         let _ = ctx.pull_data(MAX_HEADERS_LEN.min(packet_len) as u32);
     }
-    let truncated = || Verdict::pass(counters::PASS_TRUNCATED);
 
     let ether_type =
         u16::from_be(read::<u16>(ctx, ETH_TYPE_OFFSET).ok_or(Verdict::pass(counters::PASS_NOT_IPV4))?);
@@ -101,10 +99,36 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
     if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP && protocol != PROTOCOL_ICMP {
         return Err(Verdict::pass(counters::PASS_OTHER_PROTOCOL));
     }
-    // Only the first fragment has ports, so no fragment can be translated on its own.
-    let fragment = u16::from_be(read::<u16>(ctx, l3_offset + IPV4_FRAGMENT_OFFSET).ok_or_else(truncated)?);
-    if fragment & IPV4_FRAGMENT_MASK != 0 {
-        return Err(Verdict::pass(counters::PASS_FRAGMENT));
+    let fragment_word =
+        u16::from_be(read::<u16>(ctx, l3_offset + IPV4_FRAGMENT_OFFSET).ok_or_else(truncated)?);
+    let fragment = if fragment_word & IPV4_FRAGMENT_OFFSET_MASK != 0 {
+        Fragment::Later
+    } else if fragment_word & IPV4_MORE_FRAGMENTS != 0 {
+        Fragment::First
+    } else {
+        Fragment::No
+    };
+    let ip_id = read::<u16>(ctx, l3_offset + IPV4_ID_OFFSET).ok_or_else(truncated)?;
+    let src_address = read::<u32>(ctx, l3_offset + IPV4_SRC_OFFSET).ok_or_else(truncated)?;
+    let dst_address = read::<u32>(ctx, l3_offset + IPV4_DST_OFFSET).ok_or_else(truncated)?;
+    let l4_offset = l3_offset + header_len;
+    let mut flow = Ipv4Flow {
+        l3_offset,
+        l4_offset,
+        protocol,
+        src_address,
+        dst_address,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        fragment,
+        ip_id,
+    };
+    if fragment == Fragment::Later {
+        if protocol == PROTOCOL_ICMP {
+            return Err(Verdict::pass(counters::PASS_FRAGMENT));
+        }
+        return Ok(flow);
     }
     let l4_min_len = match protocol {
         PROTOCOL_TCP => TCP_MIN_HEADER_LEN,
@@ -117,26 +141,18 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
             if protocol == PROTOCOL_ICMP { counters::PASS_OTHER_PROTOCOL } else { counters::PASS_TRUNCATED };
         return Err(Verdict::pass(counter));
     }
-    let l4_offset = l3_offset + header_len;
     if protocol == PROTOCOL_ICMP {
         // ICMP has no ports; `icmp` reads what it needs.
-        return Ok(Ipv4Flow {
-            l3_offset,
-            l4_offset,
-            protocol,
-            src_address: read::<u32>(ctx, l3_offset + IPV4_SRC_OFFSET).ok_or_else(truncated)?,
-            dst_address: read::<u32>(ctx, l3_offset + IPV4_DST_OFFSET).ok_or_else(truncated)?,
-            src_port: 0,
-            dst_port: 0,
-        });
+        return if fragment == Fragment::No { Ok(flow) } else { Err(Verdict::pass(counters::PASS_FRAGMENT)) };
     }
-    Ok(Ipv4Flow {
-        l3_offset,
-        l4_offset,
-        protocol,
-        src_address: read::<u32>(ctx, l3_offset + IPV4_SRC_OFFSET).ok_or_else(truncated)?,
-        dst_address: read::<u32>(ctx, l3_offset + IPV4_DST_OFFSET).ok_or_else(truncated)?,
-        src_port: read::<u16>(ctx, l4_offset + L4_SRC_PORT_OFFSET).ok_or_else(truncated)?,
-        dst_port: read::<u16>(ctx, l4_offset + L4_DST_PORT_OFFSET).ok_or_else(truncated)?,
-    })
+    if ctx.data_end() - ctx.data() < l4_offset + l4_min_len {
+        // IP options pushed the L4 header past the linear part.
+        let _ = ctx.pull_data(MAX_HEADERS_LEN.min(packet_len) as u32);
+    }
+    flow.src_port = read::<u16>(ctx, l4_offset + L4_SRC_PORT_OFFSET).ok_or_else(truncated)?;
+    flow.dst_port = read::<u16>(ctx, l4_offset + L4_DST_PORT_OFFSET).ok_or_else(truncated)?;
+    if protocol == PROTOCOL_TCP {
+        flow.tcp_flags = read::<u8>(ctx, l4_offset + TCP_FLAGS_OFFSET).ok_or_else(truncated)?;
+    }
+    Ok(flow)
 }

@@ -12,36 +12,29 @@ use lb_common::{PROTOCOL_TCP, counters};
 
 use crate::{
     csum::{checksum, sum_words},
-    parse::{ETH_HEADER_LEN, Ipv4Flow},
+    headers::{
+        DEFAULT_TTL, ETH_HEADER_LEN, ETH_MACS_LEN, ICMP_DEST_UNREACHABLE, ICMP_HEADER_LEN,
+        ICMP_PORT_UNREACHABLE, ICMP_QUOTE_LEN, IPV4_DONT_FRAGMENT, IPV4_MIN_HEADER_LEN as IPV4_HEADER_LEN,
+        IPV4_TOTAL_LEN_OFFSET, IPV4_VERSION_IHL_PLAIN, PROTOCOL_ICMP, TCP_ACK, TCP_ACK_OFFSET,
+        TCP_CHECKSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET,
+        TCP_MIN_HEADER_LEN as TCP_HEADER_LEN, TCP_RST, TCP_SEQ_OFFSET, TCP_SYN,
+    },
+    parse::Ipv4Flow,
     verdict::Verdict,
 };
 
-const IPV4_HEADER_LEN: usize = 20;
-const TCP_HEADER_LEN: usize = 20;
-const ICMP_HEADER_LEN: usize = 8;
-/// What an ICMP error quotes of the offending packet: its IP header and 8 bytes after it.
-const ICMP_QUOTE_LEN: usize = IPV4_HEADER_LEN + 8;
-const PROTOCOL_ICMP: u8 = 1;
-const ICMP_DEST_UNREACHABLE: u8 = 3;
-const ICMP_PORT_UNREACHABLE: u8 = 3;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const DEFAULT_TTL: u8 = 64;
-
-/// Turns the packet into the client's rejection and redirects it; `Err` when that is not
-/// possible (the caller's verdict then drops it).
+/// Turns the packet into the client's rejection and redirects it, counted as `counter`; `Err`
+/// when that is not possible (the caller's verdict then drops it).
 #[inline(always)]
-pub fn reject(ctx: &TcContext, flow: &Ipv4Flow) -> Result<Verdict, Verdict> {
+pub fn reject(ctx: &TcContext, flow: &Ipv4Flow, counter: u32) -> Result<Verdict, Verdict> {
     let failed = || Verdict::drop(counters::DROP_REJECT_FAILED);
     // Options would have to be stripped; clients do not send them to Services.
     if flow.l4_offset != flow.l3_offset + IPV4_HEADER_LEN {
         return Err(failed());
     }
     // Fixed-size loads: the verifier needs every read length to be a constant.
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| failed())?;
-    let mut swapped = [0u8; 12];
+    let macs: [u8; ETH_MACS_LEN] = ctx.load(0).map_err(|_| failed())?;
+    let mut swapped = [0u8; ETH_MACS_LEN];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
 
@@ -58,16 +51,16 @@ pub fn reject(ctx: &TcContext, flow: &Ipv4Flow) -> Result<Verdict, Verdict> {
     if action != i64::from(TC_ACT_REDIRECT) {
         return Err(failed());
     }
-    Ok(Verdict::redirect(counters::REJECT_NO_BACKEND))
+    Ok(Verdict::redirect(counter))
 }
 
 /// An IPv4 header from the rejected packet's destination back to its source.
 #[inline(always)]
 fn reply_ip_header(flow: &Ipv4Flow, protocol: u8, total_len: u16) -> [u8; IPV4_HEADER_LEN] {
     let mut ip = [0u8; IPV4_HEADER_LEN];
-    ip[0] = 0x45;
+    ip[0] = IPV4_VERSION_IHL_PLAIN;
     ip[2..4].copy_from_slice(&total_len.to_be_bytes());
-    ip[6] = 0x40; // don't fragment
+    ip[6] = IPV4_DONT_FRAGMENT;
     ip[8] = DEFAULT_TTL;
     ip[9] = protocol;
     ip[12..16].copy_from_slice(&flow.dst_address.to_ne_bytes());
@@ -82,12 +75,12 @@ fn reply_ip_header(flow: &Ipv4Flow, protocol: u8, total_len: u16) -> [u8; IPV4_H
 fn tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), Verdict> {
     let failed = || Verdict::drop(counters::DROP_REJECT_FAILED);
     let incoming: [u8; TCP_HEADER_LEN] = ctx.load(flow.l4_offset).map_err(|_| failed())?;
-    let flags = incoming[13];
+    let flags = incoming[TCP_FLAGS_OFFSET];
     if flags & TCP_RST != 0 {
         return Err(failed()); // never answer a RST
     }
-    let total_len: u16 = ctx.load::<u16>(flow.l3_offset + 2).map_err(|_| failed())?;
-    let data_offset = usize::from(incoming[12] >> 4) * 4;
+    let total_len: u16 = ctx.load::<u16>(flow.l3_offset + IPV4_TOTAL_LEN_OFFSET).map_err(|_| failed())?;
+    let data_offset = usize::from(incoming[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
     let segment_len = usize::from(u16::from_be(total_len)).saturating_sub(IPV4_HEADER_LEN + data_offset)
         as u32
         + u32::from(flags & TCP_SYN != 0)
@@ -97,18 +90,22 @@ fn tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), Verdict> {
     tcp[0..2].copy_from_slice(&incoming[2..4]);
     tcp[2..4].copy_from_slice(&incoming[0..2]);
     if flags & TCP_ACK != 0 {
-        tcp[4..8].copy_from_slice(&incoming[8..12]); // seq = their ack
-        tcp[13] = TCP_RST;
+        // seq = their ack
+        tcp[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4]
+            .copy_from_slice(&incoming[TCP_ACK_OFFSET..TCP_ACK_OFFSET + 4]);
+        tcp[TCP_FLAGS_OFFSET] = TCP_RST;
     } else {
-        let their_seq = u32::from_be_bytes([incoming[4], incoming[5], incoming[6], incoming[7]]);
-        tcp[8..12].copy_from_slice(&their_seq.wrapping_add(segment_len).to_be_bytes());
-        tcp[13] = TCP_RST | TCP_ACK;
+        let mut seq = [0u8; 4];
+        seq.copy_from_slice(&incoming[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4]);
+        let ack = u32::from_be_bytes(seq).wrapping_add(segment_len);
+        tcp[TCP_ACK_OFFSET..TCP_ACK_OFFSET + 4].copy_from_slice(&ack.to_be_bytes());
+        tcp[TCP_FLAGS_OFFSET] = TCP_RST | TCP_ACK;
     }
-    tcp[12] = (TCP_HEADER_LEN as u8 / 4) << 4;
+    tcp[TCP_DATA_OFFSET_OFFSET] = (TCP_HEADER_LEN as u8 / 4) << 4;
     let ip = reply_ip_header(flow, PROTOCOL_TCP, (IPV4_HEADER_LEN + TCP_HEADER_LEN) as u16);
     let pseudo = pseudo_header_sum(&ip, TCP_HEADER_LEN as u16);
     let checksum = checksum(&tcp, pseudo);
-    tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+    tcp[TCP_CHECKSUM_OFFSET..TCP_CHECKSUM_OFFSET + 2].copy_from_slice(&checksum.to_be_bytes());
 
     let new_len = (ETH_HEADER_LEN + IPV4_HEADER_LEN + TCP_HEADER_LEN) as u32;
     // SAFETY: helper call on the program's own context.

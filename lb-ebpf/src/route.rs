@@ -11,12 +11,15 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
+use lb_common::conntrack_flags;
 
-use crate::parse::{ETH_HEADER_LEN, Ipv4Flow};
+use crate::{
+    headers::{ETH_MACS_LEN, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET},
+    parse::Ipv4Flow,
+    verdict::Verdict,
+};
 
 const AF_INET: u8 = 2;
-const IPV4_TTL_OFFSET: usize = 8;
-const IPV4_CHECKSUM_OFFSET: usize = 10;
 
 /// The kernel's route and neighbour for a packet from `src_address` to `dst_address` that
 /// arrived on `ingress`: the lookup's result code and, on success, egress interface and MACs.
@@ -40,6 +43,25 @@ pub fn fib_lookup(
     (result as u32, params)
 }
 
+/// The verdict for a rewritten packet: redirected to its next hop when `flags` (a flow's
+/// `conntrack_flags`) say the stack would not take it, else passed with `counter`.
+#[inline(always)]
+pub fn if_flagged(
+    ctx: &TcContext,
+    flow: &Ipv4Flow,
+    flags: u16,
+    src_address: u32,
+    dst_address: u32,
+    counter: u32,
+) -> Verdict {
+    if flags & conntrack_flags::ROUTE != 0
+        && let Some(action) = to_next_hop(ctx, flow, src_address, dst_address)
+    {
+        return Verdict { action, counter };
+    }
+    Verdict::pass(counter)
+}
+
 /// Redirects the (already rewritten) packet to the next hop towards `dst_address`. `None`
 /// leaves it to the stack: no route, forwarding off, or a TTL that the stack must answer.
 #[inline(always)]
@@ -61,11 +83,10 @@ pub fn to_next_hop(ctx: &TcContext, flow: &Ipv4Flow, src_address: u32, dst_addre
         .ok()?;
     ctx.store(flow.l3_offset + IPV4_TTL_OFFSET, &new_word, 0).ok()?;
     let action = if result == BPF_FIB_LKUP_RET_SUCCESS {
-        let mut macs = [0u8; 12];
+        let mut macs = [0u8; ETH_MACS_LEN];
         macs[..6].copy_from_slice(&params.dmac);
         macs[6..].copy_from_slice(&params.smac);
         ctx.store(0, &macs, 0).ok()?;
-        const _: () = assert!(ETH_HEADER_LEN >= 12);
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(params.ifindex, 0) }
     } else {

@@ -1,30 +1,91 @@
-//! Backend selection: a hash of the flow picks one of the frontend's backend slots. Stable for a
-//! flow's lifetime only through conntrack; Maglev will make it stable across backend changes.
+//! Backend selection for a new flow: the client's session affinity if it has one, else the
+//! frontend's Maglev table (consistent: a change to the backend set moves only the flows of the
+//! backends that changed, and every node picks the same backend for the same flow), else a hash
+//! of the flow over the frontend's slots.
 
-use crate::parse::Ipv4Flow;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, counters};
 
-/// murmur3's 32-bit finalizer: cheap, and spreads nearby ports over all slots.
-#[inline(always)]
-pub fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
-}
+use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV, LB_SERVICES, config, count};
 
-#[inline(always)]
-pub fn flow_hash(flow: &Ipv4Flow) -> u32 {
-    let ports = (u32::from(flow.src_port) << 16) | u32::from(flow.dst_port);
-    let mut h = mix(flow.src_address ^ 0x9e37_79b9);
-    h = mix(h ^ flow.dst_address);
-    h = mix(h ^ ports);
-    mix(h ^ u32::from(flow.protocol))
-}
+pub use lb_common::{flow_hash, mix};
 
 /// Slot in 1..=backend_count (backend_count > 0) for a flow's hash.
 #[inline(always)]
 pub fn backend_slot(hash: u32, backend_count: u16) -> u16 {
     (hash % u32::from(backend_count)) as u16 + 1
+}
+
+/// Why no backend could be chosen although the frontend has some: a torn update or a bug.
+pub enum Inconsistent {
+    Slot,
+    Backend,
+}
+
+/// The backend a new flow to `service` (found at `key`, slot 0) goes to. `client` is the
+/// affinity key's client address.
+#[inline(always)]
+pub fn choose(
+    key: &ServiceKey,
+    service: &ServiceValue,
+    hash: u32,
+    client: u32,
+) -> Result<(u32, Backend), Inconsistent> {
+    let affinity_key = AffinityKey { client_address: client, service_id: service.service_id };
+    let now = if service.affinity_timeout != 0 {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if let Some(found) = affinity(&affinity_key, service.affinity_timeout, now) {
+            count(counters::AFFINITY_HIT);
+            return Ok(found);
+        }
+        now
+    } else {
+        0
+    };
+    let backend_id = match maglev(service.maglev_table, hash) {
+        Some(id) => id,
+        None => {
+            let slot_key = key.with_slot(backend_slot(hash, service.backend_count));
+            // SAFETY: copied out at once.
+            unsafe { LB_SERVICES.get(slot_key) }.ok_or(Inconsistent::Slot)?.backend_id
+        }
+    };
+    // SAFETY: copied out at once.
+    let backend = *unsafe { LB_BACKENDS.get(backend_id) }.ok_or(Inconsistent::Backend)?;
+    if service.affinity_timeout != 0 {
+        let value = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+        let _ = LB_AFFINITY.insert(affinity_key, value, 0);
+    }
+    Ok((backend_id, backend))
+}
+
+/// The backend the client's last connection went to, if that was within the timeout and the
+/// backend still exists (the collector removes records whose backend left the frontend). The
+/// window slides: each new connection renews it.
+#[inline(always)]
+fn affinity(key: &AffinityKey, timeout_seconds: u32, now: u64) -> Option<(u32, Backend)> {
+    let record = LB_AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: a pointer into the map's value, valid for this program run.
+    let record = unsafe { &mut *record };
+    if now.wrapping_sub(record.last_used_ns) >= u64::from(timeout_seconds) * 1_000_000_000 {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = *unsafe { LB_BACKENDS.get(record.backend_id) }?;
+    record.last_used_ns = now;
+    Some((record.backend_id, backend))
+}
+
+/// The backend ID at the flow's position in the frontend's Maglev table.
+#[inline(always)]
+fn maglev(table: u32, hash: u32) -> Option<u32> {
+    if table == 0 {
+        return None;
+    }
+    let size = config()?.maglev_table_size;
+    if size == 0 {
+        return None;
+    }
+    LB_MAGLEV.get_value(table, &(hash % size)).copied()
 }

@@ -13,7 +13,8 @@ use aya_ebpf::{
 use lb_common::{SocketFrontend, SocketKey, counters};
 
 use crate::{
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SERVICES, LB_SOCKETS, count},
+    flow::{self, Source},
+    maps::{LB_CONFIG, LB_SOCKETS, count},
     select,
 };
 
@@ -61,16 +62,11 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     let addr = unsafe { &mut *ctx.sock_addr };
     let Ok(protocol) = u8::try_from(addr.protocol) else { return ALLOW };
     let (frontend_address, frontend_port) = (addr.user_ip4, addr.user_port as u16);
-    let key = lb_common::ServiceKey {
-        address: frontend_address,
-        port: frontend_port,
-        backend_slot: 0,
-        protocol,
-        scope: 0,
-        _pad: [0; 2],
+    // The node is inside the cluster: a Local-policy frontend gives it every endpoint.
+    let Some((key, service)) = flow::frontend(frontend_address, frontend_port, protocol, Source::InCluster)
+    else {
+        return ALLOW;
     };
-    // SAFETY (map reads): values are copied out at once.
-    let Some(service) = (unsafe { LB_SERVICES.get(key) }).copied() else { return ALLOW };
     if service.backend_count == 0 {
         count(counters::SOCKET_REFUSED);
         // SAFETY: plain helper call; it sets the error the refused call returns.
@@ -80,9 +76,8 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let hash = select::mix((cookie as u32) ^ ((cookie >> 32) as u32) ^ frontend_address);
-    let slot_key = key.with_slot(select::backend_slot(hash, service.backend_count));
-    let Some(slot) = (unsafe { LB_SERVICES.get(slot_key) }).copied() else { return ALLOW };
-    let Some(backend) = (unsafe { LB_BACKENDS.get(slot.backend_id) }).copied() else { return ALLOW };
+    // Session affinity keys the node's sockets under client address 0: the node is one client.
+    let Ok((_, backend)) = select::choose(&key, &service, hash, 0) else { return ALLOW };
     let socket = SocketKey { cookie, backend_address: backend.address, backend_port: backend.port, _pad: 0 };
     let frontend = SocketFrontend { address: frontend_address, port: frontend_port, _pad: 0 };
     if LB_SOCKETS.insert(&socket, &frontend, 0).is_err() {

@@ -13,18 +13,19 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{ConntrackEntry, PROTOCOL_TCP, PROTOCOL_UDP, counters};
+use lb_common::{ConntrackEntry, counters};
 
 use crate::{
-    conntrack, csum,
-    flow::{self, NewFlow},
+    conntrack::{self, Tracked},
+    csum,
+    flow::{self, NewFlow, Source},
+    headers::*,
     maps::count,
-    parse::Ipv4Flow,
+    parse::{Fragment, Ipv4Flow},
     route,
 };
 
-const ETH_HEADER_LEN: usize = 14;
-const IPV4_HEADER_LEN: usize = 20;
+const IPV4_HEADER_LEN: usize = IPV4_MIN_HEADER_LEN;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -58,18 +59,22 @@ fn write<T>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
 /// the frame. Anything else is TC's.
 #[inline(always)]
 fn parse(ctx: &XdpContext) -> Option<Ipv4Flow> {
-    if u16::from_be(read::<u16>(ctx, 12)?) != 0x0800 || read::<u8>(ctx, ETH_HEADER_LEN)? != 0x45 {
+    if u16::from_be(read::<u16>(ctx, ETH_TYPE_OFFSET)?) != ETH_P_IP
+        || read::<u8>(ctx, ETH_HEADER_LEN)? != IPV4_VERSION_IHL_PLAIN
+    {
         return None;
     }
-    let total_len = usize::from(u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + 2)?));
-    let protocol = read::<u8>(ctx, ETH_HEADER_LEN + 9)?;
+    let total_len = usize::from(u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + IPV4_TOTAL_LEN_OFFSET)?));
+    let protocol = read::<u8>(ctx, ETH_HEADER_LEN + IPV4_PROTOCOL_OFFSET)?;
     let l4_len = match protocol {
-        PROTOCOL_TCP => 20,
-        PROTOCOL_UDP => 8,
+        PROTOCOL_TCP => TCP_MIN_HEADER_LEN,
+        PROTOCOL_UDP => UDP_HEADER_LEN,
         _ => return None,
     };
-    let fragment = u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + 6)?);
-    if fragment & 0x3fff != 0 || total_len < IPV4_HEADER_LEN + l4_len {
+    let fragment = u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + IPV4_FRAGMENT_OFFSET)?);
+    if fragment & (IPV4_FRAGMENT_OFFSET_MASK | IPV4_MORE_FRAGMENTS) != 0
+        || total_len < IPV4_HEADER_LEN + l4_len
+    {
         return None;
     }
     if ctx.data_end() - ctx.data() < ETH_HEADER_LEN + total_len {
@@ -77,17 +82,24 @@ fn parse(ctx: &XdpContext) -> Option<Ipv4Flow> {
     }
     let l4_offset = ETH_HEADER_LEN + IPV4_HEADER_LEN;
     // The whole L4 header must be readable: its checksum is updated in place.
-    at::<[u8; 20]>(ctx, l4_offset)
-        .filter(|_| protocol == PROTOCOL_TCP)
-        .or(at::<[u8; 8]>(ctx, l4_offset).map(|p| p.cast()))?;
+    at::<[u8; TCP_MIN_HEADER_LEN]>(ctx, l4_offset).filter(|_| protocol == PROTOCOL_TCP).or(at::<
+        [u8; UDP_HEADER_LEN],
+    >(
+        ctx, l4_offset,
+    )
+    .map(|p| p.cast()))?;
+    let tcp_flags = if protocol == PROTOCOL_TCP { read::<u8>(ctx, l4_offset + TCP_FLAGS_OFFSET)? } else { 0 };
     Some(Ipv4Flow {
         l3_offset: ETH_HEADER_LEN,
         l4_offset,
         protocol,
-        src_address: read(ctx, ETH_HEADER_LEN + 12)?,
-        dst_address: read(ctx, ETH_HEADER_LEN + 16)?,
-        src_port: read(ctx, l4_offset)?,
-        dst_port: read(ctx, l4_offset + 2)?,
+        src_address: read(ctx, ETH_HEADER_LEN + IPV4_SRC_OFFSET)?,
+        dst_address: read(ctx, ETH_HEADER_LEN + IPV4_DST_OFFSET)?,
+        src_port: read(ctx, l4_offset + L4_SRC_PORT_OFFSET)?,
+        dst_port: read(ctx, l4_offset + L4_DST_PORT_OFFSET)?,
+        tcp_flags,
+        fragment: Fragment::No,
+        ip_id: 0,
     })
 }
 
@@ -96,8 +108,13 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
     let Some(flow) = parse(ctx) else { return xdp_action::XDP_PASS };
     let key = conntrack::packet_key(&flow);
     let entry = match conntrack::lookup(&key) {
-        Some(entry) => entry,
-        None => match flow::new_flow(ctx, &flow, &key, true) {
+        // What is not a plain translation (a reopened flow, a reset, a packet that is not the
+        // flow's) is left to TC, which finds the state this call left and does the rest.
+        Some(entry) => match conntrack::on_packet(&key, entry, flow.tcp_flags, conntrack::now()) {
+            Tracked::Translate(entry) => entry,
+            Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => return xdp_action::XDP_PASS,
+        },
+        None => match flow::new_flow(ctx, &flow, &key, Source::ExternalXdp) {
             NewFlow::Tracked(entry) => entry,
             NewFlow::Drop(counter) => {
                 count(counter);
@@ -119,7 +136,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
 /// out the interface it came in on; `None` (packet untouched) otherwise.
 #[inline(always)]
 fn send_back(ctx: &XdpContext, flow: &Ipv4Flow, entry: &ConntrackEntry) -> Option<()> {
-    let ttl_word: u16 = read(ctx, ETH_HEADER_LEN + 8)?;
+    let ttl_word: u16 = read(ctx, ETH_HEADER_LEN + IPV4_TTL_OFFSET)?;
     let [ttl, protocol] = ttl_word.to_ne_bytes();
     if ttl <= 1 {
         return None;
@@ -146,8 +163,8 @@ fn rewrite(
     ttl_word: u16,
     new_ttl_word: u16,
 ) -> Option<()> {
-    let ip_check_offset = ETH_HEADER_LEN + 10;
-    let l4_check_offset = flow.l4_offset + if flow.protocol == PROTOCOL_TCP { 16 } else { 6 };
+    let ip_check_offset = ETH_HEADER_LEN + IPV4_CHECKSUM_OFFSET;
+    let l4_check_offset = flow.l4_checksum_offset();
     let mut ip_check: u16 = read(ctx, ip_check_offset)?;
     let mut l4_check: u16 = read(ctx, l4_check_offset)?;
     // UDP's 0 means "no checksum": it stays 0.
@@ -164,12 +181,12 @@ fn rewrite(
     if flow.protocol == PROTOCOL_UDP && l4_check == 0 {
         l4_check = 0xffff;
     }
-    write(ctx, ETH_HEADER_LEN + 8, new_ttl_word)?;
+    write(ctx, ETH_HEADER_LEN + IPV4_TTL_OFFSET, new_ttl_word)?;
     write(ctx, ip_check_offset, ip_check)?;
-    write(ctx, ETH_HEADER_LEN + 12, entry.src_address)?;
-    write(ctx, ETH_HEADER_LEN + 16, entry.dst_address)?;
-    write(ctx, flow.l4_offset, entry.src_port)?;
-    write(ctx, flow.l4_offset + 2, entry.dst_port)?;
+    write(ctx, ETH_HEADER_LEN + IPV4_SRC_OFFSET, entry.src_address)?;
+    write(ctx, ETH_HEADER_LEN + IPV4_DST_OFFSET, entry.dst_address)?;
+    write(ctx, flow.l4_offset + L4_SRC_PORT_OFFSET, entry.src_port)?;
+    write(ctx, flow.l4_offset + L4_DST_PORT_OFFSET, entry.dst_port)?;
     if l4_checked {
         write(ctx, l4_check_offset, l4_check)?;
     }

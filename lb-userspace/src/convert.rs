@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{
-    DesiredState, Frontend, FrontendPolicy, FrontendType, HealthCheck, L4Addr, Protocol, ServicePortName,
+    DesiredState, Frontend, FrontendKey, FrontendPolicy, FrontendType, HealthCheck, L4Addr, Protocol, Scope,
+    ServicePortName,
 };
 use crate::topology::{self, Endpoint, EndpointConditions, NodeContext, PortPolicy};
 
@@ -64,7 +65,26 @@ pub struct ProxyConfig {
     /// The node addresses NodePort frontends listen on (kube-proxy's `--nodeport-addresses`
     /// applied to the node's interfaces); the run loop refreshes them.
     pub node_addresses: Vec<Ipv4Addr>,
+    /// How new flows to external frontends pick a backend (`--lb-algorithm`).
+    pub lb_algorithm: LbAlgorithm,
 }
+
+/// How new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// Maglev consistent hashing for external frontends (NodePort, LoadBalancer, externalIP):
+    /// every node picks the same backend for the same flow, and a change to the backend set
+    /// moves only the flows it must. ClusterIPs hash over their slots: their clients are on
+    /// this node, and a table each would cost 64 KiB per Service.
+    #[default]
+    Maglev,
+    /// A hash of the flow over the frontend's slots, for every frontend.
+    Random,
+}
+
+/// kube-proxy's `sessionAffinityConfig.clientIP.timeoutSeconds` default (3 hours) and bounds.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 
 /// The objects conversion reads, from whichever source.
 #[derive(Clone, Debug, Default)]
@@ -97,6 +117,8 @@ pub struct ServiceFrontends {
     pub source_ranges: Vec<ipnet::Ipv4Net>,
     /// `spec.healthCheckNodePort` (LoadBalancer with Local external policy).
     pub health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP`'s timeout in seconds; 0 without affinity.
+    pub affinity_timeout: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +261,26 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
                 .ok_or_else(|| error(format!("healthCheckNodePort {value} is not a port number")))
         })
         .transpose()?;
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => 0,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(seconds) if (1..=MAX_AFFINITY_TIMEOUT).contains(&seconds) => seconds as u32,
+                Some(seconds) => {
+                    return Err(error(format!(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside 1-{MAX_AFFINITY_TIMEOUT}"
+                    )));
+                }
+            }
+        }
+        Some(other) => return Err(error(format!("sessionAffinity {other:?} is neither None nor ClientIP"))),
+    };
     let annotations = service.metadata.annotations.as_ref();
     let topology_mode = annotations
         .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION).or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION)))
@@ -258,6 +300,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
         external_local,
         source_ranges,
         health_check_node_port,
+        affinity_timeout,
     }))
 }
 
@@ -341,6 +384,12 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, Obje
                     .iter()
                     .flat_map(|h| h.for_zones.iter().flatten())
                     .map(|zone| zone.name.clone())
+                    .collect(),
+                node_hints: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|node| node.name.clone())
                     .collect(),
             },
         });
@@ -437,6 +486,7 @@ pub fn service_frontends(
     slices: &[&SliceEndpoints],
     node: &NodeContext,
     node_addresses: &[Ipv4Addr],
+    lb_algorithm: LbAlgorithm,
 ) -> Vec<Frontend> {
     let mut frontends = Vec::new();
     for port in &service.ports {
@@ -446,10 +496,19 @@ pub fn service_frontends(
             name: service.name.clone(),
             port: port.name.clone(),
         };
+        let mut serving: Vec<L4Addr> =
+            endpoints.iter().filter(|e| e.conditions.ready || e.conditions.serving).map(|e| e.addr).collect();
+        serving.sort();
+        serving.dedup();
         let internal = choose_backends(&endpoints, service.policy, service.policy.internal_local, node);
         let external = choose_backends(&endpoints, service.policy, service.external_local, node);
+        // In-cluster sources of a Local-policy external frontend get every endpoint (kube-proxy
+        // short-circuits pods and the node to the Cluster-policy endpoints).
+        let in_cluster =
+            service.external_local.then(|| choose_backends(&endpoints, service.policy, false, node).0);
         let mut add = |ip: Ipv4Addr, number: u16, frontend_type: FrontendType| {
-            let (local, (backends, drop_when_empty)) = if frontend_type.is_external() {
+            let external_type = frontend_type.is_external();
+            let (local, (backends, drop_when_empty)) = if external_type {
                 (service.external_local, external.clone())
             } else {
                 (service.policy.internal_local, internal.clone())
@@ -459,20 +518,46 @@ pub fn service_frontends(
             } else {
                 Vec::new()
             };
+            let policy = FrontendPolicy {
+                local,
+                snat: external_type && !local,
+                drop_when_empty,
+                source_ranges,
+                node_address: frontend_type == FrontendType::NodePort,
+                external: external_type,
+                two_scopes: external_type && in_cluster.is_some(),
+                affinity_timeout: service.affinity_timeout,
+                maglev: external_type && lb_algorithm == LbAlgorithm::Maglev,
+            };
+            let address = L4Addr { ip, port: number, protocol: port.protocol };
+            let internal_policy = FrontendPolicy {
+                local: false,
+                snat: false,
+                drop_when_empty: false,
+                source_ranges: Vec::new(),
+                two_scopes: false,
+                ..policy.clone()
+            };
             frontends.push(Frontend {
-                address: L4Addr { ip, port: number, protocol: port.protocol },
+                address,
+                scope: Scope::External,
                 frontend_type,
-                policy: FrontendPolicy {
-                    local,
-                    snat: frontend_type.is_external() && !local,
-                    drop_when_empty,
-                    source_ranges,
-                    node_address: frontend_type == FrontendType::NodePort,
-                    external: frontend_type.is_external(),
-                },
+                policy,
                 service: name.clone(),
                 backends,
+                serving: serving.clone(),
             });
+            if external_type && let Some(all) = &in_cluster {
+                frontends.push(Frontend {
+                    address,
+                    scope: Scope::Internal,
+                    frontend_type,
+                    policy: internal_policy,
+                    service: name.clone(),
+                    backends: all.clone(),
+                    serving: serving.clone(),
+                });
+            }
         };
         for ip in &service.cluster_ips {
             add(*ip, port.port, FrontendType::ClusterIp);
@@ -583,8 +668,18 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
                 state.health_checks.insert(port, check);
             }
         }
-        for frontend in service_frontends(service, &slices, &node_context, &config.node_addresses) {
-            if let Some(owner) = state.frontends.get(&frontend.address) {
+        for frontend in
+            service_frontends(service, &slices, &node_context, &config.node_addresses, config.lb_algorithm)
+        {
+            // A frontend's scopes stand or fall together: its external entry (always first)
+            // decides whom the address belongs to.
+            let owner_key = FrontendKey { address: frontend.address, scope: Scope::External };
+            if let Some(owner) = state.frontends.get(&owner_key)
+                && (frontend.scope == Scope::External || owner.service != frontend.service)
+            {
+                if frontend.scope == Scope::Internal {
+                    continue;
+                }
                 errors.push(ObjectError {
                     kind: "Service",
                     namespace: service.namespace.clone(),
@@ -596,7 +691,7 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
                 });
                 continue;
             }
-            state.frontends.insert(frontend.address, frontend);
+            state.frontends.insert(frontend.key(), frontend);
         }
     }
     (state, errors)

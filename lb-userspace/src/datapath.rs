@@ -13,8 +13,14 @@ use lb_common::{DatapathConfig, counters, map_names};
 /// The eBPF object built from lb-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// The TC ingress program's name in the object.
+/// The TC ingress program for the pods' (in-cluster) interfaces.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+/// The TC ingress program for the node's uplinks (`--external-interfaces`).
+pub const INGRESS_EXTERNAL_PROGRAM: &str = "lb_ingress_external";
+/// The TC egress program (replies of host-network endpoints), on every interface lb attaches to.
+pub const EGRESS_PROGRAM: &str = "lb_egress";
+/// Every TC program lb attaches.
+const TC_PROGRAMS: [&str; 3] = [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM];
 /// The XDP program for the external interfaces.
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// The cgroup socket programs (socket-level load balancing for the node's own traffic).
@@ -46,12 +52,13 @@ pub enum DatapathError {
     },
     #[error("interface {interface} does not exist")]
     NoSuchInterface { interface: String },
-    #[error("attaching {name} to {interface} ingress: {source}")]
+    #[error("attaching {name} to {interface} {direction}: {source}")]
     Attach {
         name: &'static str,
         interface: String,
+        direction: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("opening cgroup {path} for the socket programs: {source}")]
     Cgroup {
@@ -111,11 +118,21 @@ impl Default for Capacity {
     }
 }
 
+/// One interface's TC attachments.
+struct TcAttachment {
+    /// The interface's index when attached: a new index under the same name is a new interface.
+    index: u32,
+    /// The ingress program attached there.
+    ingress_program: &'static str,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
 /// The loaded eBPF object with its maps pinned under a directory.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Interface name -> (its index when attached, the link).
-    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// Interface name -> its attachments.
+    attached: BTreeMap<String, TcAttachment>,
     /// Interface name -> the XDP program's link there.
     xdp_attached: BTreeMap<String, XdpLinkId>,
 }
@@ -151,17 +168,21 @@ impl Datapath {
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
+            // A BTF map-of-maps carries no pinning of its own: pin it by path like the others.
+            .map_pin_path(map_names::MAGLEV, bpf_dir.join(map_names::MAGLEV))
             .map_max_entries(map_names::SERVICES, capacity.service_slots)
             .map_max_entries(map_names::SERVICE_META, capacity.frontends)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
-        program.load().map_err(|source| DatapathError::LoadProgram { name: INGRESS_PROGRAM, source })?;
+        for name in TC_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { name })?;
+            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+        }
         Ok(Self { ebpf, attached: BTreeMap::new(), xdp_attached: BTreeMap::new() })
     }
 
@@ -169,8 +190,9 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// Attaches the ingress program to `interface` (TCX on kernels >= 6.6, clsact otherwise).
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+    /// Attaches to `interface` (TCX on kernels >= 6.6, clsact otherwise): the ingress program
+    /// for in-cluster or for external sources, and the egress program.
+    pub fn attach(&mut self, interface: &str, external: bool) -> Result<(), DatapathError> {
         let Ok(index) = nix::net::if_::if_nametoindex(interface) else {
             return Err(DatapathError::NoSuchInterface { interface: interface.to_string() });
         };
@@ -180,27 +202,50 @@ impl Datapath {
             // Netlink attachment needs the clsact qdisc; it may exist already.
             let _ = tc::qdisc_add_clsact(interface);
         }
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(DatapathError::MissingProgram { name: INGRESS_PROGRAM })?;
-        let link = program.attach(interface, TcAttachType::Ingress).map_err(|source| {
-            DatapathError::Attach { name: INGRESS_PROGRAM, interface: interface.to_string(), source }
-        })?;
-        self.attached.insert(interface.to_string(), (index, link));
+        let ingress_program = if external { INGRESS_EXTERNAL_PROGRAM } else { INGRESS_PROGRAM };
+        let ingress = self.attach_tc(ingress_program, interface, TcAttachType::Ingress)?;
+        let egress = match self.attach_tc(EGRESS_PROGRAM, interface, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(error) => {
+                if let Some(program) = self.classifier(ingress_program) {
+                    let _ = program.detach(ingress);
+                }
+                return Err(error);
+            }
+        };
+        self.attached.insert(interface.to_string(), TcAttachment { index, ingress_program, ingress, egress });
         Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        direction: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, DatapathError> {
+        let program = self.classifier(name).ok_or(DatapathError::MissingProgram { name })?;
+        program.attach(interface, direction).map_err(|source| DatapathError::Attach {
+            name,
+            interface: interface.to_string(),
+            direction: if direction == TcAttachType::Ingress { "ingress" } else { "egress" },
+            source: Box::new(source),
+        })
     }
 
     /// Makes the attached set equal to `selected` (name -> index, as listed now): attaches to
     /// new interfaces and to ones that came back under a new index, forgets vanished ones
-    /// (the kernel dropped their attachment with them). Returns the attach failures; the
-    /// other interfaces are handled regardless.
-    pub fn sync_interfaces(&mut self, selected: &BTreeMap<String, u32>) -> Vec<DatapathError> {
+    /// (the kernel dropped their attachment with them). `is_external` tells which get the
+    /// external ingress program. Returns the attach failures; the other interfaces are handled
+    /// regardless.
+    pub fn sync_interfaces(
+        &mut self,
+        selected: &BTreeMap<String, u32>,
+        is_external: impl Fn(&str) -> bool,
+    ) -> Vec<DatapathError> {
         let gone: Vec<String> = self
             .attached
             .iter()
-            .filter(|(name, (index, _))| selected.get(*name) != Some(index))
+            .filter(|(name, attachment)| selected.get(*name) != Some(&attachment.index))
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
@@ -209,8 +254,8 @@ impl Datapath {
         let mut failures = Vec::new();
         let new: Vec<&String> = selected.keys().filter(|name| !self.attached.contains_key(*name)).collect();
         for name in new {
-            match self.attach(name) {
-                Ok(()) => tracing::info!(interface = %name, "attached to ingress"),
+            match self.attach(name, is_external(name)) {
+                Ok(()) => tracing::info!(interface = %name, "attached to ingress and egress"),
                 Err(error) => failures.push(error),
             }
         }
@@ -218,19 +263,22 @@ impl Datapath {
     }
 
     fn forget(&mut self, interface: &str) {
-        let Some((_, link)) = self.attached.remove(interface) else { return };
-        if let Some(program) = self.classifier() {
-            // Fails harmlessly when the interface, and so the attachment, is already gone.
-            let _ = program.detach(link);
+        let Some(attachment) = self.attached.remove(interface) else { return };
+        // Fails harmlessly when the interface, and so the attachment, is already gone.
+        if let Some(program) = self.classifier(attachment.ingress_program) {
+            let _ = program.detach(attachment.ingress);
+        }
+        if let Some(program) = self.classifier(EGRESS_PROGRAM) {
+            let _ = program.detach(attachment.egress);
         }
         tracing::info!(%interface, "interface gone or replaced; forgot its attachment");
     }
 
-    fn classifier(&mut self) -> Option<&mut SchedClassifier> {
-        self.ebpf.program_mut(INGRESS_PROGRAM)?.try_into().ok()
+    fn classifier(&mut self, name: &str) -> Option<&mut SchedClassifier> {
+        self.ebpf.program_mut(name)?.try_into().ok()
     }
 
-    /// Writes the node-wide settings (the source-NAT address and ports).
+    /// Writes the node-wide settings (the source-NAT address and ports, the Maglev table size).
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
         let config_error = |source| DatapathError::Config { map: map_names::CONFIG, source };
         let map = self
@@ -303,10 +351,14 @@ impl Datapath {
             }
         }
         let attached = std::mem::take(&mut self.attached);
-        let Some(program) = self.classifier() else { return };
-        for (interface, (_, link)) in attached {
-            if let Err(error) = program.detach(link) {
-                tracing::warn!(%interface, %error, "detaching");
+        for (interface, attachment) in attached {
+            for (name, link) in
+                [(attachment.ingress_program, attachment.ingress), (EGRESS_PROGRAM, attachment.egress)]
+            {
+                let Some(program) = self.classifier(name) else { continue };
+                if let Err(error) = program.detach(link) {
+                    tracing::warn!(%interface, %error, program = name, "detaching");
+                }
             }
         }
     }
@@ -325,8 +377,21 @@ pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
     Ok(counters::NAMES.iter().copied().zip(values).collect())
 }
 
+/// The conntrack collector's statistics pinned under `bpf_dir`, by name.
+pub fn read_gc_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    use lb_common::gc_stats;
+    let data = MapData::from_pin(bpf_dir.join(map_names::CONNTRACK_GC)).map_err(DatapathError::Counters)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
+    let array: Array<MapData, u64> = Array::try_from(map).map_err(DatapathError::Counters)?;
+    (0..gc_stats::COUNT)
+        .map(|index| {
+            Ok((gc_stats::NAMES[index as usize], array.get(&index, 0).map_err(DatapathError::Counters)?))
+        })
+        .collect()
+}
+
 /// (key size, value size, entries) of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32)); 8] {
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32)); 12] {
     use core::mem::size_of;
     use lb_common::*;
     let size = |bytes: usize| bytes as u32;
@@ -352,6 +417,21 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32));
             (size(size_of::<SocketKey>()), size(size_of::<SocketFrontend>()), lb_common::capacity::SOCKETS),
         ),
         (map_names::COUNTERS, (4, 8, counters::COUNT)),
+        (
+            map_names::AFFINITY,
+            (size(size_of::<AffinityKey>()), size(size_of::<AffinityValue>()), lb_common::capacity::AFFINITY),
+        ),
+        (
+            map_names::FRAGMENTS,
+            (
+                size(size_of::<FragmentKey>()),
+                size(size_of::<FragmentValue>()),
+                lb_common::capacity::FRAGMENTS,
+            ),
+        ),
+        // Values are inner map IDs (file descriptors when written).
+        (map_names::MAGLEV, (4, 4, lb_common::capacity::MAGLEV_TABLES)),
+        (map_names::CONNTRACK_GC, (4, 8, gc_stats::COUNT)),
     ]
 }
 

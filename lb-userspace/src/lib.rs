@@ -2,12 +2,14 @@
 
 pub mod allocator;
 pub mod cluster;
+pub mod conntrack;
 pub mod convert;
 pub mod datapath;
 pub mod health;
 pub mod health_check;
 pub mod interfaces;
 pub mod kube_source;
+pub mod maglev;
 pub mod manifests;
 pub mod maps;
 pub mod model;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lb_userspace::convert::{EndpointsSource, ProxyConfig};
+use lb_userspace::conntrack::{self, PinnedFlowTables, Timeouts};
+use lb_userspace::convert::{EndpointsSource, LbAlgorithm, ProxyConfig};
 use lb_userspace::node_addresses::NodeAddressConfig;
 use lb_userspace::{
     datapath,
@@ -33,8 +34,19 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
-    /// Show the data path's packet counters.
+    /// Show the data path's packet counters and the conntrack collector's statistics.
     Counters {
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+    },
+    /// List the tracked flows: client, frontend, backend, protocol, state, age.
+    Conntrack {
+        /// Only flows of this Service (`namespace/name`, or `namespace/name:port`).
+        #[arg(long)]
+        service: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: OutputFormat,
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -107,10 +119,36 @@ struct RunArgs {
     /// Size of the backends map: distinct pod address:port pairs.
     #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
     max_backends: u32,
-    /// Size of the conntrack map: two entries per tracked flow (least recently used entries
-    /// are evicted beyond it).
+    /// Size of the conntrack map: two entries per tracked flow. A full table refuses new flows
+    /// (counted as drop_conntrack_full) and never evicts a live one.
     #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
     max_flows: u32,
+    /// Idle timeout of established TCP flows (kube-proxy's flag and default).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of TCP flows one side has closed (kube-proxy's flag and default); also how
+    /// long a flow whose backend is gone waits for its client's next packet, answered by a RST.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// Idle timeout of UDP flows whose backend never answered (the kernel's default).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// Idle timeout of UDP flows with traffic both ways (the kernel's default).
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout_stream: Duration,
+    /// How often the conntrack collector passes over the table (it also passes within a second
+    /// of a change to the Services).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    conntrack_gc_interval: Duration,
+    /// How new flows pick a backend: `maglev` (consistent hashing for NodePort, LoadBalancer
+    /// and externalIP frontends; ClusterIPs hash over their backends) or `random` (hash over
+    /// the backends everywhere).
+    #[arg(long, value_enum, default_value = "maglev")]
+    lb_algorithm: LbAlgorithmArg,
+    /// Positions in each Maglev table: a prime, about 100 times the largest backend count for
+    /// an even spread; each table costs 4 bytes per position (64 KiB at the default).
+    #[arg(long, default_value_t = lb_userspace::maglev::DEFAULT_TABLE_SIZE, value_parser = prime_table_size)]
+    maglev_table_size: u32,
     /// Manifests mode: where Services without a clusterIP get one (the API server's flag).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cluster_ip_range: ipnet::Ipv4Net,
@@ -124,6 +162,26 @@ enum XdpArg {
     Native,
     Generic,
     Off,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LbAlgorithmArg {
+    Maglev,
+    Random,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+fn prime_table_size(value: &str) -> Result<u32, String> {
+    let size: u32 = value.parse().map_err(|e| format!("{value:?} is not a number: {e}"))?;
+    if !(3..=(1 << 20)).contains(&size) || !lb_userspace::maglev::is_prime(size) {
+        return Err(format!("{size} is not a prime between 3 and 1048576 (try 16381, 65521 or 1021)"));
+    }
+    Ok(size)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -177,6 +235,10 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
                 EndpointsApi::Endpoints => EndpointsSource::Endpoints,
             },
             node_addresses: Vec::new(),
+            lb_algorithm: match args.lb_algorithm {
+                LbAlgorithmArg::Maglev => LbAlgorithm::Maglev,
+                LbAlgorithmArg::Random => LbAlgorithm::Random,
+            },
         },
         capacity: datapath::Capacity {
             service_slots: args.max_service_slots,
@@ -192,6 +254,15 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
             external_interfaces: args.external_interfaces,
         },
         cgroup_path,
+        conntrack_timeouts: Timeouts {
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_closing: args.conntrack_tcp_timeout_close_wait,
+            udp: args.conntrack_udp_timeout,
+            udp_stream: args.conntrack_udp_timeout_stream,
+            ..Timeouts::default()
+        },
+        conntrack_gc_interval: args.conntrack_gc_interval,
+        maglev_table_size: args.maglev_table_size,
         xdp: match args.xdp {
             XdpArg::Native => datapath::XdpAttach::Native,
             XdpArg::Generic => datapath::XdpAttach::Generic,
@@ -221,7 +292,34 @@ fn main() -> Result<()> {
         }
         Command::Counters { bpf_dir } => {
             for (name, value) in datapath::read_counters(&bpf_dir)? {
-                println!("{name:28} {value}");
+                println!("{name:36} {value}");
+            }
+            for (name, value) in datapath::read_gc_stats(&bpf_dir)? {
+                println!("{name:36} {value}");
+            }
+            Ok(())
+        }
+        Command::Conntrack { service, output, bpf_dir } => {
+            let tables = PinnedFlowTables::open(&bpf_dir)?;
+            let names: std::collections::BTreeMap<u32, String> = BpfMaps::from_pins(&bpf_dir)?
+                .snapshot()?
+                .service_meta
+                .iter()
+                .map(|(id, meta)| (*id, meta.name().to_string()))
+                .collect();
+            let mut rows = conntrack::flows(&tables, &names, conntrack::monotonic_ns())
+                .context("reading the conntrack table")?;
+            if let Some(wanted) = &service {
+                rows.retain(|row| {
+                    row.service.as_deref().is_some_and(|name| {
+                        name == wanted
+                            || name.strip_prefix(wanted.as_str()).is_some_and(|rest| rest.starts_with(':'))
+                    })
+                });
+            }
+            match output {
+                OutputFormat::Table => print!("{}", conntrack::flows_table(&rows)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
             Ok(())
         }

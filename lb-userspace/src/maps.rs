@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, Map, MapData, MapError};
 use ipnet::Ipv4Net;
 use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, map_names};
 
@@ -39,6 +39,9 @@ pub struct MapsSnapshot {
     pub service_meta: BTreeMap<u32, ServiceMeta>,
     /// (service ID, allowed client range) of frontends with source ranges.
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
+    /// Maglev tables by index: the backend ID at each position. Only `snapshot_with_maglev`
+    /// fills it (reading a table costs a system call per position).
+    pub maglev: BTreeMap<u32, Vec<u32>>,
 }
 
 /// The writes the reconciler makes. Deleting a missing key is not an error, so every
@@ -52,7 +55,17 @@ pub trait ServiceMaps {
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError>;
     fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
+    /// Creates Maglev table `table` with `size` positions (all 0) in place of any it had.
+    fn create_maglev_table(&mut self, table: u32, size: u32) -> Result<(), MapsError>;
+    /// Writes (position, backend ID) pairs into Maglev table `table`.
+    fn write_maglev_positions(&mut self, table: u32, positions: &[(u32, u32)]) -> Result<(), MapsError>;
+    fn delete_maglev_table(&mut self, table: u32) -> Result<(), MapsError>;
+    /// Indexes of the Maglev tables present.
+    fn maglev_tables(&self) -> Result<BTreeSet<u32>, MapsError>;
+    /// Every map but the Maglev tables' contents.
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError>;
+    /// `snapshot`, with the Maglev tables' contents.
+    fn snapshot_with_maglev(&self) -> Result<MapsSnapshot, MapsError>;
 }
 
 /// Maps in memory, with optional failure injection for the reconciler's error paths.
@@ -130,7 +143,38 @@ impl ServiceMaps for InMemoryMaps {
         Ok(())
     }
 
+    fn create_maglev_table(&mut self, table: u32, size: u32) -> Result<(), MapsError> {
+        self.write("create maglev table", format!("{table} size {size}"))?;
+        self.contents.maglev.insert(table, vec![0; size as usize]);
+        Ok(())
+    }
+
+    fn write_maglev_positions(&mut self, table: u32, positions: &[(u32, u32)]) -> Result<(), MapsError> {
+        self.write("write maglev positions", format!("{table} x{}", positions.len()))?;
+        let Some(contents) = self.contents.maglev.get_mut(&table) else {
+            return Err(MapsError::Injected { operation: "write maglev positions to a missing table" });
+        };
+        for (position, backend) in positions {
+            contents[*position as usize] = *backend;
+        }
+        Ok(())
+    }
+
+    fn delete_maglev_table(&mut self, table: u32) -> Result<(), MapsError> {
+        self.write("delete maglev table", table.to_string())?;
+        self.contents.maglev.remove(&table);
+        Ok(())
+    }
+
+    fn maglev_tables(&self) -> Result<BTreeSet<u32>, MapsError> {
+        Ok(self.contents.maglev.keys().copied().collect())
+    }
+
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError> {
+        Ok(MapsSnapshot { maglev: BTreeMap::new(), ..self.contents.clone() })
+    }
+
+    fn snapshot_with_maglev(&self) -> Result<MapsSnapshot, MapsError> {
         Ok(self.contents.clone())
     }
 }
@@ -141,6 +185,11 @@ pub struct BpfMaps {
     backends: BpfHashMap<MapData, u32, Backend>,
     service_meta: BpfHashMap<MapData, u32, ServiceMeta>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    /// The Maglev map's descriptor again, for the one call aya lacks (emptying a slot).
+    maglev_fd: std::os::fd::OwnedFd,
+    /// Tables written since these handles were opened, by index (saves reopening one per write).
+    maglev_open: BTreeMap<u32, Array<MapData, u32>>,
 }
 
 fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
@@ -165,6 +214,67 @@ fn lpm_trie(map: Map) -> Result<LpmTrie<MapData, SourceRangeKey, u8>, MapsError>
     })
 }
 
+type MaglevMap = (ArrayOfMaps<MapData, Array<MapData, u32>>, std::os::fd::OwnedFd);
+
+fn array_of_maps(map: Map) -> Result<MaglevMap, MapsError> {
+    use std::os::fd::AsFd;
+    let open_error = |source| MapsError::Bpf { operation: "open", map: map_names::MAGLEV, source };
+    let fd = match &map {
+        Map::ArrayOfMaps(data) => data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+            open_error(MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
+        })?,
+        _ => return Err(open_error(MapError::InvalidMapType { map_type: 0 })),
+    };
+    Ok((ArrayOfMaps::try_from(map).map_err(open_error)?, fd))
+}
+
+/// BPF_F_INNER_MAP: inner maps of a map-of-maps may differ from its template in size.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// BPF_MAP_DELETE_ELEM on an array of maps (which empties the slot): aya has no call for it.
+fn delete_array_of_maps_slot(map: &std::os::fd::OwnedFd, index: u32) -> Result<(), MapError> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_DELETE_ELEM: nix::libc::c_long = 3;
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: the bpf(2) system call with an attribute struct of the size passed, whose key
+    // pointer outlives the call.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(nix::libc::ENOENT) {
+                return Err(MapError::KeyNotFound);
+            }
+            Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: error,
+            }))
+        }
+    }
+}
+
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path = dir.join(name);
     let open_error = |source| MapsError::OpenPinned { path: path.display().to_string(), source };
@@ -183,22 +293,44 @@ impl BpfMaps {
     /// Takes the service maps out of a loaded eBPF object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { map: name });
+        let (maglev, maglev_fd) = array_of_maps(take(map_names::MAGLEV)?)?;
         Ok(Self {
             services: hash_map(take(map_names::SERVICES)?, map_names::SERVICES)?,
             backends: hash_map(take(map_names::BACKENDS)?, map_names::BACKENDS)?,
             service_meta: hash_map(take(map_names::SERVICE_META)?, map_names::SERVICE_META)?,
             source_ranges: lpm_trie(take(map_names::SOURCE_RANGES)?)?,
+            maglev,
+            maglev_fd,
+            maglev_open: BTreeMap::new(),
         })
     }
 
     /// Opens the maps a running (or previous) lb pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
+        let (maglev, maglev_fd) = array_of_maps(pinned(dir, map_names::MAGLEV)?)?;
         Ok(Self {
             services: hash_map(pinned(dir, map_names::SERVICES)?, map_names::SERVICES)?,
             backends: hash_map(pinned(dir, map_names::BACKENDS)?, map_names::BACKENDS)?,
             service_meta: hash_map(pinned(dir, map_names::SERVICE_META)?, map_names::SERVICE_META)?,
             source_ranges: lpm_trie(pinned(dir, map_names::SOURCE_RANGES)?)?,
+            maglev,
+            maglev_fd,
+            maglev_open: BTreeMap::new(),
         })
+    }
+
+    /// Maglev table `table`, if present.
+    fn maglev_table(&self, table: u32) -> Result<Option<Array<MapData, u32>>, MapsError> {
+        match self.maglev.get(&table, 0) {
+            Ok(array) => Ok(Some(array)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(bpf_error("look up", map_names::MAGLEV)(source)),
+        }
     }
 
     /// One services-map entry, without dumping the map.
@@ -259,6 +391,47 @@ impl ServiceMaps for BpfMaps {
             .map_err(bpf_error("delete", map_names::SOURCE_RANGES))
     }
 
+    fn create_maglev_table(&mut self, table: u32, size: u32) -> Result<(), MapsError> {
+        // Inner maps of another size than the template need BPF_F_INNER_MAP, on both.
+        let array = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)
+            .map_err(bpf_error("create a table for", map_names::MAGLEV))?;
+        self.maglev.set(table, &array, 0).map_err(bpf_error("insert a table into", map_names::MAGLEV))?;
+        self.maglev_open.insert(table, array);
+        Ok(())
+    }
+
+    fn write_maglev_positions(&mut self, table: u32, positions: &[(u32, u32)]) -> Result<(), MapsError> {
+        if !self.maglev_open.contains_key(&table) {
+            let array = self.maglev_table(table)?.ok_or(MapsError::Bpf {
+                operation: "write positions to a missing table of",
+                map: map_names::MAGLEV,
+                source: MapError::KeyNotFound,
+            })?;
+            self.maglev_open.insert(table, array);
+        }
+        let array = self.maglev_open.get_mut(&table).expect("opened above");
+        for (position, backend) in positions {
+            array.set(*position, backend, 0).map_err(bpf_error("update a table of", map_names::MAGLEV))?;
+        }
+        Ok(())
+    }
+
+    fn delete_maglev_table(&mut self, table: u32) -> Result<(), MapsError> {
+        self.maglev_open.remove(&table);
+        ignore_missing(delete_array_of_maps_slot(&self.maglev_fd, table))
+            .map_err(bpf_error("delete a table of", map_names::MAGLEV))
+    }
+
+    fn maglev_tables(&self) -> Result<BTreeSet<u32>, MapsError> {
+        let mut tables = BTreeSet::new();
+        for index in 1..self.maglev.len() {
+            if self.maglev_table(index)?.is_some() {
+                tables.insert(index);
+            }
+        }
+        Ok(tables)
+    }
+
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError> {
         let mut source_ranges = BTreeSet::new();
         for key in self.source_ranges.keys() {
@@ -275,6 +448,17 @@ impl ServiceMaps for BpfMaps {
             backends: dump(&self.backends, map_names::BACKENDS)?,
             service_meta: dump(&self.service_meta, map_names::SERVICE_META)?,
             source_ranges,
+            maglev: BTreeMap::new(),
         })
+    }
+
+    fn snapshot_with_maglev(&self) -> Result<MapsSnapshot, MapsError> {
+        let mut snapshot = self.snapshot()?;
+        for table in self.maglev_tables()? {
+            let Some(array) = self.maglev_table(table)? else { continue };
+            let contents: Result<Vec<u32>, MapError> = array.iter().collect();
+            snapshot.maglev.insert(table, contents.map_err(bpf_error("read a table of", map_names::MAGLEV))?);
+        }
+        Ok(snapshot)
     }
 }

@@ -110,6 +110,57 @@ impl fmt::Display for FrontendType {
     }
 }
 
+/// Which sources a frontend's entry serves. Every frontend has an external entry; an external
+/// frontend under `externalTrafficPolicy: Local` also has an internal one, with every
+/// endpoint, which sources inside the cluster (pods, the node) get instead, as kube-proxy
+/// sends them to every endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    #[default]
+    External,
+    Internal,
+}
+
+impl Scope {
+    /// `lb_common::scope`.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::External => lb_common::scope::EXTERNAL,
+            Self::Internal => lb_common::scope::INTERNAL,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            lb_common::scope::EXTERNAL => Some(Self::External),
+            lb_common::scope::INTERNAL => Some(Self::Internal),
+            _ => None,
+        }
+    }
+}
+
+/// A frontend's identity in the maps: its address and scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub address: L4Addr,
+    pub scope: Scope,
+}
+
+impl From<L4Addr> for FrontendKey {
+    fn from(address: L4Addr) -> Self {
+        Self { address, scope: Scope::External }
+    }
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scope {
+            Scope::External => write!(f, "{}", self.address),
+            Scope::Internal => write!(f, "{} (in-cluster)", self.address),
+        }
+    }
+}
+
 /// How the data path treats a frontend's new flows, beyond picking a backend.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendPolicy {
@@ -126,6 +177,13 @@ pub struct FrontendPolicy {
     pub node_address: bool,
     /// Not a ClusterIP: traffic from outside the cluster.
     pub external: bool,
+    /// An internal-scope entry exists beside this one for in-cluster sources.
+    pub two_scopes: bool,
+    /// `sessionAffinity: ClientIP`'s timeout in seconds; 0 without affinity.
+    pub affinity_timeout: u32,
+    /// New flows pick their backend from a Maglev table (consistent hashing) instead of a
+    /// hash over the slots.
+    pub maglev: bool,
 }
 
 impl FrontendPolicy {
@@ -140,6 +198,7 @@ impl FrontendPolicy {
             (self.local, LOCAL_POLICY),
             (self.node_address, NODE_ADDRESS),
             (self.external, EXTERNAL),
+            (self.two_scopes, TWO_SCOPES),
         ] {
             if set {
                 flags |= flag;
@@ -172,18 +231,29 @@ impl fmt::Display for ServicePortName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub address: L4Addr,
+    pub scope: Scope,
     pub frontend_type: FrontendType,
     pub policy: FrontendPolicy,
     pub service: ServicePortName,
-    /// Sorted and without duplicates, so equal sets compare equal.
+    /// Where new flows go. Sorted and without duplicates, so equal sets compare equal.
     pub backends: Vec<L4Addr>,
+    /// Every endpoint of the Service port that is still serving (ready, or terminating and
+    /// serving), whatever policy or topology says about new flows: flows already going to one
+    /// of these keep going; flows to any other backend have lost it. Sorted, no duplicates.
+    pub serving: Vec<L4Addr>,
 }
 
-/// Everything the data path should translate, by frontend address, and the health-check
-/// node ports this node answers.
+impl Frontend {
+    pub fn key(&self) -> FrontendKey {
+        FrontendKey { address: self.address, scope: self.scope }
+    }
+}
+
+/// Everything the data path should translate, by frontend, and the health-check node ports
+/// this node answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub frontends: BTreeMap<L4Addr, Frontend>,
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// healthCheckNodePort -> what to report there.
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }

@@ -21,6 +21,8 @@ pub struct NodeAddressConfig {
 pub struct NodeAddresses {
     pub nodeport: Vec<Ipv4Addr>,
     pub snat: Option<Ipv4Addr>,
+    /// Every non-loopback address of the node: endpoints there are in its host network.
+    pub all: Vec<Ipv4Addr>,
 }
 
 impl NodeAddressConfig {
@@ -42,7 +44,10 @@ impl NodeAddressConfig {
         });
         // Without a named uplink, any address of the node will do: replies to it come back here.
         let snat = on_uplink.or_else(|| interface_addresses.iter().map(|(_, ip)| *ip).find(usable));
-        NodeAddresses { nodeport, snat }
+        let mut all: Vec<Ipv4Addr> = interface_addresses.iter().map(|(_, ip)| *ip).filter(usable).collect();
+        all.sort();
+        all.dedup();
+        NodeAddresses { nodeport, snat, all }
     }
 
     /// `choose` over the interfaces of the network namespace lb runs in.

@@ -93,6 +93,7 @@ pub fn endpoints_from_pods(service: &Service, pods: &[Pod]) -> Vec<SliceEndpoint
                     terminating,
                     node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                     zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
                 },
             }],
         });

@@ -4,31 +4,40 @@
 //! - a frontend's slots are written before its service entry (slot 0) announces their count,
 //!   and surplus slots are deleted only after the entry stopped counting them; so the data path
 //!   never sees a half-written service;
+//! - a frontend's Maglev table is whole before its service entry names it, and is removed only
+//!   after no entry does;
 //! - the in-memory record of what is programmed changes only after a write succeeded, so a
 //!   failed reconcile is simply retried by the next one.
+//!
+//! Service and backend IDs are never reused within a run (nor across restarts, which continue
+//! after the highest ID any map or flow still holds): a conntrack entry or an affinity record
+//! naming an ID can never be taken for a later frontend or backend that got the same number.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue};
+use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, backend_flags};
 
+use crate::maglev::{self, MaglevBackend};
 use crate::maps::{MapsError, MapsSnapshot, ServiceMaps};
-use crate::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
+use crate::model::{
+    DesiredState, Frontend, FrontendKey, FrontendType, L4Addr, Protocol, Scope, ServicePortName,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error("programming frontend {frontend} ({service}): {source}")]
     Program {
-        frontend: L4Addr,
+        frontend: FrontendKey,
         service: String,
         #[source]
         source: Box<MapsError>,
     },
     #[error("removing frontend {frontend}: {source}")]
     Remove {
-        frontend: L4Addr,
+        frontend: FrontendKey,
         #[source]
         source: Box<MapsError>,
     },
@@ -39,9 +48,15 @@ pub enum ReconcileError {
         source: Box<MapsError>,
     },
     #[error("frontend {frontend} ({service}) has {count} backends; a frontend holds at most {max}")]
-    TooManyBackends { frontend: L4Addr, service: String, count: usize, max: usize },
+    TooManyBackends { frontend: FrontendKey, service: String, count: usize, max: usize },
     #[error("no free {what} ID left")]
     IdsExhausted { what: &'static str },
+    #[error("removing Maglev table {table}: {source}")]
+    RemoveMaglevTable {
+        table: u32,
+        #[source]
+        source: Box<MapsError>,
+    },
     #[error("pruning stale map entries: {0}")]
     Prune(#[source] Box<MapsError>),
 }
@@ -55,35 +70,54 @@ pub struct ReconcileReport {
     pub errors: Vec<String>,
 }
 
-/// Hands out small integer IDs, reusing released ones.
+/// Hands out IDs in increasing order, never one twice: flows and affinity records may still
+/// name a released ID, and must never be taken for a later holder of the same number.
 #[derive(Debug, Default)]
 struct IdAllocator {
     next: u32,
-    free: BTreeSet<u32>,
 }
 
 impl IdAllocator {
     fn allocate(&mut self, what: &'static str) -> Result<u32, ReconcileError> {
-        if let Some(id) = self.free.pop_first() {
-            return Ok(id);
-        }
         self.next = self.next.max(1);
         let id = self.next;
         self.next = self.next.checked_add(1).ok_or(ReconcileError::IdsExhausted { what })?;
         Ok(id)
     }
 
-    fn release(&mut self, id: u32) {
-        self.free.insert(id);
+    /// Allocates only above `used` from now on.
+    fn reserve(&mut self, used: u32) {
+        self.next = self.next.max(used.saturating_add(1));
     }
+}
 
-    /// Rebuilds the allocator from IDs found in use.
-    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
-        let used: BTreeSet<u32> = used.into_iter().collect();
-        let next = used.last().map_or(1, |max| max + 1);
-        let free = (1..next).filter(|id| !used.contains(id)).collect();
-        Self { next, free }
+/// Maglev table indexes: handed out round-robin, so an index just freed is not reused while a
+/// packet that read the old service entry may still look it up.
+#[derive(Debug, Default)]
+struct TableIndexes {
+    last: u32,
+}
+
+impl TableIndexes {
+    fn allocate(&mut self, in_use: &BTreeMap<u32, MaglevTable>) -> Option<u32> {
+        let count = lb_common::capacity::MAGLEV_TABLES;
+        (1..count)
+            .map(|step| (self.last + step - 1) % (count - 1) + 1)
+            .find(|index| !in_use.contains_key(index))
+            .inspect(|index| self.last = *index)
     }
+}
+
+/// A Maglev table in the maps: shared by every frontend with the same backends (a Service
+/// port's NodePort addresses, LoadBalancer IPs and externalIPs usually are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// The backend IDs it is filled from, sorted.
+    pub backends: Vec<u32>,
+    /// The backend ID at each position, as written.
+    pub positions: Vec<u32>,
+    /// Frontends whose service entry names it.
+    pub users: usize,
 }
 
 /// A frontend as it is in the maps.
@@ -99,17 +133,43 @@ pub struct ProgrammedFrontend {
     pub meta: Option<(FrontendType, String)>,
     /// Source ranges in the source-ranges map under this frontend's service ID.
     pub source_ranges: BTreeSet<Ipv4Net>,
+    /// The service entry's session-affinity timeout (seconds, 0 for none).
+    pub affinity_timeout: u32,
+    /// The service entry's Maglev table (0 for none).
+    pub maglev_table: u32,
+}
+
+impl ProgrammedFrontend {
+    fn new(service_id: u32) -> Self {
+        Self {
+            service_id,
+            slots: Vec::new(),
+            count: None,
+            flags: 0,
+            meta: None,
+            source_ranges: BTreeSet::new(),
+            affinity_timeout: 0,
+            maglev_table: 0,
+        }
+    }
 }
 
 /// The frontends and backends a snapshot of the maps holds, as the reconciler records them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProgrammedState {
-    pub frontends: BTreeMap<L4Addr, ProgrammedFrontend>,
+    pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     pub backends: BTreeMap<u32, L4Addr>,
 }
 
-fn frontend_of(key: &ServiceKey) -> Option<L4Addr> {
-    Some(L4Addr { ip: key.address(), port: key.port(), protocol: Protocol::from_number(key.protocol)? })
+pub fn frontend_of(key: &ServiceKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        address: L4Addr {
+            ip: key.address(),
+            port: key.port(),
+            protocol: Protocol::from_number(key.protocol)?,
+        },
+        scope: Scope::from_code(key.scope)?,
+    })
 }
 
 fn backend_addr(backend: &Backend) -> Option<L4Addr> {
@@ -123,22 +183,18 @@ fn backend_addr(backend: &Backend) -> Option<L4Addr> {
 impl ProgrammedState {
     /// Reads what the maps hold. Slots after a gap are left out (and so pruned later).
     pub fn from_snapshot(snapshot: &MapsSnapshot) -> Self {
-        let mut frontends: BTreeMap<L4Addr, ProgrammedFrontend> = BTreeMap::new();
-        let mut slots: BTreeMap<L4Addr, BTreeMap<u16, u32>> = BTreeMap::new();
+        let mut frontends: BTreeMap<FrontendKey, ProgrammedFrontend> = BTreeMap::new();
+        let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, u32>> = BTreeMap::new();
         for (key, value) in &snapshot.services {
             let Some(frontend) = frontend_of(key) else { continue };
-            let entry = frontends.entry(frontend).or_insert_with(|| ProgrammedFrontend {
-                service_id: value.service_id,
-                slots: Vec::new(),
-                count: None,
-                flags: 0,
-                meta: None,
-                source_ranges: BTreeSet::new(),
-            });
+            let entry =
+                frontends.entry(frontend).or_insert_with(|| ProgrammedFrontend::new(value.service_id));
             if key.backend_slot == 0 {
                 entry.service_id = value.service_id;
                 entry.count = Some(value.backend_count);
                 entry.flags = value.flags;
+                entry.affinity_timeout = value.affinity_timeout;
+                entry.maglev_table = value.maglev_table;
             } else {
                 slots.entry(frontend).or_default().insert(key.backend_slot, value.backend_id);
             }
@@ -173,19 +229,31 @@ pub struct Reconciler<M: ServiceMaps> {
     backend_id_allocator: IdAllocator,
     /// Backends may be unused without a write of ours: after a re-read, or a failed release.
     release_pending: bool,
+    /// The node's own addresses: backends there are host-network endpoints.
+    host_addresses: BTreeSet<Ipv4Addr>,
+    /// Positions of every Maglev table this reconciler writes.
+    maglev_size: u32,
+    maglev_tables: BTreeMap<u32, MaglevTable>,
+    table_indexes: TableIndexes,
 }
 
-fn service_key(frontend: &L4Addr, slot: u16) -> ServiceKey {
-    ServiceKey::new(frontend.ip, frontend.port, frontend.protocol.number(), slot)
+fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
+    let address = &frontend.address;
+    ServiceKey::scoped(address.ip, address.port, address.protocol.number(), frontend.scope.code(), slot)
 }
 
 /// Most backends one frontend can have: slots are numbered 1..=u16::MAX.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 
 impl<M: ServiceMaps> Reconciler<M> {
-    /// Starts from what the maps already hold, so a restarted daemon keeps every ID and the
-    /// data path is not disturbed.
+    /// Starts from what the maps already hold, so a restarted daemon keeps every ID, flow and
+    /// Maglev table, and the data path is not disturbed.
     pub fn restore(maps: M) -> Result<Self, MapsError> {
+        Self::restore_with(maps, maglev::DEFAULT_TABLE_SIZE)
+    }
+
+    /// `restore`, with Maglev tables of `maglev_size` positions (a prime).
+    pub fn restore_with(maps: M, maglev_size: u32) -> Result<Self, MapsError> {
         let mut reconciler = Self {
             maps,
             state: ProgrammedState::default(),
@@ -193,21 +261,80 @@ impl<M: ServiceMaps> Reconciler<M> {
             service_id_allocator: IdAllocator::default(),
             backend_id_allocator: IdAllocator::default(),
             release_pending: true,
+            host_addresses: BTreeSet::new(),
+            maglev_size,
+            maglev_tables: BTreeMap::new(),
+            table_indexes: TableIndexes::default(),
         };
-        reconciler.refresh_from_maps()?;
+        let snapshot = reconciler.maps.snapshot_with_maglev()?;
+        reconciler.take_state(ProgrammedState::from_snapshot(&snapshot));
+        // Tables as the maps hold them; one of another size (the flag changed) or not filled from
+        // one backend set is not kept: its frontends get a new one.
+        let mut tables: BTreeMap<u32, MaglevTable> = BTreeMap::new();
+        for frontend in reconciler.state.frontends.values() {
+            let Some(positions) = snapshot.maglev.get(&frontend.maglev_table) else { continue };
+            let mut backends: Vec<u32> = positions.clone();
+            backends.sort_unstable();
+            backends.dedup();
+            tables
+                .entry(frontend.maglev_table)
+                .or_insert_with(|| MaglevTable { backends, positions: positions.clone(), users: 0 })
+                .users += 1;
+        }
+        tables.retain(|_, table| table.positions.len() == maglev_size as usize);
+        reconciler.maglev_tables = tables;
         Ok(reconciler)
     }
 
-    /// Forgets the in-memory record and re-reads what the maps hold, so that the next
-    /// reconcile repairs entries changed or removed behind our back (a full resync).
+    /// Forgets the in-memory record of the service maps and re-reads them, so that the next
+    /// reconcile repairs entries changed or removed behind our back (a full resync). Maglev
+    /// tables are trusted as recorded: reading one back costs a system call per position.
     pub fn refresh_from_maps(&mut self) -> Result<(), MapsError> {
         let state = ProgrammedState::from_snapshot(&self.maps.snapshot()?);
+        self.take_state(state);
+        Ok(())
+    }
+
+    fn take_state(&mut self, state: ProgrammedState) {
         self.backend_ids = state.backends.iter().map(|(id, addr)| (*addr, *id)).collect();
-        self.service_id_allocator = IdAllocator::from_used(state.frontends.values().map(|f| f.service_id));
-        self.backend_id_allocator = IdAllocator::from_used(state.backends.keys().copied());
+        self.service_id_allocator.reserve(state.frontends.values().map(|f| f.service_id).max().unwrap_or(0));
+        self.backend_id_allocator.reserve(state.backends.keys().copied().max().unwrap_or(0));
         self.state = state;
         self.release_pending = true;
-        Ok(())
+    }
+
+    /// IDs that flows or affinity records still name (found by the conntrack collector at
+    /// start): new IDs are allocated above them.
+    pub fn reserve_ids(&mut self, max_service_id: u32, max_backend_id: u32) {
+        self.service_id_allocator.reserve(max_service_id);
+        self.backend_id_allocator.reserve(max_backend_id);
+    }
+
+    /// The node's own addresses: backends at one of them are host-network endpoints (flagged
+    /// for the data path). Rewrites the backends whose flag changes.
+    pub fn set_host_addresses(&mut self, addresses: BTreeSet<Ipv4Addr>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let changed: Vec<(u32, L4Addr)> = self
+            .state
+            .backends
+            .iter()
+            .filter(|(_, backend)| {
+                addresses.contains(&backend.ip) != self.host_addresses.contains(&backend.ip)
+            })
+            .map(|(id, backend)| (*id, *backend))
+            .collect();
+        self.host_addresses = addresses;
+        for (id, backend) in changed {
+            if let Err(error) = self.maps.update_backend(id, self.backend_value(backend)) {
+                errors.push(format!("updating backend {backend}: {error}"));
+            }
+        }
+        errors
+    }
+
+    fn backend_value(&self, backend: L4Addr) -> Backend {
+        let flags = if self.host_addresses.contains(&backend.ip) { backend_flags::HOST } else { 0 };
+        Backend::new(backend.ip, backend.port, backend.protocol.number()).with_flags(flags)
     }
 
     pub fn maps(&self) -> &M {
@@ -216,6 +343,10 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     pub fn state(&self) -> &ProgrammedState {
         &self.state
+    }
+
+    pub fn maglev_tables(&self) -> &BTreeMap<u32, MaglevTable> {
+        &self.maglev_tables
     }
 
     /// Programs `desired`, removes what it no longer has, and releases unused backends.
@@ -229,13 +360,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Err(error) => report.errors.push(error.to_string()),
             }
         }
-        let stale: Vec<L4Addr> = self
-            .state
-            .frontends
-            .keys()
-            .filter(|addr| !desired.frontends.contains_key(addr))
-            .copied()
-            .collect();
+        let stale: Vec<FrontendKey> =
+            self.state.frontends.keys().filter(|key| !desired.frontends.contains_key(key)).copied().collect();
         for frontend in stale {
             match self.remove_frontend(frontend) {
                 Ok(()) => report.removed += 1,
@@ -264,24 +390,20 @@ impl<M: ServiceMaps> Reconciler<M> {
             return Ok(*id);
         }
         let id = self.backend_id_allocator.allocate("backend")?;
-        let written =
-            self.maps.update_backend(id, Backend::new(backend.ip, backend.port, backend.protocol.number()));
-        if let Err(error) = written {
-            self.backend_id_allocator.release(id);
-            return Err(map_error(error));
-        }
+        self.maps.update_backend(id, self.backend_value(backend)).map_err(map_error)?;
         self.backend_ids.insert(backend, id);
         self.state.backends.insert(id, backend);
         Ok(id)
     }
 
-    /// Returns whether anything was written.
     /// Whether the maps already hold `frontend` exactly. The common case of a sync, so it
     /// allocates nothing.
     fn is_programmed(&self, frontend: &Frontend, count: u16) -> bool {
-        let Some(current) = self.state.frontends.get(&frontend.address) else { return false };
+        let Some(current) = self.state.frontends.get(&frontend.key()) else { return false };
         current.count == Some(count)
             && current.flags == frontend.policy.flags()
+            && current.affinity_timeout == frontend.policy.affinity_timeout
+            && self.maglev_matches(current.maglev_table, frontend, &current.slots)
             && current.source_ranges.len() == frontend.policy.source_ranges.len()
             && frontend.policy.source_ranges.iter().all(|range| current.source_ranges.contains(range))
             && current.slots.len() == frontend.backends.len()
@@ -295,8 +417,22 @@ impl<M: ServiceMaps> Reconciler<M> {
                 .all(|(backend, slot)| self.backend_ids.get(backend) == Some(slot))
     }
 
+    /// Whether `table` is the Maglev table `frontend` wants, given slots equal to its backends.
+    fn maglev_matches(&self, table: u32, frontend: &Frontend, slots: &[u32]) -> bool {
+        if !frontend.policy.maglev || frontend.backends.is_empty() {
+            return table == 0;
+        }
+        self.maglev_tables.get(&table).is_some_and(|t| {
+            t.backends.len() == slots.len() && {
+                let mut sorted = slots.to_vec();
+                sorted.sort_unstable();
+                t.backends == sorted
+            }
+        })
+    }
+
     fn program_frontend(&mut self, frontend: &Frontend) -> Result<bool, ReconcileError> {
-        let addr = frontend.address;
+        let key = frontend.key();
         let count = frontend.backends.len();
         if count <= MAX_BACKENDS_PER_FRONTEND && self.is_programmed(frontend, count as u16) {
             return Ok(false);
@@ -304,7 +440,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         let service = frontend.service.to_string();
         if count > MAX_BACKENDS_PER_FRONTEND {
             return Err(ReconcileError::TooManyBackends {
-                frontend: addr,
+                frontend: key,
                 service,
                 count,
                 max: MAX_BACKENDS_PER_FRONTEND,
@@ -313,49 +449,43 @@ impl<M: ServiceMaps> Reconciler<M> {
         let count = count as u16;
         let meta = (frontend.frontend_type, service.clone());
         let program_error = |source| ReconcileError::Program {
-            frontend: addr,
+            frontend: key,
             service: service.clone(),
             source: Box::new(source),
         };
-
-        if self.is_programmed(frontend, count) {
-            return Ok(false);
-        }
 
         let mut ids = Vec::with_capacity(frontend.backends.len());
         for backend in &frontend.backends {
             ids.push(self.backend_id(*backend, program_error)?);
         }
-        if !self.state.frontends.contains_key(&addr) {
+        if !self.state.frontends.contains_key(&key) {
             let service_id = self.service_id_allocator.allocate("service")?;
-            self.state.frontends.insert(
-                addr,
-                ProgrammedFrontend {
-                    service_id,
-                    slots: Vec::new(),
-                    count: None,
-                    flags: 0,
-                    meta: None,
-                    source_ranges: BTreeSet::new(),
-                },
-            );
+            self.state.frontends.insert(key, ProgrammedFrontend::new(service_id));
         }
-        let programmed = self.state.frontends.get_mut(&addr).expect("inserted above");
-        let service_id = programmed.service_id;
+        let service_id = self.state.frontends[&key].service_id;
 
-        if programmed.meta.as_ref() != Some(&meta) {
+        if self.state.frontends[&key].meta.as_ref() != Some(&meta) {
             self.maps
                 .update_service_meta(service_id, ServiceMeta::new(frontend.frontend_type.code(), &service))
                 .map_err(program_error)?;
-            programmed.meta = Some(meta);
+            self.state.frontends.get_mut(&key).expect("inserted above").meta = Some(meta);
         }
+        // The Maglev table, whole, before the entry may name it.
+        let old_table = self.state.frontends[&key].maglev_table;
+        let table = if frontend.policy.maglev && !ids.is_empty() {
+            self.maglev_table_for(old_table, &ids).map_err(program_error)?
+        } else {
+            0
+        };
+
+        let programmed = self.state.frontends.get_mut(&key).expect("inserted above");
         for (index, id) in ids.iter().enumerate() {
             if programmed.slots.get(index) == Some(id) {
                 continue;
             }
             let slot = index as u16 + 1;
             self.maps
-                .update_service(service_key(&addr, slot), ServiceValue::backend_slot(service_id, *id))
+                .update_service(service_key(&key, slot), ServiceValue::backend_slot(service_id, *id))
                 .map_err(program_error)?;
             match programmed.slots.get_mut(index) {
                 Some(written) => *written = *id,
@@ -369,19 +499,31 @@ impl<M: ServiceMaps> Reconciler<M> {
             programmed.source_ranges.insert(*range);
         }
         let flags = frontend.policy.flags();
-        if programmed.count != Some(count) || programmed.flags != flags {
-            self.maps
-                .update_service(
-                    service_key(&addr, 0),
-                    ServiceValue::service_entry(service_id, count).with_flags(flags),
-                )
-                .map_err(program_error)?;
+        let affinity_timeout = frontend.policy.affinity_timeout;
+        if programmed.count != Some(count)
+            || programmed.flags != flags
+            || programmed.affinity_timeout != affinity_timeout
+            || programmed.maglev_table != table
+        {
+            let entry = ServiceValue {
+                affinity_timeout,
+                maglev_table: table,
+                ..ServiceValue::service_entry(service_id, count).with_flags(flags)
+            };
+            if let Err(error) = self.maps.update_service(service_key(&key, 0), entry) {
+                if table != old_table {
+                    self.release_maglev_table(table);
+                }
+                return Err(program_error(error));
+            }
             programmed.count = Some(count);
             programmed.flags = flags;
+            programmed.affinity_timeout = affinity_timeout;
+            programmed.maglev_table = table;
         }
         while programmed.slots.len() > usize::from(count) {
             let slot = programmed.slots.len() as u16;
-            self.maps.delete_service(service_key(&addr, slot)).map_err(program_error)?;
+            self.maps.delete_service(service_key(&key, slot)).map_err(program_error)?;
             programmed.slots.pop();
         }
         // Ranges no longer wanted go after the entry: if it still checks ranges, it checks the
@@ -390,20 +532,107 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_source_range(service_id, *range).map_err(program_error)?;
             programmed.source_ranges.remove(range);
         }
+        // The old table only once the entry no longer names it.
+        if old_table != table && old_table != 0 {
+            self.release_maglev_table(old_table);
+        }
         Ok(true)
     }
 
-    fn remove_frontend(&mut self, addr: L4Addr) -> Result<(), ReconcileError> {
-        let remove_error = |source| ReconcileError::Remove { frontend: addr, source: Box::new(source) };
-        let Some(programmed) = self.state.frontends.get_mut(&addr) else { return Ok(()) };
+    /// The Maglev table filled from `ids` that a frontend now naming `current` (0: none) should
+    /// name, with its user count already taken. In order of preference: the table it has, if it
+    /// already holds these backends; a table another frontend shares with these backends; its own
+    /// table updated in place (only the positions that change); a new table.
+    fn maglev_table_for(&mut self, current: u32, ids: &[u32]) -> Result<u32, MapsError> {
+        let mut wanted: Vec<u32> = ids.to_vec();
+        wanted.sort_unstable();
+        if let Some(table) = self.maglev_tables.get(&current)
+            && table.backends == wanted
+        {
+            return Ok(current);
+        }
+        if let Some((index, table)) = self.maglev_tables.iter_mut().find(|(_, t)| t.backends == wanted) {
+            table.users += 1;
+            return Ok(*index);
+        }
+        let positions = self.maglev_positions(&wanted);
+        if let Some(table) = self.maglev_tables.get_mut(&current)
+            && table.users == 1
+        {
+            let changed = maglev::changed_positions(&table.positions, &positions);
+            self.maps.write_maglev_positions(current, &changed)?;
+            *table = MaglevTable { backends: wanted, positions, users: 1 };
+            return Ok(current);
+        }
+        let Some(index) = self.table_indexes.allocate(&self.maglev_tables) else {
+            // Every table in use: new flows hash over the slots instead (still correct, only
+            // not consistent across nodes and backend changes).
+            tracing::warn!(
+                tables = lb_common::capacity::MAGLEV_TABLES - 1,
+                "no Maglev table left; a frontend falls back to hashing over its slots"
+            );
+            return Ok(0);
+        };
+        self.maps.create_maglev_table(index, self.maglev_size)?;
+        let all: Vec<(u32, u32)> = positions.iter().enumerate().map(|(p, id)| (p as u32, *id)).collect();
+        if let Err(error) = self.maps.write_maglev_positions(index, &all) {
+            let _ = self.maps.delete_maglev_table(index);
+            return Err(error);
+        }
+        self.maglev_tables.insert(index, MaglevTable { backends: wanted, positions, users: 1 });
+        Ok(index)
+    }
+
+    /// The backend ID at each position of the table for these backend IDs (sorted).
+    fn maglev_positions(&self, ids: &[u32]) -> Vec<u32> {
+        let mut backends: Vec<(MaglevBackend, u32)> = ids
+            .iter()
+            .filter_map(|id| {
+                self.state.backends.get(id).map(|b| (MaglevBackend { address: b.ip, port: b.port }, *id))
+            })
+            .collect();
+        // Sorted by what is the same on every node, so every node fills the same table.
+        backends.sort();
+        let order: Vec<MaglevBackend> = backends.iter().map(|(backend, _)| *backend).collect();
+        maglev::populate(&order, self.maglev_size)
+            .into_iter()
+            .map(|index| backends[index as usize].1)
+            .collect()
+    }
+
+    /// One user fewer for a table; the last one removes it.
+    fn release_maglev_table(&mut self, index: u32) {
+        let Some(table) = self.maglev_tables.get_mut(&index) else { return };
+        table.users = table.users.saturating_sub(1);
+        if table.users > 0 {
+            return;
+        }
+        match self.maps.delete_maglev_table(index) {
+            Ok(()) => {
+                self.maglev_tables.remove(&index);
+            }
+            // Kept in the record with no user: the next prune removes it.
+            Err(error) => {
+                tracing::warn!(
+                    "{}",
+                    ReconcileError::RemoveMaglevTable { table: index, source: Box::new(error) }
+                )
+            }
+        }
+    }
+
+    fn remove_frontend(&mut self, key: FrontendKey) -> Result<(), ReconcileError> {
+        let remove_error = |source| ReconcileError::Remove { frontend: key, source: Box::new(source) };
+        let Some(programmed) = self.state.frontends.get_mut(&key) else { return Ok(()) };
         // The service entry goes first: from then on no new flow picks a slot.
         if programmed.count.is_some() {
-            self.maps.delete_service(service_key(&addr, 0)).map_err(remove_error)?;
+            self.maps.delete_service(service_key(&key, 0)).map_err(remove_error)?;
             programmed.count = None;
         }
+        let table = std::mem::take(&mut programmed.maglev_table);
         while !programmed.slots.is_empty() {
             let slot = programmed.slots.len() as u16;
-            self.maps.delete_service(service_key(&addr, slot)).map_err(remove_error)?;
+            self.maps.delete_service(service_key(&key, slot)).map_err(remove_error)?;
             programmed.slots.pop();
         }
         let service_id = programmed.service_id;
@@ -414,14 +643,21 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         self.maps.delete_service_meta(service_id).map_err(remove_error)?;
-        self.state.frontends.remove(&addr);
-        self.service_id_allocator.release(service_id);
+        self.state.frontends.remove(&key);
+        if table != 0 {
+            self.release_maglev_table(table);
+        }
         Ok(())
     }
 
     fn release_unused_backends(&mut self) -> Result<(), ReconcileError> {
-        let referenced: BTreeSet<u32> =
-            self.state.frontends.values().flat_map(|f| f.slots.iter().copied()).collect();
+        let referenced: BTreeSet<u32> = self
+            .state
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.iter().copied())
+            .chain(self.maglev_tables.values().flat_map(|t| t.backends.iter().copied()))
+            .collect();
         let unused: Vec<(u32, L4Addr)> = self
             .state
             .backends
@@ -435,13 +671,13 @@ impl<M: ServiceMaps> Reconciler<M> {
                 .map_err(|source| ReconcileError::ReleaseBackend { backend, source: Box::new(source) })?;
             self.state.backends.remove(&id);
             self.backend_ids.remove(&backend);
-            self.backend_id_allocator.release(id);
         }
         Ok(())
     }
 
     /// Deletes map entries the reconciler does not account for: slots past a gap, entries of
-    /// unknown protocols, metadata of no frontend. Returns how many were deleted.
+    /// unknown protocols or scopes, metadata of no frontend, Maglev tables no entry names.
+    /// Returns how many were deleted.
     pub fn prune(&mut self) -> Result<usize, ReconcileError> {
         let snapshot = self.maps.snapshot().map_err(prune_error)?;
         let mut deleted = 0;
@@ -477,6 +713,14 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_backend(*id).map_err(prune_error)?;
             deleted += 1;
         }
+        let named: BTreeSet<u32> = self.state.frontends.values().map(|f| f.maglev_table).collect();
+        self.maglev_tables.retain(|index, table| table.users > 0 || named.contains(index));
+        for index in self.maps.maglev_tables().map_err(prune_error)? {
+            if !self.maglev_tables.contains_key(&index) {
+                self.maps.delete_maglev_table(index).map_err(prune_error)?;
+                deleted += 1;
+            }
+        }
         Ok(deleted)
     }
 }
@@ -509,18 +753,30 @@ pub fn render_snapshot(snapshot: &MapsSnapshot) -> String {
         let frontend = addr(key.address(), key.port(), key.protocol);
         if key.backend_slot == 0 {
             out += &format!(
-                "service {frontend} slot 0: service_id={} backend_count={}{}\n",
+                "service {frontend}{} slot 0: service_id={} backend_count={}{}{}{}\n",
+                if key.scope == lb_common::scope::INTERNAL { " (in-cluster)" } else { "" },
                 value.service_id,
                 value.backend_count,
                 match value.flags {
                     0 => String::new(),
                     flags => format!(" flags={}", flag_names(flags)),
+                },
+                match value.affinity_timeout {
+                    0 => String::new(),
+                    seconds => format!(" affinity={seconds}s"),
+                },
+                match value.maglev_table {
+                    0 => String::new(),
+                    table => format!(" maglev_table={table}"),
                 }
             );
         } else {
             out += &format!(
-                "service {frontend} slot {}: service_id={} backend_id={}\n",
-                key.backend_slot, value.service_id, value.backend_id
+                "service {frontend}{} slot {}: service_id={} backend_id={}\n",
+                if key.scope == lb_common::scope::INTERNAL { " (in-cluster)" } else { "" },
+                key.backend_slot,
+                value.service_id,
+                value.backend_id
             );
         }
     }
@@ -535,6 +791,16 @@ pub fn render_snapshot(snapshot: &MapsSnapshot) -> String {
     for (id, range) in &snapshot.source_ranges {
         out += &format!("source range {id}: {range}\n");
     }
+    for (table, positions) in &snapshot.maglev {
+        let mut owned: BTreeMap<u32, usize> = BTreeMap::new();
+        positions.iter().for_each(|backend| *owned.entry(*backend).or_default() += 1);
+        let owned: Vec<String> = owned.iter().map(|(backend, count)| format!("{backend}x{count}")).collect();
+        out += &format!(
+            "maglev table {table}: {} positions: backend_id x positions {}\n",
+            positions.len(),
+            owned.join(" ")
+        );
+    }
     out
 }
 
@@ -548,6 +814,7 @@ pub fn flag_names(flags: u16) -> String {
         (LOCAL_POLICY, "local"),
         (NODE_ADDRESS, "node-address"),
         (EXTERNAL, "external"),
+        (TWO_SCOPES, "two-scopes"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::allocator::ClusterIpAllocator;
 use crate::cluster::{ClusterEvent, ClusterStore};
+use crate::conntrack::{self, Collector, FlowPolicy, FrontendFlows, PinnedFlowTables, Timeouts};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
 use crate::datapath::{self, Capacity, Datapath};
 use crate::health::{self, SharedHealth};
@@ -22,7 +23,7 @@ use crate::interfaces::{InterfaceSelector, LinkEvents};
 use crate::kube_source;
 use crate::manifests::ManifestStore;
 use crate::maps::BpfMaps;
-use crate::model::HealthCheck;
+use crate::model::{DesiredState, HealthCheck};
 use crate::node_addresses::{NodeAddressConfig, NodeAddresses};
 use crate::reconcile::Reconciler;
 use crate::sync::{HealthState, SyncRunner};
@@ -55,6 +56,12 @@ pub struct RunOptions {
     /// The cgroup whose processes' sockets are load-balanced at connect/sendmsg (the node's
     /// own traffic); `None` leaves them alone.
     pub cgroup_path: Option<PathBuf>,
+    /// How long flows may stay idle, by state.
+    pub conntrack_timeouts: Timeouts,
+    /// How often the conntrack collector passes over the table when nothing asks it sooner.
+    pub conntrack_gc_interval: Duration,
+    /// Positions in each Maglev table (a prime).
+    pub maglev_table_size: u32,
 }
 
 /// How long to wait after a file event for the rest of a burst (an editor's write + rename).
@@ -201,13 +208,21 @@ fn node_eligible(objects: &ClusterObjects, config: &ProxyConfig) -> bool {
     node.metadata.deletion_timestamp.is_none() && !tainted(node)
 }
 
-/// Re-reads the node's addresses; when the source-NAT address changed, tells the data path.
+/// What the data path's settings are made of, besides the node's addresses.
+struct DatapathSettings {
+    netns_cookie: u64,
+    maglev_table_size: u32,
+}
+
+/// Re-reads the node's addresses; when the source-NAT address changed, tells the data path;
+/// when the node's addresses changed, tells the reconciler (host-network backends).
 fn refresh_node_addresses(
     options: &NodeAddressConfig,
     current: &mut Option<NodeAddresses>,
     config: &mut ProxyConfig,
     datapath: &mut Datapath,
-    netns_cookie: &u64,
+    settings: &DatapathSettings,
+    reconciler: &mut Reconciler<BpfMaps>,
 ) {
     let addresses = options.read();
     if current.as_ref() == Some(&addresses) {
@@ -215,13 +230,15 @@ fn refresh_node_addresses(
     }
     if current.as_ref().is_none_or(|current| current.snat != addresses.snat) {
         let snat_address = addresses.snat.map_or(0, |ip| u32::from(ip).to_be());
-        let settings = DatapathConfig {
-            netns_cookie: *netns_cookie,
+        let config = DatapathConfig {
+            netns_cookie: settings.netns_cookie,
             snat_address,
             snat_port_min: lb_common::SNAT_PORT_MIN,
             snat_port_max: lb_common::SNAT_PORT_MAX,
+            maglev_table_size: settings.maglev_table_size,
+            _pad: 0,
         };
-        match datapath.set_config(settings) {
+        match datapath.set_config(config) {
             Ok(()) => {
                 tracing::info!(snat_address = ?addresses.snat, nodeport_addresses = ?addresses.nodeport, "node addresses")
             }
@@ -233,8 +250,38 @@ fn refresh_node_addresses(
             );
         }
     }
+    if current.as_ref().is_none_or(|current| current.all != addresses.all) {
+        for error in reconciler.set_host_addresses(addresses.all.iter().copied().collect()) {
+            tracing::error!("{error}");
+        }
+    }
     config.node_addresses = addresses.nodeport.clone();
     *current = Some(addresses);
+}
+
+/// What the conntrack collector needs to know of each programmed frontend.
+fn flow_policy(desired: &DesiredState, reconciler: &Reconciler<BpfMaps>) -> FlowPolicy {
+    let programmed = &reconciler.state().frontends;
+    let frontends = desired
+        .frontends
+        .iter()
+        .filter_map(|(key, frontend)| {
+            let programmed = programmed.get(key)?;
+            let serving = frontend
+                .serving
+                .iter()
+                .filter(|backend| backend.protocol == frontend.address.protocol)
+                .map(|backend| (u32::from(backend.ip).to_be(), backend.port.to_be()))
+                .collect();
+            let flows = FrontendFlows {
+                serving,
+                backend_ids: programmed.slots.iter().copied().collect(),
+                affinity_timeout: frontend.policy.affinity_timeout,
+            };
+            Some((programmed.service_id, flows))
+        })
+        .collect();
+    FlowPolicy { frontends }
 }
 
 /// Converts and reconciles; returns the health-check node ports the state asks for.
@@ -243,6 +290,7 @@ fn sync(
     config: &ProxyConfig,
     reconciler: &mut Reconciler<BpfMaps>,
     health: &SharedHealth,
+    collector: &Collector,
 ) -> BTreeMap<u16, HealthCheck> {
     let started = Instant::now();
     let objects = source.objects();
@@ -251,6 +299,8 @@ fn sync(
     let report = reconciler.reconcile(&desired);
     report.errors.iter().for_each(|error| tracing::error!("{error}"));
     let changed = report.programmed + report.removed + report.errors.len() > 0;
+    // Flows of backends that left (or of frontends that went) are ended soon after.
+    collector.update(flow_policy(&desired, reconciler), report.programmed + report.removed > 0);
     macro_rules! synced {
         ($level:ident) => {
             tracing::$level!(
@@ -309,11 +359,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut link_events = LinkEvents::subscribe()?;
     let mut datapath = Datapath::load_with(&options.bpf_dir, &options.capacity)?;
     // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
+    let external = options.node_addresses.external_interfaces.clone();
+    let is_external = move |name: &str| external.iter().any(|e| e == name);
     for interface in selector.literals() {
-        datapath.attach(interface)?;
-        tracing::info!(%interface, "attached to ingress");
+        datapath.attach(interface, is_external(interface))?;
+        tracing::info!(%interface, "attached to ingress and egress");
     }
-    attach_selected(&mut datapath, &selector);
+    attach_selected(&mut datapath, &selector, &is_external);
     if datapath.attached().next().is_none() {
         tracing::warn!(interfaces = ?options.interfaces, "no interface matches yet; waiting for one to appear");
     }
@@ -334,13 +386,30 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut proxy = options.proxy.clone();
     let mut addresses = None;
     // The socket programs translate only sockets of this namespace: the node's own.
-    let netns_cookie = match &options.cgroup_path {
-        None => 0,
-        Some(_) => datapath::netns_cookie().context("reading this network namespace's cookie")?,
+    let settings = DatapathSettings {
+        netns_cookie: match &options.cgroup_path {
+            None => 0,
+            Some(_) => datapath::netns_cookie().context("reading this network namespace's cookie")?,
+        },
+        maglev_table_size: options.maglev_table_size,
     };
-    refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
     let maps = BpfMaps::from_ebpf(datapath.ebpf_mut())?;
-    let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps")?;
+    let mut reconciler =
+        Reconciler::restore_with(maps, options.maglev_table_size).context("reading the pinned maps")?;
+    // IDs that surviving flows still name are never handed out again.
+    let flow_tables = PinnedFlowTables::open(&options.bpf_dir)?;
+    let (max_service_id, max_backend_id) =
+        conntrack::max_ids(&flow_tables).context("reading the pinned conntrack table")?;
+    reconciler.reserve_ids(max_service_id, max_backend_id);
+    let collector = Collector::spawn(flow_tables, options.conntrack_timeouts, options.conntrack_gc_interval);
+    refresh_node_addresses(
+        &options.node_addresses,
+        &mut addresses,
+        &mut proxy,
+        &mut datapath,
+        &settings,
+        &mut reconciler,
+    );
     let health: SharedHealth = Arc::new(Mutex::new(HealthState::new(2 * options.sync_period)));
     if let Some(address) = options.healthz_bind_address {
         health::serve(address, health.clone()).await?;
@@ -370,8 +439,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
             }
             () = sync_due => {
-                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
-                let checks = sync(&mut source, &proxy, &mut reconciler, &health);
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
+                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector);
                 health_checks.sync(&checks).await;
                 runner.synced(Instant::now());
                 if !synced_once {
@@ -384,17 +453,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let Err(error) = reconciler.refresh_from_maps() {
                     tracing::warn!("{error}");
                 }
-                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
-                let checks = sync(&mut source, &proxy, &mut reconciler, &health);
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
+                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector);
                 health_checks.sync(&checks).await;
                 prune(&mut reconciler);
             }
             changed = link_events.changed() => {
                 changed?;
-                attach_selected(&mut datapath, &selector);
+                attach_selected(&mut datapath, &selector, &is_external);
                 // An interface (and its addresses) came or went: NodePort frontends may change.
                 let before = proxy.node_addresses.clone();
-                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &netns_cookie);
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
                 if proxy.node_addresses != before {
                     runner.queue(Instant::now());
                 }
@@ -410,10 +479,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
 /// Attaches to every selected interface present now and forgets vanished ones; a failure on
 /// one interface is logged and does not stop the others.
-fn attach_selected(datapath: &mut Datapath, selector: &InterfaceSelector) {
+fn attach_selected(
+    datapath: &mut Datapath,
+    selector: &InterfaceSelector,
+    is_external: &impl Fn(&str) -> bool,
+) {
     match selector.selected() {
         Ok(selected) => {
-            for error in datapath.sync_interfaces(&selected) {
+            for error in datapath.sync_interfaces(&selected, is_external) {
                 tracing::error!("{error}");
             }
         }

@@ -13,6 +13,8 @@ pub struct EndpointConditions {
     pub terminating: bool,
     pub node_name: Option<String>,
     pub zone_hints: Vec<String>,
+    /// `hints.forNodes` (set for `trafficDistribution: PreferSameNode`).
+    pub node_hints: Vec<String>,
 }
 
 /// An endpoint of one Service port.
@@ -44,21 +46,40 @@ pub fn is_local(endpoint: &EndpointConditions, node: &NodeContext) -> bool {
     node.node_name.is_some() && endpoint.node_name.as_deref() == node.node_name
 }
 
-/// Hints are used only when asked for, the node has a zone, every ready endpoint has hints and
-/// at least one is hinted for this zone; otherwise traffic could be sent nowhere.
-fn can_use_topology(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeContext) -> bool {
-    let Some(zone) = node.zone.filter(|z| !z.is_empty()) else { return false };
+/// Which hints the choice follows (kube-proxy's `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    /// Every ready endpoint.
+    None,
+    /// Ready endpoints hinted for this node (`trafficDistribution: PreferSameNode`).
+    SameNode,
+    /// Ready endpoints hinted for this node's zone.
+    SameZone,
+}
+
+/// Hints are used only when asked for, every ready endpoint has hints of the kind and at least
+/// one is hinted for this node (or zone); otherwise traffic could be sent nowhere. Node hints
+/// win over zone hints, which PreferSameNode also sets for proxies that do not know node hints.
+fn topology_mode(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeContext) -> TopologyMode {
     if !policy.topology_aware {
-        return false;
+        return TopologyMode::None;
     }
+    let ready = || endpoints.iter().map(|e| &e.conditions).filter(|e| e.ready);
+    if let Some(name) = node.node_name
+        && ready().all(|e| !e.node_hints.is_empty())
+        && ready().any(|e| e.node_hints.iter().any(|hint| hint == name))
+    {
+        return TopologyMode::SameNode;
+    }
+    let Some(zone) = node.zone.filter(|z| !z.is_empty()) else { return TopologyMode::None };
     let mut has_endpoint_for_zone = false;
-    for endpoint in endpoints.iter().map(|e| &e.conditions).filter(|e| e.ready) {
+    for endpoint in ready() {
         if endpoint.zone_hints.is_empty() {
-            return false;
+            return TopologyMode::None;
         }
         has_endpoint_for_zone |= endpoint.zone_hints.iter().any(|hint| hint == zone);
     }
-    has_endpoint_for_zone
+    if has_endpoint_for_zone { TopologyMode::SameZone } else { TopologyMode::None }
 }
 
 fn pick(endpoints: &[Endpoint], keep: impl Fn(&EndpointConditions) -> bool) -> Vec<L4Addr> {
@@ -74,9 +95,16 @@ pub fn choose(endpoints: &[Endpoint], policy: PortPolicy, node: &NodeContext) ->
         }
         return pick(endpoints, |e| is_local(e, node) && e.serving && e.terminating);
     }
-    let use_topology = can_use_topology(endpoints, policy, node);
-    let zone = node.zone.unwrap_or_default();
-    let cluster = pick(endpoints, |e| e.ready && (!use_topology || e.zone_hints.iter().any(|h| h == zone)));
+    let mode = topology_mode(endpoints, policy, node);
+    let (zone, name) = (node.zone.unwrap_or_default(), node.node_name.unwrap_or_default());
+    let cluster = pick(endpoints, |e| {
+        e.ready
+            && match mode {
+                TopologyMode::None => true,
+                TopologyMode::SameNode => e.node_hints.iter().any(|h| h == name),
+                TopologyMode::SameZone => e.zone_hints.iter().any(|h| h == zone),
+            }
+    });
     if !cluster.is_empty() {
         return cluster;
     }
@@ -101,8 +129,16 @@ mod tests {
                 terminating: conditions.contains('T'),
                 node_name: (!node.is_empty()).then(|| node.to_string()),
                 zone_hints: hints.iter().map(|h| h.to_string()).collect(),
+                node_hints: Vec::new(),
             },
         }
+    }
+
+    /// `ep`, with `hints.forNodes` too (as PreferSameNode sets them, beside zone hints).
+    fn ep_nodes(last: u8, node: &str, node_hints: &[&str], zone_hints: &[&str]) -> Endpoint {
+        let mut endpoint = ep(last, "RS", node, zone_hints);
+        endpoint.conditions.node_hints = node_hints.iter().map(|h| h.to_string()).collect();
+        endpoint
     }
 
     fn ips(chosen: Vec<L4Addr>) -> Vec<u8> {
@@ -197,6 +233,34 @@ mod tests {
                 HINTS,
                 node_a_zone_a,
                 vec![1],
+            ),
+            (
+                "PreferSameNode: endpoints hinted for this node",
+                vec![
+                    ep_nodes(1, "node-a", &["node-a"], &["zone-a"]),
+                    ep_nodes(2, "node-b", &["node-b"], &["zone-a"]),
+                    ep_nodes(3, "node-a", &["node-a"], &["zone-a"]),
+                ],
+                HINTS,
+                node_a_zone_a,
+                vec![1, 3],
+            ),
+            (
+                "PreferSameNode: none for this node falls back to the zone hints",
+                vec![
+                    ep_nodes(1, "node-b", &["node-b"], &["zone-a"]),
+                    ep_nodes(2, "node-c", &["node-c"], &["zone-b"]),
+                ],
+                HINTS,
+                node_a_zone_a,
+                vec![1],
+            ),
+            (
+                "PreferSameNode: node hints ignored when one ready endpoint has none",
+                vec![ep_nodes(1, "node-a", &["node-a"], &[]), ep(2, "RS", "node-b", &[])],
+                HINTS,
+                node_a_zone_a,
+                vec![1, 2],
             ),
             (
                 "internalTrafficPolicy Local: this node's ready endpoints",

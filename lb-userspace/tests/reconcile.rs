@@ -22,6 +22,7 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
         .map(|(address, backends)| {
             let frontend = Frontend {
                 address: *address,
+                scope: Default::default(),
                 frontend_type: FrontendType::ClusterIp,
                 policy: Default::default(),
                 service: ServicePortName {
@@ -30,8 +31,9 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
                     port: String::new(),
                 },
                 backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
+                serving: backends.iter().map(|b| addr(*b, 8080)).collect(),
             };
-            (*address, frontend)
+            (frontend.key(), frontend)
         })
         .collect();
     DesiredState { frontends, ..Default::default() }

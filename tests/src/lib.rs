@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod fixture;
 pub mod packet;
 pub mod playground;
 pub mod two_nodes;

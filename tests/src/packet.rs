@@ -139,6 +139,48 @@ impl PacketSpec {
     }
 }
 
+impl PacketSpec {
+    /// The datagram cut in two IP fragments: the first carries the L4 header and payload up to
+    /// `first_len` bytes of L4 data (a multiple of 8), the second the rest. The L4 checksum
+    /// covers the whole datagram, as a sender computes it before fragmenting.
+    pub fn fragments(&self, first_len: usize) -> (Vec<u8>, Vec<u8>) {
+        assert_eq!(first_len % 8, 0, "fragment boundaries are multiples of 8 bytes");
+        let whole = Self { fragment: 0, ..self.clone() }.build();
+        let l4 = &whole[ETH_LEN + 20..];
+        let fragment = |data: &[u8], flags_offset: u16| {
+            let mut ip = whole[ETH_LEN..ETH_LEN + 20].to_vec();
+            ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            ip[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let sum = !ones_complement_sum(&ip, 0);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            let mut frame = whole[..ETH_LEN].to_vec();
+            frame.extend_from_slice(&ip);
+            frame.extend_from_slice(data);
+            frame
+        };
+        (fragment(&l4[..first_len], 0x2000), fragment(&l4[first_len..], (first_len / 8) as u16))
+    }
+}
+
+/// Whether the two fragments of `fragments` reassemble into a datagram whose IP header and L4
+/// checksum are valid (the IP header checksum of each fragment is checked too).
+pub fn fragments_valid(first: &[u8], later: &[u8]) -> bool {
+    let header_ok = |frame: &[u8]| ones_complement_sum(&frame[ETH_LEN..ETH_LEN + 20], 0) == 0xffff;
+    if !header_ok(first) || !header_ok(later) {
+        return false;
+    }
+    let mut whole = first.to_vec();
+    whole.extend_from_slice(&later[ETH_LEN + 20..]);
+    let total = (whole.len() - ETH_LEN) as u16;
+    whole[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    whole[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&[0, 0]);
+    whole[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let sum = !ones_complement_sum(&whole[ETH_LEN..ETH_LEN + 20], 0);
+    whole[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&sum.to_be_bytes());
+    checksums_valid(&whole)
+}
+
 /// The IPv4 header of a reply lb builds itself (a RST or an ICMP error) from `from` to `to`.
 fn reply_ip_header(from: Ipv4Addr, to: Ipv4Addr, protocol: u8, total_len: usize) -> Vec<u8> {
     let mut ip = vec![0x45, 0];

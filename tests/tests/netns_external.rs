@@ -334,3 +334,31 @@ fn xdp_forwards_node_port_traffic_for_remote_pods_and_tc_does_the_rest() {
     assert!(moved("xdp_tx") > 0, "XDP sent nothing back out: {after:?}");
     assert!(moved("xdp_pass") > 0, "XDP passed nothing to TC: {after:?}");
 }
+
+/// kube-proxy sends in-cluster traffic to a Local-policy LoadBalancer IP or NodePort to every
+/// endpoint: a pod is not an external client. From pod-a on node1, web-local's LoadBalancer IP
+/// reaches both pods (pod-b keeps seeing pod-a's own address), and only-b's NodePort on node1,
+/// which has no local endpoint there, reaches pod-b instead of being dropped.
+#[test]
+fn pods_reach_every_endpoint_of_a_local_policy_frontend() {
+    let nodes = started();
+    let pod_a = &nodes.pods[0].ns;
+    let seen = |target: SocketAddrV4, count: usize| -> BTreeSet<(String, String)> {
+        TwoNodes::http_from(pod_a, None, target, count)
+            .unwrap()
+            .into_iter()
+            .map(|answer| {
+                let answer = answer.unwrap_or_else(|e| panic!("{target}: {e}\nnode1:\n{}", nodes.log(1)));
+                assert_eq!(answer.peer, target.into());
+                (answer.pod, answer.client_seen)
+            })
+            .collect()
+    };
+    let pod_a_ip = Ipv4Addr::new(10, 244, 1, 11);
+    let lb = seen(SocketAddrV4::new(LB_IP, 80), 40);
+    assert_eq!(lb, set(&[("pod-a", node_ip(1)), ("pod-b", pod_a_ip)]), "hairpin to itself is source-NATed");
+    let node_port = seen(SocketAddrV4::new(node_ip(1), 30082), 5);
+    assert_eq!(node_port, set(&[("pod-b", pod_a_ip)]));
+    // The external client still gets node1's endpoint only.
+    assert_eq!(answers(&nodes, None, SocketAddrV4::new(LB_IP, 80), 10), set(&[("pod-a", CLIENT_IP)]));
+}

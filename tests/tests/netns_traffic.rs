@@ -167,7 +167,7 @@ fn interfaces_that_appear_later_are_attached_and_vanished_ones_forgotten() {
     let pods: std::collections::BTreeSet<String> =
         answers.into_iter().map(|a| a.unwrap_or_else(|e| panic!("{e}\n{}", pg.lb_log())).pod).collect();
     assert!(pods.contains("pod-c"), "{pods:?}\n{}", pg.lb_log());
-    assert!(pg.lb_log().contains("attached to ingress interface=lbp1"), "{}", pg.lb_log());
+    assert!(pg.lb_log().contains("attached to ingress and egress interface=lbp1"), "{}", pg.lb_log());
     assert!(!pg.lb_log().contains("ERROR"), "{}", pg.lb_log());
 
     pg.remove_pod("pod-c");

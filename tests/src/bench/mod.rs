@@ -9,6 +9,7 @@ pub mod plots;
 pub mod program;
 pub mod report;
 pub mod rules;
+pub mod traffic_cost;
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

@@ -61,9 +61,10 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
     for (port, target, protocol) in [(80, 8080, Protocol::Tcp), (53, 5353, Protocol::Udp)] {
         let address = L4Addr { ip: VIP, port, protocol };
         desired.frontends.insert(
-            address,
+            address.into(),
             Frontend {
                 address,
+                scope: Default::default(),
                 frontend_type: FrontendType::ClusterIp,
                 policy: Default::default(),
                 service: ServicePortName {
@@ -72,6 +73,7 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
                     port: port.to_string(),
                 },
                 backends: vec![L4Addr { ip: POD, port: target, protocol }],
+                serving: vec![L4Addr { ip: POD, port: target, protocol }],
             },
         );
     }

@@ -59,6 +59,11 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"));
 
+    if only.as_deref() == Some("traffic") {
+        let results = tests::bench::traffic_cost::measure(plan.rounds, plan.workload_duration)?;
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
     let program_cost = if wants("program") {
         eprintln!("bench: program cost ({} runs per fixture)", plan.program_runs);
         program::measure(plan.program_runs)?

@@ -1,0 +1,721 @@
+//! The conntrack table from userspace: the collector that ends flows, and the listing behind
+//! `lb conntrack`.
+//!
+//! The data path records flows and moves their TCP state; it never removes a live one (the
+//! table is a plain hash: full means new flows are refused and counted). The collector, on its
+//! own thread, passes over the table every `--conntrack-gc-interval` and soon after a change to
+//! the Services, and for each flow (both its entries at once):
+//!
+//! - removes it once it has been idle longer than its state allows (kube-proxy's and the
+//!   kernel's timeouts, as flags); an ended TCP flow (both FINs, or a RST) goes after 10 s;
+//! - when its backend is no longer a serving endpoint of its frontend (removed, or the frontend
+//!   itself removed): removes a UDP flow at once, so the client's next datagram picks a live
+//!   backend (kube-proxy's stale UDP cleanup); marks a TCP flow so that the client's next
+//!   packet is answered with a RST rather than silently moved to another pod mid-stream;
+//! - removes session-affinity records that expired or whose backend left the frontend.
+//!
+//! A flow to a backend that is terminating but still serving keeps going.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
+use lb_common::{
+    AffinityKey, AffinityValue, ConntrackEntry, FlowKey, PROTOCOL_TCP, conntrack_flags as cf,
+    conntrack_state as cs, gc_stats, map_names,
+};
+
+/// How long a flow may stay idle, by state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP, the client's SYN seen and nothing back (the kernel's syn_sent).
+    pub tcp_syn_sent: Duration,
+    /// TCP, established (kube-proxy's `--conntrack-tcp-timeout-established`).
+    pub tcp_established: Duration,
+    /// TCP, one side closed (kube-proxy's `--conntrack-tcp-timeout-close-wait`); also flows
+    /// whose backend is gone, which wait for the client's next packet to answer it with a RST.
+    pub tcp_closing: Duration,
+    /// TCP, both sides closed or reset (the kernel's close): ended flows' tuples are free for
+    /// new flows at once, this only bounds how long their entries linger.
+    pub tcp_closed: Duration,
+    /// UDP, only the client has sent (the kernel's udp timeout).
+    pub udp: Duration,
+    /// UDP, both sides have sent (the kernel's udp_stream timeout).
+    pub udp_stream: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn_sent: Duration::from_secs(120),
+            tcp_established: Duration::from_secs(24 * 3600),
+            tcp_closing: Duration::from_secs(3600),
+            tcp_closed: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Timeouts {
+    fn for_state(&self, state: u8, backend_gone: bool) -> Duration {
+        let timeout = match state {
+            cs::TCP_SYN_SENT => self.tcp_syn_sent,
+            cs::TCP_ESTABLISHED => self.tcp_established,
+            cs::TCP_CLOSING => self.tcp_closing,
+            cs::TCP_CLOSED => self.tcp_closed,
+            cs::UDP_REPLIED => self.udp_stream,
+            _ => self.udp,
+        };
+        if backend_gone { timeout.min(self.tcp_closing) } else { timeout }
+    }
+}
+
+/// What flows of one frontend (by service ID) may keep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendFlows {
+    /// Backends (address, port; network byte order as in the entries) that are still serving
+    /// endpoints: flows to them continue.
+    pub serving: HashSet<(u32, u16)>,
+    /// Backend IDs new flows may go to: an affinity record naming another one is stale.
+    pub backend_ids: HashSet<u32>,
+    /// Session-affinity timeout in seconds (0: none).
+    pub affinity_timeout: u32,
+}
+
+/// Every frontend's `FrontendFlows`, made by the run loop after each sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowPolicy {
+    pub frontends: HashMap<u32, FrontendFlows>,
+}
+
+impl FlowPolicy {
+    /// Whether a flow of `service_id` to `backend` (network byte order) may go on.
+    fn keeps(&self, service_id: u32, backend: (u32, u16)) -> bool {
+        self.frontends.get(&service_id).is_some_and(|f| f.serving.contains(&backend))
+    }
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub entries: u64,
+    pub expired: u64,
+    pub backend_gone_removed: u64,
+    pub backend_gone_marked: u64,
+    pub affinity_removed: u64,
+    /// The highest service and backend IDs any entry or record names.
+    pub max_service_id: u32,
+    pub max_backend_id: u32,
+}
+
+/// The tables the collector works on, behind a trait so its decisions are tested without root.
+pub trait FlowTables {
+    fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError>;
+    fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError>;
+    fn update_flow_entry(&mut self, key: &FlowKey, entry: &ConntrackEntry) -> Result<(), MapError>;
+    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError>;
+    fn remove_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError>;
+}
+
+/// The data path's clock: CLOCK_MONOTONIC, which `bpf_ktime_get_coarse_ns` reads too.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// One pass over the tables at time `now` (monotonic nanoseconds).
+pub fn collect(
+    tables: &mut impl FlowTables,
+    policy: &FlowPolicy,
+    timeouts: &Timeouts,
+    now: u64,
+) -> Result<PassReport, MapError> {
+    let entries: HashMap<FlowKey, ConntrackEntry> = tables.conntrack()?.into_iter().collect();
+    let mut report = PassReport { entries: entries.len() as u64, ..Default::default() };
+    let mut done: HashSet<FlowKey> = HashSet::new();
+    for (key, entry) in &entries {
+        report.max_service_id = report.max_service_id.max(entry.service_id);
+        report.max_backend_id = report.max_backend_id.max(entry.backend_id);
+        if done.contains(key) {
+            continue;
+        }
+        // A flow is its client-side entry and the reply entry that points back at it; an entry
+        // whose other half is gone is a flow of its own.
+        let peer_key = entry.peer_key(key.protocol);
+        let peer = entries.get(&peer_key).filter(|peer| peer.peer_key(key.protocol) == *key);
+        if entry.is_reply() && peer.is_some() {
+            continue; // handled with its client-side entry
+        }
+        done.insert(*key);
+        let mut flow: Vec<(FlowKey, ConntrackEntry)> = vec![(*key, *entry)];
+        if let Some(peer) = peer {
+            done.insert(peer_key);
+            flow.push((peer_key, *peer));
+        }
+        // The backend: where the client side sends to, or where a lone reply comes from.
+        let backend = if entry.is_reply() {
+            (key.src_address, key.src_port)
+        } else {
+            (entry.dst_address, entry.dst_port)
+        };
+        let last_seen = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
+        let idle = Duration::from_nanos(now.saturating_sub(last_seen));
+        let gone = !policy.keeps(entry.service_id, backend);
+        let marked = entry.flags & cf::BACKEND_GONE != 0;
+
+        if gone && key.protocol != PROTOCOL_TCP {
+            remove_flow(tables, &flow)?;
+            report.backend_gone_removed += 1;
+        } else if idle > timeouts.for_state(entry.state, marked) {
+            remove_flow(tables, &flow)?;
+            report.expired += 1;
+        } else if gone && !marked && entry.state != cs::TCP_CLOSED {
+            for (key, entry) in &flow {
+                let marked = ConntrackEntry { flags: entry.flags | cf::BACKEND_GONE, ..*entry };
+                ignore_missing(tables.update_flow_entry(key, &marked))?;
+            }
+            report.backend_gone_marked += 1;
+        }
+    }
+    for (key, record) in tables.affinity()? {
+        report.max_service_id = report.max_service_id.max(key.service_id);
+        report.max_backend_id = report.max_backend_id.max(record.backend_id);
+        let stale = match policy.frontends.get(&key.service_id) {
+            None => true,
+            Some(frontend) => {
+                let timeout = u64::from(frontend.affinity_timeout) * 1_000_000_000;
+                frontend.affinity_timeout == 0
+                    || now.saturating_sub(record.last_used_ns) >= timeout
+                    || !frontend.backend_ids.contains(&record.backend_id)
+            }
+        };
+        if stale {
+            ignore_missing(tables.remove_affinity(&key))?;
+            report.affinity_removed += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Removes a flow's entries, the client side first: from then on its next packet starts a new
+/// flow, which writes its own reply entry.
+fn remove_flow(tables: &mut impl FlowTables, flow: &[(FlowKey, ConntrackEntry)]) -> Result<(), MapError> {
+    let mut ordered: Vec<&(FlowKey, ConntrackEntry)> = flow.iter().collect();
+    ordered.sort_by_key(|(_, entry)| entry.is_reply());
+    for (key, _) in ordered {
+        ignore_missing(tables.remove_flow_entry(key))?;
+    }
+    Ok(())
+}
+
+/// The pinned tables, opened by path.
+pub struct PinnedFlowTables {
+    conntrack: BpfHashMap<MapData, FlowKey, ConntrackEntry>,
+    /// The conntrack map's size.
+    capacity: u32,
+    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    stats: Array<MapData, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowTablesError {
+    #[error("opening pinned map {path}: {source} (is lb running with this --bpf-dir?)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("{operation} in map {map}: {source}")]
+    Map {
+        operation: &'static str,
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn open_pinned(dir: &Path, name: &str) -> Result<MapData, FlowTablesError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|source| FlowTablesError::Open { path, source })
+}
+
+fn map(data: MapData, dir: &Path, name: &str) -> Result<Map, FlowTablesError> {
+    Map::from_map_data(data).map_err(|source| FlowTablesError::Open { path: dir.join(name), source })
+}
+
+impl PinnedFlowTables {
+    pub fn open(bpf_dir: &Path) -> Result<Self, FlowTablesError> {
+        let wrong = |map: &'static str| move |source| FlowTablesError::Map { operation: "open", map, source };
+        let conntrack = open_pinned(bpf_dir, map_names::CONNTRACK)?;
+        let capacity = conntrack.info().map(|info| info.max_entries()).unwrap_or(0);
+        Ok(Self {
+            conntrack: BpfHashMap::try_from(map(conntrack, bpf_dir, map_names::CONNTRACK)?)
+                .map_err(wrong(map_names::CONNTRACK))?,
+            capacity,
+            affinity: BpfHashMap::try_from(map(
+                open_pinned(bpf_dir, map_names::AFFINITY)?,
+                bpf_dir,
+                map_names::AFFINITY,
+            )?)
+            .map_err(wrong(map_names::AFFINITY))?,
+            stats: Array::try_from(map(
+                open_pinned(bpf_dir, map_names::CONNTRACK_GC)?,
+                bpf_dir,
+                map_names::CONNTRACK_GC,
+            )?)
+            .map_err(wrong(map_names::CONNTRACK_GC))?,
+        })
+    }
+
+    /// Adds a pass to the statistics `lb counters` shows.
+    fn record(&mut self, report: &PassReport, took: Duration) {
+        let capacity = self.capacity;
+        let mut add = |index: u32, value: u64, replace: bool| {
+            let old = self.stats.get(&index, 0).unwrap_or(0);
+            let _ = self.stats.set(index, if replace { value } else { old + value }, 0);
+        };
+        add(gc_stats::ENTRIES, report.entries, true);
+        add(gc_stats::CAPACITY, u64::from(capacity), true);
+        add(gc_stats::EXPIRED, report.expired, false);
+        add(gc_stats::BACKEND_GONE_REMOVED, report.backend_gone_removed, false);
+        add(gc_stats::BACKEND_GONE_MARKED, report.backend_gone_marked, false);
+        add(gc_stats::AFFINITY_REMOVED, report.affinity_removed, false);
+        add(gc_stats::PASSES, 1, false);
+        add(gc_stats::LAST_PASS_US, took.as_micros() as u64, true);
+    }
+}
+
+impl FlowTables for PinnedFlowTables {
+    fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError> {
+        // Entries removed while iterating are skipped, not errors.
+        let mut entries = Vec::new();
+        for key in self.conntrack.keys() {
+            let key = key?;
+            match self.conntrack.get(&key, 0) {
+                Ok(entry) => entries.push((key, entry)),
+                Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(entries)
+    }
+
+    fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError> {
+        self.conntrack.remove(key)
+    }
+
+    fn update_flow_entry(&mut self, key: &FlowKey, entry: &ConntrackEntry) -> Result<(), MapError> {
+        // Only an entry that is still there: a flow removed meanwhile stays removed.
+        const BPF_EXIST: u64 = 2;
+        self.conntrack.insert(key, entry, BPF_EXIST)
+    }
+
+    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+        self.affinity.iter().collect()
+    }
+
+    fn remove_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError> {
+        self.affinity.remove(key)
+    }
+}
+
+/// The highest service and backend IDs the flows and affinity records name: a restarted lb
+/// allocates above them, so no old flow can be taken for a new frontend or backend.
+pub fn max_ids(tables: &impl FlowTables) -> Result<(u32, u32), MapError> {
+    let (mut service, mut backend) = (0, 0);
+    for (_, entry) in tables.conntrack()? {
+        service = service.max(entry.service_id);
+        backend = backend.max(entry.backend_id);
+    }
+    for (key, record) in tables.affinity()? {
+        service = service.max(key.service_id);
+        backend = backend.max(record.backend_id);
+    }
+    Ok((service, backend))
+}
+
+/// Least time between two passes that changes to the Services ask for: under churn, one pass
+/// every second takes them all in.
+const TRIGGERED_PASS_GAP: Duration = Duration::from_secs(1);
+
+/// The run loop's handle on the collector thread.
+pub struct Collector {
+    policy: Arc<Mutex<Option<FlowPolicy>>>,
+    wake: mpsc::Sender<()>,
+}
+
+impl Collector {
+    /// Starts the collector on `tables`, passing every `interval` and when woken. It makes no
+    /// pass before the first `update`: until the first sync, every flow would look orphaned.
+    pub fn spawn(mut tables: PinnedFlowTables, timeouts: Timeouts, interval: Duration) -> Self {
+        let policy: Arc<Mutex<Option<FlowPolicy>>> = Arc::new(Mutex::new(None));
+        let (wake, woken) = mpsc::channel::<()>();
+        let shared = policy.clone();
+        std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || {
+                let mut next_periodic = Instant::now() + interval;
+                let mut last_pass: Option<Instant> = None;
+                let mut pending = false;
+                loop {
+                    let now = Instant::now();
+                    let mut deadline = next_periodic;
+                    if pending {
+                        deadline = deadline.min(last_pass.map_or(now, |at| at + TRIGGERED_PASS_GAP));
+                    }
+                    match woken.recv_timeout(deadline.saturating_duration_since(now)) {
+                        Ok(()) => {
+                            pending = true;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    let Some(policy) = shared.lock().expect("policy lock").clone() else {
+                        next_periodic = Instant::now() + interval;
+                        continue;
+                    };
+                    let started = Instant::now();
+                    match collect(&mut tables, &policy, &timeouts, monotonic_ns()) {
+                        Ok(report) => {
+                            let took = started.elapsed();
+                            tables.record(&report, took);
+                            let changed =
+                                report.expired + report.backend_gone_removed + report.backend_gone_marked;
+                            if changed + report.affinity_removed > 0 {
+                                tracing::debug!(?report, took_us = took.as_micros() as u64, "conntrack pass");
+                            }
+                            if report.backend_gone_removed + report.backend_gone_marked > 0 {
+                                tracing::info!(
+                                    udp_removed = report.backend_gone_removed,
+                                    tcp_to_reset = report.backend_gone_marked,
+                                    "flows whose backend is no longer an endpoint"
+                                );
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "conntrack pass failed; retrying at the next one")
+                        }
+                    }
+                    last_pass = Some(Instant::now());
+                    pending = false;
+                    next_periodic = Instant::now() + interval;
+                }
+            })
+            .expect("starting the conntrack collector thread");
+        Self { policy, wake }
+    }
+
+    /// The flows' policy after a sync; `changed` asks for a pass soon (an endpoint or a
+    /// frontend went away, say), else the next periodic pass uses it.
+    pub fn update(&self, policy: FlowPolicy, changed: bool) {
+        *self.policy.lock().expect("policy lock") = Some(policy);
+        if changed {
+            let _ = self.wake.send(());
+        }
+    }
+}
+
+/// One flow as `lb conntrack` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FlowRow {
+    pub protocol: &'static str,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    /// The source address the backend sees, when lb source-NATed the flow.
+    pub snat: Option<String>,
+    pub state: &'static str,
+    pub backend_gone: bool,
+    pub age_seconds: u64,
+    pub idle_seconds: u64,
+    /// `namespace/name:port` of the frontend's Service, if its metadata is there.
+    pub service: Option<String>,
+}
+
+/// The live flows (client-side entries, with their reply entry's activity), oldest first.
+pub fn flows(
+    tables: &impl FlowTables,
+    service_names: &BTreeMap<u32, String>,
+    now: u64,
+) -> Result<Vec<FlowRow>, MapError> {
+    let entries: HashMap<FlowKey, ConntrackEntry> = tables.conntrack()?.into_iter().collect();
+    let address = |ip: u32, port: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(ip)), u16::from_be(port));
+    let mut rows: Vec<(u64, FlowRow)> = Vec::new();
+    for (key, entry) in entries.iter().filter(|(_, entry)| !entry.is_reply()) {
+        let reply = entries.get(&entry.peer_key(key.protocol));
+        let last_seen = reply.map_or(entry.last_seen_ns, |reply| reply.last_seen_ns.max(entry.last_seen_ns));
+        let row = FlowRow {
+            protocol: match key.protocol {
+                PROTOCOL_TCP => "TCP",
+                lb_common::PROTOCOL_UDP => "UDP",
+                _ => "?",
+            },
+            client: address(key.src_address, key.src_port),
+            frontend: address(key.dst_address, key.dst_port),
+            backend: address(entry.dst_address, entry.dst_port),
+            snat: (entry.flags & cf::SNAT != 0 || entry.src_port != key.src_port)
+                .then(|| address(entry.src_address, entry.src_port)),
+            state: cs::name(entry.state),
+            backend_gone: entry.flags & cf::BACKEND_GONE != 0,
+            age_seconds: now.saturating_sub(entry.created_ns) / 1_000_000_000,
+            idle_seconds: now.saturating_sub(last_seen) / 1_000_000_000,
+            service: service_names.get(&entry.service_id).cloned(),
+        };
+        rows.push((entry.created_ns, row));
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.client.cmp(&b.1.client)));
+    Ok(rows.into_iter().map(|(_, row)| row).collect())
+}
+
+/// `lb conntrack`'s table.
+pub fn flows_table(rows: &[FlowRow]) -> String {
+    use std::fmt::Write as _;
+    let mut table = vec![[
+        "PROTO".to_string(),
+        "CLIENT".into(),
+        "FRONTEND".into(),
+        "BACKEND".into(),
+        "SNAT".into(),
+        "STATE".into(),
+        "AGE".into(),
+        "IDLE".into(),
+        "SERVICE".into(),
+    ]];
+    for row in rows {
+        let state =
+            if row.backend_gone { format!("{} (backend gone)", row.state) } else { row.state.to_string() };
+        table.push([
+            row.protocol.to_string(),
+            row.client.clone(),
+            row.frontend.clone(),
+            row.backend.clone(),
+            row.snat.clone().unwrap_or_else(|| "-".into()),
+            state,
+            format!("{}s", row.age_seconds),
+            format!("{}s", row.idle_seconds),
+            row.service.clone().unwrap_or_else(|| "?".into()),
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..9).map(|col| table.iter().map(|r| r[col].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &table {
+        let cells: Vec<String> =
+            row.iter().zip(&widths).map(|(cell, width)| format!("{cell:width$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tables in memory.
+    #[derive(Default)]
+    struct Memory {
+        conntrack: BTreeMap<(u32, u32, u16, u16, u8), ConntrackEntry>,
+        affinity: BTreeMap<(u32, u32), AffinityValue>,
+    }
+
+    fn k(key: &FlowKey) -> (u32, u32, u16, u16, u8) {
+        (key.src_address, key.dst_address, key.src_port, key.dst_port, key.protocol)
+    }
+
+    impl FlowTables for Memory {
+        fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError> {
+            Ok(self
+                .conntrack
+                .iter()
+                .map(|((src, dst, sport, dport, protocol), entry)| {
+                    (
+                        FlowKey {
+                            src_address: *src,
+                            dst_address: *dst,
+                            src_port: *sport,
+                            dst_port: *dport,
+                            protocol: *protocol,
+                            _pad0: 0,
+                            _pad1: 0,
+                        },
+                        *entry,
+                    )
+                })
+                .collect())
+        }
+        fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError> {
+            self.conntrack.remove(&k(key)).map(|_| ()).ok_or(MapError::KeyNotFound)
+        }
+        fn update_flow_entry(&mut self, key: &FlowKey, entry: &ConntrackEntry) -> Result<(), MapError> {
+            self.conntrack.insert(k(key), *entry);
+            Ok(())
+        }
+        fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+            Ok(self
+                .affinity
+                .iter()
+                .map(|((client, service), value)| {
+                    (AffinityKey { client_address: *client, service_id: *service }, *value)
+                })
+                .collect())
+        }
+        fn remove_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError> {
+            self.affinity.remove(&(key.client_address, key.service_id));
+            Ok(())
+        }
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+    const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 2), 40000);
+    const VIP: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
+    const POD: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 1, 11), 8080);
+
+    fn be((ip, port): (Ipv4Addr, u16)) -> (u32, u16) {
+        (u32::from(ip).to_be(), port.to_be())
+    }
+
+    /// A flow client -> VIP -> POD as the data path writes it.
+    fn add_flow(memory: &mut Memory, protocol: u8, client_port: u16, state: u8, last_seen: u64) {
+        let client = (CLIENT.0, client_port);
+        let (client_be, pod_be, vip_be) = (be(client), be(POD), be(VIP));
+        let forward = ConntrackEntry {
+            src_address: client_be.0,
+            dst_address: pod_be.0,
+            src_port: client_be.1,
+            dst_port: pod_be.1,
+            backend_id: 7,
+            service_id: 3,
+            flags: 0,
+            state,
+            _pad: 0,
+            last_seen_ns: last_seen,
+            created_ns: last_seen,
+        };
+        let reply = ConntrackEntry {
+            src_address: vip_be.0,
+            dst_address: client_be.0,
+            src_port: vip_be.1,
+            dst_port: client_be.1,
+            flags: cf::REPLY,
+            ..forward
+        };
+        memory.conntrack.insert(k(&FlowKey::new(client, VIP, protocol)), forward);
+        memory.conntrack.insert(k(&FlowKey::new(POD, client, protocol)), reply);
+    }
+
+    fn policy(serving: bool, affinity_timeout: u32) -> FlowPolicy {
+        let mut frontends = HashMap::new();
+        frontends.insert(
+            3,
+            FrontendFlows {
+                serving: if serving { [be(POD)].into_iter().collect() } else { HashSet::new() },
+                backend_ids: if serving { [7].into_iter().collect() } else { HashSet::new() },
+                affinity_timeout,
+            },
+        );
+        FlowPolicy { frontends }
+    }
+
+    #[test]
+    fn flows_expire_by_state_and_both_entries_go_together() {
+        let timeouts = Timeouts::default();
+        let mut memory = Memory::default();
+        let now = 100_000 * SECOND;
+        add_flow(&mut memory, PROTOCOL_TCP, 1, cs::TCP_ESTABLISHED, now - 3600 * SECOND);
+        add_flow(&mut memory, PROTOCOL_TCP, 2, cs::TCP_CLOSED, now - 11 * SECOND);
+        add_flow(&mut memory, PROTOCOL_TCP, 3, cs::TCP_CLOSED, now - 5 * SECOND);
+        add_flow(&mut memory, PROTOCOL_TCP, 4, cs::TCP_SYN_SENT, now - 121 * SECOND);
+        add_flow(&mut memory, PROTOCOL_TCP, 5, cs::TCP_CLOSING, now - 3601 * SECOND);
+        add_flow(&mut memory, lb_common::PROTOCOL_UDP, 6, cs::UDP_ONE_WAY, now - 31 * SECOND);
+        add_flow(&mut memory, lb_common::PROTOCOL_UDP, 7, cs::UDP_REPLIED, now - 31 * SECOND);
+        let report = collect(&mut memory, &policy(true, 0), &timeouts, now).unwrap();
+        assert_eq!((report.entries, report.expired), (14, 4));
+        let left: Vec<u16> = memory
+            .conntrack
+            .iter()
+            .filter(|(_, e)| !e.is_reply())
+            .map(|((_, _, port, _, _), _)| u16::from_be(*port))
+            .collect();
+        assert_eq!(left, vec![1, 3, 7], "established, recently closed, and a UDP stream stay");
+        assert_eq!(memory.conntrack.len(), 6, "each kept flow keeps both entries");
+        assert_eq!((report.max_service_id, report.max_backend_id), (3, 7));
+    }
+
+    #[test]
+    fn a_removed_backend_ends_udp_flows_at_once_and_marks_tcp_flows_for_a_reset() {
+        let mut memory = Memory::default();
+        let now = 1_000 * SECOND;
+        add_flow(&mut memory, PROTOCOL_TCP, 1, cs::TCP_ESTABLISHED, now);
+        add_flow(&mut memory, lb_common::PROTOCOL_UDP, 2, cs::UDP_REPLIED, now);
+        add_flow(&mut memory, PROTOCOL_TCP, 3, cs::TCP_CLOSED, now);
+        let report = collect(&mut memory, &policy(false, 0), &Timeouts::default(), now).unwrap();
+        assert_eq!((report.backend_gone_removed, report.backend_gone_marked), (1, 1));
+        let tcp: Vec<&ConntrackEntry> =
+            memory.conntrack.values().filter(|e| e.state == cs::TCP_ESTABLISHED).collect();
+        assert_eq!(tcp.len(), 2);
+        assert!(tcp.iter().all(|e| e.flags & cf::BACKEND_GONE != 0), "both entries marked");
+        assert!(memory.conntrack.values().all(|e| e.state != cs::UDP_REPLIED), "the UDP flow is gone");
+        // A second pass does not count the marked flow again.
+        let again = collect(&mut memory, &policy(false, 0), &Timeouts::default(), now).unwrap();
+        assert_eq!((again.backend_gone_removed, again.backend_gone_marked), (0, 0));
+        // With the backend serving (terminating but serving, say), nothing is touched.
+        let mut kept = Memory::default();
+        add_flow(&mut kept, lb_common::PROTOCOL_UDP, 2, cs::UDP_REPLIED, now);
+        let report = collect(&mut kept, &policy(true, 0), &Timeouts::default(), now).unwrap();
+        assert_eq!((report.backend_gone_removed, kept.conntrack.len()), (0, 2));
+    }
+
+    #[test]
+    fn affinity_records_go_when_expired_or_their_backend_left() {
+        let mut memory = Memory::default();
+        let now = 1_000 * SECOND;
+        let client: u32 = u32::from(CLIENT.0).to_be();
+        memory
+            .affinity
+            .insert((client, 3), AffinityValue { backend_id: 7, _pad: 0, last_used_ns: now - 5 * SECOND });
+        memory.affinity.insert(
+            (client + 1u32, 3),
+            AffinityValue { backend_id: 7, _pad: 0, last_used_ns: now - 11 * SECOND },
+        );
+        memory
+            .affinity
+            .insert((client + 2u32, 3), AffinityValue { backend_id: 8, _pad: 0, last_used_ns: now });
+        memory
+            .affinity
+            .insert((client + 3u32, 9), AffinityValue { backend_id: 7, _pad: 0, last_used_ns: now });
+        let report = collect(&mut memory, &policy(true, 10), &Timeouts::default(), now).unwrap();
+        assert_eq!(report.affinity_removed, 3);
+        assert_eq!(memory.affinity.keys().copied().collect::<Vec<_>>(), vec![(client, 3)]);
+    }
+
+    #[test]
+    fn the_listing_shows_each_flow_once_with_its_service() {
+        let mut memory = Memory::default();
+        add_flow(&mut memory, PROTOCOL_TCP, 40000, cs::TCP_ESTABLISHED, 5 * SECOND);
+        let names: BTreeMap<u32, String> = [(3, "default/echo:http".to_string())].into_iter().collect();
+        let rows = flows(&memory, &names, 65 * SECOND).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].client.as_str(), rows[0].frontend.as_str(), rows[0].backend.as_str()),
+            ("10.0.0.2:40000", "10.96.0.10:80", "10.244.1.11:8080")
+        );
+        assert_eq!((rows[0].state, rows[0].age_seconds, rows[0].idle_seconds), ("ESTABLISHED", 60, 60));
+        let table = flows_table(&rows);
+        assert!(table.starts_with("PROTO") && table.contains("default/echo:http"), "{table}");
+    }
+}

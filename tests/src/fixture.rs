@@ -1,0 +1,169 @@
+//! The BPF_PROG_TEST_RUN harness of the packet fixtures: the real data path loaded into a
+//! private bpffs and an empty network namespace of the test's own, its maps programmed by the
+//! real reconciler, and packets run through a program with their verdict, output and counters
+//! checked.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use lb_common::{ConntrackEntry, DatapathConfig, FlowKey, counters, map_names};
+use lb_userspace::datapath::{Capacity, Datapath, INGRESS_PROGRAM};
+use lb_userspace::maps::BpfMaps;
+use lb_userspace::model::{
+    DesiredState, Frontend, FrontendPolicy, FrontendType, L4Addr, Protocol, ServicePortName,
+};
+use lb_userspace::reconcile::Reconciler;
+
+use crate::{NetNs, PrivateBpfFs, require_root};
+
+pub const PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: continue (TCX_NEXT)
+pub const DROP: u32 = 2; // TC_ACT_SHOT
+pub const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
+
+pub const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 1, 2), 40000);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+pub fn backend(last: u8, port: u16, protocol: Protocol) -> L4Addr {
+    L4Addr { ip: Ipv4Addr::new(10, 244, 1, last), port, protocol }
+}
+
+pub fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Frontend {
+    Frontend {
+        address: L4Addr { ip: VIP, port, protocol },
+        scope: Default::default(),
+        frontend_type: FrontendType::ClusterIp,
+        policy: FrontendPolicy::default(),
+        service: ServicePortName {
+            namespace: "default".into(),
+            name: "web".into(),
+            port: format!("p{port}"),
+        },
+        serving: backends.clone(),
+        backends,
+    }
+}
+
+pub struct Harness {
+    pub datapath: Datapath,
+    pub reconciler: Reconciler<BpfMaps>,
+    /// The program `run` and `expect` use (`lb_ingress` unless changed).
+    pub program: &'static str,
+    config: DatapathConfig,
+    bpffs: PrivateBpfFs,
+    _netns: NetNs,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_capacity(&Capacity::default())
+    }
+
+    /// A harness whose maps have these sizes.
+    pub fn with_capacity(capacity: &Capacity) -> Self {
+        require_root();
+        // Test runs happen in the caller's namespace, whose routes the data path's FIB
+        // lookups see: an empty namespace of our own (forwarding off) makes them predictable.
+        let netns = NetNs::new(crate::unique("prog")).expect("netns");
+        let file = std::fs::File::open(netns.path()).expect("netns file");
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("joining the test's netns");
+        let bpffs = PrivateBpfFs::new().expect("private bpffs");
+        let mut datapath = Datapath::load_with(&bpffs.path().join("lb"), capacity).expect("load datapath");
+        let maps = BpfMaps::from_ebpf(datapath.ebpf_mut()).expect("service maps");
+        let reconciler = Reconciler::restore(maps).expect("restore");
+        let config = DatapathConfig {
+            snat_port_min: lb_common::SNAT_PORT_MIN,
+            snat_port_max: lb_common::SNAT_PORT_MAX,
+            maglev_table_size: lb_common::MAGLEV_TABLE_SIZE,
+            ..Default::default()
+        };
+        let mut harness =
+            Self { datapath, reconciler, program: INGRESS_PROGRAM, config, bpffs, _netns: netns };
+        harness.write_config();
+        harness
+    }
+
+    /// Where the maps are pinned.
+    pub fn bpf_dir(&self) -> PathBuf {
+        self.bpffs.path().join("lb")
+    }
+
+    fn write_config(&mut self) {
+        self.datapath.set_config(self.config).expect("datapath config");
+    }
+
+    pub fn program(&mut self, frontends: Vec<Frontend>) {
+        let desired = DesiredState {
+            frontends: frontends.into_iter().map(|f| (f.key(), f)).collect(),
+            ..Default::default()
+        };
+        let report = self.reconciler.reconcile(&desired);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+
+    pub fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut SchedClassifier =
+            self.datapath.ebpf_mut().program_mut(self.program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; input.len() + 512];
+        let result = program
+            .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    pub fn counters(&mut self) -> Vec<u64> {
+        let map = self.datapath.ebpf_mut().map(map_names::COUNTERS).unwrap();
+        let array = PerCpuArray::<&MapData, u64>::try_from(map).unwrap();
+        let mut values: Vec<u64> =
+            (0..counters::COUNT).map(|i| array.get(&i, 0).unwrap().iter().sum()).collect();
+        counters::derive_packets(&mut values);
+        values
+    }
+
+    /// Runs a packet and checks verdict, output bytes and that exactly `counter` moved
+    /// (besides the packet counter).
+    pub fn expect(&mut self, what: &str, input: &[u8], verdict: u32, output: &[u8], counter: u32) {
+        self.expect_counters(what, input, verdict, output, &[counter]);
+    }
+
+    /// `expect`, for packets that also move event counters (`CONNTRACK_*`).
+    pub fn expect_counters(&mut self, what: &str, input: &[u8], verdict: u32, output: &[u8], moved: &[u32]) {
+        let before = self.counters();
+        let (got_verdict, got_output) = self.run(input);
+        let after = self.counters();
+        assert_eq!(got_verdict, verdict, "{what}: verdict");
+        assert_eq!(got_output, output, "{what}: output packet");
+        let got: Vec<&str> = (1..counters::COUNT as usize)
+            .filter(|i| after[*i] != before[*i])
+            .map(|i| counters::NAMES[i])
+            .collect();
+        let mut want: Vec<&str> = moved.iter().map(|c| counters::NAMES[*c as usize]).collect();
+        want.sort_by_key(|name| counters::NAMES.iter().position(|n| n == name));
+        assert_eq!(got, want, "{what}: counters that moved");
+        assert_eq!(after[0], before[0] + 1, "{what}: packet counter");
+    }
+
+    pub fn set_snat_address(&mut self, address: Ipv4Addr) {
+        self.config.snat_address = u32::from(address).to_be();
+        self.write_config();
+    }
+
+    /// Source NAT uses only these ports (inclusive).
+    pub fn set_snat_ports(&mut self, min: u16, max: u16) {
+        (self.config.snat_port_min, self.config.snat_port_max) = (min, max);
+        self.write_config();
+    }
+
+    pub fn conntrack(&mut self) -> HashMap<&mut MapData, FlowKey, ConntrackEntry> {
+        HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap()
+    }
+}
