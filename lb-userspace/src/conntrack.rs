@@ -420,11 +420,12 @@ impl Collector {
         Self { policy, wake }
     }
 
-    /// The flows' policy after a sync; `changed` asks for a pass soon (an endpoint or a
-    /// frontend went away, say), else the next periodic pass uses it.
-    pub fn update(&self, policy: FlowPolicy, changed: bool) {
-        *self.policy.lock().expect("policy lock") = Some(policy);
-        if changed {
+    /// The flows' policy after a sync. A change (an endpoint or a frontend went away, say)
+    /// asks for a pass soon; otherwise the next periodic pass uses it.
+    pub fn update(&self, policy: FlowPolicy) {
+        let mut current = self.policy.lock().expect("policy lock");
+        if current.as_ref() != Some(&policy) {
+            *current = Some(policy);
             let _ = self.wake.send(());
         }
     }

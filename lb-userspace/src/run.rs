@@ -300,7 +300,7 @@ fn sync(
     report.errors.iter().for_each(|error| tracing::error!("{error}"));
     let changed = report.programmed + report.removed + report.errors.len() > 0;
     // Flows of backends that left (or of frontends that went) are ended soon after.
-    collector.update(flow_policy(&desired, reconciler), report.programmed + report.removed > 0);
+    collector.update(flow_policy(&desired, reconciler));
     macro_rules! synced {
         ($level:ident) => {
             tracing::$level!(

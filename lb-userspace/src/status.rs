@@ -5,14 +5,21 @@ use std::fmt::Write as _;
 use lb_common::service_flags;
 
 use crate::maps::MapsSnapshot;
-use crate::reconcile::ProgrammedState;
+use crate::reconcile::{ProgrammedFrontend, ProgrammedState};
 
-/// The traffic policy column: Cluster or Local, whether new flows are source-NATed, and the
-/// allowed source ranges.
-fn policy(flags: u16, source_ranges: &[String]) -> String {
+/// The traffic policy column: Cluster or Local, whether new flows are source-NATed, session
+/// affinity, Maglev, and the allowed source ranges.
+fn policy(programmed: &ProgrammedFrontend, source_ranges: &[String]) -> String {
+    let flags = programmed.flags;
     let mut policy = if flags & service_flags::LOCAL_POLICY != 0 { "Local" } else { "Cluster" }.to_string();
     if flags & service_flags::SNAT != 0 {
         policy += "+SNAT";
+    }
+    if programmed.affinity_timeout != 0 {
+        let _ = write!(policy, " ClientIP/{}s", programmed.affinity_timeout);
+    }
+    if programmed.maglev_table != 0 {
+        policy += " maglev";
     }
     if flags & service_flags::SOURCE_RANGES != 0 {
         let _ = write!(policy, " from {}", source_ranges.join(","));
@@ -44,7 +51,7 @@ pub fn services_table(snapshot: &MapsSnapshot) -> String {
             (true, true) => "<none here: dropped>".to_string(),
             (true, false) => "<none: rejected>".to_string(),
         };
-        rows.push([name, kind, policy(programmed.flags, &ranges), frontend.to_string(), backends]);
+        rows.push([name, kind, policy(programmed, &ranges), frontend.to_string(), backends]);
     }
     let widths: Vec<usize> = (0..4).map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();

@@ -154,14 +154,15 @@ fn node_port_and_external_ip_under_cluster_policy_reach_every_pod_source_natted(
 
     let table = nodes.services_table(1).unwrap();
     for row in [
-        ("default/web:http", "NodePort", "Cluster+SNAT", "192.168.50.1:30080/TCP"),
-        ("default/web:http", "ExternalIP", "Cluster+SNAT", "192.168.70.10:80/TCP"),
+        ("default/web:http", "NodePort", "Cluster+SNAT maglev", "192.168.50.1:30080/TCP"),
+        ("default/web:http", "ExternalIP", "Cluster+SNAT maglev", "192.168.70.10:80/TCP"),
         ("default/web:http", "ClusterIP", "Cluster", "10.96.0.50:80/TCP"),
-        ("default/web-local:http", "LoadBalancer", "Local", "192.168.60.10:80/TCP"),
+        ("default/web-local:http", "LoadBalancer", "Local maglev", "192.168.60.10:80/TCP"),
+        ("default/web-local:http", "LoadBalancer", "Cluster maglev", "192.168.60.10:80/TCP (in-cluster)"),
         (
             "default/ranged:http",
             "LoadBalancer",
-            "Cluster+SNAT from 192.168.50.100/32",
+            "Cluster+SNAT maglev from 192.168.50.100/32",
             "192.168.60.11:80/TCP",
         ),
     ] {
