@@ -31,8 +31,9 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const CONNTRACK_GC: &str = "LB_CONNTRACK_GC";
+    pub const CLOCK: &str = "LB_CLOCK";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 13] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -45,8 +46,13 @@ pub mod map_names {
         FRAGMENTS,
         MAGLEV,
         CONNTRACK_GC,
+        CLOCK,
     ];
 }
+
+/// How often userspace publishes the time in the clock map (`map_names::CLOCK`), in
+/// nanoseconds: the data path stamps flows with it instead of reading a clock per packet.
+pub const CLOCK_TICK_NS: u64 = 250_000_000;
 
 /// Default map capacities; userspace may raise them at load time.
 pub mod capacity {

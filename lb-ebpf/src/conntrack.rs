@@ -14,21 +14,25 @@ use lb_common::{Backend, ConntrackEntry, FlowKey, conntrack_flags as cf, conntra
 
 use crate::{
     headers::{PROTOCOL_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{LB_CONFIG, LB_CONNTRACK, count},
+    maps::{LB_CLOCK, LB_CONFIG, LB_CONNTRACK, count},
     parse::Ipv4Flow,
     verdict::Verdict,
 };
 
-/// The clock entries are stamped with (CLOCK_MONOTONIC, coarse: no clock read, a tick's
-/// precision), which userspace compares with its own CLOCK_MONOTONIC.
+/// The time flows are stamped with: the clock userspace publishes (CLOCK_MONOTONIC, a
+/// `CLOCK_TICK_NS` step), or, before it has published anything, the kernel's coarse clock
+/// (same base). Userspace compares the stamps with its own CLOCK_MONOTONIC.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    match LB_CLOCK.get(0) {
+        Some(published) if *published != 0 => *published,
+        // SAFETY: plain helper call.
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
 }
 
 /// `last_seen_ns` is rewritten only when it is older than this (about a second): a flow's
-/// packets on several CPUs do not all write the entry.
+/// packets do not all write the entry.
 const REFRESH_NS: u64 = 1 << 30;
 
 /// Linux's BPF_NOEXIST and BPF_ANY.

@@ -74,6 +74,11 @@ pub static LB_MAGLEV: ArrayOfMaps<
 #[map]
 pub static LB_CONNTRACK_GC: Array<u64> = Array::pinned(gc_stats::COUNT, 0);
 
+/// One entry: CLOCK_MONOTONIC nanoseconds, published by userspace every `CLOCK_TICK_NS`. Flows
+/// are stamped with it: reading it costs a fraction of a clock read on every packet.
+#[map]
+pub static LB_CLOCK: Array<u64> = Array::pinned(1, 0);
+
 /// Per-CPU packet counters, indexed by `lb_common::counters`.
 #[map]
 pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);

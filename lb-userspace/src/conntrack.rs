@@ -137,12 +137,15 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// One pass over the tables at time `now` (monotonic nanoseconds).
+/// One pass over the tables at time `now` (monotonic nanoseconds). Activity before `since`
+/// (when this lb started publishing the clock) counts as activity at `since`: while no lb ran,
+/// the published clock stood still, so older stamps say nothing about idleness.
 pub fn collect(
     tables: &mut impl FlowTables,
     policy: &FlowPolicy,
     timeouts: &Timeouts,
     now: u64,
+    since: u64,
 ) -> Result<PassReport, MapError> {
     let entries: HashMap<FlowKey, ConntrackEntry> = tables.conntrack()?.into_iter().collect();
     let mut report = PassReport { entries: entries.len() as u64, ..Default::default() };
@@ -172,7 +175,7 @@ pub fn collect(
         } else {
             (entry.dst_address, entry.dst_port)
         };
-        let last_seen = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
+        let last_seen = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0).max(since);
         let idle = Duration::from_nanos(now.saturating_sub(last_seen));
         let gone = !policy.keeps(entry.service_id, backend);
         let marked = entry.flags & cf::BACKEND_GONE != 0;
@@ -199,7 +202,7 @@ pub fn collect(
             Some(frontend) => {
                 let timeout = u64::from(frontend.affinity_timeout) * 1_000_000_000;
                 frontend.affinity_timeout == 0
-                    || now.saturating_sub(record.last_used_ns) >= timeout
+                    || now.saturating_sub(record.last_used_ns.max(since)) >= timeout
                     || !frontend.backend_ids.contains(&record.backend_id)
             }
         };
@@ -361,7 +364,7 @@ pub struct Collector {
 impl Collector {
     /// Starts the collector on `tables`, passing every `interval` and when woken. It makes no
     /// pass before the first `update`: until the first sync, every flow would look orphaned.
-    pub fn spawn(mut tables: PinnedFlowTables, timeouts: Timeouts, interval: Duration) -> Self {
+    pub fn spawn(mut tables: PinnedFlowTables, timeouts: Timeouts, interval: Duration, since: u64) -> Self {
         let policy: Arc<Mutex<Option<FlowPolicy>>> = Arc::new(Mutex::new(None));
         let (wake, woken) = mpsc::channel::<()>();
         let shared = policy.clone();
@@ -390,7 +393,7 @@ impl Collector {
                         continue;
                     };
                     let started = Instant::now();
-                    match collect(&mut tables, &policy, &timeouts, monotonic_ns()) {
+                    match collect(&mut tables, &policy, &timeouts, monotonic_ns(), since) {
                         Ok(report) => {
                             let took = started.elapsed();
                             tables.record(&report, took);
@@ -429,6 +432,33 @@ impl Collector {
             let _ = self.wake.send(());
         }
     }
+}
+
+/// Publishes CLOCK_MONOTONIC into the clock map every `CLOCK_TICK_NS`, from a thread of its
+/// own, until the process exits. Returns the first time published.
+pub fn publish_clock(bpf_dir: &Path) -> Result<u64, FlowTablesError> {
+    let wrong = |source| FlowTablesError::Map { operation: "open", map: map_names::CLOCK, source };
+    let mut clock: Array<MapData, u64> =
+        Array::try_from(map(open_pinned(bpf_dir, map_names::CLOCK)?, bpf_dir, map_names::CLOCK)?)
+            .map_err(wrong)?;
+    let first = monotonic_ns();
+    clock.set(0, first, 0).map_err(|source| FlowTablesError::Map {
+        operation: "write",
+        map: map_names::CLOCK,
+        source,
+    })?;
+    std::thread::Builder::new()
+        .name("lb-clock".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_nanos(lb_common::CLOCK_TICK_NS));
+                if let Err(error) = clock.set(0, monotonic_ns(), 0) {
+                    tracing::warn!(%error, "publishing the clock for the data path");
+                }
+            }
+        })
+        .expect("starting the clock thread");
+    Ok(first)
 }
 
 /// One flow as `lb conntrack` lists it.
@@ -644,7 +674,7 @@ mod tests {
         add_flow(&mut memory, PROTOCOL_TCP, 5, cs::TCP_CLOSING, now - 3601 * SECOND);
         add_flow(&mut memory, lb_common::PROTOCOL_UDP, 6, cs::UDP_ONE_WAY, now - 31 * SECOND);
         add_flow(&mut memory, lb_common::PROTOCOL_UDP, 7, cs::UDP_REPLIED, now - 31 * SECOND);
-        let report = collect(&mut memory, &policy(true, 0), &timeouts, now).unwrap();
+        let report = collect(&mut memory, &policy(true, 0), &timeouts, now, 0).unwrap();
         assert_eq!((report.entries, report.expired), (14, 4));
         let left: Vec<u16> = memory
             .conntrack
@@ -664,7 +694,7 @@ mod tests {
         add_flow(&mut memory, PROTOCOL_TCP, 1, cs::TCP_ESTABLISHED, now);
         add_flow(&mut memory, lb_common::PROTOCOL_UDP, 2, cs::UDP_REPLIED, now);
         add_flow(&mut memory, PROTOCOL_TCP, 3, cs::TCP_CLOSED, now);
-        let report = collect(&mut memory, &policy(false, 0), &Timeouts::default(), now).unwrap();
+        let report = collect(&mut memory, &policy(false, 0), &Timeouts::default(), now, 0).unwrap();
         assert_eq!((report.backend_gone_removed, report.backend_gone_marked), (1, 1));
         let tcp: Vec<&ConntrackEntry> =
             memory.conntrack.values().filter(|e| e.state == cs::TCP_ESTABLISHED).collect();
@@ -672,12 +702,12 @@ mod tests {
         assert!(tcp.iter().all(|e| e.flags & cf::BACKEND_GONE != 0), "both entries marked");
         assert!(memory.conntrack.values().all(|e| e.state != cs::UDP_REPLIED), "the UDP flow is gone");
         // A second pass does not count the marked flow again.
-        let again = collect(&mut memory, &policy(false, 0), &Timeouts::default(), now).unwrap();
+        let again = collect(&mut memory, &policy(false, 0), &Timeouts::default(), now, 0).unwrap();
         assert_eq!((again.backend_gone_removed, again.backend_gone_marked), (0, 0));
         // With the backend serving (terminating but serving, say), nothing is touched.
         let mut kept = Memory::default();
         add_flow(&mut kept, lb_common::PROTOCOL_UDP, 2, cs::UDP_REPLIED, now);
-        let report = collect(&mut kept, &policy(true, 0), &Timeouts::default(), now).unwrap();
+        let report = collect(&mut kept, &policy(true, 0), &Timeouts::default(), now, 0).unwrap();
         assert_eq!((report.backend_gone_removed, kept.conntrack.len()), (0, 2));
     }
 
@@ -699,7 +729,7 @@ mod tests {
         memory
             .affinity
             .insert((client + 3u32, 9), AffinityValue { backend_id: 7, _pad: 0, last_used_ns: now });
-        let report = collect(&mut memory, &policy(true, 10), &Timeouts::default(), now).unwrap();
+        let report = collect(&mut memory, &policy(true, 10), &Timeouts::default(), now, 0).unwrap();
         assert_eq!(report.affinity_removed, 3);
         assert_eq!(memory.affinity.keys().copied().collect::<Vec<_>>(), vec![(client, 3)]);
     }

@@ -391,7 +391,7 @@ pub fn read_gc_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
 }
 
 /// (key size, value size, entries) of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32)); 12] {
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32)); 13] {
     use core::mem::size_of;
     use lb_common::*;
     let size = |bytes: usize| bytes as u32;
@@ -432,6 +432,7 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32));
         // Values are inner map IDs (file descriptors when written).
         (map_names::MAGLEV, (4, 4, lb_common::capacity::MAGLEV_TABLES)),
         (map_names::CONNTRACK_GC, (4, 8, gc_stats::COUNT)),
+        (map_names::CLOCK, (4, 8, 1)),
     ]
 }
 

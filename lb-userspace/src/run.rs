@@ -358,6 +358,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let selector = InterfaceSelector::parse(&interfaces)?;
     let mut link_events = LinkEvents::subscribe()?;
     let mut datapath = Datapath::load_with(&options.bpf_dir, &options.capacity)?;
+    // Flows are stamped with the time published here, from before any program is attached.
+    let clock_since = conntrack::publish_clock(&options.bpf_dir)?;
     // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
     let external = options.node_addresses.external_interfaces.clone();
     let is_external = move |name: &str| external.iter().any(|e| e == name);
@@ -401,7 +403,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (max_service_id, max_backend_id) =
         conntrack::max_ids(&flow_tables).context("reading the pinned conntrack table")?;
     reconciler.reserve_ids(max_service_id, max_backend_id);
-    let collector = Collector::spawn(flow_tables, options.conntrack_timeouts, options.conntrack_gc_interval);
+    let collector =
+        Collector::spawn(flow_tables, options.conntrack_timeouts, options.conntrack_gc_interval, clock_since);
     refresh_node_addresses(
         &options.node_addresses,
         &mut addresses,

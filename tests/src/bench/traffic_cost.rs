@@ -55,12 +55,17 @@ pub struct TrafficCost {
     pub workload: &'static str,
     /// What the packets mostly are, for the reader.
     pub packets: &'static str,
+    /// lb_ingress, and the empty program on the same packets.
     pub lb_ns: f64,
     pub empty_ns: f64,
     pub ratio: f64,
     /// Packets both programs ran on, summed over rounds.
     pub lb_runs: u64,
     pub empty_runs: u64,
+    /// lb_egress (every packet leaving the node's interfaces pays it), and the empty program
+    /// on the same egress packets.
+    pub egress_ns: f64,
+    pub egress_empty_ns: f64,
 }
 
 /// A direct round (client to pod IP, no Service) run after lb had carried traffic.
@@ -81,13 +86,13 @@ pub struct TrafficCostResults {
 }
 
 /// Cumulative (run time ns, run count) of the programs with this name attached to the
-/// node's interfaces' ingress, queried in the node namespace.
-fn stats_of(pg: &Playground, name: &'static str) -> Result<(u64, u64)> {
+/// node's interfaces (`direction`), queried in the node namespace.
+fn stats_of(pg: &Playground, name: &'static str, direction: TcAttachType) -> Result<(u64, u64)> {
     pg.node.run(move || -> Result<(u64, u64)> {
         let mut seen = std::collections::BTreeSet::new();
         let (mut time, mut count) = (0u64, 0u64);
         for interface in NODE_INTERFACES {
-            let (_, programs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
+            let (_, programs) = SchedClassifier::query_tcx(interface, direction)
                 .with_context(|| format!("querying {interface}'s TCX programs"))?;
             for info in programs.iter().filter(|info| info.name_as_str() == Some(name)) {
                 // One program attached to several interfaces: count it once.
@@ -102,24 +107,22 @@ fn stats_of(pg: &Playground, name: &'static str) -> Result<(u64, u64)> {
 }
 
 /// Loads the empty program from lb's object (its maps pinned apart from lb's) and attaches it
-/// first on every node interface, so it runs on every packet lb's program sees.
-fn attach_empty_program(pg: &Playground) -> Result<aya::Ebpf> {
-    let pins = pg.bpf_dir.with_file_name("bench-empty");
+/// first on every node interface in `direction`, so it runs on every packet lb's program there
+/// sees. One instance per direction: the kernel keeps statistics per program.
+fn attach_empty_program(pg: &Playground, direction: TcAttachType) -> Result<aya::Ebpf> {
+    let pins = pg.bpf_dir.with_file_name(format!("bench-empty-{direction:?}"));
     std::fs::create_dir_all(&pins)?;
     pg.node.run(move || -> Result<aya::Ebpf> {
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&pins)
+            .map_pin_path(lb_common::map_names::MAGLEV, pins.join(lb_common::map_names::MAGLEV))
             .load(lb_userspace::datapath::EBPF_OBJECT)
             .context("loading the eBPF object for the empty program")?;
         let program: &mut SchedClassifier = ebpf.program_mut("lb_noop").context("lb_noop")?.try_into()?;
         program.load()?;
         for interface in NODE_INTERFACES {
             program
-                .attach_with_options(
-                    interface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
+                .attach_with_options(interface, direction, TcAttachOptions::TcxOrder(LinkOrder::first()))
                 .with_context(|| format!("attaching lb_noop to {interface}"))?;
         }
         Ok(ebpf)
@@ -143,7 +146,9 @@ fn run_workload(
     pg.client.run(move || workload(target, duration))?
 }
 
-pub fn measure(rounds: usize, duration: Duration) -> Result<TrafficCostResults> {
+/// Runs `rounds` rounds of every workload (or only those named in `only`), each for
+/// `duration`, through the ClusterIP and then directly.
+pub fn measure(rounds: usize, duration: Duration, only: &[String]) -> Result<TrafficCostResults> {
     let mut pg = Playground::new(&unique("cost"), &[("pod-a", POD_A), ("pod-b", POD_B)])?;
     let stop = Arc::new(AtomicBool::new(false));
     for pod in &pg.pods {
@@ -157,27 +162,44 @@ pub fn measure(rounds: usize, duration: Duration) -> Result<TrafficCostResults> 
     pg.write_manifest("echo.yaml", SERVICE)?;
     pg.start_lb()?;
     pg.wait_for_log(" synced ", Duration::from_secs(30))?;
-    let _empty = attach_empty_program(&pg)?;
+    let _empty =
+        [attach_empty_program(&pg, TcAttachType::Ingress)?, attach_empty_program(&pg, TcAttachType::Egress)?];
     // Statistics are collected while this descriptor is open (and only then).
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
 
     let mut results = TrafficCostResults::default();
-    let mut totals = vec![(0u64, 0u64, 0u64, 0u64); WORKLOADS.len()];
+    // Per workload: (run time, runs) of lb_ingress, of the empty program on ingress, of
+    // lb_egress and of the empty program on egress.
+    let mut totals = vec![[(0u64, 0u64); 4]; WORKLOADS.len()];
+    let programs = [
+        ("lb_ingress", TcAttachType::Ingress),
+        ("lb_noop", TcAttachType::Ingress),
+        ("lb_egress", TcAttachType::Egress),
+        ("lb_noop", TcAttachType::Egress),
+    ];
     for round in 0..rounds {
         for (index, (name, _, workload, port, target_port)) in WORKLOADS.iter().enumerate() {
+            if !only.is_empty() && !only.iter().any(|wanted| wanted == name) {
+                continue;
+            }
             eprintln!("bench:   cost round {} of {rounds}: {name} through the ClusterIP", round + 1);
-            let (lb_before, empty_before) = (stats_of(&pg, "lb_ingress")?, stats_of(&pg, "lb_noop")?);
+            let before: Vec<(u64, u64)> = programs
+                .iter()
+                .map(|(program, direction)| stats_of(&pg, program, *direction))
+                .collect::<Result<_>>()?;
             let stats =
                 run_workload(&pg, *workload, SocketAddr::V4(SocketAddrV4::new(VIP, *port)), duration)?;
-            let (lb_after, empty_after) = (stats_of(&pg, "lb_ingress")?, stats_of(&pg, "lb_noop")?);
+            let after: Vec<(u64, u64)> = programs
+                .iter()
+                .map(|(program, direction)| stats_of(&pg, program, *direction))
+                .collect::<Result<_>>()?;
             if stats.errors > 0 && stats.rate == 0.0 {
                 bail!("{name} through lb failed\n{}", pg.lb_log());
             }
-            let total = &mut totals[index];
-            total.0 += lb_after.0 - lb_before.0;
-            total.1 += lb_after.1 - lb_before.1;
-            total.2 += empty_after.0 - empty_before.0;
-            total.3 += empty_after.1 - empty_before.1;
+            for (total, (after, before)) in totals[index].iter_mut().zip(after.iter().zip(&before)) {
+                total.0 += after.0 - before.0;
+                total.1 += after.1 - before.1;
+            }
 
             // Straight after: the same client to a pod directly, with lb still holding the
             // flows it just tracked.
@@ -202,17 +224,21 @@ pub fn measure(rounds: usize, duration: Duration) -> Result<TrafficCostResults> 
             });
         }
     }
-    for ((name, packets, ..), (lb_time, lb_runs, empty_time, empty_runs)) in WORKLOADS.iter().zip(totals) {
-        let lb_ns = lb_time as f64 / lb_runs.max(1) as f64;
-        let empty_ns = empty_time as f64 / empty_runs.max(1) as f64;
+    let per_run = |(time, runs): (u64, u64)| time as f64 / runs.max(1) as f64;
+    for ((name, packets, ..), [lb, empty, egress, egress_empty]) in WORKLOADS.iter().zip(totals) {
+        if lb.1 == 0 {
+            continue;
+        }
         results.costs.push(TrafficCost {
             workload: name,
             packets,
-            lb_ns,
-            empty_ns,
-            ratio: lb_ns / empty_ns.max(1.0),
-            lb_runs,
-            empty_runs,
+            lb_ns: per_run(lb),
+            empty_ns: per_run(empty),
+            ratio: per_run(lb) / per_run(empty).max(1.0),
+            lb_runs: lb.1,
+            empty_runs: empty.1,
+            egress_ns: per_run(egress),
+            egress_empty_ns: per_run(egress_empty),
         });
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use tests::bench::report::{Machine, Report};
-use tests::bench::{Plan, controlplane, datapath, plots, program};
+use tests::bench::{Plan, controlplane, datapath, plots, program, traffic_cost};
 
 fn output(program: &str, args: &[&str]) -> String {
     Command::new(program)
@@ -43,8 +43,8 @@ fn main() -> Result<()> {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut plan = if args.iter().any(|a| a == "--quick") { Plan::quick() } else { Plan::full() };
-    // For investigating one part: `--only datapath|program|controlplane`, `--sizes 1,1000`,
-    // `--lb-only`.
+    // For investigating one part: `--only datapath|program|traffic|controlplane`, `--sizes 1,1000`,
+    // `--lb-only`; `--only traffic --workloads tcp_rr` prints that workload's cost as JSON.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     if let Some(sizes) = args.iter().position(|a| a == "--sizes").and_then(|i| args.get(i + 1)) {
         plan.datapath_sizes = sizes.split(',').map(str::parse).collect::<Result<_, _>>()?;
@@ -60,9 +60,18 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"));
 
     if only.as_deref() == Some("traffic") {
-        let results = tests::bench::traffic_cost::measure(plan.rounds, plan.workload_duration)?;
-        println!("{}", serde_json::to_string_pretty(&results)?);
-        return Ok(());
+        // `--workloads tcp_rr,udp_rr`: only those.
+        let workloads: Vec<String> = args
+            .iter()
+            .position(|a| a == "--workloads")
+            .and_then(|i| args.get(i + 1))
+            .map(|list| list.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        if !workloads.is_empty() {
+            let results = traffic_cost::measure(plan.rounds, plan.workload_duration, &workloads)?;
+            println!("{}", serde_json::to_string_pretty(&results)?);
+            return Ok(());
+        }
     }
     let program_cost = if wants("program") {
         eprintln!("bench: program cost ({} runs per fixture)", plan.program_runs);
@@ -89,9 +98,24 @@ fn main() -> Result<()> {
         memory.push(controlplane::daemon_memory(n, &manifest).context("daemon memory")?);
     }
 
+    let traffic_cost = if wants("traffic") {
+        eprintln!("bench: program cost under real traffic, and direct rounds against one running lb");
+        traffic_cost::measure(plan.rounds, plan.workload_duration, &[])?
+    } else {
+        Default::default()
+    };
     let datapath = if wants("datapath") { datapath::measure(&plan)? } else { Default::default() };
-    let report =
-        Report { machine: machine(), plan, program_cost, datapath, sync, change_latency, rule_loads, memory };
+    let report = Report {
+        machine: machine(),
+        plan,
+        program_cost,
+        traffic_cost,
+        datapath,
+        sync,
+        change_latency,
+        rule_loads,
+        memory,
+    };
 
     std::fs::create_dir_all(&out_dir)?;
     let stem = format!("{}{}", report.machine.date, if report.plan.quick { "-quick" } else { "" });
