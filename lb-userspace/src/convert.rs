@@ -304,15 +304,33 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     }))
 }
 
-/// kube-proxy's label filters: Services of another proxy, or marked headless, are not ours.
+/// kube-proxy's label filters: Services of another proxy, or marked headless, are not ours;
+/// kube-proxy applies them to Services and to their EndpointSlices alike (one informer factory
+/// with one label selector), and so does lb, to v1 Endpoints too.
 pub fn is_proxied_here(service: &Service, config: &ProxyConfig) -> bool {
-    let labels = service.metadata.labels.as_ref();
+    labels_proxied_here(service.metadata.labels.as_ref(), config)
+}
+
+/// `is_proxied_here` for any object's labels.
+pub fn labels_proxied_here(labels: Option<&BTreeMap<String, String>>, config: &ProxyConfig) -> bool {
     if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
         return false;
     }
     match labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
         None => true,
         Some(proxy) => config.service_proxy_name.as_deref() == Some(proxy.as_str()),
+    }
+}
+
+/// The label selector lb watches Services, EndpointSlices and Endpoints with: kube-proxy's
+/// (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`), so the API
+/// server filters, and an object that gains one of the labels leaves lb's view at once (the
+/// watch reports it deleted). With `--service-proxy-name`, objects labelled with that name are
+/// lb's too: a selector cannot say "absent or equal", so that label is filtered here instead.
+pub fn label_selector(config: &ProxyConfig) -> String {
+    match config.service_proxy_name {
+        None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+        Some(_) => format!("!{HEADLESS_LABEL}"),
     }
 }
 
@@ -595,7 +613,9 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
             sorted.sort_by(|a, b| {
                 (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
             });
-            for slice in sorted {
+            for slice in
+                sorted.into_iter().filter(|s| labels_proxied_here(s.metadata.labels.as_ref(), config))
+            {
                 match parse_slice(slice) {
                     Ok(Some(parsed)) => add(parsed),
                     Ok(None) => {}
@@ -604,7 +624,9 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
             }
         }
         EndpointsSource::Endpoints => {
-            for endpoints in &objects.endpoints {
+            for endpoints in
+                objects.endpoints.iter().filter(|e| labels_proxied_here(e.metadata.labels.as_ref(), config))
+            {
                 match parse_endpoints(endpoints) {
                     Ok(subsets) => subsets.into_iter().for_each(&mut add),
                     Err(error) => errors.push(error),

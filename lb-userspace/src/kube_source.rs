@@ -15,7 +15,7 @@ use kube::{Api, Client, Config};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::cluster::ClusterEvent;
-use crate::convert::{EndpointsSource, ProxyConfig};
+use crate::convert::{self, EndpointsSource, ProxyConfig};
 
 /// A client from `kubeconfig`, or the in-cluster service account when there is none.
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
@@ -63,13 +63,16 @@ async fn forward<K>(
     }
 }
 
-/// Starts the watchers; their events arrive on `events`.
+/// Starts the watchers; their events arrive on `events`. Services and their endpoints are
+/// watched with kube-proxy's label selector (`convert::label_selector`).
 pub fn spawn_watchers(client: Client, config: &ProxyConfig, events: UnboundedSender<ClusterEvent>) {
     let watch = watcher::Config::default;
+    let selector = convert::label_selector(config);
+    let labelled = || watch().labels(&selector);
     let services: Api<Service> = Api::all(client.clone());
     tokio::spawn(forward(
         "Service",
-        watcher::watcher(services, watch()).default_backoff(),
+        watcher::watcher(services, labelled()).default_backoff(),
         events.clone(),
         ClusterEvent::Service,
     ));
@@ -78,7 +81,7 @@ pub fn spawn_watchers(client: Client, config: &ProxyConfig, events: UnboundedSen
             let slices: Api<EndpointSlice> = Api::all(client.clone());
             tokio::spawn(forward(
                 "EndpointSlice",
-                watcher::watcher(slices, watch()).default_backoff(),
+                watcher::watcher(slices, labelled()).default_backoff(),
                 events.clone(),
                 ClusterEvent::EndpointSlice,
             ));
@@ -87,7 +90,7 @@ pub fn spawn_watchers(client: Client, config: &ProxyConfig, events: UnboundedSen
             let endpoints: Api<Endpoints> = Api::all(client.clone());
             tokio::spawn(forward(
                 "Endpoints",
-                watcher::watcher(endpoints, watch()).default_backoff(),
+                watcher::watcher(endpoints, labelled()).default_backoff(),
                 events.clone(),
                 ClusterEvent::Endpoints,
             ));

@@ -75,6 +75,9 @@ struct WatchEvent {
     kind: Kind,
     type_: &'static str,
     object: Value,
+    /// The object before a MODIFIED event: a watch with a label selector sees an object that
+    /// stops (or starts) matching as DELETED (or ADDED), as the real API server sends it.
+    previous: Option<Value>,
 }
 
 #[derive(Default)]
@@ -159,8 +162,15 @@ current-context: fake
         Ok(path)
     }
 
-    fn record(&self, store: &mut Store, kind: Kind, type_: &'static str, object: Value) {
-        let event = WatchEvent { resource_version: store.resource_version, kind, type_, object };
+    fn record(
+        &self,
+        store: &mut Store,
+        kind: Kind,
+        type_: &'static str,
+        object: Value,
+        previous: Option<Value>,
+    ) {
+        let event = WatchEvent { resource_version: store.resource_version, kind, type_, object, previous };
         store.log.push(event.clone());
         let _ = self.shared.events.send(Broadcast::Event(event));
     }
@@ -175,8 +185,9 @@ current-context: fake
         if kind != Kind::Node && object["metadata"]["namespace"].is_null() {
             object["metadata"]["namespace"] = json!("default");
         }
-        let type_ = if store.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-        self.record(&mut store, kind, type_, object);
+        let previous = store.objects.insert(key, object.clone());
+        let type_ = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(&mut store, kind, type_, object, previous);
     }
 
     /// Applies every document of a YAML manifest.
@@ -197,7 +208,7 @@ current-context: fake
         if let Some(mut object) = store.objects.remove(&key) {
             store.resource_version += 1;
             object["metadata"]["resourceVersion"] = json!(store.resource_version.to_string());
-            self.record(&mut store, kind, "DELETED", object);
+            self.record(&mut store, kind, "DELETED", object, None);
         }
     }
 
@@ -241,6 +252,24 @@ fn matches_field_selector(object: &Value, selector: Option<&String>) -> bool {
     })
 }
 
+/// A label selector's requirements, as the API server takes them: `key`, `!key`, `key=value`,
+/// `key==value` and `key!=value`, comma separated (set-based `in`/`notin` are not served).
+fn matches_label_selector(object: &Value, selector: Option<&String>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return true };
+    let labels = &object["metadata"]["labels"];
+    selector.split(',').map(str::trim).all(|requirement| {
+        if let Some(key) = requirement.strip_prefix('!') {
+            labels[key].is_null()
+        } else if let Some((key, value)) = requirement.split_once("!=") {
+            labels[key].as_str() != Some(value)
+        } else if let Some((key, value)) = requirement.split_once('=') {
+            labels[key].as_str() == Some(value.trim_start_matches('='))
+        } else {
+            !labels[requirement].is_null()
+        }
+    })
+}
+
 fn with_type(kind: Kind, mut object: Value) -> Value {
     object["apiVersion"] = json!(kind.api_version());
     object["kind"] = json!(kind.name());
@@ -271,6 +300,7 @@ async fn handle(
             .into_response();
     };
     let field_selector = query.get("fieldSelector");
+    let label_selector = query.get("labelSelector");
     let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !is_watch {
         let mut store = shared.store.lock().unwrap();
@@ -278,7 +308,11 @@ async fn handle(
         let items: Vec<Value> = store
             .objects
             .iter()
-            .filter(|((k, _, _), o)| *k == kind && matches_field_selector(o, field_selector))
+            .filter(|((k, _, _), o)| {
+                *k == kind
+                    && matches_field_selector(o, field_selector)
+                    && matches_label_selector(o, label_selector)
+            })
             .map(|(_, o)| with_type(kind, o.clone()))
             .collect();
         let list = json!({
@@ -307,13 +341,22 @@ async fn handle(
             store.log.iter().filter(|e| e.kind == kind && e.resource_version > from).cloned().collect();
         (backlog, store.resource_version)
     };
-    let selector = field_selector.cloned();
+    let (fields, labels) = (field_selector.cloned(), label_selector.cloned());
     tokio::spawn(async move {
+        let matches = |object: &Value| {
+            matches_field_selector(object, fields.as_ref()) && matches_label_selector(object, labels.as_ref())
+        };
         let send = |event: &WatchEvent| {
-            if !matches_field_selector(&event.object, selector.as_ref()) {
-                return true;
-            }
-            let body = json!({"type": event.type_, "object": with_type(event.kind, event.object.clone())});
+            let now = matches(&event.object);
+            let before = event.previous.as_ref().is_some_and(&matches);
+            let type_ = match (event.type_, before, now) {
+                ("MODIFIED", true, true) => "MODIFIED",
+                ("MODIFIED", false, true) => "ADDED",
+                ("MODIFIED", true, false) => "DELETED",
+                (type_, _, true) if type_ != "MODIFIED" => type_,
+                _ => return true,
+            };
+            let body = json!({"type": type_, "object": with_type(event.kind, event.object.clone())});
             tx.unbounded_send(line(&body)).is_ok()
         };
         let mut last_sent = from.max(current);

@@ -190,3 +190,64 @@ fn the_nodes_zone_selects_hinted_endpoints() {
     assert_eq!(backends(&state, "10.96.0.10").unwrap(), ["10.244.0.1:8080/TCP"]);
     assert_eq!(w.store.lock().unwrap().nodes.objects().count(), 1, "only this node is watched");
 }
+
+/// An EndpointSlice with extra labels (the EndpointSlice controller copies a Service's labels
+/// onto its slices).
+fn labelled_slice(name: &str, service: &str, ips: &[&str], labels: &str) -> String {
+    slice(name, service, ips).replacen(
+        &format!("labels: {{kubernetes.io/service-name: {service}}}"),
+        &format!("labels: {{kubernetes.io/service-name: {service}{labels}}}"),
+        1,
+    )
+}
+
+/// How many Services and EndpointSlices lb's store holds: with kube-proxy's label selector on
+/// the watches, what the API server filters out never reaches it.
+fn stored(w: &Watching) -> (usize, usize) {
+    let objects = w.store.lock().unwrap().objects();
+    (objects.services.len(), objects.endpoint_slices.len())
+}
+
+/// Kubernetes' e2e "should implement service.kubernetes.io/headless" and the service-proxy-name
+/// filter: a working Service (and its slice) that gains one of kube-proxy's labels stops being
+/// served at once, and is served again when the label goes.
+#[test]
+fn a_service_that_gains_kube_proxys_labels_leaves_and_comes_back() {
+    let w = Watching::start(ProxyConfig::default());
+    let served = |w: &Watching, what: &str| {
+        w.wait_for(what, |s| backends(s, "10.96.0.10").is_some_and(|b| b.len() == 1));
+        assert_eq!(stored(w), (1, 1));
+    };
+    w.server.apply_yaml(&service("web", "10.96.0.10", ""));
+    w.server.apply_yaml(&labelled_slice("web-1", "web", &["10.244.0.1"], ""));
+    served(&w, "served");
+    for label in ["service.kubernetes.io/headless: \"\"", "service.kubernetes.io/service-proxy-name: other"] {
+        w.server.apply_yaml(&service("web", "10.96.0.10", label));
+        w.server.apply_yaml(&labelled_slice("web-1", "web", &["10.244.0.1"], &format!(", {label}")));
+        w.wait_for(label, |s| backends(s, "10.96.0.10").is_none());
+        let start = Instant::now();
+        while stored(&w) != (0, 0) && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(stored(&w), (0, 0), "{label}: the API server's selector keeps the objects away");
+        w.server.apply_yaml(&service("web", "10.96.0.10", ""));
+        w.server.apply_yaml(&labelled_slice("web-1", "web", &["10.244.0.1"], ""));
+        served(&w, "label removed");
+    }
+}
+
+/// With `--service-proxy-name lb`, Services (and slices) labelled for lb are served too; one
+/// relabelled for another proxy leaves, and comes back when labelled for lb again.
+#[test]
+fn a_service_proxy_name_of_lbs_own_is_served() {
+    let w = Watching::start(ProxyConfig { service_proxy_name: Some("lb".into()), ..Default::default() });
+    let ours = "service.kubernetes.io/service-proxy-name: lb";
+    let theirs = "service.kubernetes.io/service-proxy-name: other";
+    for (label, served) in
+        [(ours, true), (theirs, false), (ours, true), ("service.kubernetes.io/headless: \"\"", false)]
+    {
+        w.server.apply_yaml(&service("web", "10.96.0.10", label));
+        w.server.apply_yaml(&labelled_slice("web-1", "web", &["10.244.0.1"], &format!(", {label}")));
+        w.wait_for(label, |s| backends(s, "10.96.0.10").is_some_and(|b| b.len() == 1) == served);
+    }
+}

@@ -98,5 +98,26 @@ fn services_from_the_api_server_reach_the_kernel() {
     assert_eq!(report["nodeEligible"], true);
     assert!(report["lastUpdated"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
     assert_eq!(http_get_in_node(&pg, "/livez").0, 200);
+
+    // Kubernetes' e2e "should implement service.kubernetes.io/headless": the label on a working
+    // Service (and, copied by the EndpointSlice controller, on its slice) stops it being served;
+    // connections to its ClusterIP fail at once. Without the label it is served again.
+    let web = |labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, labels: {{{labels}}}}}\nspec: {{clusterIP: {VIP}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+        )
+    };
+    server.apply_yaml(&web("service.kubernetes.io/headless: \"\""));
+    server.apply_yaml(&slice(false).replace(
+        "labels: {kubernetes.io/service-name: web}",
+        "labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: \"\"}",
+    ));
+    pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s).is_none()).unwrap();
+    let refused = pg.http_requests(SocketAddrV4::new(VIP, 80), 1).unwrap();
+    assert!(refused[0].is_err(), "the ClusterIP of a Service labelled headless still answers: {refused:?}");
+    server.apply_yaml(&web(""));
+    server.apply_yaml(&slice(false));
+    pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s) == Some(1)).unwrap();
+    assert_eq!(pg.http_requests(SocketAddrV4::new(VIP, 80), 1).unwrap()[0].as_ref().unwrap().pod, "pod-a");
     assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
 }
