@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{Array, MapData, MapType, PerCpuArray};
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
@@ -390,61 +390,95 @@ pub fn read_gc_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
         .collect()
 }
 
-/// (key size, value size, entries) of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, (u32, u32, u32)); 13] {
+/// What a pinned map must be for this build to reuse it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MapShape {
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// The shape of each pinned map, as this build and `capacity` want it.
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 13] {
     use core::mem::size_of;
     use lb_common::*;
-    let size = |bytes: usize| bytes as u32;
+    let shape = |map_type, key: usize, value: usize, max_entries| MapShape {
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+    };
     [
         (
             map_names::SERVICES,
-            (size(size_of::<ServiceKey>()), size(size_of::<ServiceValue>()), capacity.service_slots),
+            shape(MapType::Hash, size_of::<ServiceKey>(), size_of::<ServiceValue>(), capacity.service_slots),
         ),
-        (map_names::BACKENDS, (4, size(size_of::<Backend>()), capacity.backends)),
+        (map_names::BACKENDS, shape(MapType::Hash, 4, size_of::<Backend>(), capacity.backends)),
         (
             map_names::CONNTRACK,
-            (size(size_of::<FlowKey>()), size(size_of::<ConntrackEntry>()), capacity.flows),
+            shape(MapType::Hash, size_of::<FlowKey>(), size_of::<ConntrackEntry>(), capacity.flows),
         ),
-        (map_names::SERVICE_META, (4, size(size_of::<ServiceMeta>()), capacity.frontends)),
+        (map_names::SERVICE_META, shape(MapType::Hash, 4, size_of::<ServiceMeta>(), capacity.frontends)),
         // LPM keys carry a 4-byte prefix length before the data.
         (
             map_names::SOURCE_RANGES,
-            (4 + size(size_of::<SourceRangeKey>()), 1, lb_common::capacity::SOURCE_RANGES),
+            shape(MapType::LpmTrie, 4 + size_of::<SourceRangeKey>(), 1, lb_common::capacity::SOURCE_RANGES),
         ),
-        (map_names::CONFIG, (4, size(size_of::<DatapathConfig>()), 1)),
+        (map_names::CONFIG, shape(MapType::Array, 4, size_of::<DatapathConfig>(), 1)),
         (
             map_names::SOCKETS,
-            (size(size_of::<SocketKey>()), size(size_of::<SocketFrontend>()), lb_common::capacity::SOCKETS),
+            shape(
+                MapType::LruHash,
+                size_of::<SocketKey>(),
+                size_of::<SocketFrontend>(),
+                lb_common::capacity::SOCKETS,
+            ),
         ),
-        (map_names::COUNTERS, (4, 8, counters::COUNT)),
+        (map_names::COUNTERS, shape(MapType::PerCpuArray, 4, 8, counters::COUNT)),
         (
             map_names::AFFINITY,
-            (size(size_of::<AffinityKey>()), size(size_of::<AffinityValue>()), lb_common::capacity::AFFINITY),
+            shape(
+                MapType::LruHash,
+                size_of::<AffinityKey>(),
+                size_of::<AffinityValue>(),
+                lb_common::capacity::AFFINITY,
+            ),
         ),
         (
             map_names::FRAGMENTS,
-            (
-                size(size_of::<FragmentKey>()),
-                size(size_of::<FragmentValue>()),
+            shape(
+                MapType::LruHash,
+                size_of::<FragmentKey>(),
+                size_of::<FragmentValue>(),
                 lb_common::capacity::FRAGMENTS,
             ),
         ),
         // Values are inner map IDs (file descriptors when written).
-        (map_names::MAGLEV, (4, 4, lb_common::capacity::MAGLEV_TABLES)),
-        (map_names::CONNTRACK_GC, (4, 8, gc_stats::COUNT)),
-        (map_names::CLOCK, (4, 8, 1)),
+        (map_names::MAGLEV, shape(MapType::ArrayOfMaps, 4, 4, lb_common::capacity::MAGLEV_TABLES)),
+        (map_names::CONNTRACK_GC, shape(MapType::Array, 4, 8, gc_stats::COUNT)),
+        (map_names::CLOCK, shape(MapType::Array, 4, 8, 1)),
     ]
+}
+
+/// The shape of the map pinned at `path`, if there is one.
+pub fn pinned_shape(path: &Path) -> Option<MapShape> {
+    let info = MapData::from_pin(path).ok()?.info().ok()?;
+    Some(MapShape {
+        map_type: info.map_type().ok()?,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+    })
 }
 
 /// A pinned map is reused as it is, whatever this build or the flags ask for. When its shape
 /// differs (a --max-* flag changed, or an older lb left a map whose entries have another
-/// layout or count), the pin is removed so the map is created anew: the reconciler fills the
-/// service maps again at once; tracked flows and counts of that map are lost.
-fn unpin_if_reshaped(bpf_dir: &Path, name: &str, wanted: (u32, u32, u32)) {
+/// layout, count or type), the pin is removed so the map is created anew: the reconciler fills
+/// the service maps again at once; tracked flows and counts of that map are lost.
+fn unpin_if_reshaped(bpf_dir: &Path, name: &str, wanted: MapShape) {
     let path = bpf_dir.join(name);
-    let Ok(map) = MapData::from_pin(&path) else { return };
-    let Ok(info) = map.info() else { return };
-    let current = (info.key_size(), info.value_size(), info.max_entries());
+    let Some(current) = pinned_shape(&path) else { return };
     if current != wanted {
         tracing::info!(map = name, ?current, ?wanted, "map shape changed: creating the map anew");
         if let Err(error) = std::fs::remove_file(&path) {

@@ -235,6 +235,8 @@ pub struct Reconciler<M: ServiceMaps> {
     maglev_size: u32,
     maglev_tables: BTreeMap<u32, MaglevTable>,
     table_indexes: TableIndexes,
+    /// Said once that every Maglev table is in use.
+    warned_tables_exhausted: bool,
 }
 
 fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
@@ -265,6 +267,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             maglev_size,
             maglev_tables: BTreeMap::new(),
             table_indexes: TableIndexes::default(),
+            warned_tables_exhausted: false,
         };
         let snapshot = reconciler.maps.snapshot_with_maglev()?;
         reconciler.take_state(ProgrammedState::from_snapshot(&snapshot));
@@ -422,6 +425,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         if !frontend.policy.maglev || frontend.backends.is_empty() {
             return table == 0;
         }
+        if table == 0 && self.maglev_tables_exhausted() {
+            return true; // hashing over the slots until a table frees up (the next resync)
+        }
         self.maglev_tables.get(&table).is_some_and(|t| {
             t.backends.len() == slots.len() && {
                 let mut sorted = slots.to_vec();
@@ -567,10 +573,13 @@ impl<M: ServiceMaps> Reconciler<M> {
         let Some(index) = self.table_indexes.allocate(&self.maglev_tables) else {
             // Every table in use: new flows hash over the slots instead (still correct, only
             // not consistent across nodes and backend changes).
-            tracing::warn!(
-                tables = lb_common::capacity::MAGLEV_TABLES - 1,
-                "no Maglev table left; a frontend falls back to hashing over its slots"
-            );
+            if !self.warned_tables_exhausted {
+                self.warned_tables_exhausted = true;
+                tracing::warn!(
+                    tables = lb_common::capacity::MAGLEV_TABLES - 1,
+                    "every Maglev table is in use: frontends without one hash over their backends"
+                );
+            }
             return Ok(0);
         };
         self.maps.create_maglev_table(index, self.maglev_size)?;
@@ -581,6 +590,10 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         self.maglev_tables.insert(index, MaglevTable { backends: wanted, positions, users: 1 });
         Ok(index)
+    }
+
+    fn maglev_tables_exhausted(&self) -> bool {
+        self.maglev_tables.len() >= (lb_common::capacity::MAGLEV_TABLES - 1) as usize
     }
 
     /// The backend ID at each position of the table for these backend IDs (sorted).

@@ -142,9 +142,19 @@ fn a_failed_write_is_repaired_by_the_next_reconcile() {
     }
 }
 
-/// Every service entry's slots exist and every slot's backend exists.
+/// Every service entry's slots exist and every slot's backend exists; a Maglev table an entry
+/// names exists, is whole, and points only at existing backends.
 fn assert_consistent(contents: &lb_userspace::maps::MapsSnapshot) {
     for (key, value) in &contents.services {
+        if key.backend_slot == 0 && value.maglev_table != 0 {
+            let table = contents.maglev.get(&value.maglev_table);
+            let table =
+                table.unwrap_or_else(|| panic!("{key:?}: Maglev table {} missing", value.maglev_table));
+            assert!(
+                table.iter().all(|id| contents.backends.contains_key(id)),
+                "{key:?}: table points at a missing backend"
+            );
+        }
         if key.backend_slot == 0 {
             for slot in 1..=value.backend_count {
                 let slot_value = contents.services.get(&key.with_slot(slot));
@@ -189,4 +199,133 @@ fn prune_removes_entries_nobody_wants() {
     assert_eq!(r.prune().unwrap(), 1, "the slot after a gap");
     assert!(!r.maps().contents.services.contains_key(&stray_slot));
     assert_consistent(&r.maps().contents);
+}
+
+/// `state`, with Maglev on every frontend (as external frontends have it).
+fn maglev_state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
+    let mut desired = state(frontends);
+    for frontend in desired.frontends.values_mut() {
+        frontend.policy.maglev = true;
+    }
+    desired
+}
+
+#[test]
+fn ids_are_never_handed_out_twice() {
+    let mut r = reconciler();
+    r.reconcile(&state(&[(vip(1), &[1]), (vip(2), &[2])]));
+    r.reconcile(&state(&[(vip(2), &[2])]));
+    r.reconcile(&state(&[(vip(2), &[2]), (vip(3), &[3])]));
+    let contents = &r.maps().contents;
+    let entry = |vip: L4Addr| contents.services[&ServiceKey::new(vip.ip, vip.port, 6, 0)];
+    assert_eq!(entry(vip(3)).service_id, 3, "frontend 1's ID is not reused");
+    assert_eq!(
+        contents.backends.keys().copied().collect::<Vec<_>>(),
+        vec![2, 3],
+        "backend 1's ID is not reused"
+    );
+    // IDs that flows still name (found at start) are reserved too.
+    r.reserve_ids(10, 20);
+    r.reconcile(&state(&[(vip(2), &[2]), (vip(3), &[3]), (vip(4), &[4])]));
+    assert_eq!(r.maps().contents.services[&ServiceKey::new(vip(4).ip, 80, 6, 0)].service_id, 11);
+    assert!(r.maps().contents.backends.contains_key(&21));
+}
+
+#[test]
+fn a_maglev_table_is_whole_before_an_entry_names_it_and_frontends_share_it() {
+    let mut r = reconciler();
+    let report = r.reconcile(&maglev_state(&[(vip(1), &[1, 2, 3]), (vip(2), &[1, 2, 3])]));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let log = r.maps().log.clone();
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("create maglev table")).count(),
+        1,
+        "one table, shared: {log:#?}"
+    );
+    let written = position(&log, "write maglev positions 1 x16381");
+    assert!(position(&log, "create maglev table 1 size 16381") < written);
+    assert!(written < position(&log, "update service 10.96.0.1:80/6 slot 0"), "{log:#?}");
+    let contents = &r.maps().contents;
+    for last in [1, 2] {
+        assert_eq!(contents.services[&ServiceKey::new(vip(last).ip, 80, 6, 0)].maglev_table, 1);
+    }
+    assert_consistent(contents);
+
+    // One frontend's set changes: it gets a table of its own; the shared one stays for the other.
+    let start = r.maps().log.len();
+    r.reconcile(&maglev_state(&[(vip(1), &[1, 2, 3, 4]), (vip(2), &[1, 2, 3])]));
+    let log = r.maps().log[start..].to_vec();
+    let entry = position(&log, "update service 10.96.0.1:80/6 slot 0");
+    assert!(position(&log, "write maglev positions 2 x16381") < entry, "{log:#?}");
+    assert!(!log.iter().any(|l| l.starts_with("delete maglev table")), "{log:#?}");
+    assert_consistent(&r.maps().contents);
+
+    // The other frontend goes: the shared table goes after its last user's entry.
+    let start = r.maps().log.len();
+    r.reconcile(&maglev_state(&[(vip(1), &[1, 2, 3, 4])]));
+    let log = r.maps().log[start..].to_vec();
+    assert!(
+        position(&log, "delete service 10.96.0.2:80/6 slot 0") < position(&log, "delete maglev table 1"),
+        "{log:#?}"
+    );
+    assert_eq!(r.maps().contents.maglev.keys().copied().collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
+fn a_backend_change_rewrites_only_the_maglev_positions_that_change() {
+    let mut r = reconciler();
+    r.reconcile(&maglev_state(&[(vip(1), &[1, 2, 3, 4, 5])]));
+    let before = r.maps().contents.maglev[&1].clone();
+    let start = r.maps().log.len();
+    r.reconcile(&maglev_state(&[(vip(1), &[1, 2, 3, 4])]));
+    let log = r.maps().log[start..].to_vec();
+    let after = &r.maps().contents.maglev[&1];
+    let changed = before.iter().zip(after).filter(|(b, a)| b != a).count();
+    assert_eq!(log.iter().filter(|l| l.starts_with("write maglev positions 1")).count(), 1, "{log:#?}");
+    assert!(log.contains(&format!("write maglev positions 1 x{changed}")), "{changed} changed: {log:#?}");
+    // A fifth of the positions belonged to the removed backend; few others moved.
+    assert!(changed < 16381 / 5 + 16381 / 50, "{changed} positions rewritten");
+    let removed_backend = 5;
+    assert!(!after.contains(&removed_backend));
+    assert_consistent(&r.maps().contents);
+}
+
+#[test]
+fn a_failed_write_with_maglev_tables_is_repaired_by_the_next_reconcile() {
+    let desired_a = maglev_state(&[(vip(1), &[1, 2, 3]), (vip(2), &[1, 2, 3]), (vip(3), &[4])]);
+    let desired_b = maglev_state(&[(vip(1), &[2, 5]), (vip(2), &[1, 2, 3, 6]), (vip(4), &[4])]);
+    let mut clean = reconciler();
+    clean.reconcile(&desired_a);
+    clean.reconcile(&desired_b);
+    let total_writes = {
+        let mut r = reconciler();
+        r.reconcile(&desired_a);
+        let before = r.maps().log.len();
+        r.reconcile(&desired_b);
+        r.maps().log.len() - before
+    };
+    for fail_after in 0..total_writes {
+        let mut r = reconciler();
+        r.reconcile(&desired_a);
+        let mut failing = r.maps().clone();
+        failing.fail_after_writes = Some(fail_after);
+        let mut r = Reconciler::restore(failing).unwrap();
+        let report = r.reconcile(&desired_b);
+        assert!(!report.errors.is_empty(), "a write should have failed after {fail_after}");
+        assert_consistent(&r.maps().contents);
+        let mut healed = r.maps().clone();
+        healed.fail_after_writes = None;
+        let mut r = Reconciler::restore(healed).unwrap();
+        let report = r.reconcile(&desired_b);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        r.prune().unwrap();
+        assert_consistent(&r.maps().contents);
+        // Same frontends, backends and table contents as a clean run (IDs may differ).
+        let tables = |contents: &lb_userspace::maps::MapsSnapshot| contents.maglev.len();
+        assert_eq!(
+            tables(&r.maps().contents),
+            tables(&clean.maps().contents),
+            "after failing at write {fail_after}"
+        );
+    }
 }
