@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, MapType, PerCpuArray};
-use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::xdp::XdpLinkId;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
+use aya::programs::links::FdLink;
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
+use std::os::fd::AsFd;
+
+use crate::links;
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{DatapathConfig, counters, map_names};
 
@@ -81,6 +84,13 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("{operation} {path}: {source}")]
+    Link {
+        operation: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading counters: {0}")]
     Counters(#[source] aya::maps::MapError),
     #[error("writing the data path's settings to {map}: {source}")]
@@ -118,23 +128,45 @@ impl Default for Capacity {
     }
 }
 
+/// An attachment lb holds: a link pinned under `<bpf-dir>/links` (it outlives lb), or, where
+/// the kernel has no TCX (before 6.6), a netlink TC filter owned by this process.
+enum Held {
+    Pinned(PathBuf),
+    Owned(SchedClassifierLink),
+}
+
+impl Held {
+    /// Detaches: removing a pin drops the last reference to its link.
+    fn release(self) {
+        match self {
+            Held::Pinned(path) => {
+                if let Err(error) = std::fs::remove_file(&path) {
+                    tracing::warn!(pin = %path.display(), %error, "removing a link's pin");
+                }
+            }
+            Held::Owned(link) => drop(link),
+        }
+    }
+}
+
 /// One interface's TC attachments.
 struct TcAttachment {
     /// The interface's index when attached: a new index under the same name is a new interface.
     index: u32,
-    /// The ingress program attached there.
-    ingress_program: &'static str,
-    ingress: SchedClassifierLinkId,
-    egress: SchedClassifierLinkId,
+    ingress: Held,
+    egress: Held,
 }
 
-/// The loaded eBPF object with its maps pinned under a directory.
+/// The loaded eBPF object with its maps pinned under a directory, and its attachments.
 pub struct Datapath {
     ebpf: Ebpf,
+    bpf_dir: PathBuf,
     /// Interface name -> its attachments.
     attached: BTreeMap<String, TcAttachment>,
-    /// Interface name -> the XDP program's link there.
-    xdp_attached: BTreeMap<String, XdpLinkId>,
+    /// Interface name -> the XDP program's pinned link there.
+    xdp_attached: BTreeMap<String, PathBuf>,
+    /// Whether the socket programs are attached (their links pinned).
+    sockets_attached: bool,
 }
 
 /// How the XDP program is attached to the external interfaces (`--xdp`).
@@ -146,6 +178,34 @@ pub enum XdpAttach {
     /// In the stack's generic hook: works on any device, for less gain.
     Generic,
     Off,
+}
+
+/// What adopting a previous lb's links found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Links that now run this build's programs.
+    pub updated: usize,
+    /// Links of interfaces that are gone (or no longer selected), cgroups no longer wanted, or
+    /// XDP turned off: released.
+    pub released: usize,
+}
+
+/// What `Datapath::adopt` needs to know of this run's configuration.
+pub struct AdoptOptions<'a> {
+    /// Interfaces selected now: name -> index.
+    pub selected: &'a BTreeMap<String, u32>,
+    pub is_external: &'a dyn Fn(&str) -> bool,
+    pub xdp: XdpAttach,
+    pub cgroup_path: Option<&'a Path>,
+}
+
+/// BPF attach types of the cgroup socket programs (`enum bpf_attach_type`).
+const SOCKET_ATTACH_TYPES: [(&str, u32); 4] =
+    [("lb_connect4", 10), ("lb_sendmsg4", 14), ("lb_recvmsg4", 19), ("lb_getpeername4", 29)];
+
+fn links_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + use<> {
+    let path = path.to_path_buf();
+    move |source| DatapathError::Link { operation, path, source }
 }
 
 impl Datapath {
@@ -161,7 +221,7 @@ impl Datapath {
         if !is_bpffs(bpf_dir) && !is_bpffs(parent) {
             return Err(DatapathError::NotBpfFs { dir: bpf_dir.to_path_buf() });
         }
-        std::fs::create_dir_all(bpf_dir)
+        std::fs::create_dir_all(bpf_dir.join(links::LINKS_DIR))
             .map_err(|source| DatapathError::CreateDir { dir: bpf_dir.to_path_buf(), source })?;
         for (name, shape) in expected_shapes(capacity) {
             unpin_if_reshaped(bpf_dir, name, shape);
@@ -176,6 +236,7 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
+        // Every program now: a previous lb's links get them before anything else happens.
         for name in TC_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -183,16 +244,139 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram { name })?;
             program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
         }
-        Ok(Self { ebpf, attached: BTreeMap::new(), xdp_attached: BTreeMap::new() })
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { name: XDP_PROGRAM })?;
+        xdp.load().map_err(|source| DatapathError::LoadProgram { name: XDP_PROGRAM, source })?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { name })?;
+            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            bpf_dir: bpf_dir.to_path_buf(),
+            attached: BTreeMap::new(),
+            xdp_attached: BTreeMap::new(),
+            sockets_attached: false,
+        })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
 
+    fn pin_path(&self, attachment: &links::Attachment) -> PathBuf {
+        self.bpf_dir.join(links::LINKS_DIR).join(attachment.pin_name())
+    }
+
+    fn program_fd(&self, name: &'static str) -> Result<std::os::fd::OwnedFd, DatapathError> {
+        let program = self.ebpf.program(name).ok_or(DatapathError::MissingProgram { name })?;
+        let fd = program.fd().map_err(|source| DatapathError::LoadProgram { name, source })?;
+        fd.as_fd().try_clone_to_owned().map_err(links_error("duplicating the descriptor of", Path::new(name)))
+    }
+
+    /// Takes over the links a previous lb pinned: each one still wanted gets this build's
+    /// program (one atomic BPF_LINK_UPDATE: no packet meets no program), the others are
+    /// released. Attachments not found here are made by `attach`, `attach_xdp` and
+    /// `attach_sockets` as usual.
+    pub fn adopt(&mut self, options: &AdoptOptions) -> Result<Adopted, DatapathError> {
+        let mut adopted = Adopted::default();
+        let name_of: BTreeMap<u32, &String> =
+            options.selected.iter().map(|(name, index)| (*index, name)).collect();
+        let mut ingress: BTreeMap<String, (u32, PathBuf)> = BTreeMap::new();
+        let mut egress: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut sockets = 0;
+        for (attachment, path) in links::pinned(&self.bpf_dir) {
+            let link = links::open_pinned(&path).map_err(links_error("opening the pinned link", &path))?;
+            let target =
+                links::link_target(link.as_fd()).map_err(links_error("reading the pinned link", &path))?;
+            // The program this link should run now, if it should still exist.
+            let wanted: Option<&'static str> = match &attachment {
+                links::Attachment::TcIngress { ifindex } | links::Attachment::TcEgress { ifindex } => {
+                    match name_of.get(ifindex).filter(|_| target.ifindex == *ifindex) {
+                        None => None,
+                        Some(name) if matches!(attachment, links::Attachment::TcEgress { .. }) => {
+                            egress.insert((*name).clone(), path.clone());
+                            Some(EGRESS_PROGRAM)
+                        }
+                        Some(name) => {
+                            let program = if (options.is_external)(name) {
+                                INGRESS_EXTERNAL_PROGRAM
+                            } else {
+                                INGRESS_PROGRAM
+                            };
+                            ingress.insert((*name).clone(), (*ifindex, path.clone()));
+                            Some(program)
+                        }
+                    }
+                }
+                links::Attachment::Xdp { ifindex } => name_of
+                    .get(ifindex)
+                    .filter(|name| {
+                        target.ifindex == *ifindex
+                            && (options.is_external)(name)
+                            && options.xdp != XdpAttach::Off
+                    })
+                    .map(|name| {
+                        self.xdp_attached.insert((*name).clone(), path.clone());
+                        XDP_PROGRAM
+                    }),
+                links::Attachment::Socket { program } => {
+                    let same_cgroup =
+                        options.cgroup_path.and_then(cgroup_id).is_some_and(|id| id == target.cgroup_id);
+                    SOCKET_PROGRAMS
+                        .iter()
+                        .copied()
+                        .find(|name| name == program)
+                        .filter(|_| same_cgroup)
+                        .inspect(|_| sockets += 1)
+                }
+            };
+            match wanted {
+                Some(program) => {
+                    let fd = self.program_fd(program)?;
+                    links::update_program(link.as_fd(), fd.as_fd())
+                        .map_err(links_error("giving this build's program to the pinned link", &path))?;
+                    adopted.updated += 1;
+                }
+                None => {
+                    Held::Pinned(path).release();
+                    adopted.released += 1;
+                }
+            }
+        }
+        // An interface's two links go together: if one is missing, attach both anew.
+        for (name, (index, ingress_pin)) in ingress {
+            match egress.remove(&name) {
+                Some(egress_pin) => {
+                    let attachment = TcAttachment {
+                        index,
+                        ingress: Held::Pinned(ingress_pin),
+                        egress: Held::Pinned(egress_pin),
+                    };
+                    self.attached.insert(name, attachment);
+                }
+                None => Held::Pinned(ingress_pin).release(),
+            }
+        }
+        egress.into_values().for_each(|pin| Held::Pinned(pin).release());
+        if sockets == SOCKET_PROGRAMS.len() {
+            self.sockets_attached = true;
+        }
+        Ok(adopted)
+    }
+
     /// Attaches to `interface` (TCX on kernels >= 6.6, clsact otherwise): the ingress program
-    /// for in-cluster or for external sources, and the egress program.
+    /// for in-cluster or for external sources, and the egress program. With TCX the links are
+    /// pinned, so they outlive this process.
     pub fn attach(&mut self, interface: &str, external: bool) -> Result<(), DatapathError> {
+        if self.attached.contains_key(interface) {
+            return Ok(());
+        }
         let Ok(index) = nix::net::if_::if_nametoindex(interface) else {
             return Err(DatapathError::NoSuchInterface { interface: interface.to_string() });
         };
@@ -203,17 +387,25 @@ impl Datapath {
             let _ = tc::qdisc_add_clsact(interface);
         }
         let ingress_program = if external { INGRESS_EXTERNAL_PROGRAM } else { INGRESS_PROGRAM };
-        let ingress = self.attach_tc(ingress_program, interface, TcAttachType::Ingress)?;
-        let egress = match self.attach_tc(EGRESS_PROGRAM, interface, TcAttachType::Egress) {
+        let ingress = self.attach_tc(
+            ingress_program,
+            interface,
+            TcAttachType::Ingress,
+            links::Attachment::TcIngress { ifindex: index },
+        )?;
+        let egress = match self.attach_tc(
+            EGRESS_PROGRAM,
+            interface,
+            TcAttachType::Egress,
+            links::Attachment::TcEgress { ifindex: index },
+        ) {
             Ok(link) => link,
             Err(error) => {
-                if let Some(program) = self.classifier(ingress_program) {
-                    let _ = program.detach(ingress);
-                }
+                ingress.release();
                 return Err(error);
             }
         };
-        self.attached.insert(interface.to_string(), TcAttachment { index, ingress_program, ingress, egress });
+        self.attached.insert(interface.to_string(), TcAttachment { index, ingress, egress });
         Ok(())
     }
 
@@ -222,14 +414,35 @@ impl Datapath {
         name: &'static str,
         interface: &str,
         direction: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, DatapathError> {
+        attachment: links::Attachment,
+    ) -> Result<Held, DatapathError> {
+        let path = self.pin_path(&attachment);
+        // A pin left by a start that failed half-way: replace it.
+        let _ = std::fs::remove_file(&path);
         let program = self.classifier(name).ok_or(DatapathError::MissingProgram { name })?;
-        program.attach(interface, direction).map_err(|source| DatapathError::Attach {
+        let attach_error = |source| DatapathError::Attach {
             name,
             interface: interface.to_string(),
             direction: if direction == TcAttachType::Ingress { "ingress" } else { "egress" },
             source: Box::new(source),
-        })
+        };
+        let id = program.attach(interface, direction).map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                fd_link.pin(&path).map_err(|error| DatapathError::Link {
+                    operation: "pinning",
+                    path: path.clone(),
+                    source: std::io::Error::other(error.to_string()),
+                })?;
+                Ok(Held::Pinned(path))
+            }
+            // A netlink filter (no TCX): it cannot be pinned, and stays ours.
+            Err(_) => {
+                let id = program.attach(interface, direction).map_err(attach_error)?;
+                Ok(Held::Owned(program.take_link(id).map_err(attach_error)?))
+            }
+        }
     }
 
     /// Makes the attached set equal to `selected` (name -> index, as listed now): attaches to
@@ -264,13 +477,9 @@ impl Datapath {
 
     fn forget(&mut self, interface: &str) {
         let Some(attachment) = self.attached.remove(interface) else { return };
-        // Fails harmlessly when the interface, and so the attachment, is already gone.
-        if let Some(program) = self.classifier(attachment.ingress_program) {
-            let _ = program.detach(attachment.ingress);
-        }
-        if let Some(program) = self.classifier(EGRESS_PROGRAM) {
-            let _ = program.detach(attachment.egress);
-        }
+        // Harmless when the interface, and so the attachment, is already gone.
+        attachment.ingress.release();
+        attachment.egress.release();
         tracing::info!(%interface, "interface gone or replaced; forgot its attachment");
     }
 
@@ -289,79 +498,108 @@ impl Datapath {
         array.set(0, config, 0).map_err(config_error)
     }
 
-    /// Attaches the XDP program to an external interface. On failure the TC program, attached
-    /// there too, still handles all of its traffic.
+    /// Whether the XDP program is attached to `interface` (by this lb or an adopted link).
+    pub fn has_xdp(&self, interface: &str) -> bool {
+        self.xdp_attached.contains_key(interface)
+    }
+
+    /// Attaches the XDP program to an external interface, its link pinned. On failure the TC
+    /// program, attached there too, still handles all of its traffic.
     pub fn attach_xdp(&mut self, interface: &str, attach: XdpAttach) -> Result<(), DatapathError> {
-        let (mode, name) = match attach {
+        let (mode, mode_name) = match attach {
             XdpAttach::Off => return Ok(()),
             XdpAttach::Native => (XdpMode::Driver, "native"),
             XdpAttach::Generic => (XdpMode::Skb, "generic"),
         };
+        if self.has_xdp(interface) {
+            return Ok(());
+        }
+        let Ok(index) = nix::net::if_::if_nametoindex(interface) else {
+            return Err(DatapathError::NoSuchInterface { interface: interface.to_string() });
+        };
+        let path = self.pin_path(&links::Attachment::Xdp { ifindex: index });
+        let _ = std::fs::remove_file(&path);
         let program: &mut Xdp = self
             .ebpf
             .program_mut(XDP_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(DatapathError::MissingProgram { name: XDP_PROGRAM })?;
-        if program.fd().is_err() {
-            program.load().map_err(|source| DatapathError::LoadProgram { name: XDP_PROGRAM, source })?;
-        }
-        let link = program.attach(interface, mode).map_err(|source| DatapathError::AttachXdp {
+        let attach_error = |source| DatapathError::AttachXdp {
             name: XDP_PROGRAM,
             interface: interface.to_string(),
-            mode: name,
+            mode: mode_name,
             source: Box::new(source),
+        };
+        let id = program.attach(interface, mode).map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        let fd_link = FdLink::try_from(link).map_err(|error| DatapathError::Link {
+            operation: "pinning (the XDP attachment is not a BPF link)",
+            path: path.clone(),
+            source: std::io::Error::other(error.to_string()),
         })?;
-        self.xdp_attached.insert(interface.to_string(), link);
+        fd_link.pin(&path).map_err(|error| DatapathError::Link {
+            operation: "pinning",
+            path: path.clone(),
+            source: std::io::Error::other(error.to_string()),
+        })?;
+        self.xdp_attached.insert(interface.to_string(), path);
         Ok(())
     }
 
-    /// Loads the socket programs and attaches them to the cgroup at `cgroup_path`: the node's
-    /// own connections to frontends (host processes in that cgroup) are translated there. They
-    /// translate only sockets in the namespace whose cookie `set_config` wrote.
+    /// Attaches the socket programs to the cgroup at `cgroup_path`, their links pinned: the
+    /// node's own connections to frontends (host processes in that cgroup) are translated
+    /// there. They translate only sockets in the namespace whose cookie `set_config` wrote.
     pub fn attach_sockets(&mut self, cgroup_path: &Path) -> Result<(), DatapathError> {
+        if self.sockets_attached {
+            return Ok(());
+        }
         let cgroup = std::fs::File::open(cgroup_path)
             .map_err(|source| DatapathError::Cgroup { path: cgroup_path.to_path_buf(), source })?;
-        for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(DatapathError::MissingProgram { name })?;
-            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
-            program.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| {
-                DatapathError::AttachCgroup { name, path: cgroup_path.to_path_buf(), source }
-            })?;
+        for (name, attach_type) in SOCKET_ATTACH_TYPES {
+            let path = self.pin_path(&links::Attachment::Socket { program: name.to_string() });
+            let _ = std::fs::remove_file(&path);
+            let program = self.program_fd(name)?;
+            let link = links::create_cgroup_link(program.as_fd(), cgroup.as_fd(), attach_type).map_err(
+                |source| DatapathError::AttachCgroup {
+                    name,
+                    path: cgroup_path.to_path_buf(),
+                    source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_link_create",
+                        io_error: source,
+                    }),
+                },
+            )?;
+            links::pin(link.as_fd(), &path).map_err(links_error("pinning", &path))?;
         }
+        self.sockets_attached = true;
         Ok(())
     }
 
-    /// Names of the interfaces the program is attached to.
+    /// Names of the interfaces the TC programs are attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
+}
 
-    /// Detaches from every interface. Dropping the `Datapath` does the same.
-    pub fn detach_all(&mut self) {
-        let xdp_attached = std::mem::take(&mut self.xdp_attached);
-        if let Some(program) = self.ebpf.program_mut(XDP_PROGRAM).and_then(|p| <&mut Xdp>::try_from(p).ok()) {
-            for (interface, link) in xdp_attached {
-                if let Err(error) = program.detach(link) {
-                    tracing::warn!(%interface, %error, "detaching XDP");
-                }
-            }
-        }
-        let attached = std::mem::take(&mut self.attached);
-        for (interface, attachment) in attached {
-            for (name, link) in
-                [(attachment.ingress_program, attachment.ingress), (EGRESS_PROGRAM, attachment.egress)]
-            {
-                let Some(program) = self.classifier(name) else { continue };
-                if let Err(error) = program.detach(link) {
-                    tracing::warn!(%interface, %error, program = name, "detaching");
-                }
-            }
-        }
+/// The cgroup ID of a cgroup v2 directory: its inode number.
+fn cgroup_id(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|metadata| metadata.ino())
+}
+
+/// Detaches everything a previous lb left attached under `bpf_dir` (by removing the links'
+/// pins), before its maps are removed: no program is left reading a half-removed map.
+/// Returns how many links were removed.
+pub fn remove_links(bpf_dir: &Path) -> std::io::Result<usize> {
+    let pins = links::pinned(bpf_dir);
+    for (_, path) in &pins {
+        std::fs::remove_file(path)?;
     }
+    match std::fs::remove_dir(bpf_dir.join(links::LINKS_DIR)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    Ok(pins.len())
 }
 
 /// Sums the per-CPU counters pinned under `bpf_dir`, by name.

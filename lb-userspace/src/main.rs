@@ -50,7 +50,8 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
-    /// Remove the pinned maps (run after stopping lb to leave nothing behind).
+    /// Detach lb's programs and remove its pinned links and maps: what stays in the kernel
+    /// while no lb runs (run after stopping lb to leave nothing behind).
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
@@ -324,6 +325,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Cleanup { bpf_dir } => {
+            // Links first: once no program is attached, no one reads the maps being removed.
+            let links = datapath::remove_links(&bpf_dir)
+                .with_context(|| format!("removing the links pinned under {}", bpf_dir.display()))?;
+            if links > 0 {
+                tracing::info!(links, "detached lb's programs");
+            }
             for name in lb_common::map_names::PINNED {
                 let path = bpf_dir.join(name);
                 match std::fs::remove_file(&path) {

@@ -360,9 +360,25 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut datapath = Datapath::load_with(&options.bpf_dir, &options.capacity)?;
     // Flows are stamped with the time published here, from before any program is attached.
     let clock_since = conntrack::publish_clock(&options.bpf_dir)?;
-    // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
     let external = options.node_addresses.external_interfaces.clone();
     let is_external = move |name: &str| external.iter().any(|e| e == name);
+    // A previous lb's links (pinned, still attached) get this build's programs before anything
+    // else: traffic never meets a moment without a program.
+    let selected = selector.selected().unwrap_or_default();
+    let adopted = datapath.adopt(&datapath::AdoptOptions {
+        selected: &selected,
+        is_external: &is_external,
+        xdp: options.xdp,
+        cgroup_path: options.cgroup_path.as_deref(),
+    })?;
+    if adopted != datapath::Adopted::default() {
+        tracing::info!(
+            updated = adopted.updated,
+            released = adopted.released,
+            "took over the links a previous lb left attached"
+        );
+    }
+    // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.
     for interface in selector.literals() {
         datapath.attach(interface, is_external(interface))?;
         tracing::info!(%interface, "attached to ingress and egress");
@@ -475,8 +491,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    tracing::info!("shutting down: detaching programs (maps stay pinned for the next start)");
-    datapath.detach_all();
+    // The programs stay attached (their links are pinned) and keep translating with the last
+    // programmed maps until the next lb takes them over, or `lb cleanup` removes them.
+    tracing::info!("shutting down: the data path stays in place for the next start (lb cleanup removes it)");
+    drop(datapath);
     Ok(())
 }
 
