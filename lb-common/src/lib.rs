@@ -454,7 +454,15 @@ pub struct FragmentValue {
     /// The flow's `conntrack_flags` (`ROUTE` matters here). Host byte order.
     pub flags: u16,
     pub _pad: u16,
+    pub _pad1: u32,
+    /// When the first fragment went through (the flows' clock): a record older than a
+    /// datagram's reassembly time is another datagram's. Host byte order.
+    pub created_ns: u64,
 }
+
+/// How long a first fragment's translation holds for its later fragments: Linux's reassembly
+/// timeout (`ipfrag_time`).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Frontend types, as stored in `ServiceMeta::frontend_type`.
 pub mod frontend_type {
@@ -637,7 +645,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AffinityKey>(), 8);
         assert_eq!(core::mem::size_of::<AffinityValue>(), 16);
         assert_eq!(core::mem::size_of::<FragmentKey>(), 12);
-        assert_eq!(core::mem::size_of::<FragmentValue>(), 12);
+        assert_eq!(core::mem::size_of::<FragmentValue>(), 24);
         assert_eq!(core::mem::size_of::<SocketKey>(), 16);
         assert_eq!(core::mem::size_of::<SocketFrontend>(), 8);
     }

@@ -112,13 +112,12 @@ fn tcp_transition(key: &FlowKey, entry: &mut ConntrackEntry, tcp_flags: u8) -> O
             }
             return None;
         }
-        // From the backend, only a SYN-ACK answering this flow's SYN belongs to it.
-        let answers = tcp_flags & TCP_ACK != 0
-            && (entry.state == cs::TCP_SYN_SENT || entry.state == cs::TCP_ESTABLISHED);
-        if !answers {
-            if entry.state == cs::TCP_CLOSED || entry.state == cs::TCP_CLOSING {
-                // The backend started a new connection on this tuple: the old flow is over, and
-                // the new connection's later packets must not be translated either.
+        // From the backend, a SYN-ACK belongs to the flow unless the flow has ended (a late
+        // retransmission while closing is still its own).
+        if tcp_flags & TCP_ACK == 0 || entry.state == cs::TCP_CLOSED {
+            if entry.state == cs::TCP_CLOSED {
+                // A connection that is not this flow's (a client reaching the pod directly from
+                // a port the flow used): the old entry must not take its later packets either.
                 let _ = LB_CONNTRACK.remove(key);
             }
             return Some(Tracked::NotOurs);

@@ -2,15 +2,18 @@
 //! later fragments carry only (source, destination, protocol, IP ID). When a first fragment is
 //! translated, the addresses it was rewritten to are remembered under that key, and the later
 //! fragments get the same addresses. A later fragment that arrives before its first one, or
-//! after its record aged out of the LRU map, is passed untouched and counted.
+//! after its record aged out (Linux's reassembly time, or the LRU map's room), is passed
+//! untouched and counted; the last fragment removes the record, so a later datagram that
+//! reuses the IP ID never meets it.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{ConntrackEntry, FragmentKey, FragmentValue, counters};
+use lb_common::{ConntrackEntry, FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, counters};
 
 use crate::{
+    conntrack,
     maps::{LB_FRAGMENTS, count},
     nat,
-    parse::Ipv4Flow,
+    parse::{Fragment, Ipv4Flow},
     route,
     verdict::Verdict,
 };
@@ -34,6 +37,8 @@ pub fn remember(flow: &Ipv4Flow, entry: &ConntrackEntry) {
         dst_address: entry.dst_address,
         flags: entry.flags,
         _pad: 0,
+        _pad1: 0,
+        created_ns: conntrack::now(),
     };
     if LB_FRAGMENTS.insert(&key(flow), &value, 0).is_err() {
         count(counters::FRAGMENT_TRACK_FAILED);
@@ -44,10 +49,18 @@ pub fn remember(flow: &Ipv4Flow, entry: &ConntrackEntry) {
 /// when its flow's packets are (ingress only).
 #[inline(always)]
 pub fn translate_later(ctx: &TcContext, flow: &Ipv4Flow, route: bool) -> Result<Verdict, Verdict> {
+    let key = key(flow);
     // SAFETY: copied out at once.
-    let Some(value) = (unsafe { LB_FRAGMENTS.get(&key(flow)) }).copied() else {
+    let Some(value) = (unsafe { LB_FRAGMENTS.get(&key) }).copied() else {
         return Ok(Verdict::pass(counters::PASS_FRAGMENT));
     };
+    if conntrack::now().wrapping_sub(value.created_ns) > FRAGMENT_TIMEOUT_NS {
+        let _ = LB_FRAGMENTS.remove(&key);
+        return Ok(Verdict::pass(counters::PASS_FRAGMENT));
+    }
+    if flow.fragment == Fragment::Last {
+        let _ = LB_FRAGMENTS.remove(&key);
+    }
     // No L4 header here: only the addresses and the IP header checksum change (the first
     // fragment's L4 checksum already covers the whole datagram's new pseudo-header).
     nat::rewrite_addresses(ctx, flow, value.src_address, value.dst_address)?;

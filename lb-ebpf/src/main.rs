@@ -82,7 +82,7 @@ fn try_lb_ingress(ctx: &TcContext, source: Source) -> Result<Verdict, Verdict> {
             Some(Ok(entry)) => Ok(route_if_needed(ctx, &flow, &entry, counters::ICMP_ERROR_TRANSLATED)),
         };
     }
-    if flow.fragment == Fragment::Later {
+    if flow.fragment.is_later() {
         return fragment::translate_later(ctx, &flow, true);
     }
     let key = conntrack::packet_key(&flow);
@@ -143,14 +143,14 @@ fn route_if_needed(ctx: &TcContext, flow: &Ipv4Flow, entry: &ConntrackEntry, cou
     route::if_flagged(ctx, flow, entry.flags, entry.src_address, entry.dst_address, counter)
 }
 
-/// Egress: only packets of the node's own sockets can be replies of a host-network endpoint;
-/// forwarded packets (pods' traffic, flows lb already translated) carry no socket and leave at
-/// the cost of one check.
+/// Egress: only packets of the node's own sockets (and SYN-ACKs sent as SYN cookies, which have
+/// none) can be replies of a host-network endpoint; forwarded packets (pods' traffic, flows lb
+/// already translated) carry no socket and leave at the cost of a few checks.
 #[inline(always)]
 fn try_lb_egress(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let pass = Verdict::pass(counters::EGRESS_PASS);
     // SAFETY: reads a field of the context the program was given.
-    if unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
+    if unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() && !is_plain_syn_ack(ctx) {
         return Ok(pass);
     }
     let Ok(flow) = parse::parse_ipv4_flow(ctx) else { return Ok(pass) };
@@ -162,7 +162,7 @@ fn try_lb_egress(ctx: &TcContext) -> Result<Verdict, Verdict> {
             Some(Ok(_)) => Ok(Verdict::pass(counters::EGRESS_REVERSE_NAT)),
         };
     }
-    if flow.fragment == Fragment::Later {
+    if flow.fragment.is_later() {
         return fragment::translate_later(ctx, &flow, false).map(|verdict| {
             if verdict.counter == counters::FRAGMENT_TRANSLATED {
                 Verdict::pass(counters::EGRESS_REVERSE_NAT)
@@ -188,6 +188,20 @@ fn try_lb_egress(ctx: &TcContext) -> Result<Verdict, Verdict> {
         }
         Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => Ok(pass),
     }
+}
+
+/// Whether the packet is a TCP SYN-ACK in a plain IPv4 header. The node answers with a SYN-ACK
+/// that carries no socket when it sends SYN cookies (its SYN queue is full), so on egress such
+/// a packet is looked at although it has no socket.
+#[inline(always)]
+fn is_plain_syn_ack(ctx: &TcContext) -> bool {
+    use headers::*;
+    let version_ihl = parse::read::<u8>(ctx, ETH_HEADER_LEN);
+    let protocol = parse::read::<u8>(ctx, ETH_HEADER_LEN + IPV4_PROTOCOL_OFFSET);
+    let flags = parse::read::<u8>(ctx, ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN + TCP_FLAGS_OFFSET);
+    version_ihl == Some(IPV4_VERSION_IHL_PLAIN)
+        && protocol == Some(PROTOCOL_TCP)
+        && flags.is_some_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK)
 }
 
 #[cfg(not(test))]

@@ -20,6 +20,16 @@ pub enum Fragment {
     First,
     /// A later fragment: no L4 header, translated like its datagram's first fragment.
     Later,
+    /// The last fragment (a later one without more-fragments): after it, the datagram's record
+    /// is of no more use.
+    Last,
+}
+
+impl Fragment {
+    /// Whether this fragment carries no L4 header.
+    pub fn is_later(self) -> bool {
+        matches!(self, Fragment::Later | Fragment::Last)
+    }
 }
 
 /// An IPv4 packet's addressing, as found in its headers. Addresses and ports are in network
@@ -102,7 +112,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
     let fragment_word =
         u16::from_be(read::<u16>(ctx, l3_offset + IPV4_FRAGMENT_OFFSET).ok_or_else(truncated)?);
     let fragment = if fragment_word & IPV4_FRAGMENT_OFFSET_MASK != 0 {
-        Fragment::Later
+        if fragment_word & IPV4_MORE_FRAGMENTS != 0 { Fragment::Later } else { Fragment::Last }
     } else if fragment_word & IPV4_MORE_FRAGMENTS != 0 {
         Fragment::First
     } else {
@@ -124,7 +134,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
         fragment,
         ip_id,
     };
-    if fragment == Fragment::Later {
+    if fragment.is_later() {
         if protocol == PROTOCOL_ICMP {
             return Err(Verdict::pass(counters::PASS_FRAGMENT));
         }

@@ -74,28 +74,60 @@ impl Timeouts {
     }
 }
 
-/// What flows of one frontend (by service ID) may keep.
+/// What flows to one frontend may keep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendFlows {
     /// Backends (address, port; network byte order as in the entries) that are still serving
-    /// endpoints: flows to them continue.
+    /// endpoints: UDP flows to any other are ended.
     pub serving: HashSet<(u32, u16)>,
-    /// Backend IDs new flows may go to: an affinity record naming another one is stale.
-    pub backend_ids: HashSet<u32>,
-    /// Session-affinity timeout in seconds (0: none).
-    pub affinity_timeout: u32,
+    /// Backends the Service still lists, whatever their conditions: TCP flows to any other are
+    /// reset.
+    pub listed: HashSet<(u32, u16)>,
 }
 
-/// Every frontend's `FrontendFlows`, made by the run loop after each sync.
+/// What affinity records of one frontend (by service ID) may keep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AffinityPolicy {
+    /// Backend IDs new flows may go to: a record naming another one is stale.
+    pub backend_ids: HashSet<u32>,
+    /// Session-affinity timeout in seconds (0: none).
+    pub timeout: u32,
+}
+
+/// A frontend as flows carry it: address and port (network byte order) and protocol.
+pub type FrontendAddress = (u32, u16, u8);
+
+/// What the collector judges flows by, made by the run loop after each sync.
+#[derive(Clone, Debug, Default)]
 pub struct FlowPolicy {
-    pub frontends: HashMap<u32, FrontendFlows>,
+    /// By frontend address, every scope's backends together: a flow is judged by the address
+    /// it was sent to, so a frontend whose entry changed (a scope added or removed, a new
+    /// service ID) does not end flows whose backend still serves there.
+    pub frontends: HashMap<FrontendAddress, FrontendFlows>,
+    /// By service ID, for the affinity records.
+    pub affinity: HashMap<u32, AffinityPolicy>,
+    /// When this policy was made (CLOCK_MONOTONIC ns): a flow tracked after it may go to a
+    /// backend it does not know yet, and is not judged by it.
+    pub made_ns: u64,
+}
+
+impl PartialEq for FlowPolicy {
+    /// Equal when they would judge alike, whenever made.
+    fn eq(&self, other: &Self) -> bool {
+        self.frontends == other.frontends && self.affinity == other.affinity
+    }
 }
 
 impl FlowPolicy {
-    /// Whether a flow of `service_id` to `backend` (network byte order) may go on.
-    fn keeps(&self, service_id: u32, backend: (u32, u16)) -> bool {
-        self.frontends.get(&service_id).is_some_and(|f| f.serving.contains(&backend))
+    /// Whether a flow to `frontend` whose backend is `backend` may go on.
+    fn keeps(&self, frontend: FrontendAddress, backend: (u32, u16)) -> bool {
+        self.frontends.get(&frontend).is_some_and(|f| {
+            if frontend.2 == PROTOCOL_TCP {
+                f.listed.contains(&backend)
+            } else {
+                f.serving.contains(&backend)
+            }
+        })
     }
 }
 
@@ -115,6 +147,8 @@ pub struct PassReport {
 /// The tables the collector works on, behind a trait so its decisions are tested without root.
 pub trait FlowTables {
     fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError>;
+    /// One entry as it is now.
+    fn flow_entry(&self, key: &FlowKey) -> Result<Option<ConntrackEntry>, MapError>;
     fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError>;
     fn update_flow_entry(&mut self, key: &FlowKey, entry: &ConntrackEntry) -> Result<(), MapError>;
     fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError>;
@@ -169,39 +203,41 @@ pub fn collect(
             done.insert(peer_key);
             flow.push((peer_key, *peer));
         }
-        // The backend: where the client side sends to, or where a lone reply comes from.
-        let backend = if entry.is_reply() {
-            (key.src_address, key.src_port)
+        // The frontend the client sent to and the backend: from the client side's key and
+        // entry, or, for a lone reply entry, from what it rewrites and where it comes from.
+        let (frontend, backend) = if entry.is_reply() {
+            ((entry.src_address, entry.src_port, key.protocol), (key.src_address, key.src_port))
         } else {
-            (entry.dst_address, entry.dst_port)
+            ((key.dst_address, key.dst_port, key.protocol), (entry.dst_address, entry.dst_port))
         };
         let last_seen = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0).max(since);
         let idle = Duration::from_nanos(now.saturating_sub(last_seen));
-        let gone = !policy.keeps(entry.service_id, backend);
+        // A flow tracked after the policy was made (the published clock lags by up to a tick)
+        // may go to a backend the policy does not know yet.
+        let newer = entry.created_ns.saturating_add(2 * lb_common::CLOCK_TICK_NS) > policy.made_ns;
+        let gone = !newer && !policy.keeps(frontend, backend);
         let marked = entry.flags & cf::BACKEND_GONE != 0;
 
         if gone && key.protocol != PROTOCOL_TCP {
-            remove_flow(tables, &flow)?;
-            report.backend_gone_removed += 1;
-        } else if idle > timeouts.for_state(entry.state, marked) {
-            remove_flow(tables, &flow)?;
-            report.expired += 1;
-        } else if gone && !marked && entry.state != cs::TCP_CLOSED {
-            for (key, entry) in &flow {
-                let marked = ConntrackEntry { flags: entry.flags | cf::BACKEND_GONE, ..*entry };
-                ignore_missing(tables.update_flow_entry(key, &marked))?;
+            if remove_flow(tables, &flow, false)? {
+                report.backend_gone_removed += 1;
             }
+        } else if idle > timeouts.for_state(entry.state, marked) {
+            if remove_flow(tables, &flow, true)? {
+                report.expired += 1;
+            }
+        } else if gone && !marked && entry.state != cs::TCP_CLOSED && mark_gone(tables, &flow)? {
             report.backend_gone_marked += 1;
         }
     }
     for (key, record) in tables.affinity()? {
         report.max_service_id = report.max_service_id.max(key.service_id);
         report.max_backend_id = report.max_backend_id.max(record.backend_id);
-        let stale = match policy.frontends.get(&key.service_id) {
+        let stale = match policy.affinity.get(&key.service_id) {
             None => true,
             Some(frontend) => {
-                let timeout = u64::from(frontend.affinity_timeout) * 1_000_000_000;
-                frontend.affinity_timeout == 0
+                let timeout = u64::from(frontend.timeout) * 1_000_000_000;
+                frontend.timeout == 0
                     || now.saturating_sub(record.last_used_ns.max(since)) >= timeout
                     || !frontend.backend_ids.contains(&record.backend_id)
             }
@@ -214,15 +250,55 @@ pub fn collect(
     Ok(report)
 }
 
+/// Whether an entry is still the one a pass read: the same flow (a new one on its tuple has
+/// another creation time), and, when `idle` is asked, no packet since.
+fn unchanged(
+    tables: &impl FlowTables,
+    key: &FlowKey,
+    read: &ConntrackEntry,
+    idle: bool,
+) -> Result<bool, MapError> {
+    Ok(tables.flow_entry(key)?.is_some_and(|now| {
+        now.created_ns == read.created_ns && (!idle || now.last_seen_ns == read.last_seen_ns)
+    }))
+}
+
 /// Removes a flow's entries, the client side first: from then on its next packet starts a new
-/// flow, which writes its own reply entry.
-fn remove_flow(tables: &mut impl FlowTables, flow: &[(FlowKey, ConntrackEntry)]) -> Result<(), MapError> {
+/// flow, which writes its own reply entry. Each entry is read again first and left alone if
+/// it changed since the pass read it (a new flow on its tuple, or, for an idle flow, a packet).
+/// Returns whether anything was removed.
+fn remove_flow(
+    tables: &mut impl FlowTables,
+    flow: &[(FlowKey, ConntrackEntry)],
+    idle: bool,
+) -> Result<bool, MapError> {
     let mut ordered: Vec<&(FlowKey, ConntrackEntry)> = flow.iter().collect();
     ordered.sort_by_key(|(_, entry)| entry.is_reply());
-    for (key, _) in ordered {
+    let mut removed = false;
+    for (key, read) in ordered {
+        if !unchanged(tables, key, read, idle)? {
+            continue;
+        }
         ignore_missing(tables.remove_flow_entry(key))?;
+        removed = true;
     }
-    Ok(())
+    Ok(removed)
+}
+
+/// Marks a TCP flow whose backend is gone, on the entries as they are now (their state may
+/// have moved since the pass read them). Returns whether anything was marked.
+fn mark_gone(tables: &mut impl FlowTables, flow: &[(FlowKey, ConntrackEntry)]) -> Result<bool, MapError> {
+    let mut marked = false;
+    for (key, read) in flow {
+        let Some(now) = tables.flow_entry(key)?.filter(|now| now.created_ns == read.created_ns) else {
+            continue;
+        };
+        ignore_missing(
+            tables.update_flow_entry(key, &ConntrackEntry { flags: now.flags | cf::BACKEND_GONE, ..now }),
+        )?;
+        marked = true;
+    }
+    Ok(marked)
 }
 
 /// The pinned tables, opened by path.
@@ -315,6 +391,14 @@ impl FlowTables for PinnedFlowTables {
             }
         }
         Ok(entries)
+    }
+
+    fn flow_entry(&self, key: &FlowKey) -> Result<Option<ConntrackEntry>, MapError> {
+        match self.conntrack.get(key, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError> {
@@ -589,6 +673,9 @@ mod tests {
                 })
                 .collect())
         }
+        fn flow_entry(&self, key: &FlowKey) -> Result<Option<ConntrackEntry>, MapError> {
+            Ok(self.conntrack.get(&k(key)).copied())
+        }
         fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError> {
             self.conntrack.remove(&k(key)).map(|_| ()).ok_or(MapError::KeyNotFound)
         }
@@ -649,17 +736,23 @@ mod tests {
         memory.conntrack.insert(k(&FlowKey::new(POD, client, protocol)), reply);
     }
 
-    fn policy(serving: bool, affinity_timeout: u32) -> FlowPolicy {
+    /// The policy for the test flows' frontend (VIP:80, both protocols): `serving` says
+    /// whether the pod still serves, `listed` whether the Service still lists it.
+    fn policy_with(serving: bool, listed: bool, affinity_timeout: u32) -> FlowPolicy {
+        let set = |yes: bool| if yes { [be(POD)].into_iter().collect() } else { HashSet::new() };
         let mut frontends = HashMap::new();
-        frontends.insert(
-            3,
-            FrontendFlows {
-                serving: if serving { [be(POD)].into_iter().collect() } else { HashSet::new() },
-                backend_ids: if serving { [7].into_iter().collect() } else { HashSet::new() },
-                affinity_timeout,
-            },
-        );
-        FlowPolicy { frontends }
+        for protocol in [PROTOCOL_TCP, lb_common::PROTOCOL_UDP] {
+            let (ip, port) = be(VIP);
+            frontends
+                .insert((ip, port, protocol), FrontendFlows { serving: set(serving), listed: set(listed) });
+        }
+        let backend_ids = if serving { [7].into_iter().collect() } else { HashSet::new() };
+        let affinity = [(3, AffinityPolicy { backend_ids, timeout: affinity_timeout })].into_iter().collect();
+        FlowPolicy { frontends, affinity, made_ns: u64::MAX / 2 }
+    }
+
+    fn policy(serving: bool, affinity_timeout: u32) -> FlowPolicy {
+        policy_with(serving, serving, affinity_timeout)
     }
 
     #[test]
@@ -709,6 +802,64 @@ mod tests {
         add_flow(&mut kept, lb_common::PROTOCOL_UDP, 2, cs::UDP_REPLIED, now);
         let report = collect(&mut kept, &policy(true, 0), &Timeouts::default(), now, 0).unwrap();
         assert_eq!((report.backend_gone_removed, kept.conntrack.len()), (0, 2));
+    }
+
+    /// A pod that fails readiness (still listed, no longer serving) keeps its TCP flows, so a
+    /// draining pod finishes its requests; its UDP flows move on, as kube-proxy moves them.
+    #[test]
+    fn a_listed_but_not_serving_backend_keeps_tcp_flows_and_loses_udp_ones() {
+        let mut memory = Memory::default();
+        let now = 1_000 * SECOND;
+        add_flow(&mut memory, PROTOCOL_TCP, 1, cs::TCP_ESTABLISHED, now);
+        add_flow(&mut memory, lb_common::PROTOCOL_UDP, 2, cs::UDP_REPLIED, now);
+        let report =
+            collect(&mut memory, &policy_with(false, true, 0), &Timeouts::default(), now, 0).unwrap();
+        assert_eq!((report.backend_gone_removed, report.backend_gone_marked), (1, 0));
+        assert!(memory.conntrack.values().all(|e| e.flags & cf::BACKEND_GONE == 0));
+    }
+
+    /// Flows tracked after the policy was made may go to backends it does not know yet (a pod
+    /// that just joined): they are not judged by it.
+    #[test]
+    fn flows_newer_than_the_policy_are_not_judged_by_it() {
+        let mut memory = Memory::default();
+        let now = 1_000 * SECOND;
+        add_flow(&mut memory, PROTOCOL_TCP, 1, cs::TCP_ESTABLISHED, now);
+        let mut old = policy(false, 0);
+        old.made_ns = now - SECOND;
+        let report = collect(&mut memory, &old, &Timeouts::default(), now, 0).unwrap();
+        assert_eq!((report.backend_gone_removed, report.backend_gone_marked), (0, 0));
+        old.made_ns = now + SECOND;
+        let report = collect(&mut memory, &old, &Timeouts::default(), now, 0).unwrap();
+        assert_eq!(report.backend_gone_marked, 1);
+    }
+
+    /// The pass acts on entries as they are when it acts: a flow that got a packet since it was
+    /// read is not expired, and a new flow on the same tuple is not removed for the old one.
+    #[test]
+    fn the_collector_leaves_alone_what_changed_since_it_read_it() {
+        let timeouts = Timeouts::default();
+        let mut memory = Memory::default();
+        let now = 100 * SECOND;
+        add_flow(&mut memory, lb_common::PROTOCOL_UDP, 1, cs::UDP_ONE_WAY, now - 40 * SECOND);
+        let read = memory.conntrack().unwrap();
+        // A packet arrives between the read and the removal.
+        for (key, entry) in &read {
+            let fresh = ConntrackEntry { last_seen_ns: now, ..*entry };
+            memory.update_flow_entry(key, &fresh).unwrap();
+        }
+        for (key, entry) in &read {
+            assert!(!remove_flow(&mut memory, &[(*key, *entry)], true).unwrap());
+        }
+        assert_eq!(memory.conntrack.len(), 2);
+        // A new flow on the tuple (another creation time) is not the one to remove.
+        for (key, entry) in &read {
+            let reopened = ConntrackEntry { created_ns: now, last_seen_ns: entry.last_seen_ns, ..*entry };
+            memory.update_flow_entry(key, &reopened).unwrap();
+            assert!(!remove_flow(&mut memory, &[(*key, *entry)], false).unwrap());
+        }
+        assert_eq!(memory.conntrack.len(), 2);
+        let _ = timeouts;
     }
 
     #[test]

@@ -518,6 +518,9 @@ pub fn service_frontends(
             endpoints.iter().filter(|e| e.conditions.ready || e.conditions.serving).map(|e| e.addr).collect();
         serving.sort();
         serving.dedup();
+        let mut listed: Vec<L4Addr> = endpoints.iter().map(|e| e.addr).collect();
+        listed.sort();
+        listed.dedup();
         let internal = choose_backends(&endpoints, service.policy, service.policy.internal_local, node);
         let external = choose_backends(&endpoints, service.policy, service.external_local, node);
         // In-cluster sources of a Local-policy external frontend get every endpoint (kube-proxy
@@ -564,6 +567,7 @@ pub fn service_frontends(
                 service: name.clone(),
                 backends,
                 serving: serving.clone(),
+                listed: listed.clone(),
             });
             if external_type && let Some(all) = &in_cluster {
                 frontends.push(Frontend {
@@ -574,6 +578,7 @@ pub fn service_frontends(
                     service: name.clone(),
                     backends: all.clone(),
                     serving: serving.clone(),
+                    listed: listed.clone(),
                 });
             }
         };

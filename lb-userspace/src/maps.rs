@@ -55,8 +55,9 @@ pub trait ServiceMaps {
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError>;
     fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
-    /// Creates Maglev table `table` with `size` positions (all 0) in place of any it had.
-    fn create_maglev_table(&mut self, table: u32, size: u32) -> Result<(), MapsError>;
+    /// Creates Maglev table `table` holding `positions` (a backend ID each), in place of any it
+    /// had: the table is filled before it is put in the map.
+    fn create_maglev_table(&mut self, table: u32, positions: &[u32]) -> Result<(), MapsError>;
     /// Writes (position, backend ID) pairs into Maglev table `table`.
     fn write_maglev_positions(&mut self, table: u32, positions: &[(u32, u32)]) -> Result<(), MapsError>;
     fn delete_maglev_table(&mut self, table: u32) -> Result<(), MapsError>;
@@ -143,9 +144,9 @@ impl ServiceMaps for InMemoryMaps {
         Ok(())
     }
 
-    fn create_maglev_table(&mut self, table: u32, size: u32) -> Result<(), MapsError> {
-        self.write("create maglev table", format!("{table} size {size}"))?;
-        self.contents.maglev.insert(table, vec![0; size as usize]);
+    fn create_maglev_table(&mut self, table: u32, positions: &[u32]) -> Result<(), MapsError> {
+        self.write("create maglev table", format!("{table} size {}", positions.len()))?;
+        self.contents.maglev.insert(table, positions.to_vec());
         Ok(())
     }
 
@@ -391,10 +392,15 @@ impl ServiceMaps for BpfMaps {
             .map_err(bpf_error("delete", map_names::SOURCE_RANGES))
     }
 
-    fn create_maglev_table(&mut self, table: u32, size: u32) -> Result<(), MapsError> {
+    fn create_maglev_table(&mut self, table: u32, positions: &[u32]) -> Result<(), MapsError> {
         // Inner maps of another size than the template need BPF_F_INNER_MAP, on both.
-        let array = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)
+        let mut array = Array::<MapData, u32>::create(positions.len() as u32, BPF_F_INNER_MAP)
             .map_err(bpf_error("create a table for", map_names::MAGLEV))?;
+        for (position, backend) in positions.iter().enumerate() {
+            array
+                .set(position as u32, backend, 0)
+                .map_err(bpf_error("fill a new table of", map_names::MAGLEV))?;
+        }
         self.maglev.set(table, &array, 0).map_err(bpf_error("insert a table into", map_names::MAGLEV))?;
         self.maglev_open.insert(table, array);
         Ok(())

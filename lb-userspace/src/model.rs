@@ -237,10 +237,15 @@ pub struct Frontend {
     pub service: ServicePortName,
     /// Where new flows go. Sorted and without duplicates, so equal sets compare equal.
     pub backends: Vec<L4Addr>,
-    /// Every endpoint of the Service port that is still serving (ready, or terminating and
-    /// serving), whatever policy or topology says about new flows: flows already going to one
-    /// of these keep going; flows to any other backend have lost it. Sorted, no duplicates.
+    /// What existing flows may keep, whatever policy or topology says about new flows. Every
+    /// endpoint of the Service port that is still serving (ready, or terminating and serving):
+    /// UDP flows to any other backend are ended, as kube-proxy clears them. Sorted, no
+    /// duplicates.
     pub serving: Vec<L4Addr>,
+    /// Every endpoint the Service port lists, whatever its conditions: a TCP flow is reset only
+    /// when its backend is no longer listed (a pod failing readiness while it drains keeps its
+    /// connections). Sorted, no duplicates.
+    pub listed: Vec<L4Addr>,
 }
 
 impl Frontend {

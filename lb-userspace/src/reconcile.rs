@@ -99,11 +99,13 @@ struct TableIndexes {
 }
 
 impl TableIndexes {
-    fn allocate(&mut self, in_use: &BTreeMap<u32, MaglevTable>) -> Option<u32> {
+    /// A free index: no table in `in_use`, and none an entry still names (a table this lb did
+    /// not keep at restore, of another size, say).
+    fn allocate(&mut self, in_use: &BTreeMap<u32, MaglevTable>, named: &BTreeSet<u32>) -> Option<u32> {
         let count = lb_common::capacity::MAGLEV_TABLES;
         (1..count)
             .map(|step| (self.last + step - 1) % (count - 1) + 1)
-            .find(|index| !in_use.contains_key(index))
+            .find(|index| !in_use.contains_key(index) && !named.contains(index))
             .inspect(|index| self.last = *index)
     }
 }
@@ -344,6 +346,11 @@ impl<M: ServiceMaps> Reconciler<M> {
         &self.maps
     }
 
+    /// The maps, to change behind the reconciler's back (tests inject failures so).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     pub fn state(&self) -> &ProgrammedState {
         &self.state
     }
@@ -485,48 +492,57 @@ impl<M: ServiceMaps> Reconciler<M> {
         };
 
         let programmed = self.state.frontends.get_mut(&key).expect("inserted above");
-        for (index, id) in ids.iter().enumerate() {
-            if programmed.slots.get(index) == Some(id) {
-                continue;
-            }
-            let slot = index as u16 + 1;
-            self.maps
-                .update_service(service_key(&key, slot), ServiceValue::backend_slot(service_id, *id))
-                .map_err(program_error)?;
-            match programmed.slots.get_mut(index) {
-                Some(written) => *written = *id,
-                None => programmed.slots.push(*id),
-            }
-        }
-        // New source ranges before the entry that may turn their check on.
+        let maps = &mut self.maps;
         let wanted_ranges: BTreeSet<Ipv4Net> = frontend.policy.source_ranges.iter().copied().collect();
-        for range in wanted_ranges.difference(&programmed.source_ranges.clone()) {
-            self.maps.update_source_range(service_id, *range).map_err(program_error)?;
-            programmed.source_ranges.insert(*range);
-        }
         let flags = frontend.policy.flags();
         let affinity_timeout = frontend.policy.affinity_timeout;
-        if programmed.count != Some(count)
-            || programmed.flags != flags
-            || programmed.affinity_timeout != affinity_timeout
-            || programmed.maglev_table != table
-        {
-            let entry = ServiceValue {
-                affinity_timeout,
-                maglev_table: table,
-                ..ServiceValue::service_entry(service_id, count).with_flags(flags)
-            };
-            if let Err(error) = self.maps.update_service(service_key(&key, 0), entry) {
-                if table != old_table {
-                    self.release_maglev_table(table);
+        // Slots, new source ranges (before the entry that may turn their check on), then the
+        // entry. Until the entry names a new table, a failure gives the table back.
+        let written = (|| -> Result<(), MapsError> {
+            for (index, id) in ids.iter().enumerate() {
+                if programmed.slots.get(index) == Some(id) {
+                    continue;
                 }
-                return Err(program_error(error));
+                let slot = index as u16 + 1;
+                maps.update_service(service_key(&key, slot), ServiceValue::backend_slot(service_id, *id))?;
+                match programmed.slots.get_mut(index) {
+                    Some(written) => *written = *id,
+                    None => programmed.slots.push(*id),
+                }
             }
-            programmed.count = Some(count);
-            programmed.flags = flags;
-            programmed.affinity_timeout = affinity_timeout;
-            programmed.maglev_table = table;
+            for range in wanted_ranges.difference(&programmed.source_ranges.clone()) {
+                maps.update_source_range(service_id, *range)?;
+                programmed.source_ranges.insert(*range);
+            }
+            if programmed.count != Some(count)
+                || programmed.flags != flags
+                || programmed.affinity_timeout != affinity_timeout
+                || programmed.maglev_table != table
+            {
+                let entry = ServiceValue {
+                    affinity_timeout,
+                    maglev_table: table,
+                    ..ServiceValue::service_entry(service_id, count).with_flags(flags)
+                };
+                maps.update_service(service_key(&key, 0), entry)?;
+                programmed.count = Some(count);
+                programmed.flags = flags;
+                programmed.affinity_timeout = affinity_timeout;
+                programmed.maglev_table = table;
+            }
+            Ok(())
+        })();
+        if let Err(error) = written {
+            if table != old_table && table != 0 {
+                self.release_maglev_table(table);
+            }
+            return Err(program_error(error));
         }
+        // The old table once the entry no longer names it.
+        if old_table != table && old_table != 0 {
+            self.release_maglev_table(old_table);
+        }
+        let programmed = self.state.frontends.get_mut(&key).expect("inserted above");
         while programmed.slots.len() > usize::from(count) {
             let slot = programmed.slots.len() as u16;
             self.maps.delete_service(service_key(&key, slot)).map_err(program_error)?;
@@ -537,10 +553,6 @@ impl<M: ServiceMaps> Reconciler<M> {
         for range in programmed.source_ranges.clone().difference(&wanted_ranges) {
             self.maps.delete_source_range(service_id, *range).map_err(program_error)?;
             programmed.source_ranges.remove(range);
-        }
-        // The old table only once the entry no longer names it.
-        if old_table != table && old_table != 0 {
-            self.release_maglev_table(old_table);
         }
         Ok(true)
     }
@@ -570,7 +582,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             *table = MaglevTable { backends: wanted, positions, users: 1 };
             return Ok(current);
         }
-        let Some(index) = self.table_indexes.allocate(&self.maglev_tables) else {
+        let named: BTreeSet<u32> = self.state.frontends.values().map(|f| f.maglev_table).collect();
+        let Some(index) = self.table_indexes.allocate(&self.maglev_tables, &named) else {
             // Every table in use: new flows hash over the slots instead (still correct, only
             // not consistent across nodes and backend changes).
             if !self.warned_tables_exhausted {
@@ -582,12 +595,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
             return Ok(0);
         };
-        self.maps.create_maglev_table(index, self.maglev_size)?;
-        let all: Vec<(u32, u32)> = positions.iter().enumerate().map(|(p, id)| (p as u32, *id)).collect();
-        if let Err(error) = self.maps.write_maglev_positions(index, &all) {
-            let _ = self.maps.delete_maglev_table(index);
-            return Err(error);
-        }
+        self.maps.create_maglev_table(index, &positions)?;
         self.maglev_tables.insert(index, MaglevTable { backends: wanted, positions, users: 1 });
         Ok(index)
     }
@@ -642,7 +650,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_service(service_key(&key, 0)).map_err(remove_error)?;
             programmed.count = None;
         }
-        let table = std::mem::take(&mut programmed.maglev_table);
+        // Its table is given back only once everything of the frontend is gone, so a retry
+        // after a failed delete still gives it back.
+        let table = programmed.maglev_table;
         while !programmed.slots.is_empty() {
             let slot = programmed.slots.len() as u16;
             self.maps.delete_service(service_key(&key, slot)).map_err(remove_error)?;

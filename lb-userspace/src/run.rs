@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::allocator::ClusterIpAllocator;
 use crate::cluster::{ClusterEvent, ClusterStore};
-use crate::conntrack::{self, Collector, FlowPolicy, FrontendFlows, PinnedFlowTables, Timeouts};
+use crate::conntrack::{self, AffinityPolicy, Collector, FlowPolicy, PinnedFlowTables, Timeouts};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
 use crate::datapath::{self, Capacity, Datapath};
 use crate::health::{self, SharedHealth};
@@ -259,29 +259,27 @@ fn refresh_node_addresses(
     *current = Some(addresses);
 }
 
-/// What the conntrack collector needs to know of each programmed frontend.
+/// What the conntrack collector needs to know of the frontends: by address, the backends
+/// flows may keep; by service ID, what affinity records may keep.
 fn flow_policy(desired: &DesiredState, reconciler: &Reconciler<BpfMaps>) -> FlowPolicy {
     let programmed = &reconciler.state().frontends;
-    let frontends = desired
-        .frontends
-        .iter()
-        .filter_map(|(key, frontend)| {
-            let programmed = programmed.get(key)?;
-            let serving = frontend
-                .serving
-                .iter()
-                .filter(|backend| backend.protocol == frontend.address.protocol)
-                .map(|backend| (u32::from(backend.ip).to_be(), backend.port.to_be()))
-                .collect();
-            let flows = FrontendFlows {
-                serving,
+    let mut policy = FlowPolicy { made_ns: conntrack::monotonic_ns(), ..Default::default() };
+    let address = |backend: &crate::model::L4Addr| (u32::from(backend.ip).to_be(), backend.port.to_be());
+    for (key, frontend) in &desired.frontends {
+        let protocol = frontend.address.protocol;
+        let at = (u32::from(frontend.address.ip).to_be(), frontend.address.port.to_be(), protocol.number());
+        let flows = policy.frontends.entry(at).or_default();
+        flows.serving.extend(frontend.serving.iter().filter(|b| b.protocol == protocol).map(address));
+        flows.listed.extend(frontend.listed.iter().filter(|b| b.protocol == protocol).map(address));
+        if let Some(programmed) = programmed.get(key) {
+            let affinity = AffinityPolicy {
                 backend_ids: programmed.slots.iter().copied().collect(),
-                affinity_timeout: frontend.policy.affinity_timeout,
+                timeout: frontend.policy.affinity_timeout,
             };
-            Some((programmed.service_id, flows))
-        })
-        .collect();
-    FlowPolicy { frontends }
+            policy.affinity.insert(programmed.service_id, affinity);
+        }
+    }
+    policy
 }
 
 /// Converts and reconciles; returns the health-check node ports the state asks for.

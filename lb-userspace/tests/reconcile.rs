@@ -32,6 +32,7 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
                 },
                 backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
                 serving: backends.iter().map(|b| addr(*b, 8080)).collect(),
+                listed: backends.iter().map(|b| addr(*b, 8080)).collect(),
             };
             (frontend.key(), frontend)
         })
@@ -242,9 +243,9 @@ fn a_maglev_table_is_whole_before_an_entry_names_it_and_frontends_share_it() {
         1,
         "one table, shared: {log:#?}"
     );
-    let written = position(&log, "write maglev positions 1 x16381");
-    assert!(position(&log, "create maglev table 1 size 16381") < written);
-    assert!(written < position(&log, "update service 10.96.0.1:80/6 slot 0"), "{log:#?}");
+    // Created filled: the table is whole when it enters the map, before any entry names it.
+    let created = position(&log, "create maglev table 1 size 16381");
+    assert!(created < position(&log, "update service 10.96.0.1:80/6 slot 0"), "{log:#?}");
     let contents = &r.maps().contents;
     for last in [1, 2] {
         assert_eq!(contents.services[&ServiceKey::new(vip(last).ip, 80, 6, 0)].maglev_table, 1);
@@ -256,7 +257,7 @@ fn a_maglev_table_is_whole_before_an_entry_names_it_and_frontends_share_it() {
     r.reconcile(&maglev_state(&[(vip(1), &[1, 2, 3, 4]), (vip(2), &[1, 2, 3])]));
     let log = r.maps().log[start..].to_vec();
     let entry = position(&log, "update service 10.96.0.1:80/6 slot 0");
-    assert!(position(&log, "write maglev positions 2 x16381") < entry, "{log:#?}");
+    assert!(position(&log, "create maglev table 2 size 16381") < entry, "{log:#?}");
     assert!(!log.iter().any(|l| l.starts_with("delete maglev table")), "{log:#?}");
     assert_consistent(&r.maps().contents);
 
@@ -327,5 +328,40 @@ fn a_failed_write_with_maglev_tables_is_repaired_by_the_next_reconcile() {
             tables(&clean.maps().contents),
             "after failing at write {fail_after}"
         );
+    }
+}
+
+/// A failure after a Maglev table was taken gives it back: once the frontends are gone, no
+/// table is left, however the writes failed on the way (in one reconciler, without a restart
+/// recounting users).
+#[test]
+fn maglev_tables_are_given_back_after_failed_writes() {
+    let desired = maglev_state(&[(vip(1), &[1, 2, 3]), (vip(2), &[1, 2, 4])]);
+    let total_writes = {
+        let mut r = reconciler();
+        r.reconcile(&desired);
+        r.maps().log.len()
+    };
+    for fail_after in 0..total_writes {
+        let mut r = reconciler();
+        r.maps_mut().fail_after_writes = Some(fail_after);
+        r.reconcile(&desired);
+        r.maps_mut().fail_after_writes = None;
+        let report = r.reconcile(&desired);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_consistent(&r.maps().contents);
+        // Each frontend fails after another write while being removed, then is removed.
+        for remove_fail_after in [0, 1, 2] {
+            r.maps_mut().fail_after_writes = Some(remove_fail_after);
+            r.reconcile(&DesiredState::default());
+            r.maps_mut().fail_after_writes = None;
+        }
+        r.reconcile(&DesiredState::default());
+        assert!(
+            r.maglev_tables().is_empty(),
+            "after failing at write {fail_after}: {:?}",
+            r.maglev_tables().keys()
+        );
+        assert!(r.maps().contents.maglev.is_empty(), "after failing at write {fail_after}");
     }
 }

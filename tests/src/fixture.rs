@@ -41,6 +41,7 @@ pub fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Fronten
             port: format!("p{port}"),
         },
         serving: backends.clone(),
+        listed: backends.clone(),
         backends,
     }
 }

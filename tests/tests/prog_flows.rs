@@ -184,6 +184,9 @@ fn later_fragments_follow_their_first_fragment_both_ways() {
     h.expect("first reply fragment", &first, PASS, &want_first, counters::REPLY_REVERSE_NAT);
     h.expect("later reply fragment", &later, PASS, &want_later, counters::FRAGMENT_TRANSLATED);
     assert!(packet::fragments_valid(&want_first, &want_later));
+    // That was the datagram's last fragment: its record is gone, so another datagram reusing
+    // the IP ID is not translated by it.
+    h.expect("after the last fragment", &later, PASS, &later, counters::PASS_FRAGMENT);
 }
 
 #[test]

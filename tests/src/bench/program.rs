@@ -74,6 +74,7 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
                 },
                 backends: vec![L4Addr { ip: POD, port: target, protocol }],
                 serving: vec![L4Addr { ip: POD, port: target, protocol }],
+                listed: vec![L4Addr { ip: POD, port: target, protocol }],
             },
         );
     }
