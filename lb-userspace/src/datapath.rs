@@ -223,6 +223,11 @@ impl Datapath {
         }
         std::fs::create_dir_all(bpf_dir.join(links::LINKS_DIR))
             .map_err(|source| DatapathError::CreateDir { dir: bpf_dir.to_path_buf(), source })?;
+        // Only root may open the pins: a map or link opened is a map read or written, a program
+        // detached.
+        for dir in [bpf_dir.to_path_buf(), bpf_dir.join(links::LINKS_DIR)] {
+            restrict(&dir, 0o700)?;
+        }
         for (name, shape) in expected_shapes(capacity) {
             unpin_if_reshaped(bpf_dir, name, shape);
         }
@@ -236,6 +241,9 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
+        for name in map_names::PINNED {
+            restrict(&bpf_dir.join(name), 0o600)?;
+        }
         // Every program now: a previous lb's links get them before anything else happens.
         for name in TC_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
@@ -435,6 +443,7 @@ impl Datapath {
                     path: path.clone(),
                     source: std::io::Error::other(error.to_string()),
                 })?;
+                restrict(&path, 0o600)?;
                 Ok(Held::Pinned(path))
             }
             // A netlink filter (no TCX): it cannot be pinned, and stays ours.
@@ -542,6 +551,7 @@ impl Datapath {
             path: path.clone(),
             source: std::io::Error::other(error.to_string()),
         })?;
+        restrict(&path, 0o600)?;
         self.xdp_attached.insert(interface.to_string(), path);
         Ok(())
     }
@@ -570,6 +580,7 @@ impl Datapath {
                 },
             )?;
             links::pin(link.as_fd(), &path).map_err(links_error("pinning", &path))?;
+            restrict(&path, 0o600)?;
         }
         self.sockets_attached = true;
         Ok(())
@@ -579,6 +590,13 @@ impl Datapath {
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
+}
+
+/// Sets a pin's or a pin directory's mode.
+fn restrict(path: &Path, mode: u32) -> Result<(), DatapathError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|source| DatapathError::Link { operation: "restricting the permissions of", path: path.to_path_buf(), source })
 }
 
 /// The cgroup ID of a cgroup v2 directory: its inode number.

@@ -244,3 +244,26 @@ fn cleanup_removes_the_data_path_and_leaves_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
 }
+
+/// Only root may open what lb pins: the pin directory is 0700, every map and link pin 0600.
+#[test]
+fn pins_are_for_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (pg, stop) = playground();
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&pg.bpf_dir), 0o700);
+    let links = pg.bpf_dir.join("links");
+    assert_eq!(mode(&links), 0o700);
+    let mut pins = 0;
+    for dir in [&pg.bpf_dir, &links] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+                pins += 1;
+            }
+        }
+    }
+    assert!(pins >= 13 + 6, "maps and links pinned: {pins}");
+    stop.store(true, Ordering::Relaxed);
+}

@@ -399,3 +399,34 @@ fn a_source_nat_port_is_reused_only_after_its_flow_ended() {
         &[counters::FORWARD_NEW_FLOW, counters::CONNTRACK_SNAT],
     );
 }
+
+/// loadBalancerSourceRanges cannot be got round with IP options or fragments: a source outside
+/// the ranges is dropped whatever its header carries, and its later fragments (which carry no
+/// ports) are never translated, not even with the IP ID of an admitted client's datagram.
+#[test]
+fn source_ranges_hold_against_ip_options_and_fragments() {
+    let mut h = Harness::new();
+    let pod = (Ipv4Addr::new(10, 244, 1, 11), 5353);
+    let mut lb = frontend(53, Protocol::Udp, vec![backend(11, 5353, Protocol::Udp)]);
+    lb.frontend_type = FrontendType::LoadBalancer;
+    lb.policy.external = true;
+    lb.policy.source_ranges = vec!["10.0.1.0/24".parse().unwrap()];
+    h.program(vec![lb]);
+    let outsider = (Ipv4Addr::new(192, 0, 2, 66), 40000);
+
+    let with_options = PacketSpec { ip_options: vec![1, 1, 1, 1], ..PacketSpec::udp(outsider, (VIP, 53)) }.build();
+    h.expect("IP options", &with_options, DROP, &with_options, counters::DROP_SOURCE_RANGE);
+    let datagram = PacketSpec { payload: vec![3; 600], ..PacketSpec::udp(outsider, (VIP, 53)) };
+    let (first, later) = datagram.fragments(200);
+    h.expect("first fragment", &first, DROP, &first, counters::DROP_SOURCE_RANGE);
+    h.expect("later fragment", &later, PASS, &later, counters::PASS_FRAGMENT);
+
+    // An admitted client's datagram is translated; an outsider's later fragment with the same
+    // IP ID is not (the record is keyed by source and destination too).
+    let admitted = PacketSpec { payload: vec![4; 600], ..PacketSpec::udp(CLIENT, (VIP, 53)) };
+    let (first, _) = admitted.fragments(200);
+    let (want_first, _) = admitted.with_dst(pod).fragments(200);
+    h.expect("admitted first fragment", &first, PASS, &want_first, counters::FORWARD_NEW_FLOW);
+    let (_, later) = datagram.fragments(200);
+    h.expect("outsider's later fragment", &later, PASS, &later, counters::PASS_FRAGMENT);
+}
