@@ -30,7 +30,7 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     pub const MAGLEV: &str = "LB_MAGLEV";
-    pub const CONNTRACK_GC: &str = "LB_CONNTRACK_GC";
+    pub const STATS: &str = "LB_STATS";
     pub const CLOCK: &str = "LB_CLOCK";
     /// Every pinned map, for tools that inspect or remove them.
     pub const PINNED: [&str; 13] = [
@@ -45,7 +45,7 @@ pub mod map_names {
         AFFINITY,
         FRAGMENTS,
         MAGLEV,
-        CONNTRACK_GC,
+        STATS,
         CLOCK,
     ];
 }
@@ -596,9 +596,10 @@ mod user {
     unsafe impl aya::Pod for FragmentValue {}
 }
 
-/// Indexes of the collector's statistics array (`map_names::CONNTRACK_GC`), written by lb's
-/// conntrack collector after each pass and read by `lb counters`.
-pub mod gc_stats {
+/// Indexes of the control plane's statistics array (`map_names::STATS`): written by lb run
+/// (the conntrack collector after each pass, the reconciler after each sync), read by
+/// `lb counters` while lb runs and after it stopped.
+pub mod stats {
     /// Conntrack entries found by the last pass.
     pub const ENTRIES: u32 = 0;
     /// The conntrack map's capacity.
@@ -615,7 +616,9 @@ pub mod gc_stats {
     pub const PASSES: u32 = 6;
     /// How long the last pass took, microseconds.
     pub const LAST_PASS_US: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Frontends the last sync could not program (a map full, say): the rest were programmed.
+    pub const FRONTENDS_REFUSED: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "conntrack_entries",
         "conntrack_capacity",
@@ -625,6 +628,7 @@ pub mod gc_stats {
         "affinity_removed_total",
         "conntrack_gc_passes_total",
         "conntrack_gc_last_pass_us",
+        "frontends_refused",
     ];
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, ConntrackEntry, DatapathConfig, FlowKey, FragmentKey, FragmentValue,
     ServiceKey, ServiceMeta, ServiceValue, SocketFrontend, SocketKey, SourceRangeKey, capacity, counters,
-    gc_stats,
+    stats,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -69,10 +69,10 @@ pub static LB_MAGLEV: ArrayOfMaps<
     { capacity::MAGLEV_TABLES as usize },
 > = ArrayOfMaps::new();
 
-/// The conntrack collector's statistics (`lb_common::gc_stats`), written by userspace; declared
+/// The conntrack collector's statistics (`lb_common::stats`), written by userspace; declared
 /// here so it is created and pinned with the others.
 #[map]
-pub static LB_CONNTRACK_GC: Array<u64> = Array::pinned(gc_stats::COUNT, 0);
+pub static LB_STATS: Array<u64> = Array::pinned(stats::COUNT, 0);
 
 /// One entry: CLOCK_MONOTONIC nanoseconds, published by userspace every `CLOCK_TICK_NS`. Flows
 /// are stamped with it: reading it costs a fraction of a clock read on every packet.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
 use lb_common::{
     AffinityKey, AffinityValue, ConntrackEntry, FlowKey, PROTOCOL_TCP, conntrack_flags as cf,
-    conntrack_state as cs, gc_stats, map_names,
+    conntrack_state as cs, map_names, stats,
 };
 
 /// How long a flow may stay idle, by state.
@@ -351,12 +351,8 @@ impl PinnedFlowTables {
                 map_names::AFFINITY,
             )?)
             .map_err(wrong(map_names::AFFINITY))?,
-            stats: Array::try_from(map(
-                open_pinned(bpf_dir, map_names::CONNTRACK_GC)?,
-                bpf_dir,
-                map_names::CONNTRACK_GC,
-            )?)
-            .map_err(wrong(map_names::CONNTRACK_GC))?,
+            stats: Array::try_from(map(open_pinned(bpf_dir, map_names::STATS)?, bpf_dir, map_names::STATS)?)
+                .map_err(wrong(map_names::STATS))?,
         })
     }
 
@@ -367,14 +363,14 @@ impl PinnedFlowTables {
             let old = self.stats.get(&index, 0).unwrap_or(0);
             let _ = self.stats.set(index, if replace { value } else { old + value }, 0);
         };
-        add(gc_stats::ENTRIES, report.entries, true);
-        add(gc_stats::CAPACITY, u64::from(capacity), true);
-        add(gc_stats::EXPIRED, report.expired, false);
-        add(gc_stats::BACKEND_GONE_REMOVED, report.backend_gone_removed, false);
-        add(gc_stats::BACKEND_GONE_MARKED, report.backend_gone_marked, false);
-        add(gc_stats::AFFINITY_REMOVED, report.affinity_removed, false);
-        add(gc_stats::PASSES, 1, false);
-        add(gc_stats::LAST_PASS_US, took.as_micros() as u64, true);
+        add(stats::ENTRIES, report.entries, true);
+        add(stats::CAPACITY, u64::from(capacity), true);
+        add(stats::EXPIRED, report.expired, false);
+        add(stats::BACKEND_GONE_REMOVED, report.backend_gone_removed, false);
+        add(stats::BACKEND_GONE_MARKED, report.backend_gone_marked, false);
+        add(stats::AFFINITY_REMOVED, report.affinity_removed, false);
+        add(stats::PASSES, 1, false);
+        add(stats::LAST_PASS_US, took.as_micros() as u64, true);
     }
 }
 
@@ -433,6 +429,27 @@ pub fn max_ids(tables: &impl FlowTables) -> Result<(u32, u32), MapError> {
         backend = backend.max(record.backend_id);
     }
     Ok((service, backend))
+}
+
+/// The control plane's statistics array (`map_names::STATS`), for the run loop's own numbers.
+pub struct Stats {
+    array: Array<MapData, u64>,
+}
+
+impl Stats {
+    pub fn open(bpf_dir: &Path) -> Result<Self, FlowTablesError> {
+        let wrong = |source| FlowTablesError::Map { operation: "open", map: map_names::STATS, source };
+        let array = Array::try_from(map(open_pinned(bpf_dir, map_names::STATS)?, bpf_dir, map_names::STATS)?)
+            .map_err(wrong)?;
+        Ok(Self { array })
+    }
+
+    /// Sets one statistic (`lb_common::stats`); a failure is logged, never fatal.
+    pub fn set(&mut self, index: u32, value: u64) {
+        if let Err(error) = self.array.set(index, value, 0) {
+            tracing::warn!(%error, "writing a statistic for lb counters");
+        }
+    }
 }
 
 /// Least time between two passes that changes to the Services ask for: under churn, one pass

@@ -595,8 +595,9 @@ impl Datapath {
 /// Sets a pin's or a pin directory's mode.
 fn restrict(path: &Path, mode: u32) -> Result<(), DatapathError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|source| DatapathError::Link { operation: "restricting the permissions of", path: path.to_path_buf(), source })
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        DatapathError::Link { operation: "restricting the permissions of", path: path.to_path_buf(), source }
+    })
 }
 
 /// The cgroup ID of a cgroup v2 directory: its inode number.
@@ -634,14 +635,14 @@ pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
 }
 
 /// The conntrack collector's statistics pinned under `bpf_dir`, by name.
-pub fn read_gc_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
-    use lb_common::gc_stats;
-    let data = MapData::from_pin(bpf_dir.join(map_names::CONNTRACK_GC)).map_err(DatapathError::Counters)?;
+pub fn read_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    use lb_common::stats;
+    let data = MapData::from_pin(bpf_dir.join(map_names::STATS)).map_err(DatapathError::Counters)?;
     let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
     let array: Array<MapData, u64> = Array::try_from(map).map_err(DatapathError::Counters)?;
-    (0..gc_stats::COUNT)
+    (0..stats::COUNT)
         .map(|index| {
-            Ok((gc_stats::NAMES[index as usize], array.get(&index, 0).map_err(DatapathError::Counters)?))
+            Ok((stats::NAMES[index as usize], array.get(&index, 0).map_err(DatapathError::Counters)?))
         })
         .collect()
 }
@@ -712,7 +713,7 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 13] {
         ),
         // Values are inner map IDs (file descriptors when written).
         (map_names::MAGLEV, shape(MapType::ArrayOfMaps, 4, 4, lb_common::capacity::MAGLEV_TABLES)),
-        (map_names::CONNTRACK_GC, shape(MapType::Array, 4, 8, gc_stats::COUNT)),
+        (map_names::STATS, shape(MapType::Array, 4, 8, stats::COUNT)),
         (map_names::CLOCK, shape(MapType::Array, 4, 8, 1)),
     ]
 }

@@ -295,7 +295,7 @@ fn main() -> Result<()> {
             for (name, value) in datapath::read_counters(&bpf_dir)? {
                 println!("{name:36} {value}");
             }
-            for (name, value) in datapath::read_gc_stats(&bpf_dir)? {
+            for (name, value) in datapath::read_stats(&bpf_dir)? {
                 println!("{name:36} {value}");
             }
             Ok(())

@@ -27,6 +27,8 @@ pub enum MapsError {
     },
     #[error("map {map} is missing from the eBPF object")]
     Missing { map: &'static str },
+    #[error("map {map} is full: {remedy}")]
+    Full { map: &'static str, remedy: &'static str },
     #[error("{operation}: injected failure")]
     Injected { operation: &'static str },
 }
@@ -77,6 +79,8 @@ pub struct InMemoryMaps {
     pub fail_after_writes: Option<usize>,
     /// Every successful write, in order, for tests of write ordering.
     pub log: Vec<String>,
+    /// Most entries the services map takes (as `--max-service-slots` sizes the real one).
+    pub services_capacity: Option<usize>,
 }
 
 impl InMemoryMaps {
@@ -109,6 +113,10 @@ impl ServiceMaps for InMemoryMaps {
     }
 
     fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError> {
+        let full = self.services_capacity.is_some_and(|capacity| self.contents.services.len() >= capacity);
+        if full && !self.contents.services.contains_key(&key) {
+            return Err(MapsError::Full { map: map_names::SERVICES, remedy: remedy(map_names::SERVICES) });
+        }
         self.write("update service", slot_name(&key))?;
         self.contents.services.insert(key, value);
         Ok(())
@@ -345,7 +353,24 @@ impl BpfMaps {
 }
 
 fn bpf_error(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
-    move |source| MapsError::Bpf { operation, map, source }
+    move |source| {
+        let full = matches!(&source, MapError::SyscallError(error)
+            if matches!(error.io_error.raw_os_error(), Some(nix::libc::E2BIG | nix::libc::ENOSPC)));
+        if full && operation == "update" {
+            return MapsError::Full { map, remedy: remedy(map) };
+        }
+        MapsError::Bpf { operation, map, source }
+    }
+}
+
+/// What to do about a full map: the flag that sizes it.
+fn remedy(map: &'static str) -> &'static str {
+    match map {
+        map_names::SERVICES => "raise --max-service-slots (frontends x (1 + their backends))",
+        map_names::BACKENDS => "raise --max-backends (distinct endpoint address:port pairs)",
+        map_names::SERVICE_META => "raise --max-frontends (Service ports x their addresses)",
+        _ => "its size is fixed in this build",
+    }
 }
 
 fn dump<K, V>(map: &BpfHashMap<MapData, K, V>, name: &'static str) -> Result<BTreeMap<K, V>, MapsError>

@@ -28,7 +28,7 @@ use crate::model::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("programming frontend {frontend} ({service}): {source}")]
+    #[error("programming frontend {frontend} of Service {service}: {source}")]
     Program {
         frontend: FrontendKey,
         service: String,
@@ -67,6 +67,8 @@ pub struct ReconcileReport {
     pub programmed: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Frontends that could not be programmed (their error is in `errors`); the others were.
+    pub refused: usize,
     pub errors: Vec<String>,
 }
 
@@ -363,11 +365,12 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// Failures are reported per frontend; the others are still programmed.
     pub fn reconcile(&mut self, desired: &DesiredState) -> ReconcileReport {
         let mut report = ReconcileReport::default();
+        let mut refused = Vec::new();
         for frontend in desired.frontends.values() {
             match self.program_frontend(frontend) {
                 Ok(true) => report.programmed += 1,
                 Ok(false) => report.unchanged += 1,
-                Err(error) => report.errors.push(error.to_string()),
+                Err(error) => refused.push((frontend, error)),
             }
         }
         let stale: Vec<FrontendKey> =
@@ -378,6 +381,21 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Err(error) => report.errors.push(error.to_string()),
             }
         }
+        // What was refused (a full map, say) gets another try once removals made room.
+        if report.removed > 0 {
+            refused = refused
+                .into_iter()
+                .filter_map(|(frontend, error)| match self.program_frontend(frontend) {
+                    Ok(_) => {
+                        report.programmed += 1;
+                        None
+                    }
+                    Err(_) => Some((frontend, error)),
+                })
+                .collect();
+        }
+        report.refused = refused.len();
+        report.errors.extend(refused.into_iter().map(|(_, error)| error.to_string()));
         // Backends can only have lost their last user if something was written (or an
         // earlier release failed); skipping the scan keeps an idle sync cheap.
         if report.programmed + report.removed > 0 || !report.errors.is_empty() || self.release_pending {

@@ -289,6 +289,7 @@ fn sync(
     reconciler: &mut Reconciler<BpfMaps>,
     health: &SharedHealth,
     collector: &Collector,
+    stats: &mut conntrack::Stats,
 ) -> BTreeMap<u16, HealthCheck> {
     let started = Instant::now();
     let objects = source.objects();
@@ -297,6 +298,7 @@ fn sync(
     let report = reconciler.reconcile(&desired);
     report.errors.iter().for_each(|error| tracing::error!("{error}"));
     let changed = report.programmed + report.removed + report.errors.len() > 0;
+    stats.set(lb_common::stats::FRONTENDS_REFUSED, report.refused as u64);
     // Flows of backends that left (or of frontends that went) are ended soon after.
     collector.update(flow_policy(&desired, reconciler));
     macro_rules! synced {
@@ -419,6 +421,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     reconciler.reserve_ids(max_service_id, max_backend_id);
     let collector =
         Collector::spawn(flow_tables, options.conntrack_timeouts, options.conntrack_gc_interval, clock_since);
+    let mut stats = conntrack::Stats::open(&options.bpf_dir)?;
     refresh_node_addresses(
         &options.node_addresses,
         &mut addresses,
@@ -457,7 +460,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             () = sync_due => {
                 refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
-                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector);
+                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector, &mut stats);
                 health_checks.sync(&checks).await;
                 runner.synced(Instant::now());
                 if !synced_once {
@@ -471,7 +474,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     tracing::warn!("{error}");
                 }
                 refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
-                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector);
+                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector, &mut stats);
                 health_checks.sync(&checks).await;
                 prune(&mut reconciler);
             }

@@ -365,3 +365,33 @@ fn maglev_tables_are_given_back_after_failed_writes() {
         assert!(r.maps().contents.maglev.is_empty(), "after failing at write {fail_after}");
     }
 }
+
+/// A full services map refuses only the frontend that does not fit, naming the flag to raise;
+/// the others keep being served, and the refused one is programmed as soon as room appears.
+#[test]
+fn a_full_map_refuses_only_the_excess_frontend_until_room_appears() {
+    let mut r =
+        Reconciler::restore(InMemoryMaps { services_capacity: Some(7), ..Default::default() }).unwrap();
+    let report = r.reconcile(&state(&[(vip(1), &[1]), (vip(2), &[2, 3]), (vip(3), &[4, 5, 6])]));
+    assert_eq!((report.programmed, report.refused), (2, 1), "{report:?}");
+    assert!(
+        report.errors[0].contains("default/svc3") && report.errors[0].contains("--max-service-slots"),
+        "{report:?}"
+    );
+    assert_consistent(&r.maps().contents);
+    let entries = |r: &Reconciler<InMemoryMaps>| {
+        r.maps()
+            .contents
+            .services
+            .keys()
+            .filter(|k| k.backend_slot == 0)
+            .map(|k| k.address().octets()[3])
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(entries(&r), vec![1, 2]);
+    // svc2 goes: svc3 fits now, in the same reconcile.
+    let report = r.reconcile(&state(&[(vip(1), &[1]), (vip(3), &[4, 5, 6])]));
+    assert_eq!((report.refused, report.removed), (0, 1), "{report:?}");
+    assert_eq!(entries(&r), vec![1, 3]);
+    assert_consistent(&r.maps().contents);
+}

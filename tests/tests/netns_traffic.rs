@@ -358,3 +358,60 @@ fn the_nodes_own_connections_to_a_cluster_ip_are_balanced_at_the_socket() {
     // its connection still works through the TC program.
     assert!(pg.http_requests(target, 1).unwrap()[0].is_ok());
 }
+
+/// A Service that does not fit (the services map sized by --max-service-slots) is refused
+/// alone, named in the log with the flag to raise and counted; the others are served, and it
+/// is served as soon as room appears.
+#[test]
+fn a_service_that_does_not_fit_is_refused_alone_until_room_appears() {
+    require_root();
+    let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    let service = |name: &str, vip: Ipv4Addr, pods: &[Ipv4Addr]| {
+        let endpoints: Vec<String> = pods.iter().map(|ip| format!("{{addresses: [\"{ip}\"]}}")).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        )
+    };
+    let (a, b, c) = (Ipv4Addr::new(10, 96, 1, 1), Ipv4Addr::new(10, 96, 1, 2), Ipv4Addr::new(10, 96, 1, 3));
+    pg.write_manifest("a.yaml", &service("a", a, &[POD_A])).unwrap();
+    pg.write_manifest("b.yaml", &service("b", b, &[POD_A, POD_B])).unwrap();
+    pg.write_manifest("c.yaml", &service("c", c, &[POD_A, POD_B])).unwrap();
+    let manifests = pg.manifests.clone();
+    // Room for a (2 entries) and b (3), not c (3 more).
+    pg.start_lb_with(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--max-service-slots".as_ref(),
+        "7".as_ref(),
+    ])
+    .unwrap();
+    pg.wait_for_log("Service default/c", Duration::from_secs(10)).unwrap();
+    assert!(pg.lb_log().contains("--max-service-slots"), "{}", pg.lb_log());
+    for vip in [a, b] {
+        let answers = pg.http_requests(SocketAddrV4::new(vip, 80), 3).unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{vip}: {answers:?}");
+    }
+    assert!(pg.http_requests(SocketAddrV4::new(c, 80), 1).unwrap()[0].is_err(), "c was refused");
+    let counters = std::process::Command::new(tests::lb_binary())
+        .args(["counters", "--bpf-dir"])
+        .arg(&pg.bpf_dir)
+        .output()
+        .unwrap();
+    let counters = String::from_utf8_lossy(&counters.stdout).into_owned();
+    assert!(
+        counters.lines().any(|l| l.starts_with("frontends_refused") && l.trim_end().ends_with(" 1")),
+        "{counters}"
+    );
+
+    // b goes: c fits, and is served.
+    std::fs::remove_file(pg.manifests.join("b.yaml")).unwrap();
+    pg.wait_for_maps(Duration::from_secs(5), |s| {
+        s.services.keys().any(|k| k.backend_slot == 0 && k.address() == c)
+    })
+    .unwrap();
+    let answers = pg.http_requests(SocketAddrV4::new(c, 80), 3).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    assert!(pg.stop_lb().unwrap());
+}

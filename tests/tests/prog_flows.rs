@@ -414,7 +414,8 @@ fn source_ranges_hold_against_ip_options_and_fragments() {
     h.program(vec![lb]);
     let outsider = (Ipv4Addr::new(192, 0, 2, 66), 40000);
 
-    let with_options = PacketSpec { ip_options: vec![1, 1, 1, 1], ..PacketSpec::udp(outsider, (VIP, 53)) }.build();
+    let with_options =
+        PacketSpec { ip_options: vec![1, 1, 1, 1], ..PacketSpec::udp(outsider, (VIP, 53)) }.build();
     h.expect("IP options", &with_options, DROP, &with_options, counters::DROP_SOURCE_RANGE);
     let datagram = PacketSpec { payload: vec![3; 600], ..PacketSpec::udp(outsider, (VIP, 53)) };
     let (first, later) = datagram.fragments(200);
