@@ -23,6 +23,10 @@ struct Report {
     last_updated: String,
     current_time: String,
     node_eligible: bool,
+    /// lb's own: the source (the API server) is unreachable, so what the data path serves may
+    /// be stale; since when. It stays healthy: the data path still serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_stale_since: Option<String>,
 }
 
 fn rfc3339(time: Option<SystemTime>) -> String {
@@ -38,6 +42,7 @@ fn report(health: &SharedHealth, need_eligible: bool) -> (StatusCode, Json<Repor
         last_updated: rfc3339(health.last_updated),
         current_time: rfc3339(Some(now)),
         node_eligible: health.node_eligible,
+        source_stale_since: health.source_stale_since.map(|since| rfc3339(Some(since))),
     };
     (status, Json(body))
 }

@@ -80,6 +80,7 @@ enum Source {
         store: ClusterStore,
         events: mpsc::UnboundedReceiver<ClusterEvent>,
         endpoints_source: EndpointsSource,
+        status: Arc<kube_source::WatchStatus>,
     },
 }
 
@@ -123,13 +124,22 @@ impl Source {
             SourceOptions::Kubernetes { kubeconfig } => {
                 let client = kube_source::client(kubeconfig.as_deref()).await?;
                 let (tx, events) = mpsc::unbounded_channel();
-                kube_source::spawn_watchers(client, &options.proxy, tx);
+                let status = kube_source::spawn_watchers(client, &options.proxy, tx);
                 Ok(Source::Kubernetes {
                     store: ClusterStore::default(),
                     events,
                     endpoints_source: options.proxy.endpoints_source,
+                    status,
                 })
             }
+        }
+    }
+
+    /// Since when the source has been unreachable, if it is.
+    fn stale_since(&self) -> Option<SystemTime> {
+        match self {
+            Source::Manifests { .. } => None,
+            Source::Kubernetes { status, .. } => status.stale_since(),
         }
     }
 
@@ -443,6 +453,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is immediate
 
+    // How /healthz learns that the source is unreachable (the data path then serves a state
+    // that may be stale).
+    let mut source_check = tokio::time::interval(Duration::from_secs(1));
+    source_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let next_sync = if source.ready() { runner.next_sync(Instant::now()) } else { None };
@@ -467,6 +481,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     synced_once = true;
                     prune(&mut reconciler);
                 }
+            }
+            _ = source_check.tick() => {
+                health.lock().expect("health lock").source_stale_since = source.stale_since();
             }
             _ = resync.tick(), if source.ready() => {
                 // Full resync: re-read the maps so entries changed behind our back are repaired.

@@ -70,12 +70,21 @@ pub struct HealthState {
     pub node_eligible: bool,
     /// A queued change older than this makes the proxy unhealthy (2 x sync period).
     pub timeout: Duration,
+    /// Since when the source has been unreachable (API server watches failing): the data path
+    /// serves the state it last got, which may be stale. `None` while it is reachable.
+    pub source_stale_since: Option<SystemTime>,
 }
 
 impl HealthState {
     pub fn new(timeout: Duration) -> Self {
         // Starting counts as a queued change: unhealthy if the first sync never happens.
-        Self { last_updated: None, oldest_pending: Some(SystemTime::now()), node_eligible: true, timeout }
+        Self {
+            last_updated: None,
+            oldest_pending: Some(SystemTime::now()),
+            node_eligible: true,
+            timeout,
+            source_stale_since: None,
+        }
     }
 
     pub fn healthy(&self, now: SystemTime) -> bool {

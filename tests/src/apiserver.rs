@@ -101,6 +101,9 @@ enum Broadcast {
 struct Shared {
     store: Arc<Mutex<Store>>,
     events: broadcast::Sender<Broadcast>,
+    /// While set, every request fails with 503, as an API server that crashed behind a load
+    /// balancer answers.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A running fake API server; stops when dropped.
@@ -135,7 +138,11 @@ impl FakeApiServer {
         let address = listener.local_addr()?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (events, _) = broadcast::channel(4096);
-        let shared = Shared { store: Arc::new(Mutex::new(Store::default())), events };
+        let shared = Shared {
+            store: Arc::new(Mutex::new(Store::default())),
+            events,
+            down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
         let app = Router::new().fallback(handle).with_state(shared.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -227,6 +234,15 @@ current-context: fake
         self.drop_watches();
     }
 
+    /// Takes the server down (every request fails with 503, open watches end) or brings it
+    /// back.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.drop_watches();
+        }
+    }
+
     /// Closes every open watch connection, as an API server restart or a load balancer would.
     pub fn drop_watches(&self) {
         let _ = self.shared.events.send(Broadcast::DropWatches);
@@ -292,6 +308,21 @@ async fn handle(
     uri: Uri,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
+    if shared.down.load(std::sync::atomic::Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(status(503, "ServiceUnavailable", "the API server is down")),
+        )
+            .into_response();
+    }
+    if uri.path() == "/version" {
+        return axum::Json(json!({
+            "major": "1", "minor": "36", "gitVersion": "v1.36.0-fake", "gitCommit": "fake",
+            "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25",
+            "compiler": "gc", "platform": "linux/amd64"
+        }))
+        .into_response();
+    }
     let Some(kind) = Kind::from_path(uri.path()) else {
         return (
             StatusCode::NOT_FOUND,

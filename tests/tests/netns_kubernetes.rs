@@ -121,3 +121,55 @@ fn services_from_the_api_server_reach_the_kernel() {
     assert_eq!(pg.http_requests(SocketAddrV4::new(VIP, 80), 1).unwrap()[0].as_ref().unwrap().pod, "pod-a");
     assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
 }
+
+/// The API server going away and coming back: traffic keeps flowing meanwhile, `/healthz` says
+/// the state may be stale (and stays healthy: the data path serves), and a change made right
+/// after the API server returns is in the maps within 5 s.
+#[test]
+fn a_change_after_the_api_server_returns_reaches_the_maps_within_seconds() {
+    require_root();
+    let mut pg = Playground::new(&unique("k"), &[("pod-a", POD_A), ("pod-b", POD_B)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    let listener = pg.node.run(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let server = FakeApiServer::start(listener).unwrap();
+    let kubeconfig = server.write_kubeconfig(pg.work_dir()).unwrap();
+    pg.start_lb_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--hostname-override".as_ref(),
+        "node-1".as_ref(),
+    ])
+    .unwrap();
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {VIP}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+    ));
+    server.apply_yaml(&slice(false));
+    pg.wait_for_maps(Duration::from_secs(10), |s| backend_count(s) == Some(1)).unwrap();
+
+    server.set_down(true);
+    std::thread::sleep(Duration::from_secs(4)); // long enough for the watches' backoff to grow
+    let answers = pg.http_requests(SocketAddrV4::new(VIP, 80), 5).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "traffic while the API server is down: {answers:?}");
+    let (code, body) = http_get_in_node(&pg, "/healthz");
+    assert_eq!(code, 200, "the data path serves: healthy ({body})");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(report["sourceStaleSince"].as_str().is_some_and(|t| !t.is_empty()), "{body}\n{}", pg.lb_log());
+
+    server.set_down(false);
+    let back = Instant::now();
+    server.apply_yaml(&slice(true));
+    let took = pg.wait_for_maps(Duration::from_secs(5), |s| backend_count(s) == Some(2)).unwrap();
+    eprintln!("a change made as the API server came back reached the maps after {:?}", back.elapsed());
+    assert!(took < Duration::from_secs(5));
+    // Every watch is back within its longest retry delay (2 s) and a health refresh.
+    let start = Instant::now();
+    while http_get_in_node(&pg, "/healthz").1.contains("sourceStaleSince") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "/healthz still says the state is stale\n{}",
+            pg.lb_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
+}
