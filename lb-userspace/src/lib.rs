@@ -1,6 +1,7 @@
 //! lb's controller: Kubernetes objects in, BPF maps out.
 
 pub mod allocator;
+pub mod audit;
 pub mod cluster;
 pub mod conntrack;
 pub mod convert;

@@ -139,34 +139,21 @@ fn a_failed_write_is_repaired_by_the_next_reconcile() {
         let report = r.reconcile(&desired_b);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         r.prune().unwrap();
+        assert_settled(&r.maps().contents);
         assert_eq!(render_snapshot(&r.maps().contents), want, "after failing at write {fail_after}");
     }
 }
 
-/// Every service entry's slots exist and every slot's backend exists; a Maglev table an entry
-/// names exists, is whole, and points only at existing backends.
+/// What every reader may rely on at every instant (`lb_userspace::audit::always`).
 fn assert_consistent(contents: &lb_userspace::maps::MapsSnapshot) {
-    for (key, value) in &contents.services {
-        if key.backend_slot == 0 && value.maglev_table != 0 {
-            let table = contents.maglev.get(&value.maglev_table);
-            let table =
-                table.unwrap_or_else(|| panic!("{key:?}: Maglev table {} missing", value.maglev_table));
-            assert!(
-                table.iter().all(|id| contents.backends.contains_key(id)),
-                "{key:?}: table points at a missing backend"
-            );
-        }
-        if key.backend_slot == 0 {
-            for slot in 1..=value.backend_count {
-                let slot_value = contents.services.get(&key.with_slot(slot));
-                let slot_value = slot_value.unwrap_or_else(|| panic!("{key:?} slot {slot} missing"));
-                assert!(
-                    contents.backends.contains_key(&slot_value.backend_id),
-                    "backend of {key:?} slot {slot} missing"
-                );
-            }
-        }
-    }
+    let violations = lb_userspace::audit::always(contents);
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// What holds once a sync is done (`lb_userspace::audit::settled`).
+fn assert_settled(contents: &lb_userspace::maps::MapsSnapshot) {
+    let violations = lb_userspace::audit::settled(contents);
+    assert!(violations.is_empty(), "{violations:#?}");
 }
 
 #[test]
@@ -320,7 +307,7 @@ fn a_failed_write_with_maglev_tables_is_repaired_by_the_next_reconcile() {
         let report = r.reconcile(&desired_b);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         r.prune().unwrap();
-        assert_consistent(&r.maps().contents);
+        assert_settled(&r.maps().contents);
         // Same frontends, backends and table contents as a clean run (IDs may differ).
         let tables = |contents: &lb_userspace::maps::MapsSnapshot| contents.maglev.len();
         assert_eq!(

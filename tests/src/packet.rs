@@ -272,13 +272,13 @@ pub fn ethernet_header(ether_type: u16) -> Vec<u8> {
 
 /// Whether an Ethernet/IPv4 frame's IP header checksum and TCP/UDP checksum are both valid.
 pub fn checksums_valid(frame: &[u8]) -> bool {
-    let ip = &frame[ETH_LEN..];
+    let Some(ip) = frame.get(ETH_LEN..).filter(|ip| ip.len() >= 20) else { return false };
     let header_len = usize::from(ip[0] & 0x0f) * 4;
-    if ones_complement_sum(&ip[..header_len], 0) != 0xffff {
+    if header_len < 20 || ip.len() < header_len || ones_complement_sum(&ip[..header_len], 0) != 0xffff {
         return false;
     }
     let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let l4 = &ip[header_len..total_len];
+    let Some(l4) = ip.get(header_len..total_len) else { return false };
     let protocol = ip[9];
     if protocol == UDP && l4[6..8] == [0, 0] {
         return true;

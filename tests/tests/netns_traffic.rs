@@ -415,3 +415,52 @@ fn a_service_that_does_not_fit_is_refused_alone_until_room_appears() {
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
     assert!(pg.stop_lb().unwrap());
 }
+
+/// A flood of malformed objects (YAML that does not parse, objects that fail their checks,
+/// random bytes) written while traffic runs: the daemon keeps serving, and reports them.
+#[test]
+fn a_flood_of_malformed_objects_does_not_disturb_traffic() {
+    let mut pg = echo_playground(&[("pod-a", POD_A), ("pod-b", POD_B)]);
+    let bad = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad1}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad2}\nspec: {clusterIP: 10.96.0.30, ports: [{port: 0}]}\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: bad3, labels: {kubernetes.io/service-name: echo}}\naddressType: IPv4\nendpoints: [{addresses: [\"300.1.2.3\"]}]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad4}\nspec: {clusterIP: 10.96.0.31, ports: [{port: 80}], sessionAffinity: Sometimes}\n",
+        "{{{{ not: [yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: [this, is, not, a, spec]\n",
+    ];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (dir, writer_stop) = (pg.manifests.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut written = 0u64;
+        let mut seed = 0x1234_5678u64;
+        while !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let text = if seed.is_multiple_of(4) {
+                (0..64).map(|i| ((seed >> (i % 56)) as u8 % 94 + 32) as char).collect::<String>()
+            } else {
+                bad[(seed >> 33) as usize % bad.len()].to_string()
+            };
+            let file = format!("bad-{}.yaml", written % 8);
+            tests::playground::write_manifest(&dir, &file, &text).unwrap();
+            written += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        written
+    });
+    let start = std::time::Instant::now();
+    let mut requests = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        for answer in pg.http_requests(SocketAddrV4::new(VIP, 80), 10).unwrap() {
+            answer.unwrap_or_else(|e| panic!("a request failed during the flood: {e}\n{}", pg.lb_log()));
+            requests += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    eprintln!("{requests} requests answered while {written} malformed files were written");
+    assert!(written > 500 && requests > 100);
+    let log = pg.lb_log();
+    assert!(log.contains("bad1") && log.contains("10.96.0.999"), "the bad objects are reported");
+    assert!(pg.stop_lb().unwrap(), "lb still runs and exits cleanly:\n{}", pg.lb_log());
+}
