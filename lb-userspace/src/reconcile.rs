@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 
@@ -141,6 +142,8 @@ pub struct ProgrammedFrontend {
     pub affinity_timeout: u32,
     /// The service entry's Maglev table (0 for none).
     pub maglev_table: u32,
+    /// When the entry's count went below its slots; they are deleted after the grace period.
+    pub shrunk_at: Option<Instant>,
 }
 
 impl ProgrammedFrontend {
@@ -154,6 +157,7 @@ impl ProgrammedFrontend {
             source_ranges: BTreeSet::new(),
             affinity_timeout: 0,
             maglev_table: 0,
+            shrunk_at: None,
         }
     }
 }
@@ -206,6 +210,10 @@ impl ProgrammedState {
         for (frontend, entry) in &mut frontends {
             let found = slots.remove(frontend).unwrap_or_default();
             entry.slots = (1u16..).map_while(|slot| found.get(&slot).copied()).collect();
+            // Slots past the count (a shrink in progress when they were read) go after the grace.
+            if entry.slots.len() > usize::from(entry.count.unwrap_or(0)) {
+                entry.shrunk_at = Some(Instant::now());
+            }
             entry.meta = snapshot.service_meta.get(&entry.service_id).and_then(|meta| {
                 Some((FrontendType::from_code(meta.frontend_type)?, meta.name().to_string()))
             });
@@ -241,6 +249,9 @@ pub struct Reconciler<M: ServiceMaps> {
     table_indexes: TableIndexes,
     /// Said once that every Maglev table is in use.
     warned_tables_exhausted: bool,
+    /// Backends no slot uses, since when (`set_backend_grace`).
+    unused_since: BTreeMap<u32, Instant>,
+    backend_grace: Duration,
 }
 
 fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
@@ -272,6 +283,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             maglev_tables: BTreeMap::new(),
             table_indexes: TableIndexes::default(),
             warned_tables_exhausted: false,
+            unused_since: BTreeMap::new(),
+            backend_grace: Duration::ZERO,
         };
         let snapshot = reconciler.maps.snapshot_with_maglev()?;
         reconciler.take_state(ProgrammedState::from_snapshot(&snapshot));
@@ -399,10 +412,15 @@ impl<M: ServiceMaps> Reconciler<M> {
         // Backends can only have lost their last user if something was written (or an
         // earlier release failed); skipping the scan keeps an idle sync cheap.
         if report.programmed + report.removed > 0 || !report.errors.is_empty() || self.release_pending {
-            self.release_pending = false;
-            if let Err(error) = self.release_unused_backends() {
-                self.release_pending = true;
-                report.errors.push(error.to_string());
+            match self
+                .release_surplus_slots()
+                .and_then(|slots_wait| Ok(slots_wait | self.release_unused_backends()?))
+            {
+                Ok(waiting) => self.release_pending = waiting,
+                Err(error) => {
+                    self.release_pending = true;
+                    report.errors.push(error.to_string());
+                }
             }
         }
         report
@@ -434,7 +452,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             && self.maglev_matches(current.maglev_table, frontend, &current.slots)
             && current.source_ranges.len() == frontend.policy.source_ranges.len()
             && frontend.policy.source_ranges.iter().all(|range| current.source_ranges.contains(range))
-            && current.slots.len() == frontend.backends.len()
+            && current.slots.len() >= frontend.backends.len()
             && current.meta.as_ref().is_some_and(|(frontend_type, name)| {
                 *frontend_type == frontend.frontend_type && names_service_port(name, &frontend.service)
             })
@@ -561,10 +579,11 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.release_maglev_table(old_table);
         }
         let programmed = self.state.frontends.get_mut(&key).expect("inserted above");
-        while programmed.slots.len() > usize::from(count) {
-            let slot = programmed.slots.len() as u16;
-            self.maps.delete_service(service_key(&key, slot)).map_err(program_error)?;
-            programmed.slots.pop();
+        // Slots past the new count go after the grace period (`release_surplus_slots`): a
+        // reader that took the old count just before it changed still finds its slot.
+        if programmed.slots.len() > usize::from(count) {
+            programmed.shrunk_at.get_or_insert_with(Instant::now);
+            self.release_pending = true;
         }
         // Ranges no longer wanted go after the entry: if it still checks ranges, it checks the
         // new set.
@@ -691,12 +710,40 @@ impl<M: ServiceMaps> Reconciler<M> {
         Ok(())
     }
 
-    fn release_unused_backends(&mut self) -> Result<(), ReconcileError> {
+    /// Deletes the slots past each entry's count once the count has been lowered for the grace
+    /// period. Returns whether some still wait for theirs.
+    fn release_surplus_slots(&mut self) -> Result<bool, ReconcileError> {
+        let now = Instant::now();
+        let mut waiting = false;
+        for (key, programmed) in &mut self.state.frontends {
+            let Some(shrunk_at) = programmed.shrunk_at else { continue };
+            if now.duration_since(shrunk_at) < self.backend_grace {
+                waiting = true;
+                continue;
+            }
+            let count = usize::from(programmed.count.unwrap_or(0));
+            while programmed.slots.len() > count {
+                let slot = programmed.slots.len() as u16;
+                self.maps
+                    .delete_service(service_key(key, slot))
+                    .map_err(|source| ReconcileError::Remove { frontend: *key, source: Box::new(source) })?;
+                programmed.slots.pop();
+            }
+            programmed.shrunk_at = None;
+        }
+        Ok(waiting)
+    }
+
+    /// Deletes backends no slot or Maglev table uses any more, once they have been unused for
+    /// the grace period. Returns whether some still wait for theirs.
+    fn release_unused_backends(&mut self) -> Result<bool, ReconcileError> {
+        // Slots past a count are on their way out (their grace started with the shrink, no
+        // later than this backend's, and they go first): they do not keep a backend.
         let referenced: BTreeSet<u32> = self
             .state
             .frontends
             .values()
-            .flat_map(|f| f.slots.iter().copied())
+            .flat_map(|f| f.slots.iter().take(usize::from(f.count.unwrap_or(u16::MAX))).copied())
             .chain(self.maglev_tables.values().flat_map(|t| t.backends.iter().copied()))
             .collect();
         let unused: Vec<(u32, L4Addr)> = self
@@ -706,14 +753,32 @@ impl<M: ServiceMaps> Reconciler<M> {
             .filter(|(id, _)| !referenced.contains(id))
             .map(|(id, addr)| (*id, *addr))
             .collect();
+        self.unused_since.retain(|id, _| !referenced.contains(id));
+        let now = Instant::now();
+        let mut waiting = false;
         for (id, backend) in unused {
+            let since = *self.unused_since.entry(id).or_insert(now);
+            if now.duration_since(since) < self.backend_grace {
+                waiting = true;
+                continue;
+            }
             self.maps
                 .delete_backend(id)
                 .map_err(|source| ReconcileError::ReleaseBackend { backend, source: Box::new(source) })?;
             self.state.backends.remove(&id);
             self.backend_ids.remove(&backend);
+            self.unused_since.remove(&id);
         }
-        Ok(())
+        Ok(waiting)
+    }
+
+    /// How long a backend no slot uses, and a slot past its entry's count, stay in the map
+    /// before they are deleted. A reader that took a count or a slot just before it changed
+    /// (the data path between two lookups, or a dump of the maps, which is not atomic) still
+    /// finds the slot and its backend; and a backend that comes back soon (an endpoint
+    /// flapping) keeps its ID.
+    pub fn set_backend_grace(&mut self, grace: Duration) {
+        self.backend_grace = grace;
     }
 
     /// Deletes map entries the reconciler does not account for: slots past a gap, entries of

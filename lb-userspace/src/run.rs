@@ -64,6 +64,9 @@ pub struct RunOptions {
     pub maglev_table_size: u32,
 }
 
+/// How long an unused backend stays in the map (see `Reconciler::set_backend_grace`).
+const BACKEND_GRACE: Duration = Duration::from_secs(2);
+
 /// How long to wait after a file event for the rest of a burst (an editor's write + rename).
 const MANIFEST_COALESCE: Duration = Duration::from_millis(20);
 
@@ -429,6 +432,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (max_service_id, max_backend_id) =
         conntrack::max_ids(&flow_tables).context("reading the pinned conntrack table")?;
     reconciler.reserve_ids(max_service_id, max_backend_id);
+    reconciler.set_backend_grace(BACKEND_GRACE);
     let collector =
         Collector::spawn(flow_tables, options.conntrack_timeouts, options.conntrack_gc_interval, clock_since);
     let mut stats = conntrack::Stats::open(&options.bpf_dir)?;

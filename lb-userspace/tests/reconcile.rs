@@ -382,3 +382,28 @@ fn a_full_map_refuses_only_the_excess_frontend_until_room_appears() {
     assert_eq!(entries(&r), vec![1, 3]);
     assert_consistent(&r.maps().contents);
 }
+
+/// A backend no slot uses any more stays for the grace period (a reader that took its slot
+/// just before the rewrite still finds it), and keeps its ID if it comes back meanwhile.
+#[test]
+fn unused_backends_stay_for_the_grace_period() {
+    let mut r = reconciler();
+    r.set_backend_grace(std::time::Duration::from_millis(300));
+    r.reconcile(&state(&[(vip(1), &[1, 2])]));
+    let id_of_2 =
+        *r.maps().contents.backends.iter().find(|(_, b)| b.address() == addr(2, 8080).ip).unwrap().0;
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    assert_eq!(r.maps().contents.backends.len(), 2, "still there during the grace period");
+    assert_consistent(&r.maps().contents);
+    // Back within the grace period: the same ID.
+    r.reconcile(&state(&[(vip(1), &[1, 2])]));
+    let slots: Vec<u32> =
+        r.maps().contents.services.values().filter(|v| v.backend_id != 0).map(|v| v.backend_id).collect();
+    assert!(slots.contains(&id_of_2), "{slots:?}");
+    // Gone for longer than the grace period: deleted at the next reconcile.
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    assert_eq!(r.maps().contents.backends.len(), 1);
+    assert_settled(&r.maps().contents);
+}
