@@ -32,8 +32,11 @@ pub mod map_names {
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const STATS: &str = "LB_STATS";
     pub const CLOCK: &str = "LB_CLOCK";
+    pub const LAYOUT: &str = "LB_LAYOUT";
+    /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
+    pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 14] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -47,7 +50,26 @@ pub mod map_names {
         MAGLEV,
         STATS,
         CLOCK,
+        LAYOUT,
     ];
+}
+
+/// The layout record (`map_names::LAYOUT`): which layout the pinned maps' entries have, so a
+/// later build knows how to read them, converts them into maps of its own layout, or refuses
+/// what it cannot read. The record's own shape (an array of `RECORDS` u32) never changes.
+pub mod layout {
+    /// This build's layout: bumped whenever a pinned map's key, value, type or meaning changes.
+    /// Version 0 is the layout of builds from before the record existed.
+    pub const VERSION: u32 = 1;
+    /// Index of the version of the maps pinned under their own names (0: not recorded).
+    pub const PINNED: u32 = 0;
+    /// Index of the version of maps pinned as `<name>-migrating` while a start migrates them
+    /// (0: no migration under way).
+    pub const MIGRATING: u32 = 1;
+    /// Entries in the record; the others are reserved.
+    pub const RECORDS: u32 = 4;
+    /// Suffix of the pins of maps being migrated into (bpffs refuses names with a dot).
+    pub const MIGRATING_SUFFIX: &str = "-migrating";
 }
 
 /// How often userspace publishes the time in the clock map (`map_names::CLOCK`), in

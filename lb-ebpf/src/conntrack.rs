@@ -14,7 +14,7 @@ use lb_common::{Backend, ConntrackEntry, FlowKey, conntrack_flags as cf, conntra
 
 use crate::{
     headers::{PROTOCOL_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{LB_CLOCK, LB_CONFIG, LB_CONNTRACK, count},
+    maps::{LB_CLOCK, LB_CONFIG, LB_CONNTRACK, LB_CONNTRACK_PREVIOUS, count},
     parse::Ipv4Flow,
     verdict::Verdict,
 };
@@ -60,7 +60,27 @@ pub fn packet_key(flow: &Ipv4Flow) -> FlowKey {
 
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<*mut ConntrackEntry> {
+    LB_CONNTRACK.get_ptr_mut(key).or_else(|| carry_over(key))
+}
+
+/// A flow the previous programs tracked in the map a start is migrating from: moved into this
+/// map on its first packet here. Outside a migration, one lookup in an empty array.
+#[inline(always)]
+fn carry_over(key: &FlowKey) -> Option<*mut ConntrackEntry> {
+    let previous = LB_CONNTRACK_PREVIOUS.get_value_ptr_mut(0, key)?;
+    // SAFETY: copied out at once from a pointer into the previous map's value.
+    let entry = unsafe { *previous };
+    let _ = LB_CONNTRACK.insert(key, &entry, BPF_NOEXIST);
     LB_CONNTRACK.get_ptr_mut(key)
+}
+
+/// Whether a live flow in the map a start is migrating from holds this tuple.
+#[inline(always)]
+fn held_by_previous(key: &FlowKey) -> bool {
+    // SAFETY: one field read from a pointer into the previous map's value.
+    LB_CONNTRACK_PREVIOUS
+        .get_value_ptr_mut(0, key)
+        .is_some_and(|entry| unsafe { (*entry).state } != cs::TCP_CLOSED)
 }
 
 /// What to do with a packet whose 5-tuple has an entry.
@@ -315,6 +335,10 @@ fn claim_port(
     for attempt in 0..SNAT_PORT_TRIES {
         let port = (min + (hash.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % span)) as u16;
         reply_key.dst_port = port.to_be();
+        // The previous programs' flows are not all carried over yet: their ports are taken.
+        if held_by_previous(reply_key) {
+            continue;
+        }
         match LB_CONNTRACK.insert(&*reply_key, reply, BPF_NOEXIST) {
             Ok(()) => return Ok(port.to_be()),
             Err(E2BIG) => return Err(Verdict::drop(counters::DROP_CONNTRACK_FULL)),

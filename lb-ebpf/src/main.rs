@@ -62,11 +62,22 @@ pub fn lb_noop(_ctx: TcContext) -> i32 {
     verdict::TC_PASS
 }
 
+/// Set at load time (`lb run --test-program-variant`) to run programs whose code differs from
+/// the default build's, so that tests can watch an upgrade swap code in place. Variant 1 also
+/// counts every packet in the `PACKETS` slot, which the data path otherwise leaves to
+/// userspace. The value is read-only data the verifier knows: it removes the branch at 0.
+#[unsafe(no_mangle)]
+static LB_PROGRAM_VARIANT: u32 = 0;
+
 #[inline(always)]
 fn finish(result: Result<Verdict, Verdict>) -> i32 {
     let verdict = match result {
         Ok(verdict) | Err(verdict) => verdict,
     };
+    // SAFETY: a plain read of a global; volatile so the compiler keeps the load-time value.
+    if unsafe { core::ptr::read_volatile(&LB_PROGRAM_VARIANT) } != 0 {
+        count(counters::PACKETS);
+    }
     count(verdict.counter);
     verdict.action
 }

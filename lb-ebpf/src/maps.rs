@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array as BtfArray, ArrayOfMaps},
+    btf_maps::{Array as BtfArray, ArrayOfMaps, HashMap as BtfHashMap},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -28,6 +28,13 @@ pub static LB_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKEN
 /// flow evicted.
 #[map]
 pub static LB_CONNTRACK: HashMap<FlowKey, ConntrackEntry> = HashMap::pinned(capacity::CONNTRACK, 0);
+
+/// While a start moves the conntrack map into one of another size (`lb-userspace`'s `layout`),
+/// slot 0 holds the map the previous programs tracked flows in: a flow they opened just before
+/// their link switched is still found there, and moved into `LB_CONNTRACK`, until userspace has
+/// carried every entry over. Empty otherwise. Not pinned: it belongs to this load.
+#[btf_map]
+pub static LB_CONNTRACK_PREVIOUS: ArrayOfMaps<BtfHashMap<FlowKey, ConntrackEntry, 1>, 1> = ArrayOfMaps::new();
 
 /// Service ID -> name and type, for `lb services`. Never read here; declared in this object so
 /// it is created and pinned with the others.
@@ -78,6 +85,11 @@ pub static LB_STATS: Array<u64> = Array::pinned(stats::COUNT, 0);
 /// are stamped with it: reading it costs a fraction of a clock read on every packet.
 #[map]
 pub static LB_CLOCK: Array<u64> = Array::pinned(1, 0);
+
+/// The layout record (`lb_common::layout`), written by userspace; declared here so it is
+/// created and pinned with the others.
+#[map]
+pub static LB_LAYOUT: Array<u32> = Array::pinned(lb_common::layout::RECORDS, 0);
 
 /// Per-CPU packet counters, indexed by `lb_common::counters`.
 #[map]

@@ -537,11 +537,13 @@ impl Collector {
 
 /// Publishes CLOCK_MONOTONIC into the clock map every `CLOCK_TICK_NS`, from a thread of its
 /// own, until the process exits. Returns the first time published.
-pub fn publish_clock(bpf_dir: &Path) -> Result<u64, FlowTablesError> {
+pub fn publish_clock(clock_pin: &Path) -> Result<u64, FlowTablesError> {
     let wrong = |source| FlowTablesError::Map { operation: "open", map: map_names::CLOCK, source };
-    let mut clock: Array<MapData, u64> =
-        Array::try_from(map(open_pinned(bpf_dir, map_names::CLOCK)?, bpf_dir, map_names::CLOCK)?)
-            .map_err(wrong)?;
+    let data = MapData::from_pin(clock_pin)
+        .map_err(|source| FlowTablesError::Open { path: clock_pin.to_path_buf(), source })?;
+    let data = Map::from_map_data(data)
+        .map_err(|source| FlowTablesError::Open { path: clock_pin.to_path_buf(), source })?;
+    let mut clock: Array<MapData, u64> = Array::try_from(data).map_err(wrong)?;
     let first = monotonic_ns();
     clock.set(0, first, 0).map_err(|source| FlowTablesError::Map {
         operation: "write",

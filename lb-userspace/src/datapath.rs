@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData, MapType, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
 use std::os::fd::AsFd;
 
-use crate::links;
+use crate::{layout, links};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{DatapathConfig, counters, map_names};
 
@@ -93,6 +93,8 @@ pub enum DatapathError {
     },
     #[error("reading counters: {0}")]
     Counters(#[source] aya::maps::MapError),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
     #[error("writing the data path's settings to {map}: {source}")]
     Config {
         map: &'static str,
@@ -167,6 +169,8 @@ pub struct Datapath {
     xdp_attached: BTreeMap<String, PathBuf>,
     /// Whether the socket programs are attached (their links pinned).
     sockets_attached: bool,
+    /// The layout migration this start makes, until `finish_migration`.
+    migration: Option<layout::Migration>,
 }
 
 /// How the XDP program is attached to the external interfaces (`--xdp`).
@@ -217,6 +221,18 @@ impl Datapath {
 
     /// `load`, with map sizes other than the defaults.
     pub fn load_with(bpf_dir: &Path, capacity: &Capacity) -> Result<Self, DatapathError> {
+        Self::load_variant(bpf_dir, capacity, 0)
+    }
+
+    /// `load_with`, running the programs of `program_variant` (0: the default; see
+    /// `LB_PROGRAM_VARIANT` in lb-ebpf). Maps pinned by a build of another layout, or with
+    /// other sizes, are migrated (see `layout`): call `finish_migration` once every link runs
+    /// this build's programs.
+    pub fn load_variant(
+        bpf_dir: &Path,
+        capacity: &Capacity,
+        program_variant: u32,
+    ) -> Result<Self, DatapathError> {
         let parent = bpf_dir.parent().unwrap_or(Path::new("/"));
         if !is_bpffs(bpf_dir) && !is_bpffs(parent) {
             return Err(DatapathError::NotBpfFs { dir: bpf_dir.to_path_buf() });
@@ -228,21 +244,58 @@ impl Datapath {
         for dir in [bpf_dir.to_path_buf(), bpf_dir.join(links::LINKS_DIR)] {
             restrict(&dir, 0o700)?;
         }
-        for (name, shape) in expected_shapes(capacity) {
-            unpin_if_reshaped(bpf_dir, name, shape);
+        // Refused here (a layout this build cannot read, a size too small for what the maps
+        // hold), nothing is touched: the running data path keeps serving.
+        let migration = layout::prepare(bpf_dir, capacity)?;
+        if !migration.moves.is_empty() {
+            let maps: Vec<String> = migration
+                .moves
+                .iter()
+                .map(|moved| format!("{} ({} -> {})", moved.name, moved.from, moved.to))
+                .collect();
+            tracing::info!(
+                from_layout = migration.from,
+                ?maps,
+                "migrating maps to this build's layout and sizes"
+            );
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(bpf_dir)
             // A BTF map-of-maps carries no pinning of its own: pin it by path like the others.
-            .map_pin_path(map_names::MAGLEV, bpf_dir.join(map_names::MAGLEV))
+            .map_pin_path(map_names::MAGLEV, migration.pin_path(bpf_dir, map_names::MAGLEV))
             .map_max_entries(map_names::SERVICES, capacity.service_slots)
             .map_max_entries(map_names::SERVICE_META, capacity.frontends)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
-            .load(EBPF_OBJECT)
-            .map_err(DatapathError::Load)?;
+            .override_global("LB_PROGRAM_VARIANT", &program_variant, true);
+        for moved in &migration.moves {
+            loader.map_pin_path(moved.name, migration.pin_path(bpf_dir, moved.name));
+        }
+        let mut ebpf = match loader.load(EBPF_OBJECT) {
+            Ok(ebpf) => ebpf,
+            Err(error) => {
+                layout::abandon(bpf_dir, &migration);
+                return Err(DatapathError::Load(error));
+            }
+        };
         for name in map_names::PINNED {
-            restrict(&bpf_dir.join(name), 0o600)?;
+            restrict(&migration.pin_path(bpf_dir, name), 0o600)?;
+        }
+        let copied = layout::copy(bpf_dir, &migration, crate::conntrack::monotonic_ns())?;
+        if !migration.moves.is_empty() {
+            tracing::info!(entries = copied, "copied the entries into the new maps");
+        }
+        let previous = previous_flows_fd(&ebpf)?;
+        match layout::offer_previous_flows(bpf_dir, &migration, previous.as_fd()) {
+            Ok(true) => tracing::info!(
+                "until the migration ends, flows missing from the new conntrack map are looked up in the old one"
+            ),
+            Ok(false) => {}
+            Err(error) => {
+                layout::abandon(bpf_dir, &migration);
+                return Err(error.into());
+            }
         }
         // Every program now: a previous lb's links get them before anything else happens.
         for name in TC_PROGRAMS {
@@ -264,13 +317,40 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram { name })?;
             program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
         }
-        Ok(Self {
+        let mut datapath = Self {
             ebpf,
             bpf_dir: bpf_dir.to_path_buf(),
             attached: BTreeMap::new(),
             xdp_attached: BTreeMap::new(),
             sockets_attached: false,
-        })
+            migration: Some(migration),
+        };
+        if datapath.migration.as_ref().is_some_and(|m| m.moves.is_empty()) {
+            datapath.finish_migration()?;
+        }
+        Ok(datapath)
+    }
+
+    /// Where the map `name` is pinned now (its `-migrating` pin until `finish_migration`).
+    pub fn map_pin(&self, name: &str) -> PathBuf {
+        match &self.migration {
+            Some(migration) => migration.pin_path(&self.bpf_dir, name),
+            None => self.bpf_dir.join(name),
+        }
+    }
+
+    /// Ends a migration once the links run this build's programs: carries over what the old
+    /// programs wrote meanwhile and puts the new maps in the old ones' place.
+    pub fn finish_migration(&mut self) -> Result<Option<layout::Finished>, DatapathError> {
+        let Some(migration) = self.migration.take() else { return Ok(None) };
+        let previous = previous_flows_fd(&self.ebpf)?;
+        let finished = layout::finish(
+            &self.bpf_dir,
+            &migration,
+            crate::conntrack::monotonic_ns(),
+            Some(previous.as_fd()),
+        )?;
+        Ok((!migration.moves.is_empty()).then_some(finished))
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -647,100 +727,18 @@ pub fn read_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathEr
         .collect()
 }
 
-/// What a pinned map must be for this build to reuse it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MapShape {
-    pub map_type: MapType,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-}
+pub use crate::layout::{MapShape, expected_shapes, pinned_shape};
 
-/// The shape of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 13] {
-    use core::mem::size_of;
-    use lb_common::*;
-    let shape = |map_type, key: usize, value: usize, max_entries| MapShape {
-        map_type,
-        key_size: key as u32,
-        value_size: value as u32,
-        max_entries,
-    };
-    [
-        (
-            map_names::SERVICES,
-            shape(MapType::Hash, size_of::<ServiceKey>(), size_of::<ServiceValue>(), capacity.service_slots),
-        ),
-        (map_names::BACKENDS, shape(MapType::Hash, 4, size_of::<Backend>(), capacity.backends)),
-        (
-            map_names::CONNTRACK,
-            shape(MapType::Hash, size_of::<FlowKey>(), size_of::<ConntrackEntry>(), capacity.flows),
-        ),
-        (map_names::SERVICE_META, shape(MapType::Hash, 4, size_of::<ServiceMeta>(), capacity.frontends)),
-        // LPM keys carry a 4-byte prefix length before the data.
-        (
-            map_names::SOURCE_RANGES,
-            shape(MapType::LpmTrie, 4 + size_of::<SourceRangeKey>(), 1, lb_common::capacity::SOURCE_RANGES),
-        ),
-        (map_names::CONFIG, shape(MapType::Array, 4, size_of::<DatapathConfig>(), 1)),
-        (
-            map_names::SOCKETS,
-            shape(
-                MapType::LruHash,
-                size_of::<SocketKey>(),
-                size_of::<SocketFrontend>(),
-                lb_common::capacity::SOCKETS,
-            ),
-        ),
-        (map_names::COUNTERS, shape(MapType::PerCpuArray, 4, 8, counters::COUNT)),
-        (
-            map_names::AFFINITY,
-            shape(
-                MapType::LruHash,
-                size_of::<AffinityKey>(),
-                size_of::<AffinityValue>(),
-                lb_common::capacity::AFFINITY,
-            ),
-        ),
-        (
-            map_names::FRAGMENTS,
-            shape(
-                MapType::LruHash,
-                size_of::<FragmentKey>(),
-                size_of::<FragmentValue>(),
-                lb_common::capacity::FRAGMENTS,
-            ),
-        ),
-        // Values are inner map IDs (file descriptors when written).
-        (map_names::MAGLEV, shape(MapType::ArrayOfMaps, 4, 4, lb_common::capacity::MAGLEV_TABLES)),
-        (map_names::STATS, shape(MapType::Array, 4, 8, stats::COUNT)),
-        (map_names::CLOCK, shape(MapType::Array, 4, 8, 1)),
-    ]
-}
-
-/// The shape of the map pinned at `path`, if there is one.
-pub fn pinned_shape(path: &Path) -> Option<MapShape> {
-    let info = MapData::from_pin(path).ok()?.info().ok()?;
-    Some(MapShape {
-        map_type: info.map_type().ok()?,
-        key_size: info.key_size(),
-        value_size: info.value_size(),
-        max_entries: info.max_entries(),
-    })
-}
-
-/// A pinned map is reused as it is, whatever this build or the flags ask for. When its shape
-/// differs (a --max-* flag changed, or an older lb left a map whose entries have another
-/// layout, count or type), the pin is removed so the map is created anew: the reconciler fills
-/// the service maps again at once; tracked flows and counts of that map are lost.
-fn unpin_if_reshaped(bpf_dir: &Path, name: &str, wanted: MapShape) {
-    let path = bpf_dir.join(name);
-    let Some(current) = pinned_shape(&path) else { return };
-    if current != wanted {
-        tracing::info!(map = name, ?current, ?wanted, "map shape changed: creating the map anew");
-        if let Err(error) = std::fs::remove_file(&path) {
-            tracing::warn!(map = name, %error, "removing the old pin; the old map stays");
-        }
+/// The programs' LB_CONNTRACK_PREVIOUS (see `layout::offer_previous_flows`).
+fn previous_flows_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, DatapathError> {
+    let name = map_names::CONNTRACK_PREVIOUS;
+    match ebpf.map(name) {
+        Some(aya::maps::Map::ArrayOfMaps(data)) => data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(links_error("duplicating the descriptor of", Path::new(name))),
+        _ => Err(DatapathError::MissingMap { name }),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod health;
 pub mod health_check;
 pub mod interfaces;
 pub mod kube_source;
+pub mod layout;
 pub mod links;
 pub mod maglev;
 pub mod manifests;

@@ -23,7 +23,7 @@ const BPF_LINK_CREATE: nix::libc::c_long = 28;
 const BPF_OBJ_GET_INFO_BY_FD: nix::libc::c_long = 15;
 const BPF_LINK_UPDATE: nix::libc::c_long = 29;
 
-fn bpf(command: nix::libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+pub(crate) fn bpf(command: nix::libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
     // SAFETY: the bpf(2) system call with a zero-padded attribute buffer larger than any
     // attribute struct these commands read; pointers in it outlive the call.
     let rc = unsafe {

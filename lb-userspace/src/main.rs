@@ -156,6 +156,10 @@ struct RunArgs {
     /// Manifests mode: where lb remembers the ClusterIPs it allocated.
     #[arg(long, default_value = "/var/lib/lb")]
     state_dir: PathBuf,
+    /// Tests only: load programs whose code differs from the default build's (1), to test an
+    /// upgrade that swaps programs in place.
+    #[arg(long, default_value_t = 0, hide = true)]
+    test_program_variant: u32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -264,6 +268,7 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
         },
         conntrack_gc_interval: args.conntrack_gc_interval,
         maglev_table_size: args.maglev_table_size,
+        program_variant: args.test_program_variant,
         xdp: match args.xdp {
             XdpArg::Native => datapath::XdpAttach::Native,
             XdpArg::Generic => datapath::XdpAttach::Generic,
@@ -331,12 +336,17 @@ fn main() -> Result<()> {
             if links > 0 {
                 tracing::info!(links, "detached lb's programs");
             }
+            // With the maps of a migration a start did not finish.
+            let migrating = |name: &str| format!("{name}{}", lb_common::layout::MIGRATING_SUFFIX);
             for name in lb_common::map_names::PINNED {
-                let path = bpf_dir.join(name);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(error) => return Err(error).with_context(|| format!("removing {}", path.display())),
+                for path in [bpf_dir.join(name), bpf_dir.join(migrating(name))] {
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => {
+                            return Err(error).with_context(|| format!("removing {}", path.display()));
+                        }
+                    }
                 }
             }
             match std::fs::remove_dir(&bpf_dir) {

@@ -62,6 +62,8 @@ pub struct RunOptions {
     pub conntrack_gc_interval: Duration,
     /// Positions in each Maglev table (a prime).
     pub maglev_table_size: u32,
+    /// Tests only: which variant of the programs to load (0: the default).
+    pub program_variant: u32,
 }
 
 /// How long an unused backend stays in the map (see `Reconciler::set_backend_grace`).
@@ -370,9 +372,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options.interfaces.iter().chain(&options.node_addresses.external_interfaces).cloned().collect();
     let selector = InterfaceSelector::parse(&interfaces)?;
     let mut link_events = LinkEvents::subscribe()?;
-    let mut datapath = Datapath::load_with(&options.bpf_dir, &options.capacity)?;
+    let mut datapath = Datapath::load_variant(&options.bpf_dir, &options.capacity, options.program_variant)?;
     // Flows are stamped with the time published here, from before any program is attached.
-    let clock_since = conntrack::publish_clock(&options.bpf_dir)?;
+    let clock_since = conntrack::publish_clock(&datapath.map_pin(lb_common::map_names::CLOCK))?;
     let external = options.node_addresses.external_interfaces.clone();
     let is_external = move |name: &str| external.iter().any(|e| e == name);
     // A previous lb's links (pinned, still attached) get this build's programs before anything
@@ -389,6 +391,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
             updated = adopted.updated,
             released = adopted.released,
             "took over the links a previous lb left attached"
+        );
+    }
+    // Every link runs this build's programs now (those attached from here on are new): a migration of the maps can end.
+    if let Some(finished) = datapath.finish_migration()? {
+        tracing::info!(
+            maps = finished.maps,
+            caught_up = finished.caught_up,
+            "migrated maps in place: the old ones are gone"
         );
     }
     // Interfaces named literally must exist at start: a typo is an error, not a silent no-op.

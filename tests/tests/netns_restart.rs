@@ -84,10 +84,19 @@ struct Seen {
 /// Runs, from the client, persistent connections (request/response) and connect/request/close
 /// loops against both the ClusterIP and the NodePort until `stop`.
 fn start_load(pg: &Playground, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Seen>> {
+    start_load_of(pg, stop, &[true, true, false, false])
+}
+
+/// `start_load` with these kinds of loops per target (true: a persistent connection).
+fn start_load_of(
+    pg: &Playground,
+    stop: Arc<AtomicBool>,
+    kinds: &[bool],
+) -> Vec<std::thread::JoinHandle<Seen>> {
     let targets = [SocketAddrV4::new(VIP, 80), SocketAddrV4::new(NODE_IP, NODE_PORT)];
     let mut handles = Vec::new();
     for target in targets {
-        for persistent in [true, true, false, false] {
+        for &persistent in kinds {
             let stop = stop.clone();
             let handle = pg
                 .client
@@ -152,6 +161,10 @@ fn through_a_restart(pg: &mut Playground, restart: impl FnOnce(&mut Playground))
     restart(pg);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
+    joined(handles)
+}
+
+fn joined(handles: Vec<std::thread::JoinHandle<Seen>>) -> Seen {
     let mut all = Seen::default();
     for handle in handles {
         let seen = handle.join().unwrap();
@@ -265,5 +278,297 @@ fn pins_are_for_root_only() {
         }
     }
     assert!(pins >= 13 + 6, "maps and links pinned: {pins}");
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Starts lb as `start_lb` does, with these flags added.
+fn start_lb_adding(pg: &mut Playground, flags: &[&str]) {
+    let manifests = pg.manifests.clone();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
+    args.extend(flags.iter().map(|flag| std::ffi::OsStr::new(*flag)));
+    pg.start_lb_with(&args).unwrap();
+}
+
+/// The layout record's entries (`lb_common::layout`).
+fn layout_record(pg: &Playground) -> Vec<u32> {
+    let data = aya::maps::MapData::from_pin(pg.bpf_dir.join(lb_common::map_names::LAYOUT)).unwrap();
+    let array: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    (0..lb_common::layout::RECORDS).map(|index| array.get(&index, 0).unwrap()).collect()
+}
+
+fn migrating_pins(pg: &Playground) -> Vec<String> {
+    std::fs::read_dir(&pg.bpf_dir)
+        .unwrap()
+        .filter_map(|entry| entry.unwrap().file_name().into_string().ok())
+        .filter(|name| name.ends_with(lb_common::layout::MIGRATING_SUFFIX))
+        .collect()
+}
+
+fn conntrack_entries(pg: &Playground) -> Vec<(lb_common::FlowKey, lb_common::ConntrackEntry)> {
+    let data = aya::maps::MapData::from_pin(pg.bpf_dir.join(lb_common::map_names::CONNTRACK)).unwrap();
+    let map: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::ConntrackEntry> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    map.iter().map(Result::unwrap).collect()
+}
+
+/// A start with other map sizes (`--max-*`) moves the maps into new ones while traffic runs:
+/// tracked flows and Services are carried over, nothing notices. Then a start that finds a
+/// layout it does not know is refused and leaves the running data path as it is.
+#[test]
+fn a_start_with_other_map_sizes_migrates_the_maps_unnoticed() {
+    let (mut pg, stop) = playground();
+    assert_eq!(layout_record(&pg), vec![lb_common::layout::VERSION, 0, 0, 0]);
+    let conntrack = pg.bpf_dir.join(lb_common::map_names::CONNTRACK);
+    let before = lb_userspace::datapath::pinned_shape(&conntrack).unwrap();
+    let seen = through_a_restart(&mut pg, |pg| {
+        kill(pg, nix::sys::signal::Signal::SIGKILL);
+        let _ = pg.stop_lb();
+        start_lb_adding(pg, &["--max-flows", "300000", "--max-backends", "70000"]);
+        pg.wait_for_log("migrated maps in place", Duration::from_secs(20)).unwrap();
+    });
+    assert_unnoticed(&seen, &pg);
+    let log = pg.lb_log();
+    assert!(log.contains("migrating maps"), "{log}");
+    assert!(log.contains("looked up in the old one"), "{log}");
+    let after = lb_userspace::datapath::pinned_shape(&conntrack).unwrap();
+    assert_eq!((before.max_entries, after.max_entries), (lb_common::capacity::CONNTRACK, 300_000));
+    let backends = lb_userspace::datapath::pinned_shape(&pg.bpf_dir.join(lb_common::map_names::BACKENDS));
+    assert_eq!(backends.unwrap().max_entries, 70_000);
+    assert!(migrating_pins(&pg).is_empty(), "{:?}", migrating_pins(&pg));
+    assert_eq!(layout_record(&pg), vec![lb_common::layout::VERSION, 0, 0, 0]);
+    // The flows the load keeps open came across: both entries of each, for both frontends.
+    assert!(conntrack_entries(&pg).len() >= 8, "{:?}", conntrack_entries(&pg).len());
+
+    // Starts this build must refuse leave the data path serving as it was: a size too small
+    // for the flows tracked, then a layout from a build newer than this one.
+    let programs = ingress_programs(&pg, "lbc0");
+    kill(&pg, nix::sys::signal::Signal::SIGKILL);
+    let _ = pg.stop_lb();
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let handles = start_load(&pg, stop_load.clone());
+    start_lb_adding(&mut pg, &["--max-flows", "4", "--max-backends", "70000"]);
+    pg.wait_for_log("start with --max-flows", Duration::from_secs(10)).unwrap();
+    assert!(!pg.stop_lb().unwrap_or(false), "lb refused to start");
+    let record = aya::maps::MapData::from_pin(pg.bpf_dir.join(lb_common::map_names::LAYOUT)).unwrap();
+    let mut record: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(record)).unwrap();
+    record.set(lb_common::layout::PINNED, 99, 0).unwrap();
+    start_lb_adding(&mut pg, &["--max-flows", "300000", "--max-backends", "70000"]);
+    pg.wait_for_log("newer than this lb's", Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop_load.store(true, Ordering::Relaxed);
+    let seen = joined(handles);
+    assert!(!pg.stop_lb().unwrap_or(false), "lb refused to start");
+    assert_unnoticed(&seen, &pg);
+    assert_eq!(ingress_programs(&pg, "lbc0"), programs, "the links still run the programs they ran");
+    assert_eq!(layout_record(&pg)[0], 99, "the record is left as it was");
+    assert_eq!(lb_userspace::datapath::pinned_shape(&conntrack).unwrap().max_entries, 300_000);
+    assert!(migrating_pins(&pg).is_empty(), "{:?}", migrating_pins(&pg));
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Raw bpf(2) calls to write maps the way a build of layout 0 did.
+mod layout_0 {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::path::Path;
+
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use lb_common::{ConntrackEntry, DatapathConfig, FlowKey, ServiceKey, ServiceValue, map_names};
+
+    fn bpf(command: i64, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+        // SAFETY: bpf(2) with a zero-padded attribute buffer larger than the command reads.
+        let rc = unsafe { nix::libc::syscall(nix::libc::SYS_bpf, command, attr.as_mut_ptr(), 128usize) };
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+    }
+
+    /// Creates a map and pins it over `name` (the old map lives on while programs use it).
+    fn replace(dir: &Path, name: &str, map_type: u32, key: u32, value: u32, entries: u32) -> OwnedFd {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(map_type) | (u64::from(key) << 32);
+        attr[1] = u64::from(value) | (u64::from(entries) << 32);
+        let fd = bpf(0, &mut attr).expect("BPF_MAP_CREATE");
+        // SAFETY: the kernel just returned this descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let temporary = dir.join(format!("{name}-v0"));
+        lb_userspace::links::pin(fd.as_fd(), &temporary).unwrap();
+        std::fs::rename(&temporary, dir.join(name)).unwrap();
+        fd
+    }
+
+    /// A map pinned where a start migrating the services map pins the new one, that no
+    /// program uses.
+    pub fn stale_migration(dir: &Path) {
+        let name = format!("{}{}", map_names::SERVICES, lb_common::layout::MIGRATING_SUFFIX);
+        let _unused = replace(dir, &name, 1, 12, 20, 16);
+    }
+
+    fn update(map: &OwnedFd, key: &[u8], value: &[u8]) {
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_ptr() as u64;
+        bpf(2, &mut attr).expect("BPF_MAP_UPDATE_ELEM");
+    }
+
+    fn hash_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {
+        let data = MapData::from_pin(dir.join(name)).unwrap();
+        HashMap::try_from(Map::HashMap(data)).unwrap()
+    }
+
+    /// Rewrites the pins under `dir` as layout 0 had them: services, flows and settings in
+    /// their old form, no record, none of the maps that came later.
+    pub fn downgrade(dir: &Path) {
+        let services: HashMap<_, ServiceKey, ServiceValue> = hash_map(dir, map_names::SERVICES);
+        let services: Vec<_> = services.iter().map(Result::unwrap).collect();
+        let flows: HashMap<_, FlowKey, ConntrackEntry> = hash_map(dir, map_names::CONNTRACK);
+        let flows: Vec<_> = flows.iter().map(Result::unwrap).collect();
+        let config = MapData::from_pin(dir.join(map_names::CONFIG)).unwrap();
+        let config: Array<_, DatapathConfig> = Array::try_from(Map::Array(config)).unwrap();
+        let config = config.get(&0, 0).unwrap();
+
+        let map = replace(dir, map_names::SERVICES, 1, 12, 12, lb_common::capacity::SERVICES);
+        for (key, value) in &services {
+            let old = [
+                &value.backend_id.to_ne_bytes()[..],
+                &value.service_id.to_ne_bytes(),
+                &value.backend_count.to_ne_bytes(),
+                &value.flags.to_ne_bytes(),
+            ]
+            .concat();
+            update(&map, bytemuck::bytes_of(key), &old);
+        }
+        // An LRU hash in layout 0.
+        let map = replace(dir, map_names::CONNTRACK, 9, 16, 24, lb_common::capacity::CONNTRACK);
+        for (key, entry) in &flows {
+            let flags = u32::from(
+                entry.flags & (lb_common::conntrack_flags::REPLY | lb_common::conntrack_flags::ROUTE),
+            );
+            let old = [
+                &entry.src_address.to_ne_bytes()[..],
+                &entry.dst_address.to_ne_bytes(),
+                &entry.src_port.to_ne_bytes(),
+                &entry.dst_port.to_ne_bytes(),
+                &entry.backend_id.to_ne_bytes(),
+                &entry.service_id.to_ne_bytes(),
+                &flags.to_ne_bytes(),
+            ]
+            .concat();
+            update(&map, bytemuck::bytes_of(key), &old);
+        }
+        let map = replace(dir, map_names::CONFIG, 2, 4, 16, 1);
+        let old = [
+            &config.netns_cookie.to_ne_bytes()[..],
+            &config.snat_address.to_ne_bytes(),
+            &config.snat_port_min.to_ne_bytes(),
+            &config.snat_port_max.to_ne_bytes(),
+        ]
+        .concat();
+        update(&map, &0u32.to_ne_bytes(), &old);
+        // Layout 0 had 25 counters.
+        replace(dir, map_names::COUNTERS, 6, 4, 8, 25);
+        for name in [
+            map_names::AFFINITY,
+            map_names::FRAGMENTS,
+            map_names::MAGLEV,
+            map_names::STATS,
+            map_names::CLOCK,
+            map_names::LAYOUT,
+        ] {
+            std::fs::remove_file(dir.join(name)).unwrap();
+        }
+    }
+}
+
+/// A start over maps of layout 0 (a build from before the record) converts their entries:
+/// the persistent connections those flows belong to keep going through the switch, and new
+/// connections work after it.
+#[test]
+fn a_start_converts_the_maps_of_an_older_layout() {
+    let (mut pg, stop) = playground();
+    // Only persistent connections while the old maps are rewritten: a connection opened then
+    // would be tracked in maps that are no longer pinned, which no migration can see.
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let handles = start_load_of(&pg, stop_load.clone(), &[true, true]);
+    std::thread::sleep(Duration::from_secs(1));
+    kill(&pg, nix::sys::signal::Signal::SIGKILL);
+    let _ = pg.stop_lb();
+    layout_0::downgrade(&pg.bpf_dir);
+    // And the leftover of a migration a start did not get to switch to: dropped.
+    layout_0::stale_migration(&pg.bpf_dir);
+    pg.start_lb().unwrap();
+    pg.wait_for_log("migrated maps in place", Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // The four connections' flows, in this layout: open TCP flows, both directions.
+    let flows = conntrack_entries(&pg);
+    let open =
+        flows.iter().filter(|(_, entry)| entry.state == lb_common::conntrack_state::TCP_ESTABLISHED).count();
+    assert!(open >= 8, "{flows:?}");
+    stop_load.store(true, Ordering::Relaxed);
+    let seen = joined(handles);
+    eprintln!("{} exchanges, slowest {:?}", seen.operations, seen.slowest);
+    assert!(seen.operations > 200, "too little load to tell: {seen:?}");
+    assert!(seen.failures.is_empty(), "failed: {:?}\n{}", seen.failures, pg.lb_log());
+    assert!(seen.slowest < STALL, "an exchange stalled {:?}\n{}", seen.slowest, pg.lb_log());
+    let log = pg.lb_log();
+    assert!(log.contains("from_layout=0"), "{log}");
+    assert!(log.contains("a previous start did not finish"), "{log}");
+    assert_eq!(layout_record(&pg), vec![lb_common::layout::VERSION, 0, 0, 0]);
+    assert!(migrating_pins(&pg).is_empty(), "{:?}", migrating_pins(&pg));
+    // And new connections, through the converted Services.
+    let seen = through_a_restart(&mut pg, |_| {});
+    assert_unnoticed(&seen, &pg);
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// A start of a build whose programs differ (`--test-program-variant`): each link swaps to
+/// the new code in place, unnoticed; and back again.
+#[test]
+fn a_start_of_different_programs_swaps_them_in_place() {
+    let (mut pg, stop) = playground();
+    let packets_counted = |pg: &Playground| -> u64 {
+        let data = aya::maps::MapData::from_pin(pg.bpf_dir.join(lb_common::map_names::COUNTERS)).unwrap();
+        let counters: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).unwrap();
+        counters.get(&lb_common::counters::PACKETS, 0).unwrap().iter().sum()
+    };
+    let translated_size = |id: u32| {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|program| program.id() == id)
+            .and_then(|program| program.size_translated())
+            .unwrap()
+    };
+    let default = ingress_programs(&pg, "lbc0");
+    // Read now: the program is gone once its link runs another.
+    let default_size = translated_size(default[0].1);
+    let seen = through_a_restart(&mut pg, |pg| {
+        assert!(pg.stop_lb().unwrap());
+        start_lb_adding(pg, &["--test-program-variant", "1"]);
+        pg.wait_for_log("took over the links", Duration::from_secs(10)).unwrap();
+    });
+    assert_unnoticed(&seen, &pg);
+    let variant = ingress_programs(&pg, "lbc0");
+    assert_eq!(variant.len(), 1, "{variant:?}");
+    assert_ne!(variant[0].1, default[0].1);
+    assert_ne!(translated_size(variant[0].1), default_size, "the code differs");
+    // Only the variant counts packets in that slot: its code runs on the traffic.
+    let counted = packets_counted(&pg);
+    assert!(counted > 500, "{counted}");
+
+    let seen = through_a_restart(&mut pg, |pg| {
+        assert!(pg.stop_lb().unwrap());
+        pg.start_lb().unwrap();
+        pg.wait_for_log("took over the links", Duration::from_secs(10)).unwrap();
+    });
+    assert_unnoticed(&seen, &pg);
+    let back = ingress_programs(&pg, "lbc0");
+    assert_eq!(translated_size(back[0].1), default_size);
+    let counted_after = packets_counted(&pg);
+    // The variant ran until its link switched; nothing counts there since.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = pg
+        .client
+        .run(|| loadgen::tcp_rr(SocketAddr::V4(SocketAddrV4::new(VIP, 80)), 1, Duration::from_millis(200)));
+    assert_eq!(packets_counted(&pg), counted_after);
     stop.store(true, Ordering::Relaxed);
 }
