@@ -1,25 +1,15 @@
-//! lb's controller: Kubernetes objects in, BPF maps out.
+//! lb's controller: Kubernetes objects in, BPF maps out. The modules follow the flow, one way:
+//!
+//! - `source`: where objects come from (the API server, a directory of manifests, and what a
+//!   cluster's controllers would add there: endpoints from Pods, ClusterIPs);
+//! - `convert`: Kubernetes objects to lb's model (frontends, endpoints, topology);
+//! - `model`: the vocabulary every step shares;
+//! - `dataplane`: the maps, the programs and their links, and the reconciler that keeps the
+//!   maps equal to the desired state;
+//! - `daemon`: `lb run`'s loop, health and sync pacing.
 
-pub mod allocator;
-pub mod audit;
-pub mod cluster;
-pub mod conntrack;
 pub mod convert;
-pub mod datapath;
-pub mod health;
-pub mod health_check;
-pub mod interfaces;
-pub mod kube_source;
-pub mod layout;
-pub mod links;
-pub mod maglev;
-pub mod manifests;
-pub mod maps;
+pub mod daemon;
+pub mod dataplane;
 pub mod model;
-pub mod node_addresses;
-pub mod pod_endpoints;
-pub mod reconcile;
-pub mod run;
-pub mod status;
-pub mod sync;
-pub mod topology;
+pub mod source;

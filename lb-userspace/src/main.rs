@@ -6,14 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lb_userspace::conntrack::{self, PinnedFlowTables, Timeouts};
 use lb_userspace::convert::{EndpointsSource, LbAlgorithm, ProxyConfig};
-use lb_userspace::node_addresses::NodeAddressConfig;
-use lb_userspace::{
-    datapath,
-    maps::{BpfMaps, ServiceMaps},
-    run, status,
-};
+use lb_userspace::daemon::run;
+use lb_userspace::dataplane::conntrack::{self, PinnedFlowTables, Timeouts};
+use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
+use lb_userspace::dataplane::node_addresses::NodeAddressConfig;
+use lb_userspace::dataplane::{datapath, status};
 
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
 
@@ -148,7 +146,7 @@ struct RunArgs {
     lb_algorithm: LbAlgorithmArg,
     /// Positions in each Maglev table: a prime, about 100 times the largest backend count for
     /// an even spread; each table costs 4 bytes per position (64 KiB at the default).
-    #[arg(long, default_value_t = lb_userspace::maglev::DEFAULT_TABLE_SIZE, value_parser = prime_table_size)]
+    #[arg(long, default_value_t = lb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE, value_parser = prime_table_size)]
     maglev_table_size: u32,
     /// Manifests mode: where Services without a clusterIP get one (the API server's flag).
     #[arg(long, default_value = "10.96.0.0/12")]
@@ -183,7 +181,7 @@ enum OutputFormat {
 
 fn prime_table_size(value: &str) -> Result<u32, String> {
     let size: u32 = value.parse().map_err(|e| format!("{value:?} is not a number: {e}"))?;
-    if !(3..=(1 << 20)).contains(&size) || !lb_userspace::maglev::is_prime(size) {
+    if !(3..=(1 << 20)).contains(&size) || !lb_userspace::dataplane::maglev::is_prime(size) {
         return Err(format!("{size} is not a prime between 3 and 1048576 (try 16381, 65521 or 1021)"));
     }
     Ok(size)

@@ -6,12 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
-use lb_userspace::allocator::ClusterIpAllocator;
 use lb_userspace::convert;
 use lb_userspace::convert::{EndpointsSource, ProxyConfig};
-use lb_userspace::manifests::{objects_by_kind, parse_manifest};
-use lb_userspace::maps::InMemoryMaps;
-use lb_userspace::reconcile::{Reconciler, render_snapshot};
+use lb_userspace::dataplane::maps::InMemoryMaps;
+use lb_userspace::dataplane::reconcile::{Reconciler, render_snapshot};
+use lb_userspace::source::cluster_ip::ClusterIpAllocator;
+use lb_userspace::source::manifests::{objects_by_kind, parse_manifest};
 
 /// A case's configuration, from an optional first line `# config: node=NAME
 /// service-proxy-name=NAME endpoints-api=endpoints cluster-ip-range=CIDR

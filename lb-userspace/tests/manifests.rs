@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use lb_userspace::convert;
-use lb_userspace::manifests::ManifestStore;
+use lb_userspace::source::manifests::ManifestStore;
 
 const SERVICE: &str = "apiVersion: v1
 kind: Service

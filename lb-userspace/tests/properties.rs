@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use lb_userspace::audit;
 use lb_userspace::convert::{ClusterObjects, LbAlgorithm, ProxyConfig, desired_state};
-use lb_userspace::maps::{InMemoryMaps, ServiceMaps};
-use lb_userspace::reconcile::Reconciler;
+use lb_userspace::dataplane::audit;
+use lb_userspace::dataplane::maps::{InMemoryMaps, ServiceMaps};
+use lb_userspace::dataplane::reconcile::Reconciler;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

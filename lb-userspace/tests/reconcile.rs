@@ -4,9 +4,9 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{Backend, ServiceKey, ServiceValue};
-use lb_userspace::maps::InMemoryMaps;
+use lb_userspace::dataplane::maps::InMemoryMaps;
+use lb_userspace::dataplane::reconcile::{Reconciler, render_snapshot};
 use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
-use lb_userspace::reconcile::{Reconciler, render_snapshot};
 
 fn addr(last: u8, port: u16) -> L4Addr {
     L4Addr { ip: Ipv4Addr::new(10, 244, 0, last), port, protocol: Protocol::Tcp }
@@ -144,15 +144,15 @@ fn a_failed_write_is_repaired_by_the_next_reconcile() {
     }
 }
 
-/// What every reader may rely on at every instant (`lb_userspace::audit::always`).
-fn assert_consistent(contents: &lb_userspace::maps::MapsSnapshot) {
-    let violations = lb_userspace::audit::always(contents);
+/// What every reader may rely on at every instant (`lb_userspace::dataplane::audit::always`).
+fn assert_consistent(contents: &lb_userspace::dataplane::maps::MapsSnapshot) {
+    let violations = lb_userspace::dataplane::audit::always(contents);
     assert!(violations.is_empty(), "{violations:#?}");
 }
 
-/// What holds once a sync is done (`lb_userspace::audit::settled`).
-fn assert_settled(contents: &lb_userspace::maps::MapsSnapshot) {
-    let violations = lb_userspace::audit::settled(contents);
+/// What holds once a sync is done (`lb_userspace::dataplane::audit::settled`).
+fn assert_settled(contents: &lb_userspace::dataplane::maps::MapsSnapshot) {
+    let violations = lb_userspace::dataplane::audit::settled(contents);
     assert!(violations.is_empty(), "{violations:#?}");
 }
 
@@ -309,7 +309,7 @@ fn a_failed_write_with_maglev_tables_is_repaired_by_the_next_reconcile() {
         r.prune().unwrap();
         assert_settled(&r.maps().contents);
         // Same frontends, backends and table contents as a clean run (IDs may differ).
-        let tables = |contents: &lb_userspace::maps::MapsSnapshot| contents.maglev.len();
+        let tables = |contents: &lb_userspace::dataplane::maps::MapsSnapshot| contents.maglev.len();
         assert_eq!(
             tables(&r.maps().contents),
             tables(&clean.maps().contents),

@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use lb_common::{ConntrackEntry, DatapathConfig, FlowKey, counters, map_names};
-use lb_userspace::datapath::{Capacity, Datapath, INGRESS_PROGRAM};
-use lb_userspace::maps::BpfMaps;
+use lb_userspace::dataplane::datapath::{Capacity, Datapath, INGRESS_PROGRAM};
+use lb_userspace::dataplane::maps::BpfMaps;
+use lb_userspace::dataplane::reconcile::Reconciler;
 use lb_userspace::model::{
     DesiredState, Frontend, FrontendPolicy, FrontendType, L4Addr, Protocol, ServicePortName,
 };
-use lb_userspace::reconcile::Reconciler;
 
 use crate::{NetNs, PrivateBpfFs, require_root};
 

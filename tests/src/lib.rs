@@ -74,7 +74,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Result<Self> {
-        let Some(mount) = lb_userspace::datapath::cgroup2_mount() else {
+        let Some(mount) = lb_userspace::dataplane::datapath::cgroup2_mount() else {
             return Ok(Self { path: PathBuf::new(), left: None });
         };
         let path = mount.join(unique("cg"));
@@ -89,7 +89,7 @@ impl TestCgroup {
 
     /// Moves this whole test process into the cgroup until drop.
     pub fn enter(&mut self) -> Result<()> {
-        let mount = lb_userspace::datapath::cgroup2_mount()
+        let mount = lb_userspace::dataplane::datapath::cgroup2_mount()
             .context("this machine has no cgroup v2 mount, which lb's socket programs need")?;
         let own = std::fs::read_to_string("/proc/self/cgroup")?;
         let relative = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 entry")?;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
+use lb_userspace::dataplane::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
 
 use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, spawn_lb_in, veth};
 

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use lb_userspace::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
+use lb_userspace::dataplane::maps::{BpfMaps, MapsSnapshot, ServiceMaps};
 
 use crate::playground::{HttpAnswer, http_exchange, http_get, http_server};
 use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, spawn_lb_in, veth};

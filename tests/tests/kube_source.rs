@@ -5,10 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lb_userspace::cluster::ClusterStore;
 use lb_userspace::convert::{self, EndpointsSource, ProxyConfig};
-use lb_userspace::kube_source;
 use lb_userspace::model::DesiredState;
+use lb_userspace::source::cluster::ClusterStore;
+use lb_userspace::source::kube as kube_source;
 use tests::apiserver::{FakeApiServer, Kind};
 
 struct Watching {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lb_userspace::maps::{BpfMaps, ServiceMaps};
+use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
 use tests::playground::{Playground, http_get, write_manifest};
 use tests::{require_root, unique};
 
@@ -129,7 +129,7 @@ fn connections_survive_endpoint_churn() {
             let (mut reads, mut violations) = (0u64, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(snapshot) = maps.snapshot() {
-                    violations.extend(lb_userspace::audit::always(&snapshot));
+                    violations.extend(lb_userspace::dataplane::audit::always(&snapshot));
                     reads += 1;
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 
-use lb_userspace::conntrack::FlowRow;
+use lb_userspace::dataplane::conntrack::FlowRow;
 use tests::bench::loadgen;
 use tests::playground::{CLIENT_IP, Playground};
 use tests::{lb_binary, require_root, unique};
@@ -62,7 +62,7 @@ endpoints:
     )
 }
 
-fn backend_count(snapshot: &lb_userspace::maps::MapsSnapshot) -> Option<u16> {
+fn backend_count(snapshot: &lb_userspace::dataplane::maps::MapsSnapshot) -> Option<u16> {
     snapshot
         .services
         .iter()

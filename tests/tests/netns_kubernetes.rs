@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
-use lb_userspace::maps::MapsSnapshot;
+use lb_userspace::dataplane::maps::MapsSnapshot;
 use tests::apiserver::FakeApiServer;
 use tests::playground::Playground;
 use tests::{require_root, unique};

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use lb_userspace::maps::MapsSnapshot;
+use lb_userspace::dataplane::maps::MapsSnapshot;
 use tests::playground::Playground;
 use tests::{require_root, unique};
 

@@ -319,7 +319,7 @@ fn a_start_with_other_map_sizes_migrates_the_maps_unnoticed() {
     let (mut pg, stop) = playground();
     assert_eq!(layout_record(&pg), vec![lb_common::layout::VERSION, 0, 0, 0]);
     let conntrack = pg.bpf_dir.join(lb_common::map_names::CONNTRACK);
-    let before = lb_userspace::datapath::pinned_shape(&conntrack).unwrap();
+    let before = lb_userspace::dataplane::datapath::pinned_shape(&conntrack).unwrap();
     let seen = through_a_restart(&mut pg, |pg| {
         kill(pg, nix::sys::signal::Signal::SIGKILL);
         let _ = pg.stop_lb();
@@ -330,9 +330,10 @@ fn a_start_with_other_map_sizes_migrates_the_maps_unnoticed() {
     let log = pg.lb_log();
     assert!(log.contains("migrating maps"), "{log}");
     assert!(log.contains("looked up in the old one"), "{log}");
-    let after = lb_userspace::datapath::pinned_shape(&conntrack).unwrap();
+    let after = lb_userspace::dataplane::datapath::pinned_shape(&conntrack).unwrap();
     assert_eq!((before.max_entries, after.max_entries), (lb_common::capacity::CONNTRACK, 300_000));
-    let backends = lb_userspace::datapath::pinned_shape(&pg.bpf_dir.join(lb_common::map_names::BACKENDS));
+    let backends =
+        lb_userspace::dataplane::datapath::pinned_shape(&pg.bpf_dir.join(lb_common::map_names::BACKENDS));
     assert_eq!(backends.unwrap().max_entries, 70_000);
     assert!(migrating_pins(&pg).is_empty(), "{:?}", migrating_pins(&pg));
     assert_eq!(layout_record(&pg), vec![lb_common::layout::VERSION, 0, 0, 0]);
@@ -362,7 +363,7 @@ fn a_start_with_other_map_sizes_migrates_the_maps_unnoticed() {
     assert_unnoticed(&seen, &pg);
     assert_eq!(ingress_programs(&pg, "lbc0"), programs, "the links still run the programs they ran");
     assert_eq!(layout_record(&pg)[0], 99, "the record is left as it was");
-    assert_eq!(lb_userspace::datapath::pinned_shape(&conntrack).unwrap().max_entries, 300_000);
+    assert_eq!(lb_userspace::dataplane::datapath::pinned_shape(&conntrack).unwrap().max_entries, 300_000);
     assert!(migrating_pins(&pg).is_empty(), "{:?}", migrating_pins(&pg));
     stop.store(true, Ordering::Relaxed);
 }
@@ -390,7 +391,7 @@ mod layout_0 {
         // SAFETY: the kernel just returned this descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let temporary = dir.join(format!("{name}-v0"));
-        lb_userspace::links::pin(fd.as_fd(), &temporary).unwrap();
+        lb_userspace::dataplane::links::pin(fd.as_fd(), &temporary).unwrap();
         std::fs::rename(&temporary, dir.join(name)).unwrap();
         fd
     }

@@ -43,7 +43,7 @@ endpoints:
     )
 }
 
-fn tcp_backend_count(snapshot: &lb_userspace::maps::MapsSnapshot) -> Option<u16> {
+fn tcp_backend_count(snapshot: &lb_userspace::dataplane::maps::MapsSnapshot) -> Option<u16> {
     snapshot
         .services
         .iter()
@@ -185,7 +185,7 @@ fn interfaces_that_appear_later_are_attached_and_vanished_ones_forgotten() {
 #[test]
 fn the_periodic_resync_repairs_and_prunes_the_maps() {
     use lb_common::{ServiceKey, ServiceValue};
-    use lb_userspace::maps::{BpfMaps, ServiceMaps};
+    use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
     require_root();
     let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
     pg.serve_http(8080).unwrap();

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use lb_common::{ConntrackEntry, FlowKey, conntrack_flags, conntrack_state, counters};
-use lb_userspace::datapath::{Capacity, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
-use lb_userspace::maglev::{self, MaglevBackend};
+use lb_userspace::dataplane::datapath::{Capacity, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
+use lb_userspace::dataplane::maglev::{self, MaglevBackend};
 use lb_userspace::model::{FrontendType, L4Addr, Protocol, Scope};
 use tests::fixture::{CLIENT, DROP, Harness, PASS, REDIRECT, VIP, backend, frontend};
 use tests::packet::{self, ETH_LEN, PacketSpec};

@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{FlowKey, counters};
-use lb_userspace::datapath::XDP_PROGRAM;
-use lb_userspace::maps::{BpfMaps, ServiceMaps};
+use lb_userspace::dataplane::datapath::XDP_PROGRAM;
+use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
 use lb_userspace::model::{FrontendPolicy, FrontendType, L4Addr, Protocol};
 use tests::fixture::{CLIENT, DROP, Harness, PASS, REDIRECT, VIP, backend, frontend};
 use tests::packet::{self, ETH_LEN, PacketSpec};
@@ -461,11 +461,11 @@ fn pinned_maps_have_the_shape_a_restart_expects() {
     // flows): the maps this build creates must match, or every restart would.
     let h = Harness::new();
     let dir = h.bpf_dir();
-    for (name, wanted) in
-        lb_userspace::datapath::expected_shapes(&lb_userspace::datapath::Capacity::default())
-    {
-        let shape =
-            lb_userspace::datapath::pinned_shape(&dir.join(name)).unwrap_or_else(|| panic!("{name}: no pin"));
+    for (name, wanted) in lb_userspace::dataplane::datapath::expected_shapes(
+        &lb_userspace::dataplane::datapath::Capacity::default(),
+    ) {
+        let shape = lb_userspace::dataplane::datapath::pinned_shape(&dir.join(name))
+            .unwrap_or_else(|| panic!("{name}: no pin"));
         assert_eq!(shape, wanted, "{name}");
     }
 }

@@ -13,12 +13,12 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use lb_userspace::cluster::ClusterStore;
 use lb_userspace::convert::{self, ClusterObjects, ProxyConfig};
-use lb_userspace::datapath::{Capacity, Datapath};
-use lb_userspace::manifests::ManifestStore;
-use lb_userspace::maps::BpfMaps;
-use lb_userspace::reconcile::Reconciler;
+use lb_userspace::dataplane::datapath::{Capacity, Datapath};
+use lb_userspace::dataplane::maps::BpfMaps;
+use lb_userspace::dataplane::reconcile::Reconciler;
+use lb_userspace::source::cluster::ClusterStore;
+use lb_userspace::source::manifests::ManifestStore;
 use serde::Serialize;
 
 use super::rules::{self, BenchService};
@@ -226,9 +226,9 @@ pub fn sync_from_api_server(services: usize, objects: &ClusterObjects) -> Result
     let start = Instant::now();
     let feed = store.clone();
     runtime.spawn(async move {
-        let Ok(client) = lb_userspace::kube_source::client(Some(&kubeconfig)).await else { return };
+        let Ok(client) = lb_userspace::source::kube::client(Some(&kubeconfig)).await else { return };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        lb_userspace::kube_source::spawn_watchers(client, &ProxyConfig::default(), tx);
+        lb_userspace::source::kube::spawn_watchers(client, &ProxyConfig::default(), tx);
         while let Some(event) = rx.recv().await {
             feed.lock().unwrap().apply(event);
         }

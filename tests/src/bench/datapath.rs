@@ -17,7 +17,7 @@ use super::loadgen::{self, Stats};
 use super::rules::{self, BenchService};
 use super::{Plan, cluster_ip, synthetic_endpoint};
 use lb_common::ServiceKey;
-use lb_userspace::maps::BpfMaps;
+use lb_userspace::dataplane::maps::BpfMaps;
 
 use crate::playground::Playground;
 use crate::unique;

@@ -11,10 +11,10 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use lb_common::{ConntrackEntry, FlowKey, map_names};
-use lb_userspace::datapath::{Datapath, INGRESS_PROGRAM};
-use lb_userspace::maps::BpfMaps;
+use lb_userspace::dataplane::datapath::{Datapath, INGRESS_PROGRAM};
+use lb_userspace::dataplane::maps::BpfMaps;
+use lb_userspace::dataplane::reconcile::Reconciler;
 use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
-use lb_userspace::reconcile::Reconciler;
 use serde::Serialize;
 
 use crate::PrivateBpfFs;

@@ -116,7 +116,7 @@ fn attach_empty_program(pg: &Playground, direction: TcAttachType) -> Result<aya:
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&pins)
             .map_pin_path(lb_common::map_names::MAGLEV, pins.join(lb_common::map_names::MAGLEV))
-            .load(lb_userspace::datapath::EBPF_OBJECT)
+            .load(lb_userspace::dataplane::datapath::EBPF_OBJECT)
             .context("loading the eBPF object for the empty program")?;
         let program: &mut SchedClassifier = ebpf.program_mut("lb_noop").context("lb_noop")?.try_into()?;
         program.load()?;

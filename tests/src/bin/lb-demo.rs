@@ -59,7 +59,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn backend_count(snapshot: &lb_userspace::maps::MapsSnapshot) -> Option<u16> {
+fn backend_count(snapshot: &lb_userspace::dataplane::maps::MapsSnapshot) -> Option<u16> {
     snapshot
         .services
         .iter()

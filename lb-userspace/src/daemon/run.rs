@@ -12,21 +12,21 @@ use k8s_openapi::api::core::v1::Node;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::allocator::ClusterIpAllocator;
-use crate::cluster::{ClusterEvent, ClusterStore};
-use crate::conntrack::{self, AffinityPolicy, Collector, FlowPolicy, PinnedFlowTables, Timeouts};
 use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
-use crate::datapath::{self, Capacity, Datapath};
-use crate::health::{self, SharedHealth};
-use crate::health_check::HealthCheckServers;
-use crate::interfaces::{InterfaceSelector, LinkEvents};
-use crate::kube_source;
-use crate::manifests::ManifestStore;
-use crate::maps::BpfMaps;
+use crate::daemon::health::{self, SharedHealth};
+use crate::daemon::health_check::HealthCheckServers;
+use crate::daemon::sync::{HealthState, SyncRunner};
+use crate::dataplane::conntrack::{self, AffinityPolicy, Collector, FlowPolicy, PinnedFlowTables, Timeouts};
+use crate::dataplane::datapath::{self, Capacity, Datapath};
+use crate::dataplane::interfaces::{InterfaceSelector, LinkEvents};
+use crate::dataplane::maps::BpfMaps;
+use crate::dataplane::node_addresses::{NodeAddressConfig, NodeAddresses};
+use crate::dataplane::reconcile::Reconciler;
 use crate::model::{DesiredState, HealthCheck};
-use crate::node_addresses::{NodeAddressConfig, NodeAddresses};
-use crate::reconcile::Reconciler;
-use crate::sync::{HealthState, SyncRunner};
+use crate::source::cluster::{ClusterEvent, ClusterStore};
+use crate::source::cluster_ip::ClusterIpAllocator;
+use crate::source::kube as kube_source;
+use crate::source::manifests::ManifestStore;
 use lb_common::DatapathConfig;
 
 pub enum SourceOptions {

@@ -9,7 +9,7 @@ use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
 use std::os::fd::AsFd;
 
-use crate::{layout, links};
+use crate::{dataplane::layout, dataplane::links};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{DatapathConfig, counters, map_names};
 
@@ -282,7 +282,7 @@ impl Datapath {
         for name in map_names::PINNED {
             restrict(&migration.pin_path(bpf_dir, name), 0o600)?;
         }
-        let copied = layout::copy(bpf_dir, &migration, crate::conntrack::monotonic_ns())?;
+        let copied = layout::copy(bpf_dir, &migration, crate::dataplane::conntrack::monotonic_ns())?;
         if !migration.moves.is_empty() {
             tracing::info!(entries = copied, "copied the entries into the new maps");
         }
@@ -347,7 +347,7 @@ impl Datapath {
         let finished = layout::finish(
             &self.bpf_dir,
             &migration,
-            crate::conntrack::monotonic_ns(),
+            crate::dataplane::conntrack::monotonic_ns(),
             Some(previous.as_fd()),
         )?;
         Ok((!migration.moves.is_empty()).then_some(finished))
@@ -727,7 +727,7 @@ pub fn read_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathEr
         .collect()
 }
 
-pub use crate::layout::{MapShape, expected_shapes, pinned_shape};
+pub use crate::dataplane::layout::{MapShape, expected_shapes, pinned_shape};
 
 /// The programs' LB_CONNTRACK_PREVIOUS (see `layout::offer_previous_flows`).
 fn previous_flows_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, DatapathError> {

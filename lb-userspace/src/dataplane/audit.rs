@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::maps::MapsSnapshot;
+use crate::dataplane::maps::MapsSnapshot;
 
 /// Violations of what must hold at every instant.
 pub fn always(snapshot: &MapsSnapshot) -> Vec<String> {

@@ -8,9 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::convert::topology::EndpointConditions;
 use crate::convert::{EndpointState, SliceEndpoints, SlicePort, namespace_of};
 use crate::model::Protocol;
-use crate::topology::EndpointConditions;
 
 fn selects(service: &Service, pod: &Pod) -> bool {
     let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty())

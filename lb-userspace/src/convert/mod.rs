@@ -8,6 +8,8 @@
 //! Every check on an object happens here, so both sources (manifests and the API server)
 //! reject the same objects with the same words.
 
+pub mod topology;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -18,7 +20,7 @@ use crate::model::{
     DesiredState, Frontend, FrontendKey, FrontendPolicy, FrontendType, HealthCheck, L4Addr, Protocol, Scope,
     ServicePortName,
 };
-use crate::topology::{self, Endpoint, EndpointConditions, NodeContext, PortPolicy};
+use topology::{Endpoint, EndpointConditions, NodeContext, PortPolicy};
 
 /// The label that joins an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -642,7 +644,7 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
     // Manifests mode stands in for the EndpointSlice controller (API mode reads no Pods).
     if !objects.pods.is_empty() {
         for service in &objects.services {
-            crate::pod_endpoints::endpoints_from_pods(service, &objects.pods).into_iter().for_each(&mut add);
+            crate::source::pods::endpoints_from_pods(service, &objects.pods).into_iter().for_each(&mut add);
         }
     }
     let node = config

@@ -13,7 +13,7 @@ use axum::routing::get;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
-use crate::sync::HealthState;
+use crate::daemon::sync::HealthState;
 
 pub type SharedHealth = Arc<Mutex<HealthState>>;
 

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use lb_common::service_flags;
 
-use crate::maps::MapsSnapshot;
-use crate::reconcile::{ProgrammedFrontend, ProgrammedState};
+use crate::dataplane::maps::MapsSnapshot;
+use crate::dataplane::reconcile::{ProgrammedFrontend, ProgrammedState};
 
 /// The traffic policy column: Cluster or Local, whether new flows are source-NATed, session
 /// affinity, Maglev, and the allowed source ranges.

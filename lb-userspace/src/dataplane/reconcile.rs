@@ -21,8 +21,8 @@ use ipnet::Ipv4Net;
 
 use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, backend_flags};
 
-use crate::maglev::{self, MaglevBackend};
-use crate::maps::{MapsError, MapsSnapshot, ServiceMaps};
+use crate::dataplane::maglev::{self, MaglevBackend};
+use crate::dataplane::maps::{MapsError, MapsSnapshot, ServiceMaps};
 use crate::model::{
     DesiredState, Frontend, FrontendKey, FrontendType, L4Addr, Protocol, Scope, ServicePortName,
 };

@@ -28,8 +28,8 @@ use aya::maps::{MapData, MapType};
 use bytemuck::{Pod, Zeroable};
 use lb_common::{ConntrackEntry, DatapathConfig, ServiceValue, conntrack_flags, conntrack_state, map_names};
 
-use crate::datapath::Capacity;
-use crate::links;
+use crate::dataplane::datapath::Capacity;
+use crate::dataplane::links;
 
 /// This build's layout.
 pub const CURRENT: u32 = lb_common::layout::VERSION;

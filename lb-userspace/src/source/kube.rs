@@ -16,8 +16,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::cluster::ClusterEvent;
 use crate::convert::{self, EndpointsSource, ProxyConfig};
+use crate::source::cluster::ClusterEvent;
 
 /// A client from `kubeconfig`, or the in-cluster service account when there is none.
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {

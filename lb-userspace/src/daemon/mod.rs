@@ -1,0 +1,6 @@
+//! `lb run`: the loop that ties sources to the data plane, its health endpoints and pacing.
+
+pub mod health;
+pub mod health_check;
+pub mod run;
+pub mod sync;
