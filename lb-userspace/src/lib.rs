@@ -13,3 +13,4 @@ pub mod daemon;
 pub mod dataplane;
 pub mod model;
 pub mod source;
+pub mod state;

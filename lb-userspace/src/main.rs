@@ -100,10 +100,13 @@ struct RunArgs {
     /// that only publish those.
     #[arg(long, value_enum, default_value = "endpointslices")]
     endpoints_api: EndpointsApi,
-    /// Least time between syncs once a burst of two is used up (kube-proxy's flag).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// Least time between syncs once a burst of two is used up (kube-proxy's flag and
+    /// meaning). kube-proxy defaults to 1s because its sync rewrites every rule; lb's costs
+    /// what the change touches (microseconds), so its default only coalesces bursts.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     min_sync_period: Duration,
-    /// How often to re-read, repair and prune the maps; health fails after twice this.
+    /// How often to re-read, repair and prune the maps (read away from the event loop,
+    /// compared a chunk at a time); health fails after twice this.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     sync_period: Duration,
     /// Address for /healthz and /livez (kube-proxy's port); empty to disable.

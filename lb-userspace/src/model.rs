@@ -272,3 +272,13 @@ pub struct HealthCheck {
     /// This node's distinct ready endpoint addresses of the Service.
     pub local_endpoints: usize,
 }
+
+/// An object that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {namespace}/{name}: {problem}")]
+pub struct ObjectError {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub problem: String,
+}

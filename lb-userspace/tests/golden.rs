@@ -1,17 +1,18 @@
 //! Golden tests: Kubernetes YAML in, map contents (and reported errors) out.
 //!
-//! Each `testdata/<case>.yaml` is parsed as a manifest file, converted and reconciled into
-//! in-memory maps; the result must equal `testdata/<case>.golden`. `UPDATE_GOLDEN=1` rewrites
-//! the golden files (review the diff before committing).
+//! Each `testdata/<case>.yaml` is read as the only file of a manifest directory, through the
+//! same source, pipeline and reconciler as `lb run` (in-memory maps); the result must equal
+//! `testdata/<case>.golden`. `UPDATE_GOLDEN=1` rewrites the golden files (review the diff
+//! before committing).
 
 use std::path::{Path, PathBuf};
 
-use lb_userspace::convert;
 use lb_userspace::convert::{EndpointsSource, ProxyConfig};
-use lb_userspace::dataplane::maps::InMemoryMaps;
+use lb_userspace::dataplane::in_memory::InMemoryMaps;
 use lb_userspace::dataplane::reconcile::{Reconciler, render_snapshot};
 use lb_userspace::source::cluster_ip::ClusterIpAllocator;
-use lb_userspace::source::manifests::{objects_by_kind, parse_manifest};
+use lb_userspace::source::manifests::ManifestObjects;
+use lb_userspace::state::pipeline::{OnInvalid, Pipeline};
 
 /// A case's configuration, from an optional first line `# config: node=NAME
 /// service-proxy-name=NAME endpoints-api=endpoints cluster-ip-range=CIDR
@@ -42,21 +43,31 @@ fn config_of(text: &str) -> (ProxyConfig, Option<ClusterIpAllocator>) {
 
 fn render_case(yaml: &Path) -> String {
     let text = std::fs::read_to_string(yaml).unwrap();
-    let label = Path::new("testdata").join(yaml.file_name().unwrap());
-    let mut out = String::new();
-    let (objects, errors) = parse_manifest(&label, &text).expect("file is YAML");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(yaml.file_name().unwrap()), &text).unwrap();
+    // Errors name the file as it is in the repository.
+    let label = |message: String| message.replace(&dir.path().display().to_string(), "testdata");
     let (config, allocator) = config_of(&text);
-    let mut objects = objects_by_kind(objects);
-    let allocation_errors = allocator.map(|mut a| a.assign(&mut objects.services)).unwrap_or_default();
-    let (desired, convert_errors) = convert::desired_state(&objects, &config);
+    let mut objects = ManifestObjects::new(dir.path(), allocator, None);
+    let loaded = objects.reload_all();
+    let mut errors: Vec<String> = loaded.errors.iter().map(|e| label(e.to_string())).collect();
+    let mut pipeline = Pipeline::new(config, OnInvalid::KeepLast);
+    for change in loaded.changes {
+        let key = change.key();
+        if let Err(error) = pipeline.apply(change) {
+            let file = objects.file_of(&key).map(|f| f.display().to_string()).unwrap_or_default();
+            errors.push(label(format!("{file}: {error}")));
+        }
+    }
+    let changes = pipeline.take_changes();
+    errors.extend(changes.errors.iter().map(ToString::to_string));
+    let desired = pipeline.table().desired();
+    let mut out = String::new();
     for error in &errors {
         out += &format!("error: {error}\n");
     }
-    for error in allocation_errors.iter().chain(&convert_errors) {
-        out += &format!("error: {error}\n");
-    }
     let mut reconciler = Reconciler::restore(InMemoryMaps::default()).unwrap();
-    let report = reconciler.reconcile(&desired);
+    let report = reconciler.reconcile(desired);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     out += &render_snapshot(&reconciler.maps().contents);
     for (port, check) in &desired.health_checks {

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{Backend, ServiceKey, ServiceValue};
-use lb_userspace::dataplane::maps::InMemoryMaps;
+use lb_userspace::dataplane::in_memory::InMemoryMaps;
 use lb_userspace::dataplane::reconcile::{Reconciler, render_snapshot};
 use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
 
@@ -362,7 +362,8 @@ fn a_full_map_refuses_only_the_excess_frontend_until_room_appears() {
     let report = r.reconcile(&state(&[(vip(1), &[1]), (vip(2), &[2, 3]), (vip(3), &[4, 5, 6])]));
     assert_eq!((report.programmed, report.refused), (2, 1), "{report:?}");
     assert!(
-        report.errors[0].contains("default/svc3") && report.errors[0].contains("--max-service-slots"),
+        report.errors[0].to_string().contains("default/svc3")
+            && report.errors[0].to_string().contains("--max-service-slots"),
         "{report:?}"
     );
     assert_consistent(&r.maps().contents);

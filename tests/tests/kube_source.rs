@@ -5,15 +5,22 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lb_userspace::convert::{self, EndpointsSource, ProxyConfig};
+use lb_userspace::convert::{EndpointsSource, ProxyConfig};
 use lb_userspace::model::DesiredState;
 use lb_userspace::source::cluster::ClusterStore;
 use lb_userspace::source::kube as kube_source;
+use lb_userspace::state::pipeline::{OnInvalid, Pipeline};
+
+/// What the watchers feed, as `lb run` holds it: the store of names and the pipeline.
+struct Fed {
+    store: ClusterStore,
+    pipeline: Pipeline,
+}
 use tests::apiserver::{FakeApiServer, Kind};
 
 struct Watching {
     server: FakeApiServer,
-    store: Arc<Mutex<ClusterStore>>,
+    store: Arc<Mutex<Fed>>,
     config: ProxyConfig,
     _runtime: tokio::runtime::Runtime,
     _dir: std::path::PathBuf,
@@ -28,24 +35,32 @@ impl Watching {
         let kubeconfig = server.write_kubeconfig(&dir).unwrap();
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let store = Arc::new(Mutex::new(ClusterStore::default()));
+        let store = Arc::new(Mutex::new(Fed {
+            store: ClusterStore::default(),
+            pipeline: Pipeline::new(config.clone(), OnInvalid::Drop),
+        }));
         let (feed, watch_config) = (store.clone(), config.clone());
         runtime.spawn(async move {
             let client = kube_source::client(Some(&kubeconfig)).await.expect("client from kubeconfig");
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             kube_source::spawn_watchers(client, &watch_config, tx);
             while let Some(event) = rx.recv().await {
-                feed.lock().unwrap().apply(event);
+                let mut fed = feed.lock().unwrap();
+                for change in fed.store.apply(event) {
+                    let _ = fed.pipeline.apply(change);
+                }
             }
         });
         Self { server, store, config, _runtime: runtime, _dir: dir }
     }
 
     fn desired(&self) -> Option<DesiredState> {
-        let store = self.store.lock().unwrap();
-        store
-            .ready(self.config.endpoints_source)
-            .then(|| convert::desired_state(&store.objects(), &self.config).0)
+        let mut fed = self.store.lock().unwrap();
+        if !fed.store.ready(self.config.endpoints_source) {
+            return None;
+        }
+        fed.pipeline.take_changes();
+        Some(fed.pipeline.table().desired().clone())
     }
 
     /// Waits until the desired state satisfies `ready`; panics with what it saw otherwise.
@@ -188,7 +203,7 @@ fn the_nodes_zone_selects_hinted_endpoints() {
     );
     let state = w.wait_for("zone-a only", |s| backends(s, "10.96.0.10").is_some_and(|b| b.len() == 1));
     assert_eq!(backends(&state, "10.96.0.10").unwrap(), ["10.244.0.1:8080/TCP"]);
-    assert_eq!(w.store.lock().unwrap().nodes.objects().count(), 1, "only this node is watched");
+    assert_eq!(w.store.lock().unwrap().store.nodes.len(), 1, "only this node is watched");
 }
 
 /// An EndpointSlice with extra labels (the EndpointSlice controller copies a Service's labels
@@ -204,8 +219,8 @@ fn labelled_slice(name: &str, service: &str, ips: &[&str], labels: &str) -> Stri
 /// How many Services and EndpointSlices lb's store holds: with kube-proxy's label selector on
 /// the watches, what the API server filters out never reaches it.
 fn stored(w: &Watching) -> (usize, usize) {
-    let objects = w.store.lock().unwrap().objects();
-    (objects.services.len(), objects.endpoint_slices.len())
+    let fed = w.store.lock().unwrap();
+    (fed.store.services.len(), fed.store.endpoint_slices.len())
 }
 
 /// Kubernetes' e2e "should implement service.kubernetes.io/headless" and the service-proxy-name

@@ -13,13 +13,14 @@ pub mod topology;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{
-    DesiredState, Frontend, FrontendKey, FrontendPolicy, FrontendType, HealthCheck, L4Addr, Protocol, Scope,
-    ServicePortName,
+    DesiredState, Frontend, FrontendKey, FrontendPolicy, FrontendType, HealthCheck, L4Addr, ObjectError,
+    Protocol, Scope, ServicePortName,
 };
+use crate::source::namespace_of;
 use topology::{Endpoint, EndpointConditions, NodeContext, PortPolicy};
 
 /// The label that joins an EndpointSlice to its Service.
@@ -31,21 +32,6 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
-
-/// An object that cannot be used, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {namespace}/{name}: {problem}")]
-pub struct ObjectError {
-    pub kind: &'static str,
-    pub namespace: String,
-    pub name: String,
-    pub problem: String,
-}
-
-/// `namespace` as kubectl fills it in when a manifest leaves it out.
-pub fn namespace_of(namespace: Option<&String>) -> String {
-    namespace.cloned().unwrap_or_else(|| "default".to_string())
-}
 
 /// Where endpoints come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,15 +74,36 @@ pub enum LbAlgorithm {
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 
-/// The objects conversion reads, from whichever source.
+/// A whole set of objects, for a conversion from scratch (`desired_state`). Endpoints from
+/// Pods, in manifests mode, come as the EndpointSlices `source::pods` makes of them.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub endpoints: Vec<Endpoints>,
     pub nodes: Vec<Node>,
-    /// Manifests mode only: Pods, from which Services with a selector get endpoints.
-    pub pods: Vec<Pod>,
+}
+
+/// What lb reads of its own Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// Neither being deleted nor tainted for deletion by the cluster autoscaler: kube-proxy's
+    /// `/healthz` fails otherwise, so load balancers stop sending new traffic.
+    pub eligible: bool,
+}
+
+pub fn parse_node(node: &Node) -> NodeRecord {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+    NodeRecord {
+        zone: node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned(),
+        eligible: node.metadata.deletion_timestamp.is_none() && !tainted,
+    }
 }
 
 /// The parts of a Service that frontends are made of.
@@ -631,20 +638,18 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
             }
         }
         EndpointsSource::Endpoints => {
+            let mut sorted: Vec<&Endpoints> = objects.endpoints.iter().collect();
+            sorted.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
             for endpoints in
-                objects.endpoints.iter().filter(|e| labels_proxied_here(e.metadata.labels.as_ref(), config))
+                sorted.into_iter().filter(|e| labels_proxied_here(e.metadata.labels.as_ref(), config))
             {
                 match parse_endpoints(endpoints) {
                     Ok(subsets) => subsets.into_iter().for_each(&mut add),
                     Err(error) => errors.push(error),
                 }
             }
-        }
-    }
-    // Manifests mode stands in for the EndpointSlice controller (API mode reads no Pods).
-    if !objects.pods.is_empty() {
-        for service in &objects.services {
-            crate::source::pods::endpoints_from_pods(service, &objects.pods).into_iter().for_each(&mut add);
         }
     }
     let node = config

@@ -1,32 +1,33 @@
 //! `lb run`: load the data path, then keep the maps equal to what the source says: a directory
 //! of manifests or the API server, through the same conversion and the same reconciler.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Node;
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::convert::{self, ClusterObjects, EndpointsSource, ProxyConfig};
+use crate::convert::{EndpointsSource, ProxyConfig};
 use crate::daemon::health::{self, SharedHealth};
 use crate::daemon::health_check::HealthCheckServers;
 use crate::daemon::sync::{HealthState, SyncRunner};
-use crate::dataplane::conntrack::{self, AffinityPolicy, Collector, FlowPolicy, PinnedFlowTables, Timeouts};
+use crate::dataplane::conntrack::{
+    self, AffinityPolicy, Collector, FlowPolicy, FrontendFlows, PinnedFlowTables, PolicyChange, Timeouts,
+};
 use crate::dataplane::datapath::{self, Capacity, Datapath};
 use crate::dataplane::interfaces::{InterfaceSelector, LinkEvents};
-use crate::dataplane::maps::BpfMaps;
+use crate::dataplane::maps::{BpfMaps, MapsError, MapsSnapshot, ServiceMaps};
 use crate::dataplane::node_addresses::{NodeAddressConfig, NodeAddresses};
-use crate::dataplane::reconcile::Reconciler;
-use crate::model::{DesiredState, HealthCheck};
+use crate::dataplane::reconcile::{Reconciler, Repair};
+use crate::model::{DesiredState, FrontendKey, L4Addr, Scope};
 use crate::source::cluster::{ClusterEvent, ClusterStore};
-use crate::source::cluster_ip::ClusterIpAllocator;
 use crate::source::kube as kube_source;
-use crate::source::manifests::ManifestStore;
+use crate::source::manifests::ManifestSource;
+use crate::source::{ObjectChange, ObjectKey};
+use crate::state::pipeline::{OnInvalid, Pipeline};
 use lb_common::DatapathConfig;
 
 pub enum SourceOptions {
@@ -69,18 +70,9 @@ pub struct RunOptions {
 /// How long an unused backend stays in the map (see `Reconciler::set_backend_grace`).
 const BACKEND_GRACE: Duration = Duration::from_secs(2);
 
-/// How long to wait after a file event for the rest of a burst (an editor's write + rename).
-const MANIFEST_COALESCE: Duration = Duration::from_millis(20);
-
+#[expect(clippy::large_enum_variant, reason = "one per process")]
 enum Source {
-    Manifests {
-        dir: PathBuf,
-        store: ManifestStore,
-        allocator: ClusterIpAllocator,
-        state_file: PathBuf,
-        events: mpsc::UnboundedReceiver<()>,
-        _watcher: notify::RecommendedWatcher,
-    },
+    Manifests(ManifestSource),
     Kubernetes {
         store: ClusterStore,
         events: mpsc::UnboundedReceiver<ClusterEvent>,
@@ -90,41 +82,15 @@ enum Source {
 }
 
 impl Source {
-    async fn start(options: &RunOptions) -> Result<Self> {
+    /// Starts the source; what it has at once (a directory's objects) goes to `pipeline`.
+    async fn start(options: &RunOptions, pipeline: &mut Pipeline) -> Result<Self> {
         match &options.source {
             SourceOptions::Manifests { dir, cluster_ip_range, state_file } => {
-                if !dir.is_dir() {
-                    anyhow::bail!(
-                        "manifest directory {} does not exist or is not a directory",
-                        dir.display()
-                    );
-                }
-                let (tx, events) = mpsc::unbounded_channel();
-                let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    // Our own reads raise access events; only changes to the directory's files count.
-                    let changed = match event {
-                        Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
-                        Err(_) => true, // e.g. an inotify queue overflow: re-read to be safe
-                    };
-                    if changed {
-                        let _ = tx.send(());
-                    }
-                })
-                .context("starting the manifest watcher")?;
-                watcher
-                    .watch(dir, RecursiveMode::NonRecursive)
-                    .with_context(|| format!("watching {}", dir.display()))?;
-                let allocator = ClusterIpAllocator::load(*cluster_ip_range, state_file)?;
-                let mut store = ManifestStore::default();
-                reload_manifests(&mut store, dir);
-                Ok(Source::Manifests {
-                    dir: dir.clone(),
-                    store,
-                    allocator,
-                    state_file: state_file.clone(),
-                    events,
-                    _watcher: watcher,
-                })
+                let mut sink = |change, file: &std::path::Path| {
+                    take_one(pipeline, change, || Some(file.display().to_string()))
+                };
+                let source = ManifestSource::start(dir, *cluster_ip_range, state_file, &mut sink)?;
+                Ok(Source::Manifests(source))
             }
             SourceOptions::Kubernetes { kubeconfig } => {
                 let client = kube_source::client(kubeconfig.as_deref()).await?;
@@ -143,7 +109,7 @@ impl Source {
     /// Since when the source has been unreachable, if it is.
     fn stale_since(&self) -> Option<SystemTime> {
         match self {
-            Source::Manifests { .. } => None,
+            Source::Manifests(_) => None,
             Source::Kubernetes { status, .. } => status.stale_since(),
         }
     }
@@ -151,76 +117,36 @@ impl Source {
     /// Whether the source has a complete picture to sync from.
     fn ready(&self) -> bool {
         match self {
-            Source::Manifests { .. } => true,
+            Source::Manifests(_) => true,
             Source::Kubernetes { store, endpoints_source, .. } => store.ready(*endpoints_source),
         }
     }
 
-    /// The objects to convert. Manifests mode also gives Services their ClusterIPs here.
-    fn objects(&mut self) -> ClusterObjects {
+    /// Waits for the next changes.
+    async fn changed(&mut self) -> Result<Vec<ObjectChange>> {
         match self {
-            Source::Manifests { store, allocator, state_file, .. } => {
-                let mut objects = store.cluster_objects();
-                let before = allocator.assigned().clone();
-                for error in allocator.assign(&mut objects.services) {
-                    tracing::error!("{error}");
-                }
-                if *allocator.assigned() != before
-                    && let Err(error) = allocator.save(state_file)
-                {
-                    tracing::error!("{error}");
-                }
-                objects
-            }
-            Source::Kubernetes { store, .. } => store.objects(),
-        }
-    }
-
-    /// Waits for the next visible change and takes it in.
-    async fn changed(&mut self) -> Result<()> {
-        match self {
-            Source::Manifests { dir, store, events, .. } => {
-                events.recv().await.context("manifest watcher stopped")?;
-                tokio::time::sleep(MANIFEST_COALESCE).await;
-                while events.try_recv().is_ok() {}
-                reload_manifests(store, dir);
-                Ok(())
-            }
-            Source::Kubernetes { store, events, .. } => loop {
+            Source::Manifests(source) => source.changed().await,
+            Source::Kubernetes { store, events, .. } => {
                 let event = events.recv().await.context("watchers stopped")?;
-                if store.apply(event) {
-                    return Ok(());
+                let mut changes = store.apply(event);
+                // Take what else has arrived: one sync for a burst.
+                while changes.len() < 4096
+                    && let Ok(event) = events.try_recv()
+                {
+                    changes.extend(store.apply(event));
                 }
-            },
+                Ok(changes)
+            }
         }
     }
-}
 
-fn reload_manifests(store: &mut ManifestStore, dir: &std::path::Path) {
-    match store.reload(dir) {
-        Ok(errors) => errors.iter().for_each(|error| tracing::error!("{error}")),
-        // The directory itself is unreadable: keep serving what is programmed.
-        Err(error) => tracing::error!("{error}; keeping the current state"),
+    /// Where an object comes from, for its error messages.
+    fn origin(&self, key: &ObjectKey) -> Option<String> {
+        match self {
+            Source::Manifests(source) => source.file_of(key).map(|file| file.display().to_string()),
+            Source::Kubernetes { .. } => None,
+        }
     }
-}
-
-/// A node being deleted (or drained by the cluster autoscaler) should get no new traffic from
-/// load balancers: kube-proxy reports it in `/healthz`.
-fn node_eligible(objects: &ClusterObjects, config: &ProxyConfig) -> bool {
-    let Some(node) = config
-        .node_name
-        .as_deref()
-        .and_then(|name| objects.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(name)))
-    else {
-        return true;
-    };
-    let tainted = |node: &Node| {
-        node.spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"))
-    };
-    node.metadata.deletion_timestamp.is_none() && !tainted(node)
 }
 
 /// What the data path's settings are made of, besides the node's addresses.
@@ -234,7 +160,7 @@ struct DatapathSettings {
 fn refresh_node_addresses(
     options: &NodeAddressConfig,
     current: &mut Option<NodeAddresses>,
-    config: &mut ProxyConfig,
+    pipeline: &mut Pipeline,
     datapath: &mut Datapath,
     settings: &DatapathSettings,
     reconciler: &mut Reconciler<BpfMaps>,
@@ -270,56 +196,133 @@ fn refresh_node_addresses(
             tracing::error!("{error}");
         }
     }
-    config.node_addresses = addresses.nodeport.clone();
+    pipeline.set_node_addresses(addresses.nodeport.clone());
     *current = Some(addresses);
 }
 
-/// What the conntrack collector needs to know of the frontends: by address, the backends
+/// What the conntrack collector needs to know of every frontend: by address, the backends
 /// flows may keep; by service ID, what affinity records may keep.
 fn flow_policy(desired: &DesiredState, reconciler: &Reconciler<BpfMaps>) -> FlowPolicy {
-    let programmed = &reconciler.state().frontends;
     let mut policy = FlowPolicy { made_ns: conntrack::monotonic_ns(), ..Default::default() };
-    let address = |backend: &crate::model::L4Addr| (u32::from(backend.ip).to_be(), backend.port.to_be());
-    for (key, frontend) in &desired.frontends {
-        let protocol = frontend.address.protocol;
-        let at = (u32::from(frontend.address.ip).to_be(), frontend.address.port.to_be(), protocol.number());
-        let flows = policy.frontends.entry(at).or_default();
-        flows.serving.extend(frontend.serving.iter().filter(|b| b.protocol == protocol).map(address));
-        flows.listed.extend(frontend.listed.iter().filter(|b| b.protocol == protocol).map(address));
-        if let Some(programmed) = programmed.get(key) {
-            let affinity = AffinityPolicy {
-                backend_ids: programmed.slots.iter().copied().collect(),
-                timeout: frontend.policy.affinity_timeout,
-            };
-            policy.affinity.insert(programmed.service_id, affinity);
+    let addresses: BTreeSet<L4Addr> = desired.frontends.keys().map(|key| key.address).collect();
+    for address in addresses {
+        if let Some(flows) = address_flows(desired, address) {
+            policy.frontends.insert(flow_address(address), flows);
+        }
+    }
+    for key in desired.frontends.keys() {
+        if let Some((id, affinity)) = affinity_policy(desired, reconciler, key) {
+            policy.affinity.insert(id, affinity);
         }
     }
     policy
 }
 
-/// Converts and reconciles; returns the health-check node ports the state asks for.
+fn flow_address(address: L4Addr) -> conntrack::FrontendAddress {
+    (u32::from(address.ip).to_be(), address.port.to_be(), address.protocol.number())
+}
+
+/// Every scope's backends at one frontend address: a flow is judged by the address it was sent
+/// to.
+fn address_flows(desired: &DesiredState, address: L4Addr) -> Option<FrontendFlows> {
+    let scopes =
+        FrontendKey { address, scope: Scope::External }..=FrontendKey { address, scope: Scope::Internal };
+    let wire = |backend: &L4Addr| (u32::from(backend.ip).to_be(), backend.port.to_be());
+    let mut flows: Option<FrontendFlows> = None;
+    for frontend in desired.frontends.range(scopes).map(|(_, frontend)| frontend) {
+        let flows = flows.get_or_insert_with(FrontendFlows::default);
+        let protocol = address.protocol;
+        flows.serving.extend(frontend.serving.iter().filter(|b| b.protocol == protocol).map(wire));
+        flows.listed.extend(frontend.listed.iter().filter(|b| b.protocol == protocol).map(wire));
+    }
+    flows
+}
+
+fn affinity_policy(
+    desired: &DesiredState,
+    reconciler: &Reconciler<BpfMaps>,
+    key: &FrontendKey,
+) -> Option<(u32, AffinityPolicy)> {
+    let frontend = desired.frontends.get(key)?;
+    let programmed = reconciler.state().frontends.get(key)?;
+    let affinity = AffinityPolicy {
+        backend_ids: programmed.slots.iter().copied().collect(),
+        timeout: frontend.policy.affinity_timeout,
+    };
+    Some((programmed.service_id, affinity))
+}
+
+/// The collector's policy changes after a sync touched `keys`, whose service IDs were
+/// `old_ids` before it.
+fn policy_changes(
+    desired: &DesiredState,
+    reconciler: &Reconciler<BpfMaps>,
+    keys: &BTreeSet<FrontendKey>,
+    old_ids: &[Option<u32>],
+) -> Vec<PolicyChange> {
+    let addresses: BTreeSet<L4Addr> = keys.iter().map(|key| key.address).collect();
+    let mut changes: Vec<PolicyChange> = addresses
+        .into_iter()
+        .map(|address| PolicyChange::Frontend(flow_address(address), address_flows(desired, address)))
+        .collect();
+    for (key, old_id) in keys.iter().zip(old_ids) {
+        let now = affinity_policy(desired, reconciler, key);
+        if let Some(old_id) = old_id
+            && now.as_ref().is_none_or(|(id, _)| id != old_id)
+        {
+            changes.push(PolicyChange::Affinity(*old_id, None));
+        }
+        if let Some((id, affinity)) = now {
+            changes.push(PolicyChange::Affinity(id, Some(affinity)));
+        }
+    }
+    changes
+}
+
+/// What a sync needs besides the pipeline and the reconciler.
+struct SyncContext<'a> {
+    health: &'a SharedHealth,
+    collector: &'a Collector,
+    stats: &'a mut conntrack::Stats,
+}
+
+/// Converts what changed and programs it. The first sync reconciles everything (the maps may
+/// hold what a previous run left); later ones only the frontends a change touched. Returns
+/// whether the health-check node ports changed.
 fn sync(
-    source: &mut Source,
-    config: &ProxyConfig,
+    pipeline: &mut Pipeline,
     reconciler: &mut Reconciler<BpfMaps>,
-    health: &SharedHealth,
-    collector: &Collector,
-    stats: &mut conntrack::Stats,
-) -> BTreeMap<u16, HealthCheck> {
+    context: &mut SyncContext,
+    first: bool,
+) -> bool {
     let started = Instant::now();
-    let objects = source.objects();
-    let (desired, errors) = convert::desired_state(&objects, config);
-    errors.iter().for_each(|error| tracing::error!("{error}"));
-    let report = reconciler.reconcile(&desired);
+    let changes = pipeline.take_changes();
+    changes.errors.iter().for_each(|error| tracing::error!("{error}"));
+    let desired = pipeline.table().desired();
+    context.collector.maps_changing();
+    let report = if first {
+        let report = reconciler.reconcile(desired);
+        context.collector.replace(flow_policy(desired, reconciler));
+        report
+    } else {
+        let old_ids: Vec<Option<u32>> = changes
+            .frontends
+            .iter()
+            .map(|key| reconciler.state().frontends.get(key).map(|f| f.service_id))
+            .collect();
+        let report = reconciler.reconcile_frontends(desired, &changes.frontends);
+        // Flows of backends that left (or of frontends that went) are ended soon after.
+        context.collector.update(policy_changes(desired, reconciler, &changes.frontends, &old_ids));
+        report
+    };
     report.errors.iter().for_each(|error| tracing::error!("{error}"));
     let changed = report.programmed + report.removed + report.errors.len() > 0;
-    stats.set(lb_common::stats::FRONTENDS_REFUSED, report.refused as u64);
-    // Flows of backends that left (or of frontends that went) are ended soon after.
-    collector.update(flow_policy(&desired, reconciler));
+    context.stats.set(lb_common::stats::FRONTENDS_REFUSED, report.refused as u64);
     macro_rules! synced {
         ($level:ident) => {
             tracing::$level!(
                 frontends = desired.frontends.len(),
+                services = changes.services,
                 programmed = report.programmed,
                 removed = report.removed,
                 unchanged = report.unchanged,
@@ -329,19 +332,19 @@ fn sync(
             )
         };
     }
-    if changed {
+    if changed || first {
         synced!(info)
     } else {
         synced!(debug)
     }
 
-    let mut health = health.lock().expect("health lock");
-    health.node_eligible = node_eligible(&objects, config);
+    let mut health = context.health.lock().expect("health lock");
+    health.node_eligible = pipeline.node_eligible();
     if report.errors.is_empty() {
         health.last_updated = Some(SystemTime::now());
         health.oldest_pending = None;
     }
-    desired.health_checks
+    changes.health_checks || first
 }
 
 /// Forwards the data path's aya-log records (rare: they report inconsistencies) to our log.
@@ -366,7 +369,13 @@ fn forward_datapath_logs(ebpf: &mut aya::Ebpf) {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    let mut source = Source::start(&options).await?;
+    let on_invalid = match options.source {
+        // A manifest edited into something invalid keeps its last good version in force.
+        SourceOptions::Manifests { .. } => OnInvalid::KeepLast,
+        SourceOptions::Kubernetes { .. } => OnInvalid::Drop,
+    };
+    let mut pipeline = Pipeline::new(options.proxy.clone(), on_invalid);
+    let mut source = Source::start(&options, &mut pipeline).await?;
 
     let interfaces: Vec<String> =
         options.interfaces.iter().chain(&options.node_addresses.external_interfaces).cloned().collect();
@@ -424,7 +433,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracing::info!(cgroup = %path.display(), "socket load balancing for the node's own connections");
     }
     forward_datapath_logs(datapath.ebpf_mut());
-    let mut proxy = options.proxy.clone();
     let mut addresses = None;
     // The socket programs translate only sockets of this namespace: the node's own.
     let settings = DatapathSettings {
@@ -449,7 +457,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     refresh_node_addresses(
         &options.node_addresses,
         &mut addresses,
-        &mut proxy,
+        &mut pipeline,
         &mut datapath,
         &settings,
         &mut reconciler,
@@ -466,6 +474,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut resync = tokio::time::interval(options.sync_period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is immediate
+    // A full resync: the maps are read in a thread of their own, then compared with the record
+    // a chunk at a time between other work.
+    let mut snapshot: Option<tokio::task::JoinHandle<Result<MapsSnapshot, MapsError>>> = None;
+    let mut repair: Option<Repair> = None;
+    // When slots past a lowered count or unused backends are due for deletion.
+    let mut release_at: Option<Instant> = None;
 
     // How /healthz learns that the source is unreachable (the data path then serves a state
     // that may be stale).
@@ -473,49 +487,107 @@ pub async fn run(options: RunOptions) -> Result<()> {
     source_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let next_sync = if source.ready() { runner.next_sync(Instant::now()) } else { None };
+        let ready = source.ready();
+        let next_sync = if ready && (pipeline.has_pending() || !synced_once) {
+            runner.next_sync(Instant::now())
+        } else {
+            None
+        };
         let sync_due = async {
             match next_sync {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
         };
+        let release_due = async {
+            match release_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let resync_idle = snapshot.is_none() && repair.is_none();
+        let snapshot_done = async {
+            match snapshot.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            changed = source.changed() => {
-                changed?;
-                runner.queue(Instant::now());
-                health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
+            // Changes first: a repair step or a resync never delays one for long.
+            biased;
+            changes = source.changed() => {
+                take_in(&mut pipeline, &source, changes?);
+                if pipeline.has_pending() {
+                    runner.queue(Instant::now());
+                    health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
+                }
             }
             () = sync_due => {
-                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
-                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector, &mut stats);
-                health_checks.sync(&checks).await;
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut pipeline, &mut datapath, &settings, &mut reconciler);
+                let mut context = SyncContext { health: &health, collector: &collector, stats: &mut stats };
+                if sync(&mut pipeline, &mut reconciler, &mut context, !synced_once) {
+                    health_checks.sync(&pipeline.table().desired().health_checks).await;
+                }
                 runner.synced(Instant::now());
                 if !synced_once {
                     synced_once = true;
                     prune(&mut reconciler);
                 }
+                if reconciler.release_waiting() {
+                    release_at.get_or_insert(Instant::now() + BACKEND_GRACE);
+                }
+            }
+            () = release_due => {
+                release_at = None;
+                let report = reconciler.reconcile_frontends(pipeline.table().desired(), &BTreeSet::new());
+                report.errors.iter().for_each(|error| tracing::error!("{error}"));
+                if reconciler.release_waiting() {
+                    release_at = Some(Instant::now() + BACKEND_GRACE / 4);
+                }
             }
             _ = source_check.tick() => {
                 health.lock().expect("health lock").source_stale_since = source.stale_since();
             }
-            _ = resync.tick(), if source.ready() => {
-                // Full resync: re-read the maps so entries changed behind our back are repaired.
-                if let Err(error) = reconciler.refresh_from_maps() {
-                    tracing::warn!("{error}");
+            _ = resync.tick(), if synced_once && resync_idle => {
+                // Repair what was changed behind our back: read the maps away from this loop.
+                let bpf_dir = options.bpf_dir.clone();
+                snapshot = Some(tokio::task::spawn_blocking(move || BpfMaps::from_pins(&bpf_dir)?.snapshot()));
+            }
+            done = snapshot_done => {
+                snapshot = None;
+                match done {
+                    Ok(Ok(maps)) => repair = Some(reconciler.start_repair(maps)),
+                    Ok(Err(error)) => tracing::warn!("reading the maps for a resync: {error}"),
+                    Err(error) => tracing::warn!("reading the maps for a resync: {error}"),
                 }
-                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
-                let checks = sync(&mut source, &proxy, &mut reconciler, &health, &collector, &mut stats);
-                health_checks.sync(&checks).await;
-                prune(&mut reconciler);
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut pipeline, &mut datapath, &settings, &mut reconciler);
+            }
+            () = std::future::ready(()), if repair.is_some() => {
+                let step = repair.as_mut().expect("checked by the guard");
+                match reconciler.repair_step(step, pipeline.table().desired()) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let step = repair.take().expect("checked by the guard");
+                        if step.repaired + step.deleted > 0 {
+                            tracing::info!(repaired = step.repaired, deleted = step.deleted, "resync repaired map entries changed behind lb's back");
+                        }
+                        if reconciler.release_waiting() {
+                            release_at.get_or_insert(Instant::now() + BACKEND_GRACE);
+                        }
+                    }
+                    Err(error) => {
+                        repair = None;
+                        tracing::warn!("{error}");
+                    }
+                }
+                tokio::task::yield_now().await;
             }
             changed = link_events.changed() => {
                 changed?;
                 attach_selected(&mut datapath, &selector, &is_external);
                 // An interface (and its addresses) came or went: NodePort frontends may change.
-                let before = proxy.node_addresses.clone();
-                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut proxy, &mut datapath, &settings, &mut reconciler);
-                if proxy.node_addresses != before {
+                refresh_node_addresses(&options.node_addresses, &mut addresses, &mut pipeline, &mut datapath, &settings, &mut reconciler);
+                if pipeline.has_pending() {
                     runner.queue(Instant::now());
                 }
             }
@@ -528,6 +600,23 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tracing::info!("shutting down: the data path stays in place for the next start (lb cleanup removes it)");
     drop(datapath);
     Ok(())
+}
+
+/// Takes changes into the pipeline; an object it cannot use is reported with where it came from.
+fn take_in(pipeline: &mut Pipeline, source: &Source, changes: Vec<ObjectChange>) {
+    for change in changes {
+        let key = change.key();
+        take_one(pipeline, change, || source.origin(&key));
+    }
+}
+
+fn take_one(pipeline: &mut Pipeline, change: ObjectChange, origin: impl FnOnce() -> Option<String>) {
+    if let Err(error) = pipeline.apply(change) {
+        match origin() {
+            Some(origin) => tracing::error!("{origin}: {error}"),
+            None => tracing::error!("{error}"),
+        }
+    }
 }
 
 /// Attaches to every selected interface present now and forgets vanished ones; a failure on

@@ -19,7 +19,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
@@ -135,6 +136,9 @@ impl FlowPolicy {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PassReport {
     pub entries: u64,
+    /// Flows to a backend the policy does not keep, too new to be judged by it (they may go
+    /// to a backend it does not know yet): judged by a pass soon after.
+    pub unjudged: u64,
     pub expired: u64,
     pub backend_gone_removed: u64,
     pub backend_gone_marked: u64,
@@ -215,7 +219,11 @@ pub fn collect(
         // A flow tracked after the policy was made (the published clock lags by up to a tick)
         // may go to a backend the policy does not know yet.
         let newer = entry.created_ns.saturating_add(2 * lb_common::CLOCK_TICK_NS) > policy.made_ns;
-        let gone = !newer && !policy.keeps(frontend, backend);
+        let kept = policy.keeps(frontend, backend);
+        if newer && !kept {
+            report.unjudged += 1;
+        }
+        let gone = !newer && !kept;
         let marked = entry.flags & cf::BACKEND_GONE != 0;
 
         if gone && key.protocol != PROTOCOL_TCP {
@@ -458,20 +466,36 @@ const TRIGGERED_PASS_GAP: Duration = Duration::from_secs(1);
 
 /// The run loop's handle on the collector thread.
 pub struct Collector {
-    policy: Arc<Mutex<Option<FlowPolicy>>>,
-    wake: mpsc::Sender<()>,
+    messages: mpsc::Sender<PolicyMessage>,
+    /// When the run loop last started writing the maps (CLOCK_MONOTONIC ns).
+    maps_writing: Arc<AtomicU64>,
+}
+
+/// A change to the flows' policy: one frontend address's flows, or one service ID's
+/// affinity records (`None`: it has none any more).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicyChange {
+    Frontend(FrontendAddress, Option<FrontendFlows>),
+    Affinity(u32, Option<AffinityPolicy>),
+}
+
+enum PolicyMessage {
+    Replace(FlowPolicy),
+    Change(Vec<PolicyChange>, u64),
 }
 
 impl Collector {
-    /// Starts the collector on `tables`, passing every `interval` and when woken. It makes no
-    /// pass before the first `update`: until the first sync, every flow would look orphaned.
+    /// Starts the collector on `tables`, passing every `interval` and when the policy
+    /// changes. It makes no pass before the first `replace`: until the first sync, every flow
+    /// would look orphaned.
     pub fn spawn(mut tables: PinnedFlowTables, timeouts: Timeouts, interval: Duration, since: u64) -> Self {
-        let policy: Arc<Mutex<Option<FlowPolicy>>> = Arc::new(Mutex::new(None));
-        let (wake, woken) = mpsc::channel::<()>();
-        let shared = policy.clone();
+        let (messages, received) = mpsc::channel::<PolicyMessage>();
+        let maps_writing = Arc::new(AtomicU64::new(0));
+        let writing = maps_writing.clone();
         std::thread::Builder::new()
             .name("conntrack-gc".into())
             .spawn(move || {
+                let mut policy: Option<FlowPolicy> = None;
                 let mut next_periodic = Instant::now() + interval;
                 let mut last_pass: Option<Instant> = None;
                 let mut pending = false;
@@ -481,21 +505,39 @@ impl Collector {
                     if pending {
                         deadline = deadline.min(last_pass.map_or(now, |at| at + TRIGGERED_PASS_GAP));
                     }
-                    match woken.recv_timeout(deadline.saturating_duration_since(now)) {
-                        Ok(()) => {
-                            pending = true;
+                    match received.recv_timeout(deadline.saturating_duration_since(now)) {
+                        Ok(PolicyMessage::Replace(new)) => {
+                            if policy.as_ref() != Some(&new) {
+                                policy = Some(new);
+                                pending = true;
+                            }
+                            continue;
+                        }
+                        Ok(PolicyMessage::Change(changes, made_ns)) => {
+                            if let Some(policy) = policy.as_mut() {
+                                pending |= policy.apply(changes, made_ns);
+                            }
                             continue;
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                    let Some(policy) = shared.lock().expect("policy lock").clone() else {
+                    let Some(policy) = policy.as_mut() else {
                         next_periodic = Instant::now() + interval;
                         continue;
                     };
+                    // Nothing written since the policy came: it holds for every flow tracked
+                    // until now (a write starting after this load is later than `now`).
+                    let maps_written = writing.load(Ordering::SeqCst);
+                    let now_ns = monotonic_ns();
+                    if maps_written <= policy.made_ns {
+                        policy.made_ns = now_ns;
+                    }
                     let started = Instant::now();
-                    match collect(&mut tables, &policy, &timeouts, monotonic_ns(), since) {
+                    let mut unjudged = false;
+                    match collect(&mut tables, policy, &timeouts, now_ns, since) {
                         Ok(report) => {
+                            unjudged = report.unjudged > 0;
                             let took = started.elapsed();
                             tables.record(&report, took);
                             let changed =
@@ -516,22 +558,53 @@ impl Collector {
                         }
                     }
                     last_pass = Some(Instant::now());
-                    pending = false;
+                    pending = unjudged;
                     next_periodic = Instant::now() + interval;
                 }
             })
             .expect("starting the conntrack collector thread");
-        Self { policy, wake }
+        Self { messages, maps_writing }
     }
 
-    /// The flows' policy after a sync. A change (an endpoint or a frontend went away, say)
-    /// asks for a pass soon; otherwise the next periodic pass uses it.
-    pub fn update(&self, policy: FlowPolicy) {
-        let mut current = self.policy.lock().expect("policy lock");
-        if current.as_ref() != Some(&policy) {
-            *current = Some(policy);
-            let _ = self.wake.send(());
+    /// The run loop is about to write the maps: until the policy that follows arrives, flows
+    /// tracked from now on are not judged by the current one.
+    pub fn maps_changing(&self) {
+        self.maps_writing.store(monotonic_ns(), Ordering::SeqCst);
+    }
+
+    /// The whole policy (after the first sync, say). A change asks for a pass soon.
+    pub fn replace(&self, policy: FlowPolicy) {
+        let _ = self.messages.send(PolicyMessage::Replace(policy));
+    }
+
+    /// Changes to the policy (after a sync that touched these frontends). A change (an
+    /// endpoint or a frontend went away, say) asks for a pass soon.
+    pub fn update(&self, changes: Vec<PolicyChange>) {
+        if !changes.is_empty() {
+            let _ = self.messages.send(PolicyMessage::Change(changes, monotonic_ns()));
         }
+    }
+}
+
+impl FlowPolicy {
+    /// Applies changes made at `made_ns`; returns whether the policy changed.
+    fn apply(&mut self, changes: Vec<PolicyChange>, made_ns: u64) -> bool {
+        let mut changed = false;
+        for change in changes {
+            changed |= match change {
+                PolicyChange::Frontend(address, Some(flows)) => {
+                    self.frontends.insert(address, flows.clone()) != Some(flows)
+                }
+                PolicyChange::Frontend(address, None) => self.frontends.remove(&address).is_some(),
+                PolicyChange::Affinity(id, Some(affinity)) => {
+                    self.affinity.insert(id, affinity.clone()) != Some(affinity)
+                }
+                PolicyChange::Affinity(id, None) => self.affinity.remove(&id).is_some(),
+            };
+        }
+        // The policy matches the maps as of `made_ns`, changed or not.
+        self.made_ns = self.made_ns.max(made_ns);
+        changed
     }
 }
 

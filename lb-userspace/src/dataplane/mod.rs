@@ -4,6 +4,8 @@
 pub mod audit;
 pub mod conntrack;
 pub mod datapath;
+#[cfg(any(test, feature = "testing"))]
+pub mod in_memory;
 pub mod interfaces;
 pub mod layout;
 pub mod links;

@@ -13,7 +13,7 @@
 //! after the highest ID any map or flow still holds): a conntrack entry or an affinity record
 //! naming an ID can never be taken for a later frontend or backend that got the same number.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,12 @@ pub enum ReconcileError {
         #[source]
         source: Box<MapsError>,
     },
+    #[error("updating backend {backend}: {source}")]
+    UpdateBackend {
+        backend: L4Addr,
+        #[source]
+        source: Box<MapsError>,
+    },
     #[error("releasing backend {backend}: {source}")]
     ReleaseBackend {
         backend: L4Addr,
@@ -63,14 +69,15 @@ pub enum ReconcileError {
 }
 
 /// What one reconcile did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub programmed: usize,
     pub removed: usize,
     pub unchanged: usize,
-    /// Frontends that could not be programmed (their error is in `errors`); the others were.
+    /// Frontends refused now (a full map, say), by this reconcile or an earlier one (whose
+    /// errors it reported); they are tried again once others are removed.
     pub refused: usize,
-    pub errors: Vec<String>,
+    pub errors: Vec<ReconcileError>,
 }
 
 /// Hands out IDs in increasing order, never one twice: flows and affinity records may still
@@ -169,6 +176,12 @@ pub struct ProgrammedState {
     pub backends: BTreeMap<u32, L4Addr>,
 }
 
+/// The backends a frontend's slots within its entry's count use (every slot while the entry is
+/// not written: a slot past the count is on its way out).
+fn live_slots(frontend: &ProgrammedFrontend) -> impl Iterator<Item = u32> + '_ {
+    frontend.slots.iter().take(frontend.count.map_or(usize::MAX, usize::from)).copied()
+}
+
 pub fn frontend_of(key: &ServiceKey) -> Option<FrontendKey> {
     Some(FrontendKey {
         address: L4Addr {
@@ -239,8 +252,13 @@ pub struct Reconciler<M: ServiceMaps> {
     backend_ids: BTreeMap<L4Addr, u32>,
     service_id_allocator: IdAllocator,
     backend_id_allocator: IdAllocator,
-    /// Backends may be unused without a write of ours: after a re-read, or a failed release.
-    release_pending: bool,
+    /// How many live slots (within their entry's count) and Maglev tables use each backend:
+    /// freeing one never scans every slot.
+    backend_users: HashMap<u32, u32>,
+    /// Frontends whose slots run past their count, waiting for the grace period.
+    shrinking: BTreeSet<FrontendKey>,
+    /// Frontends the last reconcile could not program: tried again once others are removed.
+    refused: BTreeSet<FrontendKey>,
     /// The node's own addresses: backends there are host-network endpoints.
     host_addresses: BTreeSet<Ipv4Addr>,
     /// Positions of every Maglev table this reconciler writes.
@@ -277,7 +295,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             backend_ids: BTreeMap::new(),
             service_id_allocator: IdAllocator::default(),
             backend_id_allocator: IdAllocator::default(),
-            release_pending: true,
+            backend_users: HashMap::new(),
+            shrinking: BTreeSet::new(),
+            refused: BTreeSet::new(),
             host_addresses: BTreeSet::new(),
             maglev_size,
             maglev_tables: BTreeMap::new(),
@@ -303,6 +323,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         tables.retain(|_, table| table.positions.len() == maglev_size as usize);
         reconciler.maglev_tables = tables;
+        reconciler.recount();
         Ok(reconciler)
     }
 
@@ -320,7 +341,58 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.service_id_allocator.reserve(state.frontends.values().map(|f| f.service_id).max().unwrap_or(0));
         self.backend_id_allocator.reserve(state.backends.keys().copied().max().unwrap_or(0));
         self.state = state;
-        self.release_pending = true;
+        self.recount();
+    }
+
+    /// Counts every backend's users and finds the shrinking frontends from scratch (after the
+    /// record was read from the maps).
+    fn recount(&mut self) {
+        self.backend_users.clear();
+        for frontend in self.state.frontends.values() {
+            for id in live_slots(frontend) {
+                *self.backend_users.entry(id).or_default() += 1;
+            }
+        }
+        for table in self.maglev_tables.values() {
+            for id in &table.backends {
+                *self.backend_users.entry(*id).or_default() += 1;
+            }
+        }
+        let now = Instant::now();
+        self.unused_since.retain(|id, _| !self.backend_users.contains_key(id));
+        for id in self.state.backends.keys().filter(|id| !self.backend_users.contains_key(id)) {
+            self.unused_since.entry(*id).or_insert(now);
+        }
+        self.shrinking =
+            self.state.frontends.iter().filter(|(_, f)| f.shrunk_at.is_some()).map(|(key, _)| *key).collect();
+    }
+
+    /// The backends a frontend's live slots use.
+    fn users_of(&self, key: &FrontendKey) -> Vec<u32> {
+        self.state.frontends.get(key).map(|f| live_slots(f).collect()).unwrap_or_default()
+    }
+
+    /// Moves backend users: `taken` gain one each, `released` lose one; a backend left with
+    /// none starts its grace period.
+    fn tally(&mut self, released: &[u32], taken: &[u32]) {
+        for id in taken {
+            let users = self.backend_users.entry(*id).or_default();
+            if *users == 0 {
+                self.unused_since.remove(id);
+            }
+            *users += 1;
+        }
+        let now = Instant::now();
+        for id in released {
+            let Some(users) = self.backend_users.get_mut(id) else { continue };
+            *users -= 1;
+            if *users == 0 {
+                self.backend_users.remove(id);
+                if self.state.backends.contains_key(id) {
+                    self.unused_since.insert(*id, now);
+                }
+            }
+        }
     }
 
     /// IDs that flows or affinity records still name (found by the conntrack collector at
@@ -332,7 +404,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// The node's own addresses: backends at one of them are host-network endpoints (flagged
     /// for the data path). Rewrites the backends whose flag changes.
-    pub fn set_host_addresses(&mut self, addresses: BTreeSet<Ipv4Addr>) -> Vec<String> {
+    pub fn set_host_addresses(&mut self, addresses: BTreeSet<Ipv4Addr>) -> Vec<ReconcileError> {
         let mut errors = Vec::new();
         let changed: Vec<(u32, L4Addr)> = self
             .state
@@ -346,7 +418,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.host_addresses = addresses;
         for (id, backend) in changed {
             if let Err(error) = self.maps.update_backend(id, self.backend_value(backend)) {
-                errors.push(format!("updating backend {backend}: {error}"));
+                errors.push(ReconcileError::UpdateBackend { backend, source: Box::new(error) });
             }
         }
         errors
@@ -362,6 +434,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// The maps, to change behind the reconciler's back (tests inject failures so).
+    #[cfg(any(test, feature = "testing"))]
     pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
     }
@@ -377,53 +450,77 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// Programs `desired`, removes what it no longer has, and releases unused backends.
     /// Failures are reported per frontend; the others are still programmed.
     pub fn reconcile(&mut self, desired: &DesiredState) -> ReconcileReport {
+        let mut keys: BTreeSet<FrontendKey> = desired.frontends.keys().copied().collect();
+        keys.extend(self.state.frontends.keys().copied());
+        self.reconcile_frontends(desired, &keys)
+    }
+
+    /// `reconcile`, for these frontends only: those a change touched. Each is programmed as
+    /// `desired` has it, or removed if it has none. Frontends refused before get another try
+    /// once removals made room.
+    pub fn reconcile_frontends(
+        &mut self,
+        desired: &DesiredState,
+        keys: &BTreeSet<FrontendKey>,
+    ) -> ReconcileReport {
         let mut report = ReconcileReport::default();
-        let mut refused = Vec::new();
-        for frontend in desired.frontends.values() {
+        let mut refused: Vec<(FrontendKey, ReconcileError)> = Vec::new();
+        for key in keys {
+            let Some(frontend) = desired.frontends.get(key) else { continue };
             match self.program_frontend(frontend) {
-                Ok(true) => report.programmed += 1,
-                Ok(false) => report.unchanged += 1,
-                Err(error) => refused.push((frontend, error)),
+                Ok(programmed) => {
+                    self.refused.remove(key);
+                    if programmed {
+                        report.programmed += 1;
+                    } else {
+                        report.unchanged += 1;
+                    }
+                }
+                Err(error) => refused.push((*key, error)),
             }
         }
-        let stale: Vec<FrontendKey> =
-            self.state.frontends.keys().filter(|key| !desired.frontends.contains_key(key)).copied().collect();
-        for frontend in stale {
-            match self.remove_frontend(frontend) {
+        for key in keys.iter().filter(|key| !desired.frontends.contains_key(key)) {
+            self.refused.remove(key);
+            if !self.state.frontends.contains_key(key) {
+                continue;
+            }
+            match self.remove_frontend(*key) {
                 Ok(()) => report.removed += 1,
-                Err(error) => report.errors.push(error.to_string()),
+                Err(error) => report.errors.push(error),
             }
         }
         // What was refused (a full map, say) gets another try once removals made room.
+        let earlier: Vec<FrontendKey> =
+            self.refused.iter().filter(|key| !keys.contains(key)).copied().collect();
         if report.removed > 0 {
-            refused = refused
-                .into_iter()
-                .filter_map(|(frontend, error)| match self.program_frontend(frontend) {
+            let retry: Vec<FrontendKey> = refused.drain(..).map(|(key, _)| key).chain(earlier).collect();
+            for key in retry {
+                let Some(frontend) = desired.frontends.get(&key) else { continue };
+                match self.program_frontend(frontend) {
                     Ok(_) => {
                         report.programmed += 1;
-                        None
+                        self.refused.remove(&key);
                     }
-                    Err(_) => Some((frontend, error)),
-                })
-                .collect();
-        }
-        report.refused = refused.len();
-        report.errors.extend(refused.into_iter().map(|(_, error)| error.to_string()));
-        // Backends can only have lost their last user if something was written (or an
-        // earlier release failed); skipping the scan keeps an idle sync cheap.
-        if report.programmed + report.removed > 0 || !report.errors.is_empty() || self.release_pending {
-            match self
-                .release_surplus_slots()
-                .and_then(|slots_wait| Ok(slots_wait | self.release_unused_backends()?))
-            {
-                Ok(waiting) => self.release_pending = waiting,
-                Err(error) => {
-                    self.release_pending = true;
-                    report.errors.push(error.to_string());
+                    Err(error) => refused.push((key, error)),
                 }
             }
         }
+        for (key, _) in &refused {
+            self.refused.insert(*key);
+        }
+        // Every frontend refused now, whether this reconcile or an earlier one tried it.
+        report.refused = self.refused.len();
+        report.errors.extend(refused.into_iter().map(|(_, error)| error));
+        if let Err(error) = self.release_surplus_slots().and_then(|()| self.release_unused_backends()) {
+            report.errors.push(error);
+        }
         report
+    }
+
+    /// Whether slots past a lowered count or unused backends wait for their grace period: a
+    /// reconcile after it deletes them.
+    pub fn release_waiting(&self) -> bool {
+        !self.shrinking.is_empty() || !self.unused_since.is_empty()
     }
 
     /// The backend's ID, writing the backend to the map first if it is new.
@@ -439,6 +536,8 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.maps.update_backend(id, self.backend_value(backend)).map_err(map_error)?;
         self.backend_ids.insert(backend, id);
         self.state.backends.insert(id, backend);
+        // Unused until a slot takes it (and released after the grace if none does).
+        self.unused_since.insert(id, Instant::now());
         Ok(id)
     }
 
@@ -480,7 +579,22 @@ impl<M: ServiceMaps> Reconciler<M> {
         })
     }
 
+    /// Programs one frontend, keeping the backends' user counts.
     fn program_frontend(&mut self, frontend: &Frontend) -> Result<bool, ReconcileError> {
+        let key = frontend.key();
+        let before = self.users_of(&key);
+        let result = self.write_frontend(frontend);
+        let after = self.users_of(&key);
+        if before != after {
+            self.tally(&before, &after);
+        }
+        if self.state.frontends.get(&key).is_some_and(|f| f.shrunk_at.is_some()) {
+            self.shrinking.insert(key);
+        }
+        result
+    }
+
+    fn write_frontend(&mut self, frontend: &Frontend) -> Result<bool, ReconcileError> {
         let key = frontend.key();
         let count = frontend.backends.len();
         if count <= MAX_BACKENDS_PER_FRONTEND && self.is_programmed(frontend, count as u16) {
@@ -583,7 +697,6 @@ impl<M: ServiceMaps> Reconciler<M> {
         // reader that took the old count just before it changed still finds its slot.
         if programmed.slots.len() > usize::from(count) {
             programmed.shrunk_at.get_or_insert_with(Instant::now);
-            self.release_pending = true;
         }
         // Ranges no longer wanted go after the entry: if it still checks ranges, it checks the
         // new set.
@@ -616,7 +729,8 @@ impl<M: ServiceMaps> Reconciler<M> {
         {
             let changed = maglev::changed_positions(&table.positions, &positions);
             self.maps.write_maglev_positions(current, &changed)?;
-            *table = MaglevTable { backends: wanted, positions, users: 1 };
+            let old = std::mem::replace(table, MaglevTable { backends: wanted.clone(), positions, users: 1 });
+            self.tally(&old.backends, &wanted);
             return Ok(current);
         }
         let named: BTreeSet<u32> = self.state.frontends.values().map(|f| f.maglev_table).collect();
@@ -633,6 +747,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             return Ok(0);
         };
         self.maps.create_maglev_table(index, &positions)?;
+        self.tally(&[], &wanted);
         self.maglev_tables.insert(index, MaglevTable { backends: wanted, positions, users: 1 });
         Ok(index)
     }
@@ -667,7 +782,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         match self.maps.delete_maglev_table(index) {
             Ok(()) => {
-                self.maglev_tables.remove(&index);
+                if let Some(table) = self.maglev_tables.remove(&index) {
+                    self.tally(&table.backends, &[]);
+                }
             }
             // Kept in the record with no user: the next prune removes it.
             Err(error) => {
@@ -679,7 +796,21 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
     }
 
+    /// Removes one frontend, keeping the backends' user counts.
     fn remove_frontend(&mut self, key: FrontendKey) -> Result<(), ReconcileError> {
+        let before = self.users_of(&key);
+        let result = self.delete_frontend(key);
+        let after = self.users_of(&key);
+        if before != after {
+            self.tally(&before, &after);
+        }
+        if !self.state.frontends.contains_key(&key) {
+            self.shrinking.remove(&key);
+        }
+        result
+    }
+
+    fn delete_frontend(&mut self, key: FrontendKey) -> Result<(), ReconcileError> {
         let remove_error = |source| ReconcileError::Remove { frontend: key, source: Box::new(source) };
         let Some(programmed) = self.state.frontends.get_mut(&key) else { return Ok(()) };
         // The service entry goes first: from then on no new flow picks a slot.
@@ -711,57 +842,53 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// Deletes the slots past each entry's count once the count has been lowered for the grace
-    /// period. Returns whether some still wait for theirs.
-    fn release_surplus_slots(&mut self) -> Result<bool, ReconcileError> {
+    /// period.
+    fn release_surplus_slots(&mut self) -> Result<(), ReconcileError> {
         let now = Instant::now();
-        let mut waiting = false;
-        for (key, programmed) in &mut self.state.frontends {
-            let Some(shrunk_at) = programmed.shrunk_at else { continue };
+        let keys: Vec<FrontendKey> = self.shrinking.iter().copied().collect();
+        for key in keys {
+            let Some(programmed) = self.state.frontends.get_mut(&key) else {
+                self.shrinking.remove(&key);
+                continue;
+            };
+            let Some(shrunk_at) = programmed.shrunk_at else {
+                self.shrinking.remove(&key);
+                continue;
+            };
             if now.duration_since(shrunk_at) < self.backend_grace {
-                waiting = true;
                 continue;
             }
             let count = usize::from(programmed.count.unwrap_or(0));
             while programmed.slots.len() > count {
                 let slot = programmed.slots.len() as u16;
                 self.maps
-                    .delete_service(service_key(key, slot))
-                    .map_err(|source| ReconcileError::Remove { frontend: *key, source: Box::new(source) })?;
+                    .delete_service(service_key(&key, slot))
+                    .map_err(|source| ReconcileError::Remove { frontend: key, source: Box::new(source) })?;
                 programmed.slots.pop();
             }
             programmed.shrunk_at = None;
+            self.shrinking.remove(&key);
         }
-        Ok(waiting)
+        Ok(())
     }
 
     /// Deletes backends no slot or Maglev table uses any more, once they have been unused for
-    /// the grace period. Returns whether some still wait for theirs.
-    fn release_unused_backends(&mut self) -> Result<bool, ReconcileError> {
-        // Slots past a count are on their way out (their grace started with the shrink, no
-        // later than this backend's, and they go first): they do not keep a backend.
-        let referenced: BTreeSet<u32> = self
-            .state
-            .frontends
-            .values()
-            .flat_map(|f| f.slots.iter().take(usize::from(f.count.unwrap_or(u16::MAX))).copied())
-            .chain(self.maglev_tables.values().flat_map(|t| t.backends.iter().copied()))
-            .collect();
-        let unused: Vec<(u32, L4Addr)> = self
-            .state
-            .backends
-            .iter()
-            .filter(|(id, _)| !referenced.contains(id))
-            .map(|(id, addr)| (*id, *addr))
-            .collect();
-        self.unused_since.retain(|id, _| !referenced.contains(id));
+    /// the grace period.
+    fn release_unused_backends(&mut self) -> Result<(), ReconcileError> {
         let now = Instant::now();
-        let mut waiting = false;
-        for (id, backend) in unused {
-            let since = *self.unused_since.entry(id).or_insert(now);
-            if now.duration_since(since) < self.backend_grace {
-                waiting = true;
+        let due: Vec<u32> = self
+            .unused_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= self.backend_grace)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(backend) =
+                self.state.backends.get(&id).copied().filter(|_| !self.backend_users.contains_key(&id))
+            else {
+                self.unused_since.remove(&id);
                 continue;
-            }
+            };
             self.maps
                 .delete_backend(id)
                 .map_err(|source| ReconcileError::ReleaseBackend { backend, source: Box::new(source) })?;
@@ -769,7 +896,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.backend_ids.remove(&backend);
             self.unused_since.remove(&id);
         }
-        Ok(waiting)
+        Ok(())
     }
 
     /// How long a backend no slot uses, and a slot past its entry's count, stay in the map
@@ -819,8 +946,25 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_backend(*id).map_err(prune_error)?;
             deleted += 1;
         }
+        deleted += self.prune_maglev_tables()?;
+        Ok(deleted)
+    }
+
+    /// Deletes Maglev tables no frontend names and none is recorded for.
+    fn prune_maglev_tables(&mut self) -> Result<usize, ReconcileError> {
+        let mut deleted = 0;
         let named: BTreeSet<u32> = self.state.frontends.values().map(|f| f.maglev_table).collect();
-        self.maglev_tables.retain(|index, table| table.users > 0 || named.contains(index));
+        let unused: Vec<u32> = self
+            .maglev_tables
+            .iter()
+            .filter(|(index, table)| table.users == 0 && !named.contains(index))
+            .map(|(index, _)| *index)
+            .collect();
+        for index in unused {
+            if let Some(table) = self.maglev_tables.remove(&index) {
+                self.tally(&table.backends, &[]);
+            }
+        }
         for index in self.maps.maglev_tables().map_err(prune_error)? {
             if !self.maglev_tables.contains_key(&index) {
                 self.maps.delete_maglev_table(index).map_err(prune_error)?;
@@ -828,6 +972,230 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         Ok(deleted)
+    }
+}
+
+/// A full resync in steps: the maps as a snapshot read them (away from the event loop)
+/// compared with the record, a chunk at a time, so a resync at 100 000 Services never holds
+/// a change up for long. What differs is written again as the record and the desired state
+/// have it; what the record does not account for is deleted.
+///
+/// The snapshot may be older than writes made while the steps run: comparing it with the
+/// record only ever rewrites what the record says (the same write again) or deletes what the
+/// record no longer has (deleted already): never an entry written since.
+pub struct Repair {
+    snapshot: MapsSnapshot,
+    phase: RepairPhase,
+    cursor: usize,
+    backends: Vec<u32>,
+    frontends: Vec<FrontendKey>,
+    services: Vec<ServiceKey>,
+    metas: Vec<u32>,
+    /// Service IDs of the frontends recorded when the repair started.
+    service_ids: std::collections::HashSet<u32>,
+    stale_backends: Vec<u32>,
+    /// Entries written again.
+    pub repaired: usize,
+    /// Entries deleted that the record does not account for.
+    pub deleted: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RepairPhase {
+    Backends,
+    Frontends,
+    Services,
+    Metas,
+    Rest,
+    Done,
+}
+
+/// Entries compared per step.
+const REPAIR_CHUNK: usize = 4096;
+
+impl Repair {
+    pub fn is_done(&self) -> bool {
+        self.phase == RepairPhase::Done
+    }
+}
+
+impl<M: ServiceMaps> Reconciler<M> {
+    /// Starts a repair against a snapshot of the maps (see `Repair`).
+    pub fn start_repair(&self, snapshot: MapsSnapshot) -> Repair {
+        Repair {
+            phase: RepairPhase::Backends,
+            cursor: 0,
+            backends: self.state.backends.keys().copied().collect(),
+            frontends: self.state.frontends.keys().copied().collect(),
+            services: snapshot.services.keys().copied().collect(),
+            metas: snapshot.service_meta.keys().copied().collect(),
+            service_ids: self.state.frontends.values().map(|f| f.service_id).collect(),
+            stale_backends: snapshot.backends.keys().copied().collect(),
+            snapshot,
+            repaired: 0,
+            deleted: 0,
+        }
+    }
+
+    /// One step of a repair: at most `REPAIR_CHUNK` entries compared. Returns whether it is
+    /// done.
+    pub fn repair_step(
+        &mut self,
+        repair: &mut Repair,
+        desired: &DesiredState,
+    ) -> Result<bool, ReconcileError> {
+        let start = repair.cursor;
+        let take = |len: usize| start..(start + REPAIR_CHUNK).min(len);
+        match repair.phase {
+            RepairPhase::Backends => {
+                for index in take(repair.backends.len()) {
+                    let id = repair.backends[index];
+                    let Some(backend) = self.state.backends.get(&id).copied() else { continue };
+                    let value = self.backend_value(backend);
+                    if repair.snapshot.backends.get(&id) != Some(&value) {
+                        self.maps.update_backend(id, value).map_err(prune_error)?;
+                        repair.repaired += 1;
+                    }
+                }
+                advance(repair, repair.backends.len(), RepairPhase::Frontends);
+            }
+            RepairPhase::Frontends => {
+                for index in take(repair.frontends.len()) {
+                    let key = repair.frontends[index];
+                    if !self.mark_differences(&key, &repair.snapshot) {
+                        continue;
+                    }
+                    repair.repaired += 1;
+                    let result = match desired.frontends.get(&key) {
+                        Some(frontend) => self.program_frontend(frontend).map(|_| ()),
+                        None => self.remove_frontend(key),
+                    };
+                    if let Err(error) = result {
+                        tracing::warn!("repairing frontend {key}: {error}");
+                    }
+                }
+                advance(repair, repair.frontends.len(), RepairPhase::Services);
+            }
+            RepairPhase::Services => {
+                for index in take(repair.services.len()) {
+                    let key = repair.services[index];
+                    if !self.accounts_for(&key) {
+                        self.maps.delete_service(key).map_err(prune_error)?;
+                        repair.deleted += 1;
+                    }
+                }
+                advance(repair, repair.services.len(), RepairPhase::Metas);
+            }
+            RepairPhase::Metas => {
+                for index in take(repair.metas.len()) {
+                    let id = repair.metas[index];
+                    if !repair.service_ids.contains(&id) {
+                        self.maps.delete_service_meta(id).map_err(prune_error)?;
+                        repair.deleted += 1;
+                    }
+                }
+                advance(repair, repair.metas.len(), RepairPhase::Rest);
+            }
+            RepairPhase::Rest => {
+                for index in take(repair.stale_backends.len()) {
+                    let id = repair.stale_backends[index];
+                    if !self.state.backends.contains_key(&id) {
+                        self.maps.delete_backend(id).map_err(prune_error)?;
+                        repair.deleted += 1;
+                    }
+                }
+                advance(repair, repair.stale_backends.len(), RepairPhase::Done);
+                if repair.phase == RepairPhase::Done {
+                    let wanted: BTreeSet<(u32, Ipv4Net)> = self
+                        .state
+                        .frontends
+                        .values()
+                        .flat_map(|f| f.source_ranges.iter().map(|range| (f.service_id, *range)))
+                        .collect();
+                    for (id, range) in repair.snapshot.source_ranges.difference(&wanted) {
+                        self.maps.delete_source_range(*id, *range).map_err(prune_error)?;
+                        repair.deleted += 1;
+                    }
+                    repair.deleted += self.prune_maglev_tables()?;
+                }
+            }
+            RepairPhase::Done => {}
+        }
+        Ok(repair.is_done())
+    }
+
+    /// Whether the record accounts for a services-map entry.
+    fn accounts_for(&self, key: &ServiceKey) -> bool {
+        frontend_of(key).and_then(|addr| self.state.frontends.get(&addr)).is_some_and(|programmed| match key
+            .backend_slot
+        {
+            0 => programmed.count.is_some(),
+            slot => usize::from(slot) <= programmed.slots.len(),
+        })
+    }
+
+    /// Compares one frontend's record with the snapshot and marks in the record what the maps
+    /// do not hold as recorded (a slot as backend 0, the entry or metadata as unwritten, the
+    /// source ranges as found), so programming it writes them again. Returns whether anything
+    /// differed.
+    fn mark_differences(&mut self, key: &FrontendKey, snapshot: &MapsSnapshot) -> bool {
+        let Some(programmed) = self.state.frontends.get(key) else { return false };
+        let id = programmed.service_id;
+        let entry_ok = match programmed.count {
+            Some(count) => {
+                let expected = ServiceValue {
+                    affinity_timeout: programmed.affinity_timeout,
+                    maglev_table: programmed.maglev_table,
+                    ..ServiceValue::service_entry(id, count).with_flags(programmed.flags)
+                };
+                snapshot.services.get(&service_key(key, 0)) == Some(&expected)
+            }
+            None => true,
+        };
+        let slots_ok: Vec<bool> = programmed
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, backend)| {
+                snapshot.services.get(&service_key(key, index as u16 + 1))
+                    == Some(&ServiceValue::backend_slot(id, *backend))
+            })
+            .collect();
+        let meta_ok = programmed.meta.as_ref().is_none_or(|(frontend_type, name)| {
+            snapshot.service_meta.get(&id) == Some(&ServiceMeta::new(frontend_type.code(), name))
+        });
+        let ranges: BTreeSet<Ipv4Net> = snapshot
+            .source_ranges
+            .range((id, Ipv4Net::default())..)
+            .take_while(|(range_id, _)| *range_id == id)
+            .map(|(_, range)| *range)
+            .collect();
+        let ranges_ok = ranges == programmed.source_ranges;
+        if entry_ok && meta_ok && ranges_ok && slots_ok.iter().all(|ok| *ok) {
+            return false;
+        }
+        let programmed = self.state.frontends.get_mut(key).expect("looked up above");
+        if !entry_ok {
+            programmed.count = None;
+        }
+        for (slot, ok) in programmed.slots.iter_mut().zip(&slots_ok) {
+            if !ok {
+                *slot = 0; // no backend has ID 0: the slot is written again
+            }
+        }
+        if !meta_ok {
+            programmed.meta = None;
+        }
+        programmed.source_ranges = ranges;
+        true
+    }
+}
+
+fn advance(repair: &mut Repair, len: usize, next: RepairPhase) {
+    repair.cursor += REPAIR_CHUNK;
+    if repair.cursor >= len {
+        repair.cursor = 0;
+        repair.phase = next;
     }
 }
 

@@ -1,16 +1,19 @@
-//! The API-server source's view of the cluster: one store per kind, fed by watcher events.
+//! The API-server source's view of the cluster: watcher events turned into changes.
 //!
-//! Each (re-)list replaces its kind wholesale when it completes (`InitDone`): objects deleted
-//! while a watch was down disappear then, without trusting that a Delete event was seen.
+//! A (re-)list's objects go on as they arrive (each is the newest version of its object);
+//! when the list completes (`InitDone`), objects it did not list are reported gone: those
+//! deleted while a watch was down, without trusting that a Delete event was seen. Only names
+//! are kept here, so a list of 100 000 objects is never held in memory.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 
-use crate::convert::{ClusterObjects, EndpointsSource};
+use crate::convert::EndpointsSource;
+use crate::source::{Object, ObjectChange, ObjectKey};
 
 /// A watcher event of one of the kinds lb reads.
 #[derive(Debug)]
@@ -22,49 +25,55 @@ pub enum ClusterEvent {
     Node(Event<Node>),
 }
 
-type ObjectName = (String, String);
-
-/// Objects of one kind, by namespace and name.
-#[derive(Debug)]
-pub struct KindStore<K> {
-    objects: BTreeMap<ObjectName, K>,
-    /// Objects of a list in progress, swapped in when it completes.
-    relisting: Option<BTreeMap<ObjectName, K>>,
+/// The objects of one kind the source has reported, by key.
+#[derive(Debug, Default)]
+pub struct KindStore {
+    present: BTreeSet<ObjectKey>,
+    /// Objects a list in progress has listed so far.
+    relisting: Option<BTreeSet<ObjectKey>>,
     listed: bool,
 }
 
-impl<K> Default for KindStore<K> {
-    fn default() -> Self {
-        Self { objects: BTreeMap::new(), relisting: None, listed: false }
-    }
-}
-
-fn name_of<K: ResourceExt>(object: &K) -> ObjectName {
-    (object.namespace().unwrap_or_default(), object.name_any())
-}
-
-impl<K: ResourceExt + Clone> KindStore<K> {
-    /// Applies an event; returns whether the visible objects changed.
-    pub fn apply(&mut self, event: Event<K>) -> bool {
+impl KindStore {
+    /// Applies an event; returns the changes it makes visible.
+    pub fn apply<K: ResourceExt>(
+        &mut self,
+        event: Event<K>,
+        wrap: impl Fn(K) -> Object,
+    ) -> Vec<ObjectChange> {
         match event {
             Event::Init => {
-                self.relisting = Some(BTreeMap::new());
-                false
+                self.relisting = Some(BTreeSet::new());
+                Vec::new()
             }
             Event::InitApply(object) => {
-                self.relisting.get_or_insert_with(BTreeMap::new).insert(name_of(&object), object);
-                false
+                let object = wrap(object);
+                let key = object.key();
+                self.relisting.get_or_insert_with(BTreeSet::new).insert(key.clone());
+                self.present.insert(key);
+                vec![ObjectChange::Upsert(object)]
             }
             Event::InitDone => {
-                self.objects = self.relisting.take().unwrap_or_default();
+                let listed = self.relisting.take().unwrap_or_default();
+                let changes: Vec<ObjectChange> = self
+                    .present
+                    .iter()
+                    .filter(|key| !listed.contains(*key))
+                    .map(|key| ObjectChange::Delete(key.clone()))
+                    .collect();
+                self.present = listed;
                 self.listed = true;
-                true
+                changes
             }
             Event::Apply(object) => {
-                self.objects.insert(name_of(&object), object);
-                true
+                let object = wrap(object);
+                self.present.insert(object.key());
+                vec![ObjectChange::Upsert(object)]
             }
-            Event::Delete(object) => self.objects.remove(&name_of(&object)).is_some(),
+            Event::Delete(object) => {
+                let key = wrap(object).key();
+                if self.present.remove(&key) { vec![ObjectChange::Delete(key)] } else { Vec::new() }
+            }
         }
     }
 
@@ -73,27 +82,33 @@ impl<K: ResourceExt + Clone> KindStore<K> {
         self.listed
     }
 
-    pub fn objects(&self) -> impl Iterator<Item = &K> {
-        self.objects.values()
+    pub fn len(&self) -> usize {
+        self.present.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.present.is_empty()
     }
 }
 
 #[derive(Debug, Default)]
 pub struct ClusterStore {
-    pub services: KindStore<Service>,
-    pub endpoint_slices: KindStore<EndpointSlice>,
-    pub endpoints: KindStore<Endpoints>,
-    pub nodes: KindStore<Node>,
+    pub services: KindStore,
+    pub endpoint_slices: KindStore,
+    pub endpoints: KindStore,
+    pub nodes: KindStore,
 }
 
 impl ClusterStore {
-    /// Applies an event; returns whether anything visible changed.
-    pub fn apply(&mut self, event: ClusterEvent) -> bool {
+    /// Applies an event; returns the changes it makes visible.
+    pub fn apply(&mut self, event: ClusterEvent) -> Vec<ObjectChange> {
         match event {
-            ClusterEvent::Service(e) => self.services.apply(e),
-            ClusterEvent::EndpointSlice(e) => self.endpoint_slices.apply(e),
-            ClusterEvent::Endpoints(e) => self.endpoints.apply(e),
-            ClusterEvent::Node(e) => self.nodes.apply(e),
+            ClusterEvent::Service(e) => self.services.apply(e, |o| Object::Service(Box::new(o))),
+            ClusterEvent::EndpointSlice(e) => {
+                self.endpoint_slices.apply(e, |o| Object::EndpointSlice(Box::new(o)))
+            }
+            ClusterEvent::Endpoints(e) => self.endpoints.apply(e, |o| Object::Endpoints(Box::new(o))),
+            ClusterEvent::Node(e) => self.nodes.apply(e, |o| Object::Node(Box::new(o))),
         }
     }
 
@@ -105,16 +120,6 @@ impl ClusterStore {
             EndpointsSource::Endpoints => self.endpoints.listed(),
         };
         self.services.listed() && endpoints_listed && self.nodes.listed()
-    }
-
-    pub fn objects(&self) -> ClusterObjects {
-        ClusterObjects {
-            services: self.services.objects().cloned().collect(),
-            endpoint_slices: self.endpoint_slices.objects().cloned().collect(),
-            endpoints: self.endpoints.objects().cloned().collect(),
-            nodes: self.nodes.objects().cloned().collect(),
-            pods: Vec::new(), // the EndpointSlice controller turns Pods into endpoints
-        }
     }
 }
 
@@ -135,33 +140,40 @@ mod tests {
         }
     }
 
-    fn names(store: &KindStore<Service>) -> Vec<String> {
-        store.objects().map(|s| s.name_any()).collect()
+    fn apply(store: &mut KindStore, event: Event<Service>) -> Vec<String> {
+        store
+            .apply(event, |o| Object::Service(Box::new(o)))
+            .into_iter()
+            .map(|change| match change {
+                ObjectChange::Upsert(object) => format!("+{}", object.key().2),
+                ObjectChange::Delete(key) => format!("-{}", key.2),
+            })
+            .collect()
     }
 
     #[test]
     fn a_relist_replaces_everything_and_needs_no_delete_events() {
         let mut store = KindStore::default();
         assert!(!store.listed());
-        store.apply(Event::Init);
-        store.apply(Event::InitApply(service("a")));
-        store.apply(Event::InitApply(service("b")));
-        assert!(names(&store).is_empty(), "nothing visible before the list completes");
-        assert!(store.apply(Event::InitDone));
+        apply(&mut store, Event::Init);
+        assert_eq!(apply(&mut store, Event::InitApply(service("a"))), ["+a"]);
+        assert_eq!(apply(&mut store, Event::InitApply(service("b"))), ["+b"]);
+        assert!(!store.listed(), "not listed before the list completes");
+        assert!(apply(&mut store, Event::InitDone).is_empty());
         assert!(store.listed());
-        assert_eq!(names(&store), ["a", "b"]);
 
         // The watch drops; "a" is deleted meanwhile; the re-list brings only "b" and "c".
-        store.apply(Event::Init);
-        store.apply(Event::InitApply(service("b")));
-        store.apply(Event::InitApply(service("c")));
-        assert_eq!(names(&store), ["a", "b"], "the old state serves until the list completes");
-        store.apply(Event::InitDone);
-        assert_eq!(names(&store), ["b", "c"]);
+        apply(&mut store, Event::Init);
+        assert_eq!(apply(&mut store, Event::InitApply(service("b"))), ["+b"]);
+        assert_eq!(apply(&mut store, Event::InitApply(service("c"))), ["+c"]);
+        assert_eq!(apply(&mut store, Event::InitDone), ["-a"], "what the list left out is gone");
 
-        assert!(store.apply(Event::Delete(service("b"))));
-        assert!(!store.apply(Event::Delete(service("b"))), "a repeated delete changes nothing");
-        assert!(store.apply(Event::Apply(service("d"))));
-        assert_eq!(names(&store), ["c", "d"]);
+        assert_eq!(apply(&mut store, Event::Delete(service("b"))), ["-b"]);
+        assert!(
+            apply(&mut store, Event::Delete(service("b"))).is_empty(),
+            "a repeated delete changes nothing"
+        );
+        assert_eq!(apply(&mut store, Event::Apply(service("d"))), ["+d"]);
+        assert_eq!(store.len(), 2);
     }
 }

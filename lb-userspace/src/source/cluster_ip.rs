@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 
-use crate::convert::{ObjectError, namespace_of};
+use crate::model::ObjectError;
+use crate::source::namespace_of;
 
 type ServiceName = (String, String);
 
@@ -31,9 +32,16 @@ pub struct ClusterIpAllocator {
     range: Ipv4Net,
     /// Service -> its ClusterIP, for every Service that has one.
     assigned: BTreeMap<ServiceName, Ipv4Addr>,
+    /// Who holds each address: every check is a lookup.
+    holders: BTreeMap<Ipv4Addr, ServiceName>,
+    /// Where the search for a free address starts: after the last one handed out, so handing
+    /// out the whole range is one pass over it.
+    cursor: u32,
+    /// Whether allocations changed since `take_changed`.
+    changed: bool,
 }
 
-fn name_of(service: &Service) -> ServiceName {
+pub fn name_of(service: &Service) -> ServiceName {
     (namespace_of(service.metadata.namespace.as_ref()), service.metadata.name.clone().unwrap_or_default())
 }
 
@@ -52,6 +60,11 @@ fn requested(service: &Service) -> Option<&str> {
     }
 }
 
+/// Whether the Service asks for an address of its own choosing.
+pub fn asks_for_address(service: &Service) -> bool {
+    requested(service).is_some_and(|ip| !ip.is_empty())
+}
+
 fn set_cluster_ip(service: &mut Service, ip: Ipv4Addr) {
     if let Some(spec) = service.spec.as_mut() {
         spec.cluster_ip = Some(ip.to_string());
@@ -59,107 +72,157 @@ fn set_cluster_ip(service: &mut Service, ip: Ipv4Addr) {
     }
 }
 
+/// What became of a Service given to `admit`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// It has its address (filled in when allocated).
+    Admitted,
+    /// It keeps the address it had, not the one it asks for now.
+    Kept(ObjectError),
+    /// It cannot have the address it asks for, or none is free: left out until that changes.
+    Rejected(ObjectError),
+}
+
 impl ClusterIpAllocator {
     pub fn new(range: Ipv4Net) -> Self {
-        Self { range, assigned: BTreeMap::new() }
+        Self { range, assigned: BTreeMap::new(), holders: BTreeMap::new(), cursor: 0, changed: false }
     }
 
     pub fn assigned(&self) -> &BTreeMap<ServiceName, Ipv4Addr> {
         &self.assigned
     }
 
-    /// Gives every Service its ClusterIP (filling in allocated ones), forgets Services that are
-    /// gone, and reports rejected ones, which are left out of `services`.
-    pub fn assign(&mut self, services: &mut Vec<Service>) -> Vec<ObjectError> {
-        let mut errors = Vec::new();
-        let present: BTreeSet<ServiceName> = services.iter().map(name_of).collect();
-        self.assigned.retain(|name, _| present.contains(name));
-        services.sort_by_key(name_of);
-        // Who holds each address, kept alongside `assigned`: every check below is a lookup,
-        // so 100 000 Services take a moment, not minutes.
-        let mut holders: BTreeMap<Ipv4Addr, ServiceName> =
-            self.assigned.iter().map(|(name, ip)| (*ip, name.clone())).collect();
-        let network = self.range.network();
-        let mut free = self.range.hosts().filter(move |ip| *ip != network);
+    fn hold(&mut self, name: ServiceName, ip: Ipv4Addr) {
+        self.holders.insert(ip, name.clone());
+        if self.assigned.insert(name, ip) != Some(ip) {
+            self.changed = true;
+        }
+    }
 
-        let mut rejected = BTreeSet::new();
-        // Explicit addresses first, so an allocation never takes one a manifest asks for.
-        for (index, service) in services.iter_mut().enumerate() {
-            let name = name_of(service);
-            let Some(ip) = requested(service).filter(|ip| !ip.is_empty()) else { continue };
-            let error = |problem: String| ObjectError {
-                kind: "Service",
-                namespace: name.0.clone(),
-                name: name.1.clone(),
-                problem,
-            };
-            let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue }; // conversion reports bad IPs
-            if let Some(previous) = self.assigned.get(&name).filter(|previous| **previous != ip) {
-                errors.push(error(format!(
-                    "spec.clusterIP cannot change from {previous} to {ip}; delete the Service to give it another; keeping {previous}"
-                )));
-                set_cluster_ip(service, *previous);
-                continue;
+    /// Whether allocations changed since the last call (so they need saving).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Gives a Service its ClusterIP: the one it asks for if it may have it, else the one it
+    /// was given before, else a free one (filled into the object).
+    pub fn admit(&mut self, service: &mut Service) -> Admission {
+        let name = name_of(service);
+        let error = |problem: String| ObjectError {
+            kind: "Service",
+            namespace: name.0.clone(),
+            name: name.1.clone(),
+            problem,
+        };
+        match requested(service) {
+            None => {
+                self.release(&name);
+                Admission::Admitted
             }
-            if !self.range.contains(&ip) {
-                errors.push(error(format!(
-                    "spec.clusterIP {ip} is outside --service-cluster-ip-range {}",
-                    self.range
-                )));
-                rejected.insert(index);
-                continue;
-            }
-            if let Some(owner) = holders.get(&ip).filter(|owner| **owner != name) {
-                errors.push(error(format!(
-                    "spec.clusterIP {ip} is already used by Service {}/{}",
-                    owner.0, owner.1
-                )));
-                rejected.insert(index);
-                continue;
-            }
-            holders.insert(ip, name.clone());
-            self.assigned.insert(name, ip);
-        }
-        for (index, service) in services.iter_mut().enumerate() {
-            if rejected.contains(&index) || requested(service) != Some("") {
-                continue;
-            }
-            let name = name_of(service);
-            let ip = match self.assigned.get(&name) {
-                Some(ip) => *ip,
-                // Addresses are handed out in order, so one pass over the range serves them all.
-                None => match free.find(|ip| !holders.contains_key(ip)) {
+            Some("") => {
+                if let Some(ip) = self.assigned.get(&name).copied() {
+                    set_cluster_ip(service, ip);
+                    return Admission::Admitted;
+                }
+                match self.free_address() {
                     Some(ip) => {
-                        holders.insert(ip, name.clone());
-                        self.assigned.insert(name.clone(), ip);
-                        ip
+                        self.hold(name, ip);
+                        set_cluster_ip(service, ip);
+                        Admission::Admitted
                     }
-                    None => {
-                        errors.push(ObjectError {
-                            kind: "Service",
-                            namespace: name.0,
-                            name: name.1,
-                            problem: format!(
-                                "no free ClusterIP left in --service-cluster-ip-range {}",
-                                self.range
-                            ),
-                        });
-                        rejected.insert(index);
-                        continue;
-                    }
-                },
-            };
-            set_cluster_ip(service, ip);
+                    None => Admission::Rejected(error(format!(
+                        "no free ClusterIP left in --service-cluster-ip-range {}",
+                        self.range
+                    ))),
+                }
+            }
+            Some(ip) => {
+                let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+                    return Admission::Admitted; // conversion reports addresses that do not parse
+                };
+                if let Some(previous) = self.assigned.get(&name).copied().filter(|previous| *previous != ip) {
+                    set_cluster_ip(service, previous);
+                    return Admission::Kept(error(format!(
+                        "spec.clusterIP cannot change from {previous} to {ip}; delete the Service to give it another; keeping {previous}"
+                    )));
+                }
+                if !self.range.contains(&ip) {
+                    return Admission::Rejected(error(format!(
+                        "spec.clusterIP {ip} is outside --service-cluster-ip-range {}",
+                        self.range
+                    )));
+                }
+                if let Some(owner) = self.holders.get(&ip).filter(|owner| **owner != name) {
+                    return Admission::Rejected(error(format!(
+                        "spec.clusterIP {ip} is already used by Service {}/{}",
+                        owner.0, owner.1
+                    )));
+                }
+                self.hold(name, ip);
+                Admission::Admitted
+            }
         }
-        let mut index = 0;
-        services.retain(|_| {
-            index += 1;
-            !rejected.contains(&(index - 1))
+    }
+
+    /// Forgets a Service that is gone: its address is free again. Returns whether it held one.
+    pub fn release(&mut self, name: &ServiceName) -> bool {
+        match self.assigned.remove(name) {
+            Some(ip) => {
+                self.holders.remove(&ip);
+                self.changed = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A free address: the first after the last one handed out (skipping the network address,
+    /// as the API server does), wrapping around once.
+    fn free_address(&mut self) -> Option<Ipv4Addr> {
+        let network = u32::from(self.range.network());
+        let size = 1u64 << (32 - self.range.prefix_len());
+        let last = network as u64 + size - 1;
+        // Hosts only: not the network address, nor the broadcast one (as `hosts()` gives).
+        let (first, end) = if size > 2 { (network as u64 + 1, last - 1) } else { (network as u64, last) };
+        let span = end - first + 1;
+        for step in 0..span {
+            let candidate = first + (u64::from(self.cursor) + step) % span;
+            let ip = Ipv4Addr::from(candidate as u32);
+            if !self.holders.contains_key(&ip) {
+                self.cursor = ((candidate - first + 1) % span) as u32;
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    /// Gives a whole set of Services their ClusterIPs, explicit addresses first (so an
+    /// allocation never takes one a manifest asks for), and forgets Services that are not in
+    /// the set. Rejected Services are reported and left out of `services`.
+    pub fn assign(&mut self, services: &mut Vec<Service>) -> Vec<ObjectError> {
+        let present: BTreeSet<ServiceName> = services.iter().map(name_of).collect();
+        let gone: Vec<ServiceName> =
+            self.assigned.keys().filter(|name| !present.contains(*name)).cloned().collect();
+        gone.iter().for_each(|name| {
+            self.release(name);
         });
+        services.sort_by_key(|service| (!asks_for_address(service), name_of(service)));
+        let mut errors = Vec::new();
+        services.retain_mut(|service| match self.admit(service) {
+            Admission::Admitted => true,
+            Admission::Kept(error) => {
+                errors.push(error);
+                true
+            }
+            Admission::Rejected(error) => {
+                errors.push(error);
+                false
+            }
+        });
+        services.sort_by_key(name_of);
         errors
     }
 
-    /// The lowest free address, skipping the network address (as the API server does).
     /// Loads allocations saved by `save`; a missing file means none yet.
     pub fn load(range: Ipv4Net, path: &Path) -> Result<Self, StateError> {
         let mut allocator = Self::new(range);
@@ -172,7 +235,7 @@ impl ClusterIpAllocator {
             .map_err(|e| StateError::Read { path: path.into(), message: e.to_string() })?;
         for (name, ip) in saved {
             if let Some((namespace, name)) = name.split_once('/') {
-                allocator.assigned.insert((namespace.to_string(), name.to_string()), ip);
+                allocator.hold((namespace.to_string(), name.to_string()), ip);
             }
         }
         Ok(allocator)

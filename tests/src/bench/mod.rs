@@ -40,7 +40,7 @@ impl Plan {
             rounds: 2,
             workload_duration: Duration::from_secs(1),
             program_runs: 3_000,
-            sync_sizes: vec![10_000],
+            sync_sizes: vec![1_000, 10_000],
             rule_load_bound: Duration::from_secs(60),
             kube_proxy_modes: true,
         }
@@ -53,7 +53,7 @@ impl Plan {
             rounds: 3,
             workload_duration: Duration::from_secs(3),
             program_runs: 20_000,
-            sync_sizes: vec![10_000, 100_000],
+            sync_sizes: vec![1_000, 10_000, 100_000],
             rule_load_bound: Duration::from_secs(120),
             kube_proxy_modes: true,
         }

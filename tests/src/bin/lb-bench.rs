@@ -49,6 +49,10 @@ fn main() -> Result<()> {
     if let Some(sizes) = args.iter().position(|a| a == "--sizes").and_then(|i| args.get(i + 1)) {
         plan.datapath_sizes = sizes.split(',').map(str::parse).collect::<Result<_, _>>()?;
     }
+    // `--sync-sizes 1000,10000`: the control plane's Service counts.
+    if let Some(sizes) = args.iter().position(|a| a == "--sync-sizes").and_then(|i| args.get(i + 1)) {
+        plan.sync_sizes = sizes.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    }
     // `--lb-only`: direct and lb, without kube-proxy's rule layouts.
     plan.kube_proxy_modes = !args.iter().any(|a| a == "--lb-only");
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
@@ -87,15 +91,20 @@ fn main() -> Result<()> {
     let mut too_slow = std::collections::BTreeSet::new();
     for &n in plan.sync_sizes.iter().filter(|_| wants("controlplane")) {
         eprintln!("bench: control plane with {n} Services x 10 endpoints");
-        let objects = controlplane::objects(n);
-        let manifest = controlplane::manifest(&objects)?;
-        let (full, change) = controlplane::sync_and_changes(n, 100)?;
+        let (full, change) = controlplane::sync_and_changes(n, 1_000)?;
         sync.push(full);
         change_latency.push(change);
-        sync.push(controlplane::sync_from_manifests(n, &manifest)?);
-        sync.push(controlplane::sync_from_api_server(n, &objects)?);
+        let files = controlplane::manifest_files(n)?;
+        sync.push(controlplane::sync_from_manifests(n, &files)?);
+        let (daemon_memory, file_change) = controlplane::daemon(n, &files, 100).context("lb run")?;
+        memory.push(daemon_memory);
+        change_latency.push(file_change);
+        drop(files);
+        let objects = controlplane::objects(n);
+        let (full, api_change) = controlplane::api_server(n, &objects, 50)?;
+        sync.push(full);
+        change_latency.push(api_change);
         rule_loads.extend(controlplane::rule_loads(n, &objects, plan.rule_load_bound, &mut too_slow)?);
-        memory.push(controlplane::daemon_memory(n, &manifest).context("daemon memory")?);
     }
 
     let traffic_cost = if wants("traffic") {

@@ -1,0 +1,174 @@
+//! Changes to Kubernetes objects in, the desired state table's inputs out: each object is
+//! checked and converted once, when it arrives, and only its own record in the table changes.
+
+use std::net::Ipv4Addr;
+
+use crate::convert::{
+    self, EndpointsSource, NodeRecord, ProxyConfig, is_proxied_here, labels_proxied_here, parse_endpoints,
+    parse_service, parse_slice,
+};
+use crate::model::ObjectError;
+use crate::source::{Object, ObjectChange};
+use crate::state::{Changes, DesiredTable, EndpointsOrigin, TableConfig};
+
+/// What an object that fails its checks does to the version already in the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnInvalid {
+    /// It goes: the API server's objects are what the cluster says, and lb cannot use this one.
+    Drop,
+    /// It stays: a manifest edited into something invalid is refused, as the API server would
+    /// refuse the update, and its last good version stays in force.
+    KeepLast,
+}
+
+pub struct Pipeline {
+    table: DesiredTable,
+    config: ProxyConfig,
+    on_invalid: OnInvalid,
+    node: Option<NodeRecord>,
+}
+
+impl Pipeline {
+    pub fn new(config: ProxyConfig, on_invalid: OnInvalid) -> Self {
+        let table = DesiredTable::new(TableConfig {
+            node_name: config.node_name.clone(),
+            lb_algorithm: config.lb_algorithm,
+        });
+        let mut pipeline = Self { table, config, on_invalid, node: None };
+        let addresses = pipeline.config.node_addresses.clone();
+        pipeline.table.set_node_addresses(addresses);
+        pipeline
+    }
+
+    pub fn table(&self) -> &DesiredTable {
+        &self.table
+    }
+
+    /// Converts what changed since the last call (see `DesiredTable::take_changes`).
+    pub fn take_changes(&mut self) -> Changes {
+        self.table.take_changes()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.table.has_pending()
+    }
+
+    /// The node addresses NodePort frontends listen on.
+    pub fn set_node_addresses(&mut self, addresses: Vec<Ipv4Addr>) {
+        self.config.node_addresses = addresses.clone();
+        self.table.set_node_addresses(addresses);
+    }
+
+    /// Whether this node may get new traffic from load balancers (see `NodeRecord`).
+    pub fn node_eligible(&self) -> bool {
+        self.node.as_ref().is_none_or(|node| node.eligible)
+    }
+
+    /// Takes in one change. An object that fails its checks is reported and treated as
+    /// `OnInvalid` says; the others are never affected by it.
+    pub fn apply(&mut self, change: ObjectChange) -> Result<(), ObjectError> {
+        match change {
+            ObjectChange::Upsert(Object::Service(service)) => {
+                let name = (
+                    crate::source::namespace_of(service.metadata.namespace.as_ref()),
+                    service.metadata.name.clone().unwrap_or_default(),
+                );
+                if !is_proxied_here(&service, &self.config) {
+                    self.table.set_service(name, None);
+                    return Ok(());
+                }
+                match parse_service(&service) {
+                    Ok(spec) => self.table.set_service(name, spec),
+                    Err(error) => {
+                        if self.on_invalid == OnInvalid::Drop {
+                            self.table.set_service(name, None);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+            ObjectChange::Delete(("Service", namespace, name)) => {
+                self.table.set_service((namespace, name), None)
+            }
+            ObjectChange::Upsert(Object::EndpointSlice(slice)) => {
+                if self.config.endpoints_source != EndpointsSource::EndpointSlices {
+                    return Ok(());
+                }
+                let origin = EndpointsOrigin {
+                    kind: "EndpointSlice",
+                    namespace: crate::source::namespace_of(slice.metadata.namespace.as_ref()),
+                    name: slice.metadata.name.clone().unwrap_or_default(),
+                };
+                if !labels_proxied_here(slice.metadata.labels.as_ref(), &self.config) {
+                    self.table.set_endpoints(origin, None);
+                    return Ok(());
+                }
+                match parse_slice(&slice) {
+                    Ok(parsed) => {
+                        let endpoints =
+                            parsed.map(|set| ((set.namespace.clone(), set.service_name.clone()), vec![set]));
+                        self.table.set_endpoints(origin, endpoints);
+                    }
+                    Err(error) => {
+                        if self.on_invalid == OnInvalid::Drop {
+                            self.table.set_endpoints(origin, None);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+            ObjectChange::Delete(("EndpointSlice", namespace, name)) => {
+                self.table.set_endpoints(EndpointsOrigin { kind: "EndpointSlice", namespace, name }, None);
+            }
+            ObjectChange::Upsert(Object::Endpoints(endpoints)) => {
+                if self.config.endpoints_source != EndpointsSource::Endpoints {
+                    return Ok(());
+                }
+                let service = (
+                    crate::source::namespace_of(endpoints.metadata.namespace.as_ref()),
+                    endpoints.metadata.name.clone().unwrap_or_default(),
+                );
+                let origin = EndpointsOrigin {
+                    kind: "Endpoints",
+                    namespace: service.0.clone(),
+                    name: service.1.clone(),
+                };
+                if !labels_proxied_here(endpoints.metadata.labels.as_ref(), &self.config) {
+                    self.table.set_endpoints(origin, None);
+                    return Ok(());
+                }
+                match parse_endpoints(&endpoints) {
+                    Ok(sets) => {
+                        let sets = (!sets.is_empty()).then_some((service, sets));
+                        self.table.set_endpoints(origin, sets);
+                    }
+                    Err(error) => {
+                        if self.on_invalid == OnInvalid::Drop {
+                            self.table.set_endpoints(origin, None);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+            ObjectChange::Delete(("Endpoints", namespace, name)) => {
+                self.table.set_endpoints(EndpointsOrigin { kind: "Endpoints", namespace, name }, None);
+            }
+            ObjectChange::Upsert(Object::Node(node)) => {
+                if node.metadata.name.is_some() && node.metadata.name == self.config.node_name {
+                    let record = convert::parse_node(&node);
+                    self.table.set_zone(record.zone.clone());
+                    self.node = Some(record);
+                }
+            }
+            ObjectChange::Delete(("Node", _, name)) => {
+                if Some(&name) == self.config.node_name.as_ref() {
+                    self.node = None;
+                    self.table.set_zone(None);
+                }
+            }
+            // Pods reach the table as the EndpointSlices `source::pods` makes of them.
+            ObjectChange::Upsert(Object::Pod(_)) | ObjectChange::Delete(_) => {}
+        }
+        Ok(())
+    }
+}
