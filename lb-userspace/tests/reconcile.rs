@@ -408,3 +408,30 @@ fn unused_backends_stay_for_the_grace_period() {
     assert_eq!(r.maps().contents.backends.len(), 1);
     assert_settled(&r.maps().contents);
 }
+
+/// Slots past a count lowered twice stay for the grace period counted from the latest
+/// lowering: a reader that took the middle count just before the second change still finds
+/// its slot.
+#[test]
+fn surplus_slots_stay_for_the_grace_period_after_the_latest_lowering() {
+    let mut r = reconciler();
+    r.set_backend_grace(std::time::Duration::from_millis(300));
+    let slots = |r: &Reconciler<InMemoryMaps>| {
+        let mut slots: Vec<u16> = r.maps().contents.services.keys().map(|k| k.backend_slot).collect();
+        slots.sort_unstable();
+        slots
+    };
+    r.reconcile(&state(&[(vip(1), &[1, 2, 3])]));
+    r.reconcile(&state(&[(vip(1), &[1, 2])]));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // 350 ms after the first lowering, 150 ms after the latest.
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    assert_eq!(slots(&r), vec![0, 1, 2, 3], "slot 2 was within the count 150 ms ago");
+    assert_consistent(&r.maps().contents);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    r.reconcile(&state(&[(vip(1), &[1])]));
+    assert_eq!(slots(&r), vec![0, 1]);
+    assert_settled(&r.maps().contents);
+}

@@ -244,6 +244,10 @@ fn affinity_policy(
     key: &FrontendKey,
 ) -> Option<(u32, AffinityPolicy)> {
     let frontend = desired.frontends.get(key)?;
+    // Without affinity a frontend has no records to keep (the collector removes any it finds).
+    if frontend.policy.affinity_timeout == 0 {
+        return None;
+    }
     let programmed = reconciler.state().frontends.get(key)?;
     let affinity = AffinityPolicy {
         backend_ids: programmed.slots.iter().copied().collect(),
@@ -495,6 +499,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         };
         let sync_due = async {
             match next_sync {
+                // Due now: not through the timer, which would round up to its next millisecond.
+                Some(at) if at <= Instant::now() => {}
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
@@ -531,7 +537,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 runner.synced(Instant::now());
                 if !synced_once {
                     synced_once = true;
-                    prune(&mut reconciler);
+                    return_freed_memory();
+                    // What a previous run left that nobody wants goes in a resync started now,
+                    // read away from this loop (at 100 000 Services a dump takes seconds).
+                    if snapshot.is_none() && repair.is_none() {
+                        snapshot = Some(start_snapshot(&options.bpf_dir));
+                    }
                 }
                 if reconciler.release_waiting() {
                     release_at.get_or_insert(Instant::now() + BACKEND_GRACE);
@@ -550,8 +561,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             _ = resync.tick(), if synced_once && resync_idle => {
                 // Repair what was changed behind our back: read the maps away from this loop.
-                let bpf_dir = options.bpf_dir.clone();
-                snapshot = Some(tokio::task::spawn_blocking(move || BpfMaps::from_pins(&bpf_dir)?.snapshot()));
+                snapshot = Some(start_snapshot(&options.bpf_dir));
             }
             done = snapshot_done => {
                 snapshot = None;
@@ -571,6 +581,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                         if step.repaired + step.deleted > 0 {
                             tracing::info!(repaired = step.repaired, deleted = step.deleted, "resync repaired map entries changed behind lb's back");
                         }
+                        drop(step);
+                        return_freed_memory();
                         if reconciler.release_waiting() {
                             release_at.get_or_insert(Instant::now() + BACKEND_GRACE);
                         }
@@ -636,10 +648,18 @@ fn attach_selected(
     }
 }
 
-fn prune(reconciler: &mut Reconciler<BpfMaps>) {
-    match reconciler.prune() {
-        Ok(0) => {}
-        Ok(deleted) => tracing::info!(deleted, "pruned map entries nobody wants"),
-        Err(error) => tracing::warn!("{error}"),
+/// Gives the memory a big transient (the first sync's input, a resync's copy of the maps) freed
+/// back to the system; glibc's allocator would otherwise keep it, and RSS with it.
+fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
     }
+}
+
+/// Reads the pinned maps in a thread of its own, for a resync.
+fn start_snapshot(bpf_dir: &std::path::Path) -> tokio::task::JoinHandle<Result<MapsSnapshot, MapsError>> {
+    let bpf_dir = bpf_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || BpfMaps::from_pins(&bpf_dir)?.snapshot())
 }

@@ -610,6 +610,8 @@ impl<M: ServiceMaps> Reconciler<M> {
             });
         }
         let count = count as u16;
+        // Unknown (a new frontend, or one a resync marked for rewriting) counts as lowered.
+        let lowered = self.state.frontends.get(&key).and_then(|f| f.count).is_none_or(|before| before > count);
         let meta = (frontend.frontend_type, service.clone());
         let program_error = |source| ReconcileError::Program {
             frontend: key,
@@ -694,9 +696,10 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let programmed = self.state.frontends.get_mut(&key).expect("inserted above");
         // Slots past the new count go after the grace period (`release_surplus_slots`): a
-        // reader that took the old count just before it changed still finds its slot.
-        if programmed.slots.len() > usize::from(count) {
-            programmed.shrunk_at.get_or_insert_with(Instant::now);
+        // reader that took the old count just before it changed still finds its slot. The
+        // period runs from the latest lowering, not the first of several.
+        if programmed.slots.len() > usize::from(count) && (lowered || programmed.shrunk_at.is_none()) {
+            programmed.shrunk_at = Some(Instant::now());
         }
         // Ranges no longer wanted go after the entry: if it still checks ranges, it checks the
         // new set.

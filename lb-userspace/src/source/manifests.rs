@@ -380,9 +380,6 @@ pub enum WatchEvent {
     Rescan,
 }
 
-/// How long to wait after a file event for the rest of a burst (an editor's write + rename).
-const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
-
 /// The directory's objects, with what the cluster's controllers would add (ClusterIPs,
 /// endpoints from Pods), as changes: manifests mode's source without its watcher.
 pub struct ManifestObjects {
@@ -617,9 +614,20 @@ impl ManifestSource {
         }
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
             let event = match event {
-                // Our own reads raise access events; only changes to the directory's files count.
-                Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => return,
+                // A file written (new or in place) is read once it is closed, never half-written;
+                // a file renamed into place (how tools replace files atomically) or removed, at
+                // once. Other accesses (our own reads among them) and attribute changes say nothing.
+                Ok(event)
+                    if matches!(
+                        event.kind,
+                        EventKind::Create(notify::event::CreateKind::File)
+                            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_))
+                    ) || matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) =>
+                {
+                    return;
+                }
                 Ok(event) if event.need_rescan() || event.paths.is_empty() => WatchEvent::Rescan,
                 Ok(event) => WatchEvent::Files(event.paths),
                 Err(_) => WatchEvent::Rescan,
@@ -646,7 +654,8 @@ impl ManifestSource {
             let first = self.events.recv().await.context("manifest watcher stopped")?;
             self.pending.push(first);
         }
-        tokio::time::sleep(COALESCE).await;
+        // What else has arrived is read in the same pass; longer bursts are coalesced by the
+        // sync pacing (`--min-sync-period`).
         let mut files: BTreeSet<PathBuf> = BTreeSet::new();
         let mut rescan = false;
         let taken = std::mem::take(&mut self.pending);

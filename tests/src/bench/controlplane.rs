@@ -197,12 +197,13 @@ fn full_sync(pipeline: &mut Pipeline, reconciler: &mut Reconciler<BpfMaps>) -> R
     Ok((converted, start.elapsed() - converted))
 }
 
-fn upserts(objects: &ClusterObjects) -> impl Iterator<Item = ObjectChange> + '_ {
+/// The objects as upserts, moved (not copied): a source hands its objects over the same way.
+fn upserts(objects: ClusterObjects) -> impl Iterator<Item = ObjectChange> {
     objects
         .services
-        .iter()
-        .map(|s| Object::Service(Box::new(s.clone())))
-        .chain(objects.endpoint_slices.iter().map(|s| Object::EndpointSlice(Box::new(s.clone()))))
+        .into_iter()
+        .map(|s| Object::Service(Box::new(s)))
+        .chain(objects.endpoint_slices.into_iter().map(|s| Object::EndpointSlice(Box::new(s))))
         .map(ObjectChange::Upsert)
 }
 
@@ -215,12 +216,19 @@ pub fn sync_and_changes(services: usize, changes: usize) -> Result<(SyncTime, Ch
     let mut reconciler = Reconciler::restore(BpfMaps::from_ebpf(datapath.ebpf_mut())?)?;
     let mut pipeline = Pipeline::new(ProxyConfig::default(), OnInvalid::Drop);
     let start = Instant::now();
-    for change in upserts(&objects) {
+    let heap_objects = super::heap::live_mib();
+    for change in upserts(objects) {
         pipeline.apply(change)?;
     }
     let applied = start.elapsed();
+    let heap_taken = super::heap::live_mib();
     let (convert, reconcile) = full_sync(&mut pipeline, &mut reconciler)?;
-    drop(objects);
+    let heap_synced = super::heap::live_mib();
+    eprintln!(
+        "bench: {services} Services from objects: taken in {applied:.2?}, converted {convert:.2?}, programmed {reconcile:.2?}; \
+         live heap {heap_objects:.0} MiB with the objects, {heap_taken:.0} MiB taken in (the pipeline's records), \
+         {heap_synced:.0} MiB synced (+ desired and programmed state)"
+    );
     let full = SyncTime {
         services,
         source: "objects in memory",
@@ -232,24 +240,19 @@ pub fn sync_and_changes(services: usize, changes: usize) -> Result<(SyncTime, Ch
     let mut latencies = Vec::with_capacity(changes);
     for change in 0..changes {
         let i = (change * 7919) % services;
-        // Odd changes take an endpoint away, even ones give it back.
-        let endpoints = if change % 2 == 0 { ENDPOINTS_PER_SERVICE - 1 } else { ENDPOINTS_PER_SERVICE };
-        let event = ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, endpoints))));
+        // Each timed change takes an endpoint away; it is given back untimed, so every change
+        // starts from ten endpoints.
+        let event = ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, ENDPOINTS_PER_SERVICE - 1))));
         let start = Instant::now();
         pipeline.apply(event)?;
         let changed = pipeline.take_changes();
         let report = reconciler.reconcile_frontends(pipeline.table().desired(), &changed.frontends);
         latencies.push(start.elapsed());
-        anyhow::ensure!(report.errors.is_empty() && report.programmed == 1, "{report:?}");
-        // Put it back as it was, untimed, so every change starts from ten endpoints.
-        if endpoints < ENDPOINTS_PER_SERVICE {
-            pipeline.apply(ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(
-                i,
-                ENDPOINTS_PER_SERVICE,
-            )))))?;
-            let changed = pipeline.take_changes();
-            reconciler.reconcile_frontends(pipeline.table().desired(), &changed.frontends);
-        }
+        anyhow::ensure!(report.errors.is_empty() && report.programmed == 1, "change {change}: {report:?}");
+        pipeline.apply(ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, ENDPOINTS_PER_SERVICE)))))?;
+        let changed = pipeline.take_changes();
+        let report = reconciler.reconcile_frontends(pipeline.table().desired(), &changed.frontends);
+        anyhow::ensure!(report.errors.is_empty() && report.programmed == 1, "restoring {change}: {report:?}");
     }
     Ok((full, latency(services, "event reaching lb -> map written (objects)", latencies)))
 }
@@ -386,6 +389,7 @@ pub fn api_server(
     for change in 0..changes {
         let i = (change * 7919) % services;
         for endpoints in [ENDPOINTS_PER_SERVICE - 1, ENDPOINTS_PER_SERVICE] {
+            std::thread::sleep(CHANGE_SPACING);
             let start = Instant::now();
             server.apply(serde_json::to_value(slice(i, endpoints))?);
             let done = wait_for_count(&pinned, i, endpoints as u16, Duration::from_secs(30))?;
@@ -394,8 +398,11 @@ pub fn api_server(
     }
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((full, latency(services, "API change -> map written (fake API server, watch)", latencies)))
+    Ok((full, latency(services, "API change -> map written (fake API server, watch; 25 ms apart)", latencies)))
 }
+
+/// The pause before each timed change in the daemon and API server measurements.
+const CHANGE_SPACING: Duration = Duration::from_millis(25);
 
 /// `lb run` itself on a manifest directory: how long it takes to sync at start, how long a
 /// file replaced (atomically, as `kubectl` tools and editors that rename do) takes to reach
@@ -440,6 +447,9 @@ pub fn daemon(
     let mut latencies = Vec::with_capacity(changes);
     for _ in 0..changes {
         for endpoints in [ENDPOINTS_PER_SERVICE - 1, ENDPOINTS_PER_SERVICE] {
+            // One change at a time, as an operator makes them: spaced past lb's sync pacing
+            // (--min-sync-period, 10 ms), which would otherwise be what this measures.
+            std::thread::sleep(CHANGE_SPACING);
             let text = yaml_of(0..1, endpoints)?;
             let temporary = manifests.join(".changed.yaml.tmp");
             std::fs::write(&temporary, text)?;
@@ -477,7 +487,7 @@ pub fn daemon(
         startup_sync_ms: ms(startup_sync),
     };
     pg.stop_lb()?;
-    Ok((memory, latency(services, "file replaced -> map written (lb run, manifests)", latencies)))
+    Ok((memory, latency(services, "file replaced -> map written (lb run, manifests; 25 ms apart)", latencies)))
 }
 
 /// Runs `program args` in `ns` with `input` on stdin; `None` if it outlived `bound`.

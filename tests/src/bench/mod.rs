@@ -4,6 +4,7 @@
 
 pub mod controlplane;
 pub mod datapath;
+pub mod heap;
 pub mod loadgen;
 pub mod plots;
 pub mod program;

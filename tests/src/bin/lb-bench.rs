@@ -37,11 +37,23 @@ fn machine() -> Machine {
     }
 }
 
+#[global_allocator]
+static HEAP: tests::bench::heap::Counting = tests::bench::heap::Counting;
+
+const USAGE: &str = "\
+lb-bench [--quick] [--only datapath|program|traffic|controlplane|sync] [--sizes N,..] [--sync-sizes N,..]
+         [--lb-only] [--workloads tcp_rr,..] [--out DIR]
+Measures lb (as root, in network namespaces) and writes <out>/<date>.{md,json} and plots.";
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark loads BPF programs and creates network namespaces: run it as root");
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let mut plan = if args.iter().any(|a| a == "--quick") { Plan::quick() } else { Plan::full() };
     // For investigating one part: `--only datapath|program|traffic|controlplane`, `--sizes 1,1000`,
     // `--lb-only`; `--only traffic --workloads tcp_rr` prints that workload's cost as JSON.
@@ -89,11 +101,16 @@ fn main() -> Result<()> {
     let mut rule_loads = Vec::new();
     let mut memory = Vec::new();
     let mut too_slow = std::collections::BTreeSet::new();
-    for &n in plan.sync_sizes.iter().filter(|_| wants("controlplane")) {
+    // `--only sync`: the in-process sync and changes alone (for profiling).
+    let sync_only = only.as_deref() == Some("sync");
+    for &n in plan.sync_sizes.iter().filter(|_| wants("controlplane") || sync_only) {
         eprintln!("bench: control plane with {n} Services x 10 endpoints");
         let (full, change) = controlplane::sync_and_changes(n, 1_000)?;
         sync.push(full);
         change_latency.push(change);
+        if sync_only {
+            continue;
+        }
         let files = controlplane::manifest_files(n)?;
         sync.push(controlplane::sync_from_manifests(n, &files)?);
         let (daemon_memory, file_change) = controlplane::daemon(n, &files, 100).context("lb run")?;
@@ -104,7 +121,9 @@ fn main() -> Result<()> {
         let (full, api_change) = controlplane::api_server(n, &objects, 50)?;
         sync.push(full);
         change_latency.push(api_change);
-        rule_loads.extend(controlplane::rule_loads(n, &objects, plan.rule_load_bound, &mut too_slow)?);
+        if plan.kube_proxy_modes {
+            rule_loads.extend(controlplane::rule_loads(n, &objects, plan.rule_load_bound, &mut too_slow)?);
+        }
     }
 
     let traffic_cost = if wants("traffic") {
