@@ -55,6 +55,21 @@ pub trait ServiceMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
     fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapsError>;
+    /// Writes backends in order (one call where the kernel batches). On failure: how many
+    /// were written, and why the next was not.
+    fn update_backends(&mut self, entries: &[(u32, Backend)]) -> Result<(), (usize, MapsError)> {
+        for (written, (id, backend)) in entries.iter().enumerate() {
+            self.update_backend(*id, *backend).map_err(|error| (written, error))?;
+        }
+        Ok(())
+    }
+    /// Writes services-map entries in order, as `update_backends` does.
+    fn update_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, MapsError)> {
+        for (written, (key, value)) in entries.iter().enumerate() {
+            self.update_service(*key, *value).map_err(|error| (written, error))?;
+        }
+        Ok(())
+    }
     fn update_service_meta(&mut self, id: u32, meta: ServiceMeta) -> Result<(), MapsError>;
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError>;
     fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
@@ -84,6 +99,11 @@ pub struct BpfMaps {
     maglev_fd: std::os::fd::OwnedFd,
     /// Tables written since these handles were opened, by index (saves reopening one per write).
     maglev_open: BTreeMap<u32, Array<MapData, u32>>,
+    /// The services and backends maps' descriptors again, for batched updates (aya has none).
+    services_fd: std::os::fd::OwnedFd,
+    backends_fd: std::os::fd::OwnedFd,
+    /// The kernel refused a batched update as unknown: write one entry per call.
+    no_batches: bool,
 }
 
 fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
@@ -98,6 +118,100 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
 ) -> Result<BpfHashMap<MapData, K, V>, MapsError> {
     BpfHashMap::try_from(map).map_err(|source| MapsError::Bpf { operation: "open", map: name, source })
+}
+
+/// A second descriptor of a hash map, for the calls aya lacks.
+fn hash_map_fd(map: &Map, name: &'static str) -> Result<std::os::fd::OwnedFd, MapsError> {
+    use std::os::fd::AsFd;
+    let open_error = |source| MapsError::Bpf { operation: "open", map: name, source };
+    match map {
+        Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+            open_error(MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
+        }),
+        _ => Err(open_error(MapError::InvalidMapType { map_type: 0 })),
+    }
+}
+
+/// BPF_MAP_UPDATE_BATCH: `entries` written in order in one call (kernel 5.6+). On failure, how
+/// many were written and the error of the next.
+fn update_batch<K: Copy, V: Copy>(
+    map: &std::os::fd::OwnedFd,
+    entries: &[(K, V)],
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    // Keys and values each in one array, as the kernel reads them (the types are #[repr(C)]
+    // without padding, the map's key and value sizes).
+    let keys: Vec<K> = entries.iter().map(|(key, _)| *key).collect();
+    let values: Vec<V> = entries.iter().map(|(_, value)| *value).collect();
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: entries.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the bpf(2) system call with an attribute struct of the size passed; the key and
+    // value arrays it points to hold `count` entries and outlive the call.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        // The kernel writes back how many entries it processed.
+        _ => Err((attr.count as usize, std::io::Error::last_os_error())),
+    }
+}
+
+/// The kernel's own "operation not supported" errno (ENOTSUPP), which libc does not name.
+const KERNEL_ENOTSUPP: i32 = 524;
+
+impl BpfMaps {
+    /// Writes `entries` with batched updates where the kernel has them, else one per call.
+    fn update_many<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        which: &'static str,
+        entries: &[(K, V)],
+        one: impl Fn(&mut Self, K, V) -> Result<(), MapsError>,
+    ) -> Result<(), (usize, MapsError)> {
+        if entries.len() > 1 && !self.no_batches {
+            let fd = if which == map_names::SERVICES { &self.services_fd } else { &self.backends_fd };
+            match update_batch(fd, entries) {
+                Ok(()) => return Ok(()),
+                Err((0, error)) if matches!(error.raw_os_error(), Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | KERNEL_ENOTSUPP)) => {
+                    // A kernel without batched updates of this map type.
+                    self.no_batches = true;
+                }
+                Err((written, io_error)) => {
+                    let source = MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
+                    return Err((written, bpf_error("update", which)(source)));
+                }
+            }
+        }
+        for (written, (key, value)) in entries.iter().enumerate() {
+            one(self, *key, *value).map_err(|error| (written, error))?;
+        }
+        Ok(())
+    }
 }
 
 fn lpm_trie(map: Map) -> Result<LpmTrie<MapData, SourceRangeKey, u8>, MapsError> {
@@ -188,28 +302,38 @@ impl BpfMaps {
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { map: name });
         let (maglev, maglev_fd) = array_of_maps(take(map_names::MAGLEV)?)?;
+        let services = take(map_names::SERVICES)?;
+        let backends = take(map_names::BACKENDS)?;
         Ok(Self {
-            services: hash_map(take(map_names::SERVICES)?, map_names::SERVICES)?,
-            backends: hash_map(take(map_names::BACKENDS)?, map_names::BACKENDS)?,
+            services_fd: hash_map_fd(&services, map_names::SERVICES)?,
+            backends_fd: hash_map_fd(&backends, map_names::BACKENDS)?,
+            services: hash_map(services, map_names::SERVICES)?,
+            backends: hash_map(backends, map_names::BACKENDS)?,
             service_meta: hash_map(take(map_names::SERVICE_META)?, map_names::SERVICE_META)?,
             source_ranges: lpm_trie(take(map_names::SOURCE_RANGES)?)?,
             maglev,
             maglev_fd,
             maglev_open: BTreeMap::new(),
+            no_batches: false,
         })
     }
 
     /// Opens the maps a running (or previous) lb pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
         let (maglev, maglev_fd) = array_of_maps(pinned(dir, map_names::MAGLEV)?)?;
+        let services = pinned(dir, map_names::SERVICES)?;
+        let backends = pinned(dir, map_names::BACKENDS)?;
         Ok(Self {
-            services: hash_map(pinned(dir, map_names::SERVICES)?, map_names::SERVICES)?,
-            backends: hash_map(pinned(dir, map_names::BACKENDS)?, map_names::BACKENDS)?,
+            services_fd: hash_map_fd(&services, map_names::SERVICES)?,
+            backends_fd: hash_map_fd(&backends, map_names::BACKENDS)?,
+            services: hash_map(services, map_names::SERVICES)?,
+            backends: hash_map(backends, map_names::BACKENDS)?,
             service_meta: hash_map(pinned(dir, map_names::SERVICE_META)?, map_names::SERVICE_META)?,
             source_ranges: lpm_trie(pinned(dir, map_names::SOURCE_RANGES)?)?,
             maglev,
             maglev_fd,
             maglev_open: BTreeMap::new(),
+            no_batches: false,
         })
     }
 
@@ -273,6 +397,14 @@ impl ServiceMaps for BpfMaps {
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         ignore_missing(self.backends.remove(&id)).map_err(bpf_error("delete", map_names::BACKENDS))
+    }
+
+    fn update_backends(&mut self, entries: &[(u32, Backend)]) -> Result<(), (usize, MapsError)> {
+        self.update_many(map_names::BACKENDS, entries, |maps, id, backend| maps.update_backend(id, backend))
+    }
+
+    fn update_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, MapsError)> {
+        self.update_many(map_names::SERVICES, entries, |maps, key, value| maps.update_service(key, value))
     }
 
     fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError> {

@@ -524,21 +524,38 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// The backend's ID, writing the backend to the map first if it is new.
-    fn backend_id(
+    /// The IDs of `backends`; new ones get an ID and are written (in one batch) first.
+    fn backend_ids_for(
         &mut self,
-        backend: L4Addr,
+        backends: &[L4Addr],
         map_error: impl FnOnce(MapsError) -> ReconcileError,
-    ) -> Result<u32, ReconcileError> {
-        if let Some(id) = self.backend_ids.get(&backend) {
-            return Ok(*id);
+    ) -> Result<Vec<u32>, ReconcileError> {
+        let mut ids = Vec::with_capacity(backends.len());
+        let mut new: Vec<(L4Addr, u32)> = Vec::new();
+        for backend in backends {
+            let id = match self.backend_ids.get(backend) {
+                Some(id) => *id,
+                None => {
+                    let id = self.backend_id_allocator.allocate("backend")?;
+                    new.push((*backend, id));
+                    id
+                }
+            };
+            ids.push(id);
         }
-        let id = self.backend_id_allocator.allocate("backend")?;
-        self.maps.update_backend(id, self.backend_value(backend)).map_err(map_error)?;
-        self.backend_ids.insert(backend, id);
-        self.state.backends.insert(id, backend);
-        // Unused until a slot takes it (and released after the grace if none does).
-        self.unused_since.insert(id, Instant::now());
-        Ok(id)
+        let writes: Vec<(u32, lb_common::Backend)> =
+            new.iter().map(|(backend, id)| (*id, self.backend_value(*backend))).collect();
+        let result = self.maps.update_backends(&writes);
+        let done = result.as_ref().map_or_else(|(done, _)| *done, |()| writes.len());
+        let now = Instant::now();
+        for (backend, id) in new.into_iter().take(done) {
+            self.backend_ids.insert(backend, id);
+            self.state.backends.insert(id, backend);
+            // Unused until a slot takes it (and released after the grace if none does).
+            self.unused_since.insert(id, now);
+        }
+        result.map_err(|(_, error)| map_error(error))?;
+        Ok(ids)
     }
 
     /// Whether the maps already hold `frontend` exactly. The common case of a sync, so it
@@ -619,10 +636,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             source: Box::new(source),
         };
 
-        let mut ids = Vec::with_capacity(frontend.backends.len());
-        for backend in &frontend.backends {
-            ids.push(self.backend_id(*backend, program_error)?);
-        }
+        let ids = self.backend_ids_for(&frontend.backends, program_error)?;
         if !self.state.frontends.contains_key(&key) {
             let service_id = self.service_id_allocator.allocate("service")?;
             self.state.frontends.insert(key, ProgrammedFrontend::new(service_id));
@@ -651,17 +665,24 @@ impl<M: ServiceMaps> Reconciler<M> {
         // Slots, new source ranges (before the entry that may turn their check on), then the
         // entry. Until the entry names a new table, a failure gives the table back.
         let written = (|| -> Result<(), MapsError> {
-            for (index, id) in ids.iter().enumerate() {
-                if programmed.slots.get(index) == Some(id) {
-                    continue;
-                }
-                let slot = index as u16 + 1;
-                maps.update_service(service_key(&key, slot), ServiceValue::backend_slot(service_id, *id))?;
+            // The slots that differ, in one batch; the record takes those written.
+            let changed: Vec<usize> =
+                (0..ids.len()).filter(|index| programmed.slots.get(*index) != Some(&ids[*index])).collect();
+            let writes: Vec<(ServiceKey, ServiceValue)> = changed
+                .iter()
+                .map(|index| {
+                    (service_key(&key, *index as u16 + 1), ServiceValue::backend_slot(service_id, ids[*index]))
+                })
+                .collect();
+            let result = maps.update_services(&writes);
+            let done = result.as_ref().map_or_else(|(done, _)| *done, |()| writes.len());
+            for index in changed.into_iter().take(done) {
                 match programmed.slots.get_mut(index) {
-                    Some(written) => *written = *id,
-                    None => programmed.slots.push(*id),
+                    Some(written) => *written = ids[index],
+                    None => programmed.slots.push(ids[index]),
                 }
             }
+            result.map_err(|(_, error)| error)?;
             for range in wanted_ranges.difference(&programmed.source_ranges.clone()) {
                 maps.update_source_range(service_id, *range)?;
                 programmed.source_ranges.insert(*range);
