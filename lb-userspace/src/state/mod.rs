@@ -41,6 +41,43 @@ pub struct TableConfig {
     pub lb_algorithm: LbAlgorithm,
 }
 
+/// A set kept as a sorted vector: almost every one holds a single element, where a BTreeSet
+/// would allocate a whole node (hundreds of bytes, times 100 000 Services).
+#[derive(Debug)]
+struct SortedSet<T>(Vec<T>);
+
+impl<T> Default for SortedSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedSet<T> {
+    fn insert(&mut self, value: T) {
+        if let Err(at) = self.0.binary_search(&value) {
+            self.0.insert(at, value);
+        }
+    }
+
+    fn remove(&mut self, value: &T) {
+        if let Ok(at) = self.0.binary_search(value) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
 /// What the table knows of one Service.
 #[derive(Debug, Default)]
 struct ServiceEntry {
@@ -48,7 +85,7 @@ struct ServiceEntry {
     /// endpoints may still name it.
     spec: Option<Arc<ServiceFrontends>>,
     /// Origins of the endpoints listed for it, in listing order.
-    endpoints: BTreeSet<EndpointsOrigin>,
+    endpoints: SortedSet<EndpointsOrigin>,
     /// Frontend addresses it claims (those of its external-scope frontends), owned or not.
     claims: Vec<L4Addr>,
     /// The healthCheckNodePort it claims.
@@ -94,9 +131,9 @@ pub struct DesiredTable {
     /// Services with node ports: what a change of the node's addresses touches.
     with_node_ports: HashSet<ServiceName>,
     /// Claimants of each frontend address, the owner first.
-    owners: HashMap<L4Addr, BTreeSet<ServiceName>>,
+    owners: HashMap<L4Addr, SortedSet<ServiceName>>,
     /// Claimants of each health-check node port, the owner first.
-    health_owners: BTreeMap<u16, BTreeSet<ServiceName>>,
+    health_owners: BTreeMap<u16, SortedSet<ServiceName>>,
     desired: DesiredState,
     dirty: BTreeSet<ServiceName>,
     health_checks_changed: bool,
