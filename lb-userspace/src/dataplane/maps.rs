@@ -120,15 +120,21 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(map).map_err(|source| MapsError::Bpf { operation: "open", map: name, source })
 }
 
-/// A second descriptor of a hash map, for the calls aya lacks.
-fn hash_map_fd(map: &Map, name: &'static str) -> Result<std::os::fd::OwnedFd, MapsError> {
+/// A second descriptor of a map, for the calls aya lacks.
+fn second_fd(data: &MapData, name: &'static str) -> Result<std::os::fd::OwnedFd, MapsError> {
     use std::os::fd::AsFd;
-    let open_error = |source| MapsError::Bpf { operation: "open", map: name, source };
+    data.fd().as_fd().try_clone_to_owned().map_err(|io_error| MapsError::Bpf {
+        operation: "open",
+        map: name,
+        source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }),
+    })
+}
+
+/// `second_fd` of a hash map.
+fn hash_map_fd(map: &Map, name: &'static str) -> Result<std::os::fd::OwnedFd, MapsError> {
     match map {
-        Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-            open_error(MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
-        }),
-        _ => Err(open_error(MapError::InvalidMapType { map_type: 0 })),
+        Map::HashMap(data) => second_fd(data, name),
+        _ => Err(MapsError::Bpf { operation: "open", map: name, source: MapError::InvalidMapType { map_type: 0 } }),
     }
 }
 
@@ -140,45 +146,19 @@ fn update_batch<K: Copy, V: Copy>(
 ) -> Result<(), (usize, std::io::Error)> {
     use std::os::fd::AsRawFd;
     const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     // Keys and values each in one array, as the kernel reads them (the types are #[repr(C)]
     // without padding, the map's key and value sizes).
     let keys: Vec<K> = entries.iter().map(|(key, _)| *key).collect();
     let values: Vec<V> = entries.iter().map(|(_, value)| *value).collect();
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: entries.len() as u32,
-        map_fd: map.as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: the bpf(2) system call with an attribute struct of the size passed; the key and
-    // value arrays it points to hold `count` entries and outlive the call.
-    let rc = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    match rc {
-        0 => Ok(()),
+    let mut attr = [0u64; 16];
+    // in_batch and out_batch 0; elem_flags and flags 0.
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values.as_ptr() as u64;
+    attr[4] = entries.len() as u64 | ((map.as_raw_fd() as u64) << 32); // count, map_fd
+    match crate::dataplane::links::bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
         // The kernel writes back how many entries it processed.
-        _ => Err((attr.count as usize, std::io::Error::last_os_error())),
+        Err(error) => Err((attr[4] as u32 as usize, error)),
     }
 }
 
@@ -225,12 +205,9 @@ fn lpm_trie(map: Map) -> Result<LpmTrie<MapData, SourceRangeKey, u8>, MapsError>
 type MaglevMap = (ArrayOfMaps<MapData, Array<MapData, u32>>, std::os::fd::OwnedFd);
 
 fn array_of_maps(map: Map) -> Result<MaglevMap, MapsError> {
-    use std::os::fd::AsFd;
     let open_error = |source| MapsError::Bpf { operation: "open", map: map_names::MAGLEV, source };
     let fd = match &map {
-        Map::ArrayOfMaps(data) => data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-            open_error(MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
-        })?,
+        Map::ArrayOfMaps(data) => second_fd(data, map_names::MAGLEV)?,
         _ => return Err(open_error(MapError::InvalidMapType { map_type: 0 })),
     };
     Ok((ArrayOfMaps::try_from(map).map_err(open_error)?, fd))
