@@ -220,43 +220,16 @@ const BPF_F_INNER_MAP: u32 = 1 << 12;
 fn delete_array_of_maps_slot(map: &std::os::fd::OwnedFd, index: u32) -> Result<(), MapError> {
     use std::os::fd::AsRawFd;
     const BPF_MAP_DELETE_ELEM: nix::libc::c_long = 3;
-    #[repr(C)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = ElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: &index as *const u32 as u64,
-        value: 0,
-        flags: 0,
-    };
-    // SAFETY: the bpf(2) system call with an attribute struct of the size passed, whose key
-    // pointer outlives the call.
-    let rc = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &attr as *const ElemAttr,
-            size_of::<ElemAttr>(),
-        )
-    };
-    match rc {
-        0 => Ok(()),
-        _ => {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(nix::libc::ENOENT) {
-                return Err(MapError::KeyNotFound);
-            }
-            Err(MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_delete_elem",
-                io_error: error,
-            }))
-        }
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64; // map_fd
+    attr[1] = &index as *const u32 as u64; // key; value and flags 0
+    match crate::dataplane::links::bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(error) if error.raw_os_error() == Some(nix::libc::ENOENT) => Err(MapError::KeyNotFound),
+        Err(error) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: error,
+        })),
     }
 }
 
