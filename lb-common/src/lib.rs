@@ -33,10 +33,11 @@ pub mod map_names {
     pub const STATS: &str = "LB_STATS";
     pub const CLOCK: &str = "LB_CLOCK";
     pub const LAYOUT: &str = "LB_LAYOUT";
+    pub const SERVICE_TRAFFIC: &str = "LB_SERVICE_TRAFFIC";
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 14] = [
+    pub const PINNED: [&str; 15] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -51,6 +52,7 @@ pub mod map_names {
         STATS,
         CLOCK,
         LAYOUT,
+        SERVICE_TRAFFIC,
     ];
 }
 
@@ -596,6 +598,33 @@ impl ServiceMeta {
     }
 }
 
+/// Value of the per-CPU service-traffic map (`map_names::SERVICE_TRAFFIC`), keyed by service ID
+/// (`u32`, host byte order): what the data path translated for one frontend, summed over CPUs
+/// when read. Bytes are whole frames as the program saw them. Host byte order throughout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceTraffic {
+    /// Packets from clients, translated to a backend.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Replies from backends, translated back to the frontend.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Flows given a backend: new connections and UDP flows, through the packet programs or
+    /// the node's own sockets.
+    pub new_flows: u64,
+}
+
+impl ServiceTraffic {
+    pub fn add(&mut self, other: &ServiceTraffic) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.reply_packets = self.reply_packets.wrapping_add(other.reply_packets);
+        self.reply_bytes = self.reply_bytes.wrapping_add(other.reply_bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -616,6 +645,7 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentValue {}
+    unsafe impl aya::Pod for ServiceTraffic {}
 }
 
 /// Indexes of the control plane's statistics array (`map_names::STATS`): written by lb run

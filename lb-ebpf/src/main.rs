@@ -146,6 +146,7 @@ fn translate(
     if flow.fragment == Fragment::First {
         fragment::remember(flow, entry);
     }
+    maps::count_traffic(entry, ctx.len(), counter == counters::FORWARD_NEW_FLOW);
     Ok(route_if_needed(ctx, flow, entry, counter))
 }
 
@@ -194,6 +195,7 @@ fn try_lb_egress(ctx: &TcContext) -> Result<Verdict, Verdict> {
             if flow.fragment == Fragment::First {
                 fragment::remember(&flow, &entry);
             }
+            maps::count_traffic(&entry, ctx.len(), false);
             // Already leaving through the right interface: no routing of its own.
             Ok(Verdict::pass(counters::EGRESS_REVERSE_NAT))
         }

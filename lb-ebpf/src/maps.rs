@@ -5,12 +5,12 @@ use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
     btf_maps::{Array as BtfArray, ArrayOfMaps, HashMap as BtfHashMap},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, ConntrackEntry, DatapathConfig, FlowKey, FragmentKey, FragmentValue,
-    ServiceKey, ServiceMeta, ServiceValue, SocketFrontend, SocketKey, SourceRangeKey, capacity, counters,
-    stats,
+    ServiceKey, ServiceMeta, ServiceTraffic, ServiceValue, SocketFrontend, SocketKey, SourceRangeKey,
+    capacity, counters, stats,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -107,4 +107,52 @@ pub fn count(counter: u32) {
 #[inline(always)]
 pub fn config() -> Option<&'static DatapathConfig> {
     LB_CONFIG.get(0)
+}
+
+/// Service ID -> what was translated for the frontend (`lb_common::ServiceTraffic`), per CPU,
+/// for `lb stats` and the metrics. An entry is created by a frontend's first new flow and
+/// removed by userspace with the frontend; a tracked flow only adds to an entry that exists, so
+/// a removed frontend's late packets do not bring it back.
+#[map]
+pub static LB_SERVICE_TRAFFIC: PerCpuHashMap<u32, ServiceTraffic> =
+    PerCpuHashMap::pinned(capacity::SERVICE_META, 0);
+
+/// Counts a translated packet of `entry`'s flow (`bytes` long) for its frontend.
+#[inline(always)]
+pub fn count_traffic(entry: &ConntrackEntry, bytes: u32, new_flow: bool) {
+    let id = entry.service_id;
+    let mut traffic = LB_SERVICE_TRAFFIC.get_ptr_mut(&id);
+    if traffic.is_none() && new_flow {
+        // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists after.
+        let _ = LB_SERVICE_TRAFFIC.insert(&id, &ServiceTraffic::default(), 1);
+        traffic = LB_SERVICE_TRAFFIC.get_ptr_mut(&id);
+    }
+    let Some(traffic) = traffic else { return };
+    // SAFETY: this CPU's value, and BPF programs are not preempted on a CPU while running.
+    let traffic = unsafe { &mut *traffic };
+    if entry.is_reply() {
+        traffic.reply_packets += 1;
+        traffic.reply_bytes += u64::from(bytes);
+    } else {
+        traffic.packets += 1;
+        traffic.bytes += u64::from(bytes);
+    }
+    if new_flow {
+        traffic.new_flows += 1;
+    }
+}
+
+/// Counts a new flow whose packet is not translated here (a socket of the node's own, or a
+/// flow XDP tracked and left to TC).
+#[inline(always)]
+pub fn count_new_flow(service_id: u32) {
+    let mut traffic = LB_SERVICE_TRAFFIC.get_ptr_mut(&service_id);
+    if traffic.is_none() {
+        let _ = LB_SERVICE_TRAFFIC.insert(&service_id, &ServiceTraffic::default(), 1);
+        traffic = LB_SERVICE_TRAFFIC.get_ptr_mut(&service_id);
+    }
+    if let Some(traffic) = traffic {
+        // SAFETY: as in `count_traffic`.
+        unsafe { (*traffic).new_flows += 1 };
+    }
 }

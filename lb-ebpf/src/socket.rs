@@ -14,7 +14,7 @@ use lb_common::{SocketFrontend, SocketKey, counters};
 
 use crate::{
     flow::{self, Source},
-    maps::{LB_CONFIG, LB_SOCKETS, count},
+    maps::{LB_CONFIG, LB_SOCKETS, count, count_new_flow},
     select,
 };
 
@@ -27,12 +27,12 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx)
+    to_backend(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx)
+    to_backend(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -52,9 +52,10 @@ fn in_node_namespace(ctx: &SockAddrContext) -> bool {
     config.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == config.netns_cookie
 }
 
-/// Replaces a frontend address the socket is about to use with one of its backends.
+/// Replaces a frontend address the socket is about to use with one of its backends. A connect
+/// is a new flow; so is a datagram of a socket not yet sending to that backend.
 #[inline(always)]
-fn to_backend(ctx: &SockAddrContext) -> i32 {
+fn to_backend(ctx: &SockAddrContext, connect: bool) -> i32 {
     if !in_node_namespace(ctx) {
         return ALLOW;
     }
@@ -80,6 +81,10 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Ok((_, backend)) = select::choose(&key, &service, hash, 0) else { return ALLOW };
     let socket = SocketKey { cookie, backend_address: backend.address, backend_port: backend.port, _pad: 0 };
     let frontend = SocketFrontend { address: frontend_address, port: frontend_port, _pad: 0 };
+    // SAFETY: only whether an entry exists is read.
+    if connect || unsafe { LB_SOCKETS.get(&socket) }.is_none() {
+        count_new_flow(service.service_id);
+    }
     if LB_SOCKETS.insert(&socket, &frontend, 0).is_err() {
         count(counters::CONNTRACK_INSERT_FAILED);
     }

@@ -20,7 +20,7 @@ use crate::{
     csum,
     flow::{self, NewFlow, Source},
     headers::*,
-    maps::count,
+    maps::{self, count},
     parse::{Fragment, Ipv4Flow},
     route,
 };
@@ -107,6 +107,7 @@ fn parse(ctx: &XdpContext) -> Option<Ipv4Flow> {
 fn try_lb_xdp(ctx: &XdpContext) -> u32 {
     let Some(flow) = parse(ctx) else { return xdp_action::XDP_PASS };
     let key = conntrack::packet_key(&flow);
+    let mut new_flow = false;
     let entry = match conntrack::lookup(&key) {
         // What is not a plain translation (a reopened flow, a reset, a packet that is not the
         // flow's) is left to TC, which finds the state this call left and does the rest.
@@ -115,7 +116,10 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
             Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => return xdp_action::XDP_PASS,
         },
         None => match flow::new_flow(ctx, &flow, &key, Source::ExternalXdp) {
-            NewFlow::Tracked(entry) => entry,
+            NewFlow::Tracked(entry) => {
+                new_flow = true;
+                entry
+            }
             NewFlow::Drop(counter) => {
                 count(counter);
                 return xdp_action::XDP_DROP;
@@ -126,9 +130,16 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
     match send_back(ctx, &flow, &entry) {
         Some(()) => {
             count(counters::XDP_TX);
+            maps::count_traffic(&entry, (ctx.data_end() - ctx.data()) as u32, new_flow);
             xdp_action::XDP_TX
         }
-        None => xdp_action::XDP_PASS,
+        None => {
+            // TC translates this packet, and finds the flow tracked already: count it here.
+            if new_flow {
+                maps::count_new_flow(entry.service_id);
+            }
+            xdp_action::XDP_PASS
+        }
     }
 }
 

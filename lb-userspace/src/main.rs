@@ -5,21 +5,40 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lb_userspace::convert::{EndpointsSource, LbAlgorithm, ProxyConfig};
-use lb_userspace::daemon::run;
+use lb_userspace::daemon::{preflight, run};
 use lb_userspace::dataplane::conntrack::{self, PinnedFlowTables, Timeouts};
 use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
 use lb_userspace::dataplane::node_addresses::NodeAddressConfig;
-use lb_userspace::dataplane::{datapath, status};
+use lb_userspace::dataplane::reconcile::ProgrammedState;
+use lb_userspace::dataplane::{datapath, explain, status};
+use lb_userspace::model::Protocol;
 
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "A kube-proxy replacement whose data plane is eBPF")]
+#[command(
+    name = "lb",
+    version,
+    about = "A kube-proxy replacement whose data plane is eBPF",
+    after_help = "Exit codes: 0 done, 1 failed, 2 bad flags or configuration, 3 not root (or missing \
+                  capabilities), 4 the kernel or node lacks a feature (BPF, bpffs, cgroup v2), 5 another lb \
+                  runs with the same --bpf-dir.\nLogging: RUST_LOG (or LB_LOG) sets the level, as \
+                  `info` or `lb_userspace=debug`."
+)]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -29,9 +48,64 @@ enum Command {
     Run(RunArgs),
     /// Show the frontends and backends programmed in the pinned maps.
     Services {
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: OutputFormat,
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
+    /// Show each Service's programmed endpoints as `kubectl get endpoints` does; with --watch,
+    /// a line each time a Service's endpoints change in the maps.
+    Endpoints {
+        /// Only this Service (`namespace/name`).
+        service: Option<String>,
+        /// After the list, print a line whenever a Service's programmed endpoints change.
+        #[arg(long, short = 'w')]
+        watch: bool,
+        /// How often --watch reads the maps.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        watch_interval: Duration,
+        /// Output format (`wide` lists every endpoint; `json` one object per line with --watch).
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: OutputFormat,
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+    },
+    /// Show per-Service traffic (new flows, packets and bytes each way) and the data path's
+    /// verdict and drop counters.
+    Stats {
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: OutputFormat,
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+    },
+    /// Where a packet goes and why: the frontend it matches, the eligible endpoints, the backend
+    /// its flow gets (tracked flow, affinity, Maglev position or hash slot) and the packet after
+    /// translation.
+    Explain {
+        /// The packet's source, `IP:PORT`.
+        source: std::net::SocketAddrV4,
+        /// Its destination, `IP:PORT/PROTO` (`/TCP` when left out).
+        destination: String,
+        /// The packet arrives on an external interface (Local external policies apply).
+        #[arg(long)]
+        external: bool,
+        /// Read the objects from this directory too, to say why the endpoints that get no new
+        /// flows get none (not ready, terminating, another node under a Local policy, topology).
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// This node's name, if not the host name (for Local policies, with --manifests).
+        #[arg(long)]
+        hostname_override: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: OutputFormat,
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+    },
+    /// Print a shell completion script (`lb completions bash > /etc/bash_completion.d/lb`).
+    Completions { shell: clap_complete::Shell },
     /// Show the data path's packet counters and the conntrack collector's statistics.
     Counters {
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
@@ -58,6 +132,11 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// A kube-proxy configuration file (KubeProxyConfiguration, or the kube-proxy ConfigMap
+    /// holding one): the settings that mean something to lb are taken, the others named in a
+    /// warning; flags given on the command line win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Read Services, EndpointSlices, Endpoints and Nodes from this directory of Kubernetes YAML
     /// (and watch it) instead of the API server.
     #[arg(long, conflicts_with = "kubeconfig")]
@@ -112,6 +191,10 @@ struct RunArgs {
     /// Address for /healthz and /livez (kube-proxy's port); empty to disable.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// Address for /metrics (Prometheus) and /proxyMode (kube-proxy's flag and default); empty
+    /// to disable.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
     /// Size of the services map: frontends x (1 + their backends).
     #[arg(long, default_value_t = lb_common::capacity::SERVICES)]
     max_service_slots: u32,
@@ -176,9 +259,11 @@ enum LbAlgorithmArg {
     Random,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum OutputFormat {
     Table,
+    /// The table with every column in full.
+    Wide,
     Json,
 }
 
@@ -201,6 +286,67 @@ fn node_name(hostname_override: Option<String>) -> Option<String> {
         hostname_override.or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))?;
     // kube-proxy lower-cases the host name: node names are lower case.
     Some(name.trim().to_lowercase()).filter(|n| !n.is_empty())
+}
+
+/// Applies a KubeProxyConfiguration under the flags: a setting of the file is taken where the
+/// command line did not give the flag.
+fn apply_config(args: &mut RunArgs, matches: &clap::ArgMatches, log_format: &mut LogFormat) -> Result<()> {
+    let Some(path) = args.config.clone() else { return Ok(()) };
+    let file = lb_userspace::daemon::config::read(&path).map_err(|error| usage_error(error.to_string()))?;
+    let from_flag = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    macro_rules! take {
+        ($field:ident) => {
+            if let Some(value) = file.$field.clone()
+                && !from_flag(stringify!($field))
+            {
+                args.$field = value.into();
+            }
+        };
+    }
+    take!(hostname_override);
+    take!(healthz_bind_address);
+    take!(metrics_bind_address);
+    take!(nodeport_addresses);
+    take!(min_sync_period);
+    take!(sync_period);
+    take!(conntrack_tcp_timeout_established);
+    take!(conntrack_tcp_timeout_close_wait);
+    take!(conntrack_udp_timeout);
+    take!(conntrack_udp_timeout_stream);
+    if let Some(kubeconfig) = file.kubeconfig.clone()
+        && args.manifests.is_none()
+        && !from_flag("kubeconfig")
+    {
+        args.kubeconfig = Some(kubeconfig);
+    }
+    if file.log_format.as_deref() == Some("json") && !from_flag("log_format") {
+        *log_format = LogFormat::Json;
+    }
+    if !file.ignored.is_empty() {
+        tracing::warn!(
+            config = %path.display(),
+            ignored = %file.ignored.join(", "),
+            "kube-proxy settings without a meaning for lb are ignored"
+        );
+    }
+    Ok(())
+}
+
+/// An error in the flags or configuration (exit code 2).
+fn usage_error(message: String) -> anyhow::Error {
+    preflight::StartupError { code: preflight::exit_code::USAGE, message }.into()
+}
+
+/// The checks before the kernel is touched, each with its own message and exit code; the lock
+/// on --bpf-dir they return is held for the daemon's life.
+fn preflight_checks(options: &run::RunOptions) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    preflight::check_privileges()?;
+    preflight::check_bpf_syscall()?;
+    preflight::check_bpffs(&options.bpf_dir)?;
+    if let Some(path) = &options.cgroup_path {
+        preflight::check_cgroup(path)?;
+    }
+    Ok(preflight::lock_bpf_dir(&options.bpf_dir)?)
 }
 
 fn run_options(args: RunArgs) -> Result<run::RunOptions> {
@@ -229,6 +375,10 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
         "" => None,
         address => Some(address.parse().with_context(|| format!("--healthz-bind-address {address:?}"))?),
     };
+    let metrics_bind_address = match args.metrics_bind_address.as_str() {
+        "" => None,
+        address => Some(address.parse().with_context(|| format!("--metrics-bind-address {address:?}"))?),
+    };
     Ok(run::RunOptions {
         source,
         interfaces: args.interfaces,
@@ -255,6 +405,7 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         healthz_bind_address,
+        metrics_bind_address,
         node_addresses: NodeAddressConfig {
             nodeport_ranges: args.nodeport_addresses,
             external_interfaces: args.external_interfaces,
@@ -278,24 +429,93 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
     })
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match Cli::parse().command {
-        Command::Run(args) => {
-            let options = run_options(args)?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(run::run(options))
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let mut log_format = cli.log_format;
+    let result = match cli.command {
+        Command::Run(mut args) => {
+            let run_matches = matches.subcommand_matches("run").expect("the run subcommand");
+            // The configuration file may set the log format: read it before logging starts,
+            // and log its warnings after.
+            let config = args.config.clone();
+            let config_result = config
+                .as_ref()
+                .map(|path| lb_userspace::daemon::config::read(path).map(|file| file.log_format));
+            if let Some(Ok(Some(format))) = &config_result
+                && format == "json"
+                && run_matches.value_source("log_format") != Some(clap::parser::ValueSource::CommandLine)
+                && matches.value_source("log_format") != Some(clap::parser::ValueSource::CommandLine)
+            {
+                log_format = LogFormat::Json;
+            }
+            init_logging(log_format);
+            apply_config(&mut args, run_matches, &mut log_format).and_then(|()| run_daemon(args))
         }
-        Command::Services { bpf_dir } => {
-            let snapshot = BpfMaps::from_pins(&bpf_dir)?.snapshot()?;
-            print!("{}", status::services_table(&snapshot));
+        command => {
+            init_logging(log_format);
+            inspect(command)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let code = error
+                .downcast_ref::<preflight::StartupError>()
+                .map_or(preflight::exit_code::FAILED, |startup| startup.code);
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::from(code)
+        }
+    }
+}
+
+fn run_daemon(args: RunArgs) -> Result<()> {
+    let options = run_options(args).map_err(|error| usage_error(format!("{error:#}")))?;
+    let _lock = preflight_checks(&options)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(run::run(options))
+}
+
+/// The commands that read what lb left in the kernel.
+fn inspect(command: Command) -> Result<()> {
+    match command {
+        Command::Run(_) => unreachable!("handled by main"),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
             Ok(())
+        }
+        Command::Services { output, bpf_dir } => {
+            let snapshot = BpfMaps::from_pins(&bpf_dir)?.snapshot()?;
+            match output {
+                OutputFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&status::services_rows(&snapshot))?)
+                }
+                OutputFormat::Table | OutputFormat::Wide => print!("{}", status::services_table(&snapshot)),
+            }
+            Ok(())
+        }
+        Command::Endpoints { service, watch, watch_interval, output, bpf_dir } => {
+            endpoints(service.as_deref(), watch, watch_interval, output, &bpf_dir)
+        }
+        Command::Stats { output, bpf_dir } => stats(output, &bpf_dir),
+        Command::Explain { source, destination, external, manifests, hostname_override, output, bpf_dir } => {
+            let query = parse_query(source, &destination, external)?;
+            let node = node_name(hostname_override);
+            explain(&query, manifests.as_deref(), node.as_deref(), output, &bpf_dir)
         }
         Command::Counters { bpf_dir } => {
             for (name, value) in datapath::read_counters(&bpf_dir)? {
@@ -325,7 +545,7 @@ fn main() -> Result<()> {
                 });
             }
             match output {
-                OutputFormat::Table => print!("{}", conntrack::flows_table(&rows)),
+                OutputFormat::Table | OutputFormat::Wide => print!("{}", conntrack::flows_table(&rows)),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
             Ok(())
@@ -357,5 +577,189 @@ fn main() -> Result<()> {
                 _ => Ok(()),
             }
         }
+    }
+}
+
+fn parse_query(source: std::net::SocketAddrV4, destination: &str, external: bool) -> Result<explain::Query> {
+    let (address, protocol) = destination.split_once('/').unwrap_or((destination, "TCP"));
+    let protocol = Protocol::from_kubernetes(Some(&protocol.to_uppercase()))
+        .ok_or_else(|| usage_error(format!("{destination:?}: the protocol must be TCP or UDP")))?;
+    let destination: std::net::SocketAddrV4 = address
+        .parse()
+        .map_err(|_| usage_error(format!("{destination:?} is not IP:PORT/PROTO (like 10.96.0.10:80/TCP)")))?;
+    Ok(explain::Query { source, destination, protocol, external })
+}
+
+fn explain(
+    query: &explain::Query,
+    manifests: Option<&std::path::Path>,
+    node_name: Option<&str>,
+    output: OutputFormat,
+    bpf_dir: &std::path::Path,
+) -> Result<()> {
+    let snapshot = BpfMaps::from_pins(bpf_dir)?.snapshot_with_maglev()?;
+    let config = datapath::read_config(bpf_dir)?;
+    let tables = PinnedFlowTables::open(bpf_dir)?;
+    let (src_address, dst_address) =
+        (u32::from(*query.source.ip()).to_be(), u32::from(*query.destination.ip()).to_be());
+    let key = lb_common::FlowKey {
+        src_address,
+        dst_address,
+        src_port: query.source.port().to_be(),
+        dst_port: query.destination.port().to_be(),
+        protocol: query.protocol.number(),
+        _pad0: 0,
+        _pad1: 0,
+    };
+    use conntrack::FlowTables as _;
+    let tracked = tables.flow_entry(&key).context("reading the conntrack table")?;
+    let mut facts = explain::FlowFacts {
+        tracked,
+        maglev_table_size: config.maglev_table_size,
+        snat_address: (config.snat_address != 0)
+            .then(|| std::net::Ipv4Addr::from(u32::from_be(config.snat_address))),
+        ..Default::default()
+    };
+    let first = explain::explain(query, &snapshot, &facts);
+    if let Some(frontend) = &first.frontend {
+        let affinity_key =
+            lb_common::AffinityKey { client_address: src_address, service_id: frontend.service_id };
+        if let Some(record) = tables.affinity_record(&affinity_key).context("reading the affinity table")? {
+            let age = conntrack::monotonic_ns().saturating_sub(record.last_used_ns) / 1_000_000_000;
+            facts.affinity = Some((record, age));
+        }
+        if let Some(dir) = manifests {
+            facts.excluded =
+                excluded_from_objects(dir, frontend, &first.eligible, node_name, query.protocol)?;
+        }
+    }
+    let explanation = explain::explain(query, &snapshot, &facts);
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+        OutputFormat::Table | OutputFormat::Wide => print!("{}", explain::render(&explanation)),
+    }
+    Ok(())
+}
+
+/// The Service port's endpoints that the objects in `dir` list but the maps give no new flows,
+/// with the reason.
+fn excluded_from_objects(
+    dir: &std::path::Path,
+    frontend: &explain::FrontendMatch,
+    eligible: &[String],
+    node_name: Option<&str>,
+    protocol: Protocol,
+) -> Result<Vec<(String, String)>> {
+    use lb_userspace::source::{Object, ObjectChange};
+    let loaded = lb_userspace::source::manifests::ManifestObjects::new(dir, None, None).reload_all();
+    let (service, port_name) = frontend.service.split_once(':').unwrap_or((frontend.service.as_str(), ""));
+    let (namespace, name) = service.split_once('/').unwrap_or(("default", service));
+    let mut slices = Vec::new();
+    for change in loaded.changes {
+        if let ObjectChange::Upsert(Object::EndpointSlice(slice)) = change
+            && let Ok(Some(parsed)) = lb_userspace::convert::parse_slice(&slice)
+            && parsed.namespace == namespace
+            && parsed.service_name == name
+        {
+            slices.push(parsed);
+        }
+    }
+    let slices: Vec<_> = slices.iter().collect();
+    let endpoints = lb_userspace::convert::endpoints_of_port(port_name, protocol, &slices);
+    let local = frontend.policy.starts_with("Local");
+    Ok(explain::excluded_endpoints(&endpoints, eligible, local, node_name))
+}
+
+fn stats(output: OutputFormat, bpf_dir: &std::path::Path) -> Result<()> {
+    let counters = datapath::read_counters(bpf_dir)?;
+    let traffic = datapath::read_service_traffic(bpf_dir)?;
+    let names = BpfMaps::from_pins(bpf_dir)?.service_names(traffic.keys().copied())?;
+    let mut by_service: std::collections::BTreeMap<(String, String), status::ServiceStats> =
+        Default::default();
+    for (id, counts) in traffic {
+        let Some((kind, name)) = names.get(&id) else { continue };
+        let kind =
+            lb_userspace::model::FrontendType::from_code(*kind).map_or("?".to_string(), |k| k.to_string());
+        let row = by_service.entry((name.clone(), kind.clone())).or_insert_with(|| status::ServiceStats {
+            service: name.clone(),
+            frontend_type: kind,
+            ..Default::default()
+        });
+        row.new_flows += counts.new_flows;
+        row.packets += counts.packets;
+        row.bytes += counts.bytes;
+        row.reply_packets += counts.reply_packets;
+        row.reply_bytes += counts.reply_bytes;
+    }
+    let services: Vec<status::ServiceStats> = by_service.into_values().collect();
+    match output {
+        OutputFormat::Json => {
+            let counters: std::collections::BTreeMap<&str, u64> = counters.iter().copied().collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "services": services, "counters": counters })
+                )?
+            )
+        }
+        OutputFormat::Table | OutputFormat::Wide => print!("{}", status::stats_table(&services, &counters)),
+    }
+    Ok(())
+}
+
+fn endpoints(
+    wanted: Option<&str>,
+    watch: bool,
+    interval: Duration,
+    output: OutputFormat,
+    bpf_dir: &std::path::Path,
+) -> Result<()> {
+    let wide = output == OutputFormat::Wide;
+    let read = || -> Result<std::collections::BTreeMap<String, status::ServiceEndpoints>> {
+        let snapshot = BpfMaps::from_pins(bpf_dir)?.snapshot()?;
+        let mut services = status::service_endpoints(&ProgrammedState::from_snapshot(&snapshot));
+        if let Some(wanted) = wanted {
+            services.retain(|name, _| name == wanted);
+        }
+        Ok(services)
+    };
+    let mut last = read()?;
+    if let Some(wanted) = wanted
+        && last.is_empty()
+        && !watch
+    {
+        anyhow::bail!("no Service {wanted} in the maps under {}", bpf_dir.display());
+    }
+    let all_namespaces = wanted.is_none();
+    match output {
+        OutputFormat::Json => {
+            for service in last.values() {
+                println!("{}", serde_json::to_string(service)?);
+            }
+        }
+        _ => print!("{}", status::endpoints_table(last.values(), all_namespaces, wide)),
+    }
+    if !watch {
+        return Ok(());
+    }
+    use std::io::Write as _;
+    loop {
+        std::io::stdout().flush()?;
+        std::thread::sleep(interval);
+        let now = read()?;
+        for (name, service) in &now {
+            if last.get(name) == Some(service) {
+                continue;
+            }
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::to_string(service)?),
+                _ => {
+                    let row = status::endpoints_row(service, all_namespaces, wide, "<unknown>");
+                    println!("{}", row.join("   "));
+                }
+            }
+        }
+        // A Service that left the maps was deleted: kubectl's watch prints nothing for it.
+        last = now;
     }
 }

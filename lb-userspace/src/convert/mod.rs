@@ -472,12 +472,18 @@ pub fn parse_endpoints(endpoints: &Endpoints) -> Result<Vec<SliceEndpoints>, Obj
 /// The endpoints of one Service port that the given slices (already joined to the Service)
 /// list. An endpoint listed by several slices counts once (the first listing wins).
 fn port_endpoints(port: &ServicePortSpec, slices: &[&SliceEndpoints]) -> Vec<Endpoint> {
+    endpoints_of_port(&port.name, port.protocol, slices)
+}
+
+/// The endpoints that slices joined to a Service list for its port `name` (`""` for a single
+/// unnamed port); an endpoint listed twice counts once.
+pub fn endpoints_of_port(name: &str, protocol: Protocol, slices: &[&SliceEndpoints]) -> Vec<Endpoint> {
     // kube-proxy matches slice ports to Service ports by name and takes the number from the
     // slice, where the EndpointSlice controller resolved numeric and named targetPorts.
     let mut seen = BTreeSet::new();
     let mut endpoints = Vec::new();
     for slice in slices {
-        for slice_port in slice.ports.iter().filter(|p| p.name == port.name && p.protocol == port.protocol) {
+        for slice_port in slice.ports.iter().filter(|p| p.name == name && p.protocol == protocol) {
             for state in &slice.endpoints {
                 let addr = L4Addr { ip: state.ip, port: slice_port.port, protocol: slice_port.protocol };
                 if seen.insert(addr) {

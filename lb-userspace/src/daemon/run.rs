@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::convert::{EndpointsSource, ProxyConfig};
 use crate::daemon::health::{self, SharedHealth};
 use crate::daemon::health_check::HealthCheckServers;
+use crate::daemon::metrics::{self, KubeProxyMetrics, MapUsage, NoLocalEndpoints};
 use crate::daemon::sync::{HealthState, SyncRunner};
 use crate::dataplane::conntrack::{
     self, AffinityPolicy, Collector, FlowPolicy, FrontendFlows, PinnedFlowTables, PolicyChange, Timeouts,
@@ -50,6 +51,8 @@ pub struct RunOptions {
     pub sync_period: Duration,
     /// Where `/healthz` and `/livez` are served; `None` disables them.
     pub healthz_bind_address: Option<SocketAddr>,
+    /// Where `/metrics` and `/proxyMode` are served; `None` disables them.
+    pub metrics_bind_address: Option<SocketAddr>,
     /// Which node addresses take NodePort traffic and which one source-NAT uses.
     pub node_addresses: NodeAddressConfig,
     /// How the XDP program goes on the external interfaces.
@@ -288,6 +291,10 @@ struct SyncContext<'a> {
     health: &'a SharedHealth,
     collector: &'a Collector,
     stats: &'a mut conntrack::Stats,
+    metrics: &'a KubeProxyMetrics,
+    no_local: &'a mut NoLocalEndpoints,
+    /// Trigger times of the endpoints changes this sync programs.
+    trigger_times: Vec<SystemTime>,
 }
 
 /// Converts what changed and programs it. The first sync reconciles everything (the maps may
@@ -300,6 +307,10 @@ fn sync(
     first: bool,
 ) -> bool {
     let started = Instant::now();
+    // Counted before the first sync too: a directory's objects arrive before the loop runs.
+    let counts = pipeline.take_change_counts();
+    context.metrics.queued(&counts, SystemTime::now());
+    context.trigger_times.extend(counts.trigger_times);
     let changes = pipeline.take_changes();
     changes.errors.iter().for_each(|error| tracing::error!("{error}"));
     let desired = pipeline.table().desired();
@@ -342,10 +353,21 @@ fn sync(
         synced!(debug)
     }
 
+    if first {
+        context.no_local.update(desired, desired.frontends.keys());
+    } else {
+        context.no_local.update(desired, &changes.frontends);
+    }
+    let (internal, external) = context.no_local.counts();
+    context.metrics.set_no_local_endpoints(internal, external);
+    let now = SystemTime::now();
+    context.metrics.synced(started.elapsed(), report.errors.is_empty(), &context.trigger_times, now);
+    context.trigger_times.clear();
+
     let mut health = context.health.lock().expect("health lock");
     health.node_eligible = pipeline.node_eligible();
     if report.errors.is_empty() {
-        health.last_updated = Some(SystemTime::now());
+        health.last_updated = Some(now);
         health.oldest_pending = None;
     }
     changes.health_checks || first
@@ -467,9 +489,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &mut reconciler,
     );
     let health: SharedHealth = Arc::new(Mutex::new(HealthState::new(2 * options.sync_period)));
+    let kube_proxy_metrics = Arc::new(KubeProxyMetrics::default());
     if let Some(address) = options.healthz_bind_address {
-        health::serve(address, health.clone()).await?;
+        health::serve(address, health.clone(), kube_proxy_metrics.clone()).await?;
     }
+    let mut usage_requests = match options.metrics_bind_address {
+        Some(address) => Some(
+            metrics::serve(address, kube_proxy_metrics.clone(), options.bpf_dir.clone(), options.capacity)
+                .await?,
+        ),
+        None => None,
+    };
+    let mut no_local = NoLocalEndpoints::default();
+    let mut trigger_times = Vec::new();
 
     let mut health_checks = HealthCheckServers::default();
     let mut runner = SyncRunner::new(options.min_sync_period, Instant::now());
@@ -512,6 +544,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
         };
         let resync_idle = snapshot.is_none() && repair.is_none();
+        let usage_asked = async {
+            match usage_requests.as_mut() {
+                Some(requests) => requests.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let snapshot_done = async {
             match snapshot.as_mut() {
                 Some(task) => task.await,
@@ -523,6 +561,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             biased;
             changes = source.changed() => {
                 take_in(&mut pipeline, &source, changes?);
+                let counts = pipeline.take_change_counts();
+                kube_proxy_metrics.queued(&counts, SystemTime::now());
+                trigger_times.extend(counts.trigger_times);
                 if pipeline.has_pending() {
                     runner.queue(Instant::now());
                     health.lock().expect("health lock").oldest_pending.get_or_insert_with(SystemTime::now);
@@ -530,7 +571,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             () = sync_due => {
                 refresh_node_addresses(&options.node_addresses, &mut addresses, &mut pipeline, &mut datapath, &settings, &mut reconciler);
-                let mut context = SyncContext { health: &health, collector: &collector, stats: &mut stats };
+                let mut context = SyncContext {
+                    health: &health,
+                    collector: &collector,
+                    stats: &mut stats,
+                    metrics: &kube_proxy_metrics,
+                    no_local: &mut no_local,
+                    trigger_times: std::mem::take(&mut trigger_times),
+                };
                 if sync(&mut pipeline, &mut reconciler, &mut context, !synced_once) {
                     health_checks.sync(&pipeline.table().desired().health_checks).await;
                 }
@@ -555,6 +603,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if reconciler.release_waiting() {
                     release_at = Some(Instant::now() + BACKEND_GRACE / 4);
                 }
+            }
+            Some(reply) = usage_asked => {
+                let _ = reply.send(map_usage(&reconciler));
             }
             _ = source_check.tick() => {
                 health.lock().expect("health lock").source_stale_since = source.stale_since();
@@ -662,4 +713,15 @@ fn return_freed_memory() {
 fn start_snapshot(bpf_dir: &std::path::Path) -> tokio::task::JoinHandle<Result<MapsSnapshot, MapsError>> {
     let bpf_dir = bpf_dir.to_path_buf();
     tokio::task::spawn_blocking(move || BpfMaps::from_pins(&bpf_dir)?.snapshot())
+}
+
+/// How full the maps are, from what the reconciler wrote (a scrape asks; at 100 000 frontends
+/// the count takes about a millisecond).
+fn map_usage(reconciler: &Reconciler<BpfMaps>) -> MapUsage {
+    let state = reconciler.state();
+    MapUsage {
+        service_entries: state.frontends.values().map(|f| 1 + f.slots.len()).sum(),
+        frontends: state.frontends.len(),
+        backends: state.backends.len(),
+    }
 }

@@ -382,6 +382,17 @@ impl PinnedFlowTables {
     }
 }
 
+impl PinnedFlowTables {
+    /// One client's affinity record for one frontend.
+    pub fn affinity_record(&self, key: &AffinityKey) -> Result<Option<AffinityValue>, MapError> {
+        match self.affinity.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+}
+
 impl FlowTables for PinnedFlowTables {
     fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError> {
         // Entries removed while iterating are skipped, not errors.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 
 use crate::{dataplane::layout, dataplane::links};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{DatapathConfig, counters, map_names};
+use lb_common::{DatapathConfig, ServiceTraffic, counters, map_names};
 
 /// The eBPF object built from lb-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -712,6 +712,37 @@ pub fn read_counters(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapat
     }
     counters::derive_packets(&mut values);
     Ok(counters::NAMES.iter().copied().zip(values).collect())
+}
+
+/// Each frontend's traffic (`lb_common::ServiceTraffic`) pinned under `bpf_dir`, summed over
+/// CPUs, by service ID. Empty when the map is not pinned (maps of an lb from before it).
+pub fn read_service_traffic(bpf_dir: &Path) -> Result<BTreeMap<u32, ServiceTraffic>, DatapathError> {
+    let path = bpf_dir.join(map_names::SERVICE_TRAFFIC);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let data = MapData::from_pin(&path).map_err(DatapathError::Counters)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
+    let traffic: PerCpuHashMap<MapData, u32, ServiceTraffic> =
+        PerCpuHashMap::try_from(map).map_err(DatapathError::Counters)?;
+    let mut sums = BTreeMap::new();
+    for entry in traffic.iter() {
+        // A frontend removed during the walk ends it early (its key is gone): what was read stands.
+        let Ok((id, per_cpu)) = entry else { break };
+        let sum: &mut ServiceTraffic = sums.entry(id).or_default();
+        for value in per_cpu.iter() {
+            sum.add(value);
+        }
+    }
+    Ok(sums)
+}
+
+/// The data path's settings pinned under `bpf_dir`.
+pub fn read_config(bpf_dir: &Path) -> Result<DatapathConfig, DatapathError> {
+    let data = MapData::from_pin(bpf_dir.join(map_names::CONFIG)).map_err(DatapathError::Counters)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
+    let array: Array<MapData, DatapathConfig> = Array::try_from(map).map_err(DatapathError::Counters)?;
+    array.get(&0, 0).map_err(DatapathError::Counters)
 }
 
 /// The conntrack collector's statistics pinned under `bpf_dir`, by name.

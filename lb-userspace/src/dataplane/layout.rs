@@ -97,7 +97,7 @@ impl MapShape {
 }
 
 /// The shape of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 14] {
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 15] {
     use core::mem::size_of;
     use lb_common::*;
     let shape = |map_type, key: usize, value: usize, max_entries| MapShape {
@@ -156,6 +156,10 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 14] {
         (map_names::STATS, shape(MapType::Array, 4, 8, stats::COUNT)),
         (map_names::CLOCK, shape(MapType::Array, 4, 8, 1)),
         (map_names::LAYOUT, shape(MapType::Array, 4, 4, lb_common::layout::RECORDS)),
+        (
+            map_names::SERVICE_TRAFFIC,
+            shape(MapType::PerCpuHash, 4, size_of::<ServiceTraffic>(), capacity.frontends),
+        ),
     ]
 }
 
@@ -652,6 +656,15 @@ pub fn prepare(dir: &Path, capacity: &Capacity) -> Result<Migration, LayoutError
     for (name, wanted) in expected_shapes(capacity) {
         let path = dir.join(name);
         let Some(current) = pinned_shape(&path) else { continue };
+        if name == map_names::SERVICE_TRAFFIC {
+            // Counters, not state: a map of another size is replaced (its counts start over)
+            // instead of migrated. Unpinning leaves it to the programs that use it until their
+            // links switch.
+            if current != wanted {
+                std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+            }
+            continue;
+        }
         if !old_forms.iter().any(|form| fits(form, name, &current)) && name != map_names::LAYOUT {
             return Err(LayoutError::Unknown { path, shape: current });
         }

@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuHashMap};
 use ipnet::Ipv4Net;
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, map_names};
+use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceTraffic, ServiceValue, SourceRangeKey, map_names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -104,6 +104,9 @@ pub struct BpfMaps {
     backends_fd: std::os::fd::OwnedFd,
     /// The kernel refused a batched update as unknown: write one entry per call.
     no_batches: bool,
+    /// Each frontend's traffic counters, removed with its metadata; absent in maps pinned by an
+    /// lb from before them.
+    traffic: Option<PerCpuHashMap<MapData, u32, ServiceTraffic>>,
 }
 
 fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
@@ -134,7 +137,11 @@ fn second_fd(data: &MapData, name: &'static str) -> Result<std::os::fd::OwnedFd,
 fn hash_map_fd(map: &Map, name: &'static str) -> Result<std::os::fd::OwnedFd, MapsError> {
     match map {
         Map::HashMap(data) => second_fd(data, name),
-        _ => Err(MapsError::Bpf { operation: "open", map: name, source: MapError::InvalidMapType { map_type: 0 } }),
+        _ => Err(MapsError::Bpf {
+            operation: "open",
+            map: name,
+            source: MapError::InvalidMapType { map_type: 0 },
+        }),
     }
 }
 
@@ -177,12 +184,20 @@ impl BpfMaps {
             let fd = if which == map_names::SERVICES { &self.services_fd } else { &self.backends_fd };
             match update_batch(fd, entries) {
                 Ok(()) => return Ok(()),
-                Err((0, error)) if matches!(error.raw_os_error(), Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | KERNEL_ENOTSUPP)) => {
+                Err((0, error))
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
+                    ) =>
+                {
                     // A kernel without batched updates of this map type.
                     self.no_batches = true;
                 }
                 Err((written, io_error)) => {
-                    let source = MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
+                    let source = MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error,
+                    });
                     return Err((written, bpf_error("update", which)(source)));
                 }
             }
@@ -265,6 +280,9 @@ impl BpfMaps {
             maglev_fd,
             maglev_open: BTreeMap::new(),
             no_batches: false,
+            traffic: ebpf
+                .take_map(map_names::SERVICE_TRAFFIC)
+                .and_then(|map| PerCpuHashMap::try_from(map).ok()),
         })
     }
 
@@ -284,7 +302,29 @@ impl BpfMaps {
             maglev_fd,
             maglev_open: BTreeMap::new(),
             no_batches: false,
+            traffic: pinned(dir, map_names::SERVICE_TRAFFIC)
+                .ok()
+                .and_then(|map| PerCpuHashMap::try_from(map).ok()),
         })
+    }
+
+    /// The frontend type and name of each of `ids` that has metadata (one lookup each: for the
+    /// few frontends a reader asks about, not a dump).
+    pub fn service_names(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<BTreeMap<u32, (u32, String)>, MapsError> {
+        let mut names = BTreeMap::new();
+        for id in ids {
+            match self.service_meta.get(&id, 0) {
+                Ok(meta) => {
+                    names.insert(id, (meta.frontend_type, meta.name().to_string()));
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(bpf_error("read", map_names::SERVICE_META)(error)),
+            }
+        }
+        Ok(names)
     }
 
     /// Maglev table `table`, if present.
@@ -370,6 +410,9 @@ impl ServiceMaps for BpfMaps {
     }
 
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError> {
+        if let Some(traffic) = &mut self.traffic {
+            ignore_missing(traffic.remove(&id)).map_err(bpf_error("delete", map_names::SERVICE_TRAFFIC))?;
+        }
         ignore_missing(self.service_meta.remove(&id)).map_err(bpf_error("delete", map_names::SERVICE_META))
     }
 

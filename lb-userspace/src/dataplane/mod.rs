@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod conntrack;
 pub mod datapath;
+pub mod explain;
 #[cfg(any(test, feature = "testing"))]
 pub mod in_memory;
 pub mod interfaces;

@@ -628,7 +628,8 @@ impl<M: ServiceMaps> Reconciler<M> {
         }
         let count = count as u16;
         // Unknown (a new frontend, or one a resync marked for rewriting) counts as lowered.
-        let lowered = self.state.frontends.get(&key).and_then(|f| f.count).is_none_or(|before| before > count);
+        let lowered =
+            self.state.frontends.get(&key).and_then(|f| f.count).is_none_or(|before| before > count);
         let meta = (frontend.frontend_type, service.clone());
         let program_error = |source| ReconcileError::Program {
             frontend: key,
@@ -671,7 +672,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             let writes: Vec<(ServiceKey, ServiceValue)> = changed
                 .iter()
                 .map(|index| {
-                    (service_key(&key, *index as u16 + 1), ServiceValue::backend_slot(service_id, ids[*index]))
+                    (
+                        service_key(&key, *index as u16 + 1),
+                        ServiceValue::backend_slot(service_id, ids[*index]),
+                    )
                 })
                 .collect();
             let result = maps.update_services(&writes);

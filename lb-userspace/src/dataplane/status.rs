@@ -1,11 +1,13 @@
-//! `lb services`: what the pinned maps hold, as a table.
+//! What the pinned maps hold, as the CLI shows it: `lb services`, `lb endpoints`, `lb stats`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use lb_common::service_flags;
 
 use crate::dataplane::maps::MapsSnapshot;
 use crate::dataplane::reconcile::{ProgrammedFrontend, ProgrammedState};
+use crate::model::FrontendType;
 
 /// The traffic policy column: Cluster or Local, whether new flows are source-NATed, session
 /// affinity, Maglev, and the allowed source ranges.
@@ -27,11 +29,24 @@ fn policy(programmed: &ProgrammedFrontend, source_ranges: &[String]) -> String {
     policy
 }
 
+/// One frontend as `lb services` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceRow {
+    pub service: String,
+    #[serde(rename = "type")]
+    pub frontend_type: String,
+    pub policy: String,
+    pub frontend: String,
+    pub backends: Vec<String>,
+    /// With no backends: `dropped` (Local policy, none here) or `rejected`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub when_empty: Option<&'static str>,
+}
+
 /// One row per frontend: service, type, traffic policy, frontend, backends.
-pub fn services_table(snapshot: &MapsSnapshot) -> String {
+pub fn services_rows(snapshot: &MapsSnapshot) -> Vec<ServiceRow> {
     let state = ProgrammedState::from_snapshot(snapshot);
-    let mut rows =
-        vec![["SERVICE".to_string(), "TYPE".into(), "POLICY".into(), "FRONTEND".into(), "BACKENDS".into()]];
+    let mut rows = Vec::new();
     for (frontend, programmed) in &state.frontends {
         let (kind, name) = match &programmed.meta {
             Some((kind, name)) => (kind.to_string(), name.clone()),
@@ -46,20 +61,212 @@ pub fn services_table(snapshot: &MapsSnapshot) -> String {
                 None => format!("<missing backend {id}>"),
             })
             .collect();
-        let backends = match (backends.is_empty(), programmed.flags & service_flags::DROP_WHEN_EMPTY != 0) {
-            (false, _) => backends.join(","),
-            (true, true) => "<none here: dropped>".to_string(),
-            (true, false) => "<none: rejected>".to_string(),
+        let when_empty = match (backends.is_empty(), programmed.flags & service_flags::DROP_WHEN_EMPTY != 0) {
+            (false, _) => None,
+            (true, true) => Some("dropped"),
+            (true, false) => Some("rejected"),
         };
-        rows.push([name, kind, policy(programmed, &ranges), frontend.to_string(), backends]);
+        rows.push(ServiceRow {
+            service: name,
+            frontend_type: kind,
+            policy: policy(programmed, &ranges),
+            frontend: frontend.to_string(),
+            backends,
+            when_empty,
+        });
     }
-    let widths: Vec<usize> = (0..4).map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0)).collect();
+    rows
+}
+
+/// `lb services`' table.
+pub fn services_table(snapshot: &MapsSnapshot) -> String {
+    let mut rows = vec![["SERVICE", "TYPE", "POLICY", "FRONTEND", "BACKENDS"].map(String::from).to_vec()];
+    for row in services_rows(snapshot) {
+        let backends = match row.when_empty {
+            None => row.backends.join(","),
+            Some("dropped") => "<none here: dropped>".to_string(),
+            Some(_) => "<none: rejected>".to_string(),
+        };
+        rows.push(vec![row.service, row.frontend_type, row.policy, row.frontend, backends]);
+    }
+    columns(&rows)
+}
+
+/// Lays out rows in columns two spaces apart, as kubectl does (the last column unpadded).
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let count = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..count)
+        .map(|col| rows.iter().filter_map(|r| r.get(col)).map(String::len).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
-    for row in &rows {
-        for (cell, width) in row.iter().zip(&widths) {
-            let _ = write!(out, "{cell:width$}  ");
+    for row in rows {
+        for (col, cell) in row.iter().enumerate() {
+            if col + 1 == row.len() {
+                let _ = writeln!(out, "{cell}");
+            } else {
+                let _ = write!(out, "{cell:width$}  ", width = widths[col]);
+            }
         }
-        let _ = writeln!(out, "{}", row[4]);
     }
+    out
+}
+
+/// A Service's programmed endpoints, as `lb endpoints` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceEndpoints {
+    pub namespace: String,
+    pub name: String,
+    /// `ip:port` of every backend its ClusterIP frontends (or, without one, its other
+    /// frontends) send new flows to, sorted.
+    pub endpoints: Vec<String>,
+}
+
+/// Every Service's endpoints as the maps hold them, by `namespace/name`. A Service port with a
+/// ClusterIP contributes its ClusterIP's backends (every ready endpoint, as
+/// `kubectl get endpoints` lists them); other ports their frontends' backends.
+pub fn service_endpoints(state: &ProgrammedState) -> BTreeMap<String, ServiceEndpoints> {
+    // Service port name -> (has a ClusterIP frontend, backends).
+    let mut ports: BTreeMap<&str, (bool, BTreeSet<String>)> = BTreeMap::new();
+    for programmed in state.frontends.values() {
+        let Some((kind, name)) = &programmed.meta else { continue };
+        let cluster_ip = *kind == FrontendType::ClusterIp;
+        let count = usize::from(programmed.count.unwrap_or(0)).min(programmed.slots.len());
+        let backends = programmed.slots[..count].iter().filter_map(|id| state.backends.get(id));
+        let entry = ports.entry(name.as_str()).or_default();
+        if cluster_ip && !entry.0 {
+            // The ClusterIP's view wins over what external frontends (maybe Local) added.
+            *entry = (true, BTreeSet::new());
+        }
+        if cluster_ip || !entry.0 {
+            entry.1.extend(backends.map(|b| format!("{}:{}", b.ip, b.port)));
+        }
+    }
+    let mut services: BTreeMap<String, ServiceEndpoints> = BTreeMap::new();
+    for (port_name, (_, backends)) in ports {
+        let service = port_name.split_once(':').map_or(port_name, |(service, _)| service);
+        let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+        let entry = services.entry(service.to_string()).or_insert_with(|| ServiceEndpoints {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            endpoints: Vec::new(),
+        });
+        entry.endpoints.extend(backends);
+    }
+    for service in services.values_mut() {
+        service.endpoints.sort();
+        service.endpoints.dedup();
+    }
+    services
+}
+
+/// The ENDPOINTS column as kubectl prints it: up to three, then how many more (all with
+/// `wide`); `<none>` when there are none.
+pub fn endpoints_cell(endpoints: &[String], wide: bool) -> String {
+    const SHOWN: usize = 3;
+    if endpoints.is_empty() {
+        return "<none>".to_string();
+    }
+    if wide || endpoints.len() <= SHOWN {
+        return endpoints.join(",");
+    }
+    format!("{} + {} more...", endpoints[..SHOWN].join(","), endpoints.len() - SHOWN)
+}
+
+/// `lb endpoints`: `NAME ENDPOINTS AGE` for one namespace's Services (`kubectl get endpoints`),
+/// with a NAMESPACE column first when listing every namespace (`-A`). The maps keep no
+/// creation time, so AGE is `<unknown>`, as kubectl prints for an object without one.
+pub fn endpoints_table<'a>(
+    services: impl IntoIterator<Item = &'a ServiceEndpoints>,
+    all_namespaces: bool,
+    wide: bool,
+) -> String {
+    let mut rows = vec![];
+    let header: Vec<String> = if all_namespaces {
+        ["NAMESPACE", "NAME", "ENDPOINTS", "AGE"].map(String::from).to_vec()
+    } else {
+        ["NAME", "ENDPOINTS", "AGE"].map(String::from).to_vec()
+    };
+    rows.push(header);
+    for service in services {
+        rows.push(endpoints_row(service, all_namespaces, wide, "<unknown>"));
+    }
+    columns(&rows)
+}
+
+/// One row of `lb endpoints` (also what `--watch` prints for a change).
+pub fn endpoints_row(service: &ServiceEndpoints, all_namespaces: bool, wide: bool, age: &str) -> Vec<String> {
+    let mut row = Vec::new();
+    if all_namespaces {
+        row.push(service.namespace.clone());
+    }
+    row.extend([service.name.clone(), endpoints_cell(&service.endpoints, wide), age.to_string()]);
+    row
+}
+
+/// Age as kubectl prints it (apimachinery's `HumanDuration`): `45s`, `3m12s`, `42m`, `5h3m`,
+/// `30h`, `3d4h`, `20d`, `3y12d`.
+pub fn kubectl_age(elapsed: std::time::Duration) -> String {
+    let seconds = elapsed.as_secs();
+    let (minutes, hours) = (seconds / 60, seconds / 3600);
+    let with_rest = |major: u64, unit: &str, minor: u64, minor_unit: &str| {
+        if minor == 0 { format!("{major}{unit}") } else { format!("{major}{unit}{minor}{minor_unit}") }
+    };
+    if seconds < 120 {
+        format!("{seconds}s")
+    } else if minutes < 10 {
+        with_rest(minutes, "m", seconds % 60, "s")
+    } else if minutes < 180 {
+        format!("{minutes}m")
+    } else if hours < 8 {
+        with_rest(hours, "h", minutes % 60, "m")
+    } else if hours < 48 {
+        format!("{hours}h")
+    } else if hours < 24 * 8 {
+        with_rest(hours / 24, "d", hours % 24, "h")
+    } else if hours < 24 * 365 * 2 {
+        format!("{}d", hours / 24)
+    } else if hours < 24 * 365 * 8 {
+        with_rest(hours / 24 / 365, "y", (hours / 24) % 365, "d")
+    } else {
+        format!("{}y", hours / 24 / 365)
+    }
+}
+
+/// One Service port's traffic, for `lb stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceStats {
+    pub service: String,
+    #[serde(rename = "type")]
+    pub frontend_type: String,
+    pub new_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+/// `lb stats`: per Service port and frontend type, then the data path's counters.
+pub fn stats_table(services: &[ServiceStats], counters: &[(&str, u64)]) -> String {
+    let mut rows = vec![
+        ["SERVICE", "TYPE", "NEW FLOWS", "PACKETS", "BYTES", "REPLY PACKETS", "REPLY BYTES"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for s in services {
+        rows.push(vec![
+            s.service.clone(),
+            s.frontend_type.clone(),
+            s.new_flows.to_string(),
+            s.packets.to_string(),
+            s.bytes.to_string(),
+            s.reply_packets.to_string(),
+            s.reply_bytes.to_string(),
+        ]);
+    }
+    let mut out = columns(&rows);
+    out.push('\n');
+    let mut rows = vec![vec!["COUNTER".to_string(), "VALUE".to_string()]];
+    rows.extend(counters.iter().map(|(name, value)| vec![name.to_string(), value.to_string()]));
+    out += &columns(&rows);
     out
 }

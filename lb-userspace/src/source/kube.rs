@@ -39,6 +39,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     // /healthz; the client's own retries would hide both.
     let mut config = config;
     config.default_retry = false;
+    let server = config.cluster_url.to_string();
+    tracing::info!(%server, "reading Services and endpoints from the API server");
+    let _ = API_SERVER.set(server);
     Client::try_from(config).map_err(|e| anyhow::anyhow!("creating the Kubernetes client: {e}"))
 }
 
@@ -114,6 +117,9 @@ impl kube::runtime::utils::Backoff for ReconnectBackoff {
     }
 }
 
+/// The API server's address, for the messages of failing watches.
+static API_SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Forwards one watcher's events; errors are logged (at most every 10 s per kind) while the
 /// watcher backs off and re-lists.
 async fn forward<K>(
@@ -136,7 +142,13 @@ async fn forward<K>(
             Err(error) => {
                 status.failed(kind);
                 if last_logged.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                    tracing::warn!(kind, %error, "watch failed; retrying, serving the last good state");
+                    let server = API_SERVER.get().map_or("?", String::as_str);
+                    tracing::warn!(
+                        kind,
+                        %error,
+                        server,
+                        "cannot watch the API server; retrying, serving the last good state"
+                    );
                     last_logged = Some(Instant::now());
                 }
             }

@@ -120,6 +120,16 @@ impl Changes {
     }
 }
 
+/// Changes taken in since the last sync, as kube-proxy's change trackers count them.
+#[derive(Debug, Default, Clone)]
+pub struct ChangeCounts {
+    pub services: u64,
+    pub endpoints: u64,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` of each endpoints object that
+    /// changed: when the change that led to it happened (a pod became ready, say).
+    pub trigger_times: Vec<std::time::SystemTime>,
+}
+
 /// The desired state, and what it is made from.
 #[derive(Debug, Default)]
 pub struct DesiredTable {
@@ -155,11 +165,12 @@ impl DesiredTable {
     }
 
     /// A Service's frontend spec (`None`: gone, or not translated).
-    pub fn set_service(&mut self, name: ServiceName, spec: Option<ServiceFrontends>) {
+    /// Returns whether anything changed.
+    pub fn set_service(&mut self, name: ServiceName, spec: Option<ServiceFrontends>) -> bool {
         let entry = self.services.entry(name.clone()).or_default();
         let spec = spec.map(Arc::new);
         if entry.spec == spec {
-            return;
+            return false;
         }
         let node_ports = spec.as_ref().is_some_and(|s| s.ports.iter().any(|p| p.node_port.is_some()));
         entry.spec = spec;
@@ -169,15 +180,17 @@ impl DesiredTable {
             self.with_node_ports.remove(&name);
         }
         self.dirty.insert(name);
+        true
     }
 
     /// The endpoints one object lists (an EndpointSlice: one set; v1 Endpoints: one per
-    /// subset), for the Service they name; `None` once the object is gone.
+    /// subset), for the Service they name; `None` once the object is gone. Returns whether
+    /// anything changed.
     pub fn set_endpoints(
         &mut self,
         origin: EndpointsOrigin,
         endpoints: Option<(ServiceName, Vec<SliceEndpoints>)>,
-    ) {
+    ) -> bool {
         let previous = self.endpoints.remove(&origin);
         if let Some((service, old)) = &previous
             && let Some((new_service, new)) = &endpoints
@@ -185,8 +198,9 @@ impl DesiredTable {
             && old.as_slice() == new.as_slice()
         {
             self.endpoints.insert(origin, previous.expect("matched above"));
-            return;
+            return false;
         }
+        let changed = previous.is_some() || endpoints.is_some();
         if let Some((service, _)) = previous {
             if let Some(entry) = self.services.get_mut(&service) {
                 entry.endpoints.remove(&origin);
@@ -198,6 +212,7 @@ impl DesiredTable {
             self.endpoints.insert(origin, (service.clone(), Arc::new(sets)));
             self.dirty.insert(service);
         }
+        changed
     }
 
     /// This node's `topology.kubernetes.io/zone`: topology hints are read against it.

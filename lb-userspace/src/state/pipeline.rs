@@ -2,6 +2,9 @@
 //! checked and converted once, when it arrives, and only its own record in the table changes.
 
 use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::convert::{
     self, EndpointsSource, NodeRecord, ProxyConfig, is_proxied_here, labels_proxied_here, parse_endpoints,
@@ -9,7 +12,7 @@ use crate::convert::{
 };
 use crate::model::ObjectError;
 use crate::source::{Object, ObjectChange};
-use crate::state::{Changes, DesiredTable, EndpointsOrigin, TableConfig};
+use crate::state::{ChangeCounts, Changes, DesiredTable, EndpointsOrigin, TableConfig};
 
 /// What an object that fails its checks does to the version already in the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub struct Pipeline {
     config: ProxyConfig,
     on_invalid: OnInvalid,
     node: Option<NodeRecord>,
+    /// Service and endpoints changes since `take_change_counts`, as kube-proxy counts them.
+    counts: ChangeCounts,
 }
 
 impl Pipeline {
@@ -34,7 +39,7 @@ impl Pipeline {
             node_name: config.node_name.clone(),
             lb_algorithm: config.lb_algorithm,
         });
-        let mut pipeline = Self { table, config, on_invalid, node: None };
+        let mut pipeline = Self { table, config, on_invalid, node: None, counts: ChangeCounts::default() };
         let addresses = pipeline.config.node_addresses.clone();
         pipeline.table.set_node_addresses(addresses);
         pipeline
@@ -47,6 +52,18 @@ impl Pipeline {
     /// Converts what changed since the last call (see `DesiredTable::take_changes`).
     pub fn take_changes(&mut self) -> Changes {
         self.table.take_changes()
+    }
+
+    /// The changes counted since the last call.
+    pub fn take_change_counts(&mut self) -> ChangeCounts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// An endpoints object's change trigger time, once the change it carries is taken in.
+    fn note_trigger_time(&mut self, changed: bool, metadata: &ObjectMeta) {
+        if changed && let Some(time) = trigger_time(metadata) {
+            self.counts.trigger_times.push(time);
+        }
     }
 
     pub fn has_pending(&self) -> bool {
@@ -74,21 +91,21 @@ impl Pipeline {
                     service.metadata.name.clone().unwrap_or_default(),
                 );
                 if !is_proxied_here(&service, &self.config) {
-                    self.table.set_service(name, None);
+                    self.counts.services += u64::from(self.table.set_service(name, None));
                     return Ok(());
                 }
                 match parse_service(&service) {
-                    Ok(spec) => self.table.set_service(name, spec),
+                    Ok(spec) => self.counts.services += u64::from(self.table.set_service(name, spec)),
                     Err(error) => {
                         if self.on_invalid == OnInvalid::Drop {
-                            self.table.set_service(name, None);
+                            self.counts.services += u64::from(self.table.set_service(name, None));
                         }
                         return Err(error);
                     }
                 }
             }
             ObjectChange::Delete(("Service", namespace, name)) => {
-                self.table.set_service((namespace, name), None)
+                self.counts.services += u64::from(self.table.set_service((namespace, name), None))
             }
             ObjectChange::Upsert(Object::EndpointSlice(slice)) => {
                 if self.config.endpoints_source != EndpointsSource::EndpointSlices {
@@ -100,25 +117,30 @@ impl Pipeline {
                     name: slice.metadata.name.clone().unwrap_or_default(),
                 };
                 if !labels_proxied_here(slice.metadata.labels.as_ref(), &self.config) {
-                    self.table.set_endpoints(origin, None);
+                    self.counts.endpoints += u64::from(self.table.set_endpoints(origin, None));
                     return Ok(());
                 }
                 match parse_slice(&slice) {
                     Ok(parsed) => {
                         let endpoints =
                             parsed.map(|set| ((set.namespace.clone(), set.service_name.clone()), vec![set]));
-                        self.table.set_endpoints(origin, endpoints);
+                        let changed = self.table.set_endpoints(origin, endpoints);
+                        self.counts.endpoints += u64::from(changed);
+                        self.note_trigger_time(changed, &slice.metadata);
                     }
                     Err(error) => {
                         if self.on_invalid == OnInvalid::Drop {
-                            self.table.set_endpoints(origin, None);
+                            self.counts.endpoints += u64::from(self.table.set_endpoints(origin, None));
                         }
                         return Err(error);
                     }
                 }
             }
             ObjectChange::Delete(("EndpointSlice", namespace, name)) => {
-                self.table.set_endpoints(EndpointsOrigin { kind: "EndpointSlice", namespace, name }, None);
+                self.counts.endpoints += u64::from(
+                    self.table
+                        .set_endpoints(EndpointsOrigin { kind: "EndpointSlice", namespace, name }, None),
+                );
             }
             ObjectChange::Upsert(Object::Endpoints(endpoints)) => {
                 if self.config.endpoints_source != EndpointsSource::Endpoints {
@@ -134,24 +156,28 @@ impl Pipeline {
                     name: service.1.clone(),
                 };
                 if !labels_proxied_here(endpoints.metadata.labels.as_ref(), &self.config) {
-                    self.table.set_endpoints(origin, None);
+                    self.counts.endpoints += u64::from(self.table.set_endpoints(origin, None));
                     return Ok(());
                 }
                 match parse_endpoints(&endpoints) {
                     Ok(sets) => {
                         let sets = (!sets.is_empty()).then_some((service, sets));
-                        self.table.set_endpoints(origin, sets);
+                        let changed = self.table.set_endpoints(origin, sets);
+                        self.counts.endpoints += u64::from(changed);
+                        self.note_trigger_time(changed, &endpoints.metadata);
                     }
                     Err(error) => {
                         if self.on_invalid == OnInvalid::Drop {
-                            self.table.set_endpoints(origin, None);
+                            self.counts.endpoints += u64::from(self.table.set_endpoints(origin, None));
                         }
                         return Err(error);
                     }
                 }
             }
             ObjectChange::Delete(("Endpoints", namespace, name)) => {
-                self.table.set_endpoints(EndpointsOrigin { kind: "Endpoints", namespace, name }, None);
+                self.counts.endpoints += u64::from(
+                    self.table.set_endpoints(EndpointsOrigin { kind: "Endpoints", namespace, name }, None),
+                );
             }
             ObjectChange::Upsert(Object::Node(node)) => {
                 if node.metadata.name.is_some() && node.metadata.name == self.config.node_name {
@@ -171,4 +197,14 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// The annotation the endpoints controllers set to when the change behind an endpoints object's
+/// latest update happened (kube-proxy's network programming latency starts there).
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(metadata: &ObjectMeta) -> Option<SystemTime> {
+    let value = metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let timestamp: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(timestamp))
 }

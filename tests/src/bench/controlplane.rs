@@ -242,14 +242,16 @@ pub fn sync_and_changes(services: usize, changes: usize) -> Result<(SyncTime, Ch
         let i = (change * 7919) % services;
         // Each timed change takes an endpoint away; it is given back untimed, so every change
         // starts from ten endpoints.
-        let event = ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, ENDPOINTS_PER_SERVICE - 1))));
+        let event =
+            ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, ENDPOINTS_PER_SERVICE - 1))));
         let start = Instant::now();
         pipeline.apply(event)?;
         let changed = pipeline.take_changes();
         let report = reconciler.reconcile_frontends(pipeline.table().desired(), &changed.frontends);
         latencies.push(start.elapsed());
         anyhow::ensure!(report.errors.is_empty() && report.programmed == 1, "change {change}: {report:?}");
-        pipeline.apply(ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, ENDPOINTS_PER_SERVICE)))))?;
+        pipeline
+            .apply(ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice(i, ENDPOINTS_PER_SERVICE)))))?;
         let changed = pipeline.take_changes();
         let report = reconciler.reconcile_frontends(pipeline.table().desired(), &changed.frontends);
         anyhow::ensure!(report.errors.is_empty() && report.programmed == 1, "restoring {change}: {report:?}");
@@ -398,7 +400,10 @@ pub fn api_server(
     }
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((full, latency(services, "API change -> map written (fake API server, watch; 25 ms apart)", latencies)))
+    Ok((
+        full,
+        latency(services, "API change -> map written (fake API server, watch; 25 ms apart)", latencies),
+    ))
 }
 
 /// The pause before each timed change in the daemon and API server measurements.
@@ -487,7 +492,10 @@ pub fn daemon(
         startup_sync_ms: ms(startup_sync),
     };
     pg.stop_lb()?;
-    Ok((memory, latency(services, "file replaced -> map written (lb run, manifests; 25 ms apart)", latencies)))
+    Ok((
+        memory,
+        latency(services, "file replaced -> map written (lb run, manifests; 25 ms apart)", latencies),
+    ))
 }
 
 /// Runs `program args` in `ns` with `input` on stdin; `None` if it outlived `bound`.

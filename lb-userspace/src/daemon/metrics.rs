@@ -1,0 +1,409 @@
+//! Prometheus metrics on kube-proxy's metrics port (`--metrics-bind-address`, 127.0.0.1:10249 by
+//! default): kube-proxy's own `kubeproxy_*` metrics with its names, buckets and meaning, so
+//! existing dashboards and alerts keep working, and lb's own `lb_*` metrics for what kube-proxy
+//! has no metric for. The `lb_*` ones are read when scraped: the data path's counters from the
+//! pinned maps (in a thread of their own), the maps' occupancy from the event loop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dataplane::datapath::{self, Capacity};
+use crate::dataplane::maps::BpfMaps;
+use crate::model::{DesiredState, FrontendKey, FrontendType, ServicePortName};
+use crate::state::ChangeCounts;
+
+/// What `/proxyMode` answers (kube-proxy answers `iptables`, `ipvs` or `nftables`).
+pub const PROXY_MODE: &str = "ebpf";
+
+type Labels = Vec<(String, String)>;
+
+/// kube-proxy's metrics, updated by the event loop as it syncs.
+pub struct KubeProxyMetrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub network_programming: Histogram,
+    last_synced: Gauge<f64, std::sync::atomic::AtomicU64>,
+    last_queued: Gauge<f64, std::sync::atomic::AtomicU64>,
+    endpoint_changes: Counter,
+    endpoint_changes_pending: Gauge,
+    service_changes: Counter,
+    service_changes_pending: Gauge,
+    no_local_endpoints: Family<Labels, Gauge>,
+    pub healthz: Family<Labels, Counter>,
+    pub livez: Family<Labels, Counter>,
+}
+
+fn seconds_since_epoch(time: SystemTime) -> f64 {
+    time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+impl Default for KubeProxyMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        // kube-proxy's buckets: 1 ms doubling to 16 s; network programming 0.25 s to 5 min.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let network_programming = Histogram::new(
+            linear_buckets(0.25, 0.25, 2)
+                .chain(linear_buckets(1.0, 1.0, 59))
+                .chain(linear_buckets(60.0, 5.0, 12))
+                .chain(linear_buckets(120.0, 30.0, 7)),
+        );
+        let metrics = Self {
+            registry: Registry::default(),
+            sync_duration,
+            network_programming,
+            last_synced: Gauge::default(),
+            last_queued: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            endpoint_changes_pending: Gauge::default(),
+            service_changes: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
+        };
+        // Counters get their `_total` suffix from the registry.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            metrics.network_programming.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            metrics.last_synced.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            metrics.last_queued.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            metrics.endpoint_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            metrics.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            metrics.service_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            metrics.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints",
+            "Number of services with a Local traffic policy and no endpoints",
+            metrics.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            metrics.healthz.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            metrics.livez.clone(),
+        );
+        Self { registry, ..metrics }
+    }
+}
+
+impl KubeProxyMetrics {
+    /// Changes were taken in and a sync queued.
+    pub fn queued(&self, counts: &ChangeCounts, now: SystemTime) {
+        self.service_changes.inc_by(counts.services);
+        self.endpoint_changes.inc_by(counts.endpoints);
+        self.service_changes_pending.inc_by(counts.services as i64);
+        self.endpoint_changes_pending.inc_by(counts.endpoints as i64);
+        self.last_queued.set(seconds_since_epoch(now));
+    }
+
+    /// A sync ended; `trigger_times` are those of the endpoints changes it programmed.
+    pub fn synced(&self, elapsed: Duration, succeeded: bool, trigger_times: &[SystemTime], now: SystemTime) {
+        self.sync_duration.observe(elapsed.as_secs_f64());
+        self.service_changes_pending.set(0);
+        self.endpoint_changes_pending.set(0);
+        if succeeded {
+            self.last_synced.set(seconds_since_epoch(now));
+            for trigger in trigger_times {
+                // A trigger time ahead of this node's clock (skew) counts as no delay.
+                let latency = now.duration_since(*trigger).unwrap_or_default();
+                self.network_programming.observe(latency.as_secs_f64());
+            }
+        }
+    }
+
+    /// Service ports with a Local traffic policy and no endpoint on this node, by policy
+    /// (`internal`, `external`).
+    pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
+        for (policy, count) in [("internal", internal), ("external", external)] {
+            self.no_local_endpoints
+                .get_or_create(&vec![("traffic_policy".to_string(), policy.to_string())])
+                .set(count as i64);
+        }
+    }
+
+    pub fn count_health_answer(family: &Family<Labels, Counter>, status: StatusCode) {
+        family.get_or_create(&vec![("code".to_string(), status.as_u16().to_string())]).inc();
+    }
+}
+
+/// How full the maps are, as the reconciler knows them (reading a hash map's size from the
+/// kernel would mean walking it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MapUsage {
+    pub service_entries: usize,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+/// A scrape's question to the event loop.
+pub type UsageRequest = oneshot::Sender<MapUsage>;
+
+#[derive(Clone)]
+pub struct MetricsState {
+    pub kube_proxy: Arc<KubeProxyMetrics>,
+    bpf_dir: PathBuf,
+    capacity: Capacity,
+    usage: mpsc::Sender<UsageRequest>,
+}
+
+/// `lb_*` metrics as of now.
+async fn lb_registry(state: &MetricsState) -> Registry {
+    let mut registry = Registry::default();
+    let (reply, answer) = oneshot::channel();
+    let usage = match state.usage.send(reply).await {
+        Ok(()) => answer.await.ok(),
+        Err(_) => None,
+    };
+    let bpf_dir = state.bpf_dir.clone();
+    let read = tokio::task::spawn_blocking(move || read_datapath(&bpf_dir)).await;
+    let datapath = match read {
+        Ok(Ok(datapath)) => Some(datapath),
+        Ok(Err(error)) => {
+            tracing::warn!("metrics: reading the data path's counters: {error}");
+            None
+        }
+        Err(error) => {
+            tracing::warn!("metrics: reading the data path's counters: {error}");
+            None
+        }
+    };
+
+    if let Some(usage) = usage {
+        let entries = Family::<Labels, Gauge>::default();
+        let capacity = Family::<Labels, Gauge>::default();
+        let map = |name: &str| vec![("map".to_string(), name.to_string())];
+        for (name, used, size) in [
+            (lb_common::map_names::SERVICES, usage.service_entries, state.capacity.service_slots),
+            (lb_common::map_names::SERVICE_META, usage.frontends, state.capacity.frontends),
+            (lb_common::map_names::BACKENDS, usage.backends, state.capacity.backends),
+        ] {
+            entries.get_or_create(&map(name)).set(used as i64);
+            capacity.get_or_create(&map(name)).set(i64::from(size));
+        }
+        if let Some(datapath) = &datapath {
+            let flows = |name| datapath.stats.get(name).copied().unwrap_or(0) as i64;
+            entries.get_or_create(&map(lb_common::map_names::CONNTRACK)).set(flows("conntrack_entries"));
+            capacity.get_or_create(&map(lb_common::map_names::CONNTRACK)).set(flows("conntrack_capacity"));
+        }
+        registry.register("lb_map_entries", "Entries in each of lb's BPF maps", entries);
+        registry.register(
+            "lb_map_capacity",
+            "Capacity of each of lb's BPF maps (its --max-* flag)",
+            capacity,
+        );
+    }
+
+    if let Some(datapath) = datapath {
+        let verdicts = Family::<Labels, Counter>::default();
+        let drops = Family::<Labels, Counter>::default();
+        for (name, value) in &datapath.counters {
+            if *name == "packets" {
+                continue;
+            }
+            verdicts.get_or_create(&vec![("counter".to_string(), name.to_string())]).inc_by(*value);
+            if let Some(reason) = name.strip_prefix("drop_") {
+                drops.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc_by(*value);
+            }
+        }
+        registry.register(
+            "lb_datapath_events",
+            "Packets by verdict and data-path events, by counter (lb counters names them)",
+            verdicts,
+        );
+        registry.register("lb_datapath_drops", "Packets the data path dropped, by reason", drops);
+        let packets = Family::<Labels, Counter>::default();
+        let bytes = Family::<Labels, Counter>::default();
+        let flows = Family::<Labels, Counter>::default();
+        for ((service, kind), traffic) in &datapath.services {
+            let labels = |direction: Option<&str>| {
+                let mut labels =
+                    vec![("service".to_string(), service.clone()), ("type".to_string(), kind.clone())];
+                if let Some(direction) = direction {
+                    labels.push(("direction".to_string(), direction.to_string()));
+                }
+                labels
+            };
+            packets.get_or_create(&labels(Some("request"))).inc_by(traffic.packets);
+            packets.get_or_create(&labels(Some("reply"))).inc_by(traffic.reply_packets);
+            bytes.get_or_create(&labels(Some("request"))).inc_by(traffic.bytes);
+            bytes.get_or_create(&labels(Some("reply"))).inc_by(traffic.reply_bytes);
+            flows.get_or_create(&labels(None)).inc_by(traffic.new_flows);
+        }
+        registry.register(
+            "lb_service_packets",
+            "Packets translated for a Service port's frontends of one type, by direction",
+            packets,
+        );
+        registry.register(
+            "lb_service_bytes",
+            "Bytes (whole frames) translated for a Service port's frontends of one type, by direction",
+            bytes,
+        );
+        registry.register(
+            "lb_service_new_flows",
+            "Flows given a backend by a Service port's frontends of one type (connections, UDP flows)",
+            flows,
+        );
+    }
+    registry
+}
+
+/// What the pinned maps say, for one scrape.
+struct DatapathReading {
+    counters: Vec<(&'static str, u64)>,
+    stats: BTreeMap<&'static str, u64>,
+    /// (Service port, frontend type) -> traffic, summed over the frontends of that type.
+    services: BTreeMap<(String, String), lb_common::ServiceTraffic>,
+}
+
+fn read_datapath(bpf_dir: &std::path::Path) -> anyhow::Result<DatapathReading> {
+    let counters = datapath::read_counters(bpf_dir)?;
+    let stats = datapath::read_stats(bpf_dir)?.into_iter().collect();
+    let traffic = datapath::read_service_traffic(bpf_dir)?;
+    let mut services: BTreeMap<(String, String), lb_common::ServiceTraffic> = BTreeMap::new();
+    if !traffic.is_empty() {
+        let names = BpfMaps::from_pins(bpf_dir)?.service_names(traffic.keys().copied())?;
+        for (id, counts) in traffic {
+            // A frontend removed since its last packet has no name left: its series ends.
+            let Some((kind, name)) = names.get(&id) else { continue };
+            let kind = FrontendType::from_code(*kind).map_or_else(|| "?".to_string(), |k| k.to_string());
+            services.entry((name.clone(), kind)).or_default().add(&counts);
+        }
+    }
+    Ok(DatapathReading { counters, stats, services })
+}
+
+async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
+    let lb = lb_registry(&state).await;
+    let mut text = String::new();
+    let encoded = encode_registry(&mut text, &state.kube_proxy.registry)
+        .and_then(|()| encode_registry(&mut text, &lb))
+        .and_then(|()| encode_eof(&mut text));
+    match encoded {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "encoding the metrics failed\n".to_string(),
+        ),
+    }
+}
+
+pub fn router(state: MetricsState) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/proxyMode", get(|| async { PROXY_MODE }))
+        .with_state(state)
+}
+
+/// Binds now (a taken port is a start-up error) and serves in the background. The returned
+/// receiver carries the scrapes' questions about map usage, which the event loop answers.
+pub async fn serve(
+    address: SocketAddr,
+    kube_proxy: Arc<KubeProxyMetrics>,
+    bpf_dir: PathBuf,
+    capacity: Capacity,
+) -> anyhow::Result<mpsc::Receiver<UsageRequest>> {
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        anyhow::anyhow!("binding the metrics server to {address} (--metrics-bind-address): {e}")
+    })?;
+    let (usage, requests) = mpsc::channel(4);
+    let state = MetricsState { kube_proxy, bpf_dir, capacity, usage };
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router(state)).await {
+            tracing::error!(%error, "metrics server stopped");
+        }
+    });
+    Ok(requests)
+}
+
+/// The frontends with a Local traffic policy and no endpoint on this node (while the Service
+/// has endpoints elsewhere), kept up to date a sync's frontends at a time.
+#[derive(Debug, Default)]
+pub struct NoLocalEndpoints {
+    /// Frontend -> its Service port, and whether its policy is the external one.
+    frontends: BTreeMap<FrontendKey, (ServicePortName, bool)>,
+}
+
+impl NoLocalEndpoints {
+    /// Looks again at `keys` (every frontend on a first sync).
+    pub fn update<'a>(&mut self, desired: &DesiredState, keys: impl IntoIterator<Item = &'a FrontendKey>) {
+        for key in keys {
+            self.frontends.remove(key);
+            if let Some(frontend) = desired.frontends.get(key)
+                && frontend.policy.local
+                && frontend.policy.drop_when_empty
+                && frontend.backends.is_empty()
+            {
+                let external = frontend.frontend_type.is_external();
+                self.frontends.insert(*key, (frontend.service.clone(), external));
+            }
+        }
+    }
+
+    /// Distinct Service ports: (internal policy, external policy), as kube-proxy counts them.
+    pub fn counts(&self) -> (usize, usize) {
+        let mut internal = std::collections::BTreeSet::new();
+        let mut external = std::collections::BTreeSet::new();
+        for (service, is_external) in self.frontends.values() {
+            if *is_external { &mut external } else { &mut internal }.insert(service);
+        }
+        (internal.len(), external.len())
+    }
+}
