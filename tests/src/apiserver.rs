@@ -2,7 +2,8 @@
 //! Endpoints and Nodes over the real wire protocol (JSON lists with resourceVersions, chunked
 //! watch streams of ADDED/MODIFIED/DELETED, BOOKMARK events, `410 Gone` for a compacted
 //! resourceVersion, connections the server drops), so the real kube-rs client can be pointed
-//! at it through a kubeconfig.
+//! at it through a kubeconfig. Events (`events.k8s.io/v1`) posted or patched are kept for the
+//! test to read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::channel::mpsc;
 use serde_json::{Value, json};
@@ -89,6 +90,8 @@ struct Store {
     log: Vec<WatchEvent>,
     lists: BTreeMap<Kind, usize>,
     watches: BTreeMap<Kind, usize>,
+    /// Events as created, then as last patched, by namespace and name.
+    recorded_events: BTreeMap<(String, String), Value>,
 }
 
 #[derive(Clone, Debug)]
@@ -249,6 +252,11 @@ current-context: fake
     }
 
     /// How many list and watch requests each kind has had.
+    /// The events lb recorded, as last written.
+    pub fn recorded_events(&self) -> Vec<Value> {
+        self.shared.store.lock().unwrap().recorded_events.values().cloned().collect()
+    }
+
     pub fn requests(&self, kind: Kind) -> (usize, usize) {
         let store = self.shared.store.lock().unwrap();
         (store.lists.get(&kind).copied().unwrap_or(0), store.watches.get(&kind).copied().unwrap_or(0))
@@ -303,10 +311,43 @@ fn line(value: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(text))
 }
 
+/// `POST /apis/events.k8s.io/v1/namespaces/NS/events` and `PATCH .../events/NAME` (a merge
+/// patch of an event series): kept, and answered with the event.
+fn record_event(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Option<Response> {
+    let rest = path.strip_prefix("/apis/events.k8s.io/v1/namespaces/")?;
+    let (namespace, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("events")?;
+    let Ok(event) = serde_json::from_slice::<Value>(body) else {
+        return Some(
+            (StatusCode::BAD_REQUEST, axum::Json(status(400, "BadRequest", "not JSON"))).into_response(),
+        );
+    };
+    let mut store = shared.store.lock().unwrap();
+    let name = match (method, rest.strip_prefix('/')) {
+        (&Method::POST, None) => event["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        (&Method::PATCH, Some(name)) => name.to_string(),
+        _ => return None,
+    };
+    let key = (namespace.to_string(), name);
+    let merged = match (store.recorded_events.remove(&key), method) {
+        (Some(mut old), &Method::PATCH) => {
+            if let (Some(old), Some(new)) = (old.as_object_mut(), event.as_object()) {
+                old.extend(new.clone());
+            }
+            old
+        }
+        _ => event,
+    };
+    store.recorded_events.insert(key, merged.clone());
+    Some((StatusCode::CREATED, axum::Json(merged)).into_response())
+}
+
 async fn handle(
     State(shared): State<Shared>,
+    method: Method,
     uri: Uri,
     Query(query): Query<BTreeMap<String, String>>,
+    body: Bytes,
 ) -> Response {
     if shared.down.load(std::sync::atomic::Ordering::SeqCst) {
         return (
@@ -322,6 +363,9 @@ async fn handle(
             "compiler": "gc", "platform": "linux/amd64"
         }))
         .into_response();
+    }
+    if let Some(response) = record_event(&shared, &method, uri.path(), &body) {
+        return response;
     }
     let Some(kind) = Kind::from_path(uri.path()) else {
         return (

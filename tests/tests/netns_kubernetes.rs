@@ -119,6 +119,45 @@ fn services_from_the_api_server_reach_the_kernel() {
     server.apply_yaml(&slice(false));
     pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s) == Some(1)).unwrap();
     assert_eq!(pg.http_requests(SocketAddrV4::new(VIP, 80), 1).unwrap()[0].as_ref().unwrap().pod, "pod-a");
+
+    // What lb cannot program is told on the object, as a Kubernetes Event: a Service asking for
+    // web's ClusterIP, and one with a field lb cannot use.
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: squatter}}\nspec: {{clusterIP: {VIP}, ports: [{{port: 80}}]}}\n"
+    ));
+    server.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The conflict is told on the Service that lost the address (lb keeps one owner per address).
+    let event = |names: &[&str], reason: &str| {
+        server
+            .recorded_events()
+            .into_iter()
+            .find(|e| names.iter().any(|name| e["regarding"]["name"] == *name) && e["reason"] == reason)
+    };
+    while (event(&["squatter", "web"], "LbFrontendConflict").is_none()
+        || event(&["broken"], "LbInvalidObject").is_none())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conflict = event(&["squatter", "web"], "LbFrontendConflict")
+        .unwrap_or_else(|| panic!("no conflict event: {:?}\n{}", server.recorded_events(), pg.lb_log()));
+    assert_eq!(conflict["type"], "Warning");
+    assert_eq!(conflict["regarding"]["kind"], "Service");
+    assert_eq!(conflict["reportingController"], "lb");
+    let note = conflict["note"].as_str().unwrap();
+    assert!(note.contains("is already used by Service default/"), "{conflict}");
+    let invalid = event(&["broken"], "LbInvalidObject").expect("an event on the invalid Service");
+    assert!(invalid["note"].as_str().unwrap().contains("10.96.0.300"), "{invalid}");
+    // The same problem again within a minute is not reported again.
+    let count = server.recorded_events().len();
+    server.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, labels: {again: \"1\"}}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.recorded_events().len(), count, "{:?}", server.recorded_events());
     assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
 }
 

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use crate::convert::{EndpointsSource, ProxyConfig};
+use crate::daemon::events::{self, ServiceEvents};
 use crate::daemon::health::{self, SharedHealth};
 use crate::daemon::health_check::HealthCheckServers;
 use crate::daemon::metrics::{self, KubeProxyMetrics, MapUsage, NoLocalEndpoints};
@@ -81,6 +82,7 @@ enum Source {
         events: mpsc::UnboundedReceiver<ClusterEvent>,
         endpoints_source: EndpointsSource,
         status: Arc<kube_source::WatchStatus>,
+        client: kube::Client,
     },
 }
 
@@ -90,7 +92,7 @@ impl Source {
         match &options.source {
             SourceOptions::Manifests { dir, cluster_ip_range, state_file } => {
                 let mut sink = |change, file: &std::path::Path| {
-                    take_one(pipeline, change, || Some(file.display().to_string()))
+                    let _ = take_one(pipeline, change, || Some(file.display().to_string()));
                 };
                 let source = ManifestSource::start(dir, *cluster_ip_range, state_file, &mut sink)?;
                 Ok(Source::Manifests(source))
@@ -98,12 +100,13 @@ impl Source {
             SourceOptions::Kubernetes { kubeconfig } => {
                 let client = kube_source::client(kubeconfig.as_deref()).await?;
                 let (tx, events) = mpsc::unbounded_channel();
-                let status = kube_source::spawn_watchers(client, &options.proxy, tx);
+                let status = kube_source::spawn_watchers(client.clone(), &options.proxy, tx);
                 Ok(Source::Kubernetes {
                     store: ClusterStore::default(),
                     events,
                     endpoints_source: options.proxy.endpoints_source,
                     status,
+                    client,
                 })
             }
         }
@@ -293,6 +296,8 @@ struct SyncContext<'a> {
     stats: &'a mut conntrack::Stats,
     metrics: &'a KubeProxyMetrics,
     no_local: &'a mut NoLocalEndpoints,
+    /// Kubernetes Events on what cannot be programmed (with the API server as the source).
+    events: Option<&'a mut ServiceEvents>,
     /// Trigger times of the endpoints changes this sync programs.
     trigger_times: Vec<SystemTime>,
 }
@@ -312,7 +317,12 @@ fn sync(
     context.metrics.queued(&counts, SystemTime::now());
     context.trigger_times.extend(counts.trigger_times);
     let changes = pipeline.take_changes();
-    changes.errors.iter().for_each(|error| tracing::error!("{error}"));
+    for error in &changes.errors {
+        tracing::error!("{error}");
+        if let Some(events) = context.events.as_deref_mut() {
+            events.object_error(error, events::reason::CONFLICT);
+        }
+    }
     let desired = pipeline.table().desired();
     context.collector.maps_changing();
     let report = if first {
@@ -330,7 +340,12 @@ fn sync(
         context.collector.update(policy_changes(desired, reconciler, &changes.frontends, &old_ids));
         report
     };
-    report.errors.iter().for_each(|error| tracing::error!("{error}"));
+    for error in &report.errors {
+        tracing::error!("{error}");
+        if let Some(events) = context.events.as_deref_mut() {
+            events.reconcile_error(error);
+        }
+    }
     let changed = report.programmed + report.removed + report.errors.len() > 0;
     context.stats.set(lb_common::stats::FRONTENDS_REFUSED, report.refused as u64);
     macro_rules! synced {
@@ -501,6 +516,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
     let mut no_local = NoLocalEndpoints::default();
+    let mut service_events = match &source {
+        Source::Kubernetes { client, .. } => {
+            Some(ServiceEvents::start(client.clone(), options.proxy.node_name.clone()))
+        }
+        Source::Manifests(_) => None,
+    };
     let mut trigger_times = Vec::new();
 
     let mut health_checks = HealthCheckServers::default();
@@ -560,7 +581,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             // Changes first: a repair step or a resync never delays one for long.
             biased;
             changes = source.changed() => {
-                take_in(&mut pipeline, &source, changes?);
+                take_in(&mut pipeline, &source, changes?, service_events.as_mut());
                 let counts = pipeline.take_change_counts();
                 kube_proxy_metrics.queued(&counts, SystemTime::now());
                 trigger_times.extend(counts.trigger_times);
@@ -578,6 +599,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     metrics: &kube_proxy_metrics,
                     no_local: &mut no_local,
                     trigger_times: std::mem::take(&mut trigger_times),
+                    events: service_events.as_mut(),
                 };
                 if sync(&mut pipeline, &mut reconciler, &mut context, !synced_once) {
                     health_checks.sync(&pipeline.table().desired().health_checks).await;
@@ -666,20 +688,34 @@ pub async fn run(options: RunOptions) -> Result<()> {
 }
 
 /// Takes changes into the pipeline; an object it cannot use is reported with where it came from.
-fn take_in(pipeline: &mut Pipeline, source: &Source, changes: Vec<ObjectChange>) {
+fn take_in(
+    pipeline: &mut Pipeline,
+    source: &Source,
+    changes: Vec<ObjectChange>,
+    mut events: Option<&mut ServiceEvents>,
+) {
     for change in changes {
         let key = change.key();
-        take_one(pipeline, change, || source.origin(&key));
+        if let Some(error) = take_one(pipeline, change, || source.origin(&key))
+            && let Some(events) = events.as_deref_mut()
+        {
+            events.object_error(&error, events::reason::INVALID);
+        }
     }
 }
 
-fn take_one(pipeline: &mut Pipeline, change: ObjectChange, origin: impl FnOnce() -> Option<String>) {
-    if let Err(error) = pipeline.apply(change) {
-        match origin() {
-            Some(origin) => tracing::error!("{origin}: {error}"),
-            None => tracing::error!("{error}"),
-        }
+/// Takes one change; returns the error an object it cannot use gave (after logging it).
+fn take_one(
+    pipeline: &mut Pipeline,
+    change: ObjectChange,
+    origin: impl FnOnce() -> Option<String>,
+) -> Option<crate::model::ObjectError> {
+    let error = pipeline.apply(change).err()?;
+    match origin() {
+        Some(origin) => tracing::error!("{origin}: {error}"),
+        None => tracing::error!("{error}"),
     }
+    Some(error)
 }
 
 /// Attaches to every selected interface present now and forgets vanished ones; a failure on
