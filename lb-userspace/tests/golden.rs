@@ -2,14 +2,20 @@
 //!
 //! Each `testdata/<case>.yaml` is read as the only file of a manifest directory, through the
 //! same source, pipeline and reconciler as `lb run` (in-memory maps); the result must equal
-//! `testdata/<case>.golden`. `UPDATE_GOLDEN=1` rewrites the golden files (review the diff
-//! before committing).
+//! `testdata/<case>.golden`: the maps' contents, then what the CLI prints of them (`lb services`,
+//! `lb endpoints`, and `lb explain` of a new flow from an in-cluster client to each frontend).
+//! `UPDATE_GOLDEN=1` rewrites the golden files (review the diff before committing).
 
 use std::path::{Path, PathBuf};
 
 use lb_userspace::convert::{EndpointsSource, ProxyConfig};
 use lb_userspace::dataplane::in_memory::InMemoryMaps;
-use lb_userspace::dataplane::reconcile::{Reconciler, render_snapshot};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_userspace::dataplane::maps::MapsSnapshot;
+use lb_userspace::dataplane::reconcile::{ProgrammedState, Reconciler, render_snapshot};
+use lb_userspace::dataplane::{explain, status};
+use lb_userspace::model::Protocol;
 use lb_userspace::source::cluster_ip::ClusterIpAllocator;
 use lb_userspace::source::manifests::ManifestObjects;
 use lb_userspace::state::pipeline::{OnInvalid, Pipeline};
@@ -75,6 +81,31 @@ fn render_case(yaml: &Path) -> String {
             "health check {port}: {}/{} local_endpoints={}\n",
             check.namespace, check.name, check.local_endpoints
         );
+    }
+    out + &render_cli(&reconciler.maps().contents)
+}
+
+/// What `lb services`, `lb endpoints` and `lb explain` print for these maps.
+fn render_cli(snapshot: &MapsSnapshot) -> String {
+    let mut out = String::from("\n$ lb services\n");
+    out += &status::services_table(snapshot);
+    out += "\n$ lb endpoints\n";
+    let endpoints = status::service_endpoints(&ProgrammedState::from_snapshot(snapshot));
+    out += &status::endpoints_table(endpoints.values(), true, false);
+    let facts = explain::FlowFacts {
+        maglev_table_size: lb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE,
+        snat_address: Some(Ipv4Addr::new(192, 168, 0, 1)),
+        ..Default::default()
+    };
+    let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000);
+    for key in
+        snapshot.services.keys().filter(|k| k.backend_slot == 0 && k.scope == lb_common::scope::EXTERNAL)
+    {
+        let Some(protocol) = Protocol::from_number(key.protocol) else { continue };
+        let destination = SocketAddrV4::new(key.address(), key.port());
+        let query = explain::Query { source: client, destination, protocol, external: false };
+        out += &format!("\n$ lb explain {client} {destination}/{protocol}\n");
+        out += &explain::render(&explain::explain(&query, snapshot, &facts));
     }
     out
 }

@@ -374,7 +374,7 @@ winkernel:
         assert_eq!(config.metrics_bind_address.as_deref(), Some("127.0.0.1:10249"));
         assert_eq!(config.nodeport_addresses, Some(vec!["10.0.0.0/8".parse().unwrap()]));
         assert_eq!(config.hostname_override, None);
-        for named in ["clusterCIDR", "ipvs", "mode", "winkernel", "bindAddress", "conntrack.maxPerCore"] {
+        for named in ["clusterCIDR", "ipvs", "mode", "winkernel", "bindAddress", "conntrack.tcpBeLiberal"] {
             assert!(
                 config.ignored.iter().any(|i| i == named || i.starts_with(&format!("{named}."))),
                 "{named}: {:?}",

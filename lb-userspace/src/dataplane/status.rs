@@ -270,3 +270,28 @@ pub fn stats_table(services: &[ServiceStats], counters: &[(&str, u64)]) -> Strin
     out += &columns(&rows);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn ages_and_endpoint_cells_read_as_kubectl_prints_them() {
+        let age = |s: u64| kubectl_age(Duration::from_secs(s));
+        assert_eq!(
+            [age(45), age(192), age(600), age(2 * 3600 + 5 * 60), age(5 * 3600 + 3 * 60), age(30 * 3600)],
+            ["45s", "3m12s", "10m", "125m", "5h3m", "30h"]
+        );
+        assert_eq!(
+            [age(3 * 86_400 + 4 * 3600), age(20 * 86_400), age(3 * 365 * 86_400 + 12 * 86_400)],
+            ["3d4h", "20d", "3y12d"]
+        );
+        let endpoints: Vec<String> = (1..=5).map(|i| format!("10.0.0.{i}:80")).collect();
+        assert_eq!(endpoints_cell(&endpoints, false), "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80 + 2 more...");
+        assert_eq!(endpoints_cell(&endpoints[..3], false), "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80");
+        assert_eq!(endpoints_cell(&endpoints, true).split(',').count(), 5);
+        assert_eq!(endpoints_cell(&[], false), "<none>");
+    }
+}
