@@ -755,7 +755,7 @@ fn endpoints(
                 OutputFormat::Json => println!("{}", serde_json::to_string(service)?),
                 _ => {
                     let row = status::endpoints_row(service, all_namespaces, wide, "<unknown>");
-                    println!("{}", row.join("   "));
+                    print!("{}", status::kubectl_columns(&[row]));
                 }
             }
         }

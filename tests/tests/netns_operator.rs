@@ -222,20 +222,16 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
         "{table}"
     );
 
-    // lb endpoints, as kubectl get endpoints prints them.
+    // lb endpoints, as kubectl get endpoints prints them (its tab writer: cells at least 10
+    // wide, 3 spaces of padding).
     let ready_pair = format!("{POD_A}:8080,{POD_B}:8080");
+    let width = ready_pair.len() + 3;
     assert_eq!(
         lb(&["endpoints", "default/web"], &pg),
-        format!(
-            "NAME  ENDPOINTS{}  AGE\nweb   {ready_pair}  <unknown>\n",
-            " ".repeat(ready_pair.len() - "ENDPOINTS".len())
-        ),
+        format!("NAME      {:width$}AGE\nweb       {ready_pair:width$}<unknown>\n", "ENDPOINTS"),
     );
     let all = lb(&["endpoints"], &pg);
-    assert!(
-        all.starts_with("NAMESPACE  NAME ") && all.contains(&format!("default    annotated  {POD_A}:8080 ")),
-        "{all}"
-    );
+    assert!(all.starts_with("NAMESPACE   NAME ") && all.contains(&format!("default     annotated   {POD_A}:8080 ")), "{all}");
 
     // --watch: a line when the endpoints go, and one when they come back.
     let mut watch = Command::new(lb_binary())
@@ -248,9 +244,9 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
     assert!(lines.next().unwrap().unwrap().starts_with("NAME "));
     assert!(lines.next().unwrap().unwrap().starts_with("web "));
     pg.write_manifest("pods.yaml", &pods(&[false, false])).unwrap();
-    assert_eq!(lines.next().unwrap().unwrap(), "web   <none>   <unknown>");
+    assert_eq!(lines.next().unwrap().unwrap(), "web       <none>    <unknown>");
     pg.write_manifest("pods.yaml", &pods(&[true, true])).unwrap();
-    assert_eq!(lines.next().unwrap().unwrap(), format!("web   {ready_pair}   <unknown>"));
+    assert_eq!(lines.next().unwrap().unwrap(), format!("web       {ready_pair}   <unknown>"));
     watch.kill().unwrap();
     watch.wait().unwrap();
 

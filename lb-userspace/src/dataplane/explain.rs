@@ -273,7 +273,8 @@ fn frontend_match(
     let meta = snapshot.service_meta.get(&value.service_id);
     let scope = match Scope::from_code(key.scope) {
         Some(Scope::Internal) => "in-cluster view (every endpoint: Local applies to external sources only)",
-        _ => "external",
+        _ if value.flags & service_flags::TWO_SCOPES != 0 => "external view (the traffic policy applies)",
+        _ => "every source sees the same endpoints",
     };
     Some(FrontendMatch {
         address: format!(

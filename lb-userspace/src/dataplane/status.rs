@@ -111,6 +111,26 @@ pub fn columns(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Lays out rows as kubectl's printer does (a tab writer with cells at least 10 wide and 3
+/// spaces of padding; the last column unpadded). `--watch` lines are laid out one at a time.
+pub fn kubectl_columns(rows: &[Vec<String>]) -> String {
+    let count = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..count)
+        .map(|col| rows.iter().filter_map(|r| r.get(col)).map(|c| (c.len() + 3).max(10)).max().unwrap_or(10))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        for (col, cell) in row.iter().enumerate() {
+            if col + 1 == row.len() {
+                let _ = writeln!(out, "{cell}");
+            } else {
+                let _ = write!(out, "{cell:width$}", width = widths[col]);
+            }
+        }
+    }
+    out
+}
+
 /// A Service's programmed endpoints, as `lb endpoints` shows them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ServiceEndpoints {
@@ -190,7 +210,7 @@ pub fn endpoints_table<'a>(
     for service in services {
         rows.push(endpoints_row(service, all_namespaces, wide, "<unknown>"));
     }
-    columns(&rows)
+    kubectl_columns(&rows)
 }
 
 /// One row of `lb endpoints` (also what `--watch` prints for a change).

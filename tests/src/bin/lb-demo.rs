@@ -34,18 +34,41 @@ fn main() -> Result<()> {
     pg.start_lb()?;
     pg.wait_for_maps(Duration::from_secs(10), |s| backend_count(s) == Some(pods.len() as u16))?;
     println!("\n$ lb services\n{}", pg.services_table()?);
+    println!("$ lb endpoints default/alpaca-prod\n{}", lb(&pg, &["endpoints", "default/alpaca-prod"])?);
+    let manifests = pg.manifests.display().to_string();
+    let explain = ["explain", "10.0.0.2:40000", "10.96.0.80:80/TCP", "--manifests", manifests.as_str()];
+    println!("$ lb explain 10.0.0.2:40000 10.96.0.80:80/TCP --manifests ...\n{}", lb(&pg, &explain)?);
 
     let target = SocketAddrV4::new(CLUSTER_IP, 80);
     println!("== {REQUESTS} HTTP requests from the client pod to http://{target}/");
     print_spread(&pg, target)?;
 
     let (removed, _) = pods.last().context("no pods in the example")?.clone();
+    // What an operator watching the Service sees, as with kubectl get endpoints --watch.
+    let mut watch = std::process::Command::new(tests::lb_binary())
+        .args(["endpoints", "default/alpaca-prod", "--watch", "--bpf-dir"])
+        .arg(&pg.bpf_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let watch_output = watch.stdout.take().context("watch output")?;
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(watch_output).lines().map_while(Result::ok).collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
     println!("\n== Pod {removed} goes away: its endpoint leaves the EndpointSlice");
     pg.write_manifest("alpaca-prod.yaml", &without_endpoint(&manifest, &removed)?)?;
     let took =
         pg.wait_for_maps(Duration::from_secs(2), |s| backend_count(s) == Some(pods.len() as u16 - 1))?;
     pg.remove_pod(&removed);
     println!("   lb reprogrammed the maps {:.1} ms after the file changed", took.as_secs_f64() * 1000.0);
+    std::thread::sleep(Duration::from_millis(1200));
+    watch.kill()?;
+    watch.wait()?;
+    println!("\n$ lb endpoints default/alpaca-prod --watch");
+    for line in lines.join().map_err(|_| anyhow::anyhow!("the watch reader panicked"))? {
+        println!("{line}");
+    }
     println!("\n$ lb services\n{}", pg.services_table()?);
     println!("== {REQUESTS} more requests to http://{target}/");
     print_spread(&pg, target)?;
@@ -108,4 +131,17 @@ fn without_endpoint(manifest: &str, pod: &str) -> Result<String> {
         out += &serde_yaml_ng::to_string(&value)?;
     }
     Ok(out)
+}
+
+/// Runs an `lb` inspection command on the playground's maps.
+fn lb(pg: &Playground, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(tests::lb_binary())
+        .args(args)
+        .arg("--bpf-dir")
+        .arg(&pg.bpf_dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("lb {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
