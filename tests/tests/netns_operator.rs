@@ -124,7 +124,31 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
     pg.write_manifest("pods.yaml", &pods(&[true, true])).unwrap();
     let trigger = k8s_openapi::jiff::Timestamp::try_from(SystemTime::now() - Duration::from_secs(3)).unwrap();
     pg.write_manifest("annotated.yaml", &annotated(&trigger.to_string())).unwrap();
-    pg.start_lb().unwrap();
+    // kube-proxy's configuration file: its metrics address is taken, its health address loses
+    // to the flag, settings lb has no use for are named, and the log is JSON.
+    let config = pg.work_dir().join("kube-proxy.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: ipvs
+clusterCIDR: 10.244.0.0/16
+metricsBindAddress: 127.0.0.1:10259
+healthzBindAddress: 0.0.0.0:10266
+logging: {format: json}
+",
+    )
+    .unwrap();
+    let manifests = pg.manifests.clone();
+    pg.start_lb_with(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--healthz-bind-address".as_ref(),
+        "127.0.0.1:10256".as_ref(),
+    ])
+    .unwrap();
     pg.wait_for_maps(Duration::from_secs(10), |s| {
         s.services
             .iter()
@@ -137,7 +161,7 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
     let answers = pg.http_requests(VIP, CONNECTIONS).unwrap();
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
 
-    let (code, metrics) = get(&pg, "127.0.0.1:10249", "/metrics");
+    let (code, metrics) = get(&pg, "127.0.0.1:10259", "/metrics");
     assert_eq!(code, 200, "{metrics}");
     let web = "service=\"default/web:http\",type=\"ClusterIP\"";
     assert_eq!(
@@ -179,7 +203,7 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
         sample(&metrics, "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\"}"),
         Some(0.0)
     );
-    assert_eq!(get(&pg, "127.0.0.1:10249", "/proxyMode"), (200, "ebpf".to_string()));
+    assert_eq!(get(&pg, "127.0.0.1:10259", "/proxyMode"), (200, "ebpf".to_string()));
 
     // kube-proxy v1.36's health JSON.
     let (code, body) = get(&pg, "127.0.0.1:10256", "/healthz");
@@ -206,7 +230,7 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
         (200, &serde_json::json!(true), None),
         "{body}"
     );
-    let (_, metrics) = get(&pg, "127.0.0.1:10249", "/metrics");
+    let (_, metrics) = get(&pg, "127.0.0.1:10259", "/metrics");
     assert_eq!(sample(&metrics, "kubeproxy_proxy_healthz_total{code=\"200\"}"), Some(1.0), "{metrics}");
     assert_eq!(sample(&metrics, "kubeproxy_proxy_livez_total{code=\"200\"}"), Some(1.0));
 
@@ -231,7 +255,11 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
         format!("NAME      {:width$}AGE\nweb       {ready_pair:width$}<unknown>\n", "ENDPOINTS"),
     );
     let all = lb(&["endpoints"], &pg);
-    assert!(all.starts_with("NAMESPACE   NAME ") && all.contains(&format!("default     annotated   {POD_A}:8080 ")), "{all}");
+    assert!(
+        all.starts_with("NAMESPACE   NAME ")
+            && all.contains(&format!("default     annotated   {POD_A}:8080 ")),
+        "{all}"
+    );
 
     // --watch: a line when the endpoints go, and one when they come back.
     let mut watch = Command::new(lb_binary())
@@ -287,6 +315,15 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
     let nowhere = lb(&["explain", &query[0], "10.96.99.99:80/TCP"], &pg);
     assert!(nowhere.contains("no frontend at this address"), "{nowhere}");
     assert!(pg.stop_lb().unwrap(), "lb exits cleanly:\n{}", pg.lb_log());
+    let log = pg.lb_log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let ignored =
+        lines.iter().find(|l| l["message"] == "kube-proxy settings without a meaning for lb are ignored");
+    assert_eq!(ignored.map(|l| l["ignored"].as_str().unwrap()), Some("mode, clusterCIDR"), "{log}");
+    assert!(lines.iter().any(|l| l["message"] == "synced" && l["level"] == "INFO"), "{log}");
 }
 
 /// Starts `lb run` with `args` in the node namespace and waits for it to exit: (code, stderr).

@@ -74,7 +74,6 @@ pub struct RunOptions {
 /// How long an unused backend stays in the map (see `Reconciler::set_backend_grace`).
 const BACKEND_GRACE: Duration = Duration::from_secs(2);
 
-#[expect(clippy::large_enum_variant, reason = "one per process")]
 enum Source {
     Manifests(ManifestSource),
     Kubernetes {
@@ -289,6 +288,46 @@ fn policy_changes(
     changes
 }
 
+/// Error lines the loop would repeat (a frontend refused at every sync while its map is full, a
+/// conflict reported at each change of its Services): each distinct line is logged at most once
+/// a minute, with how many were held back since.
+#[derive(Default)]
+pub struct RepeatedErrors {
+    logged: std::collections::HashMap<String, (Instant, u64)>,
+}
+
+impl RepeatedErrors {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    pub fn error(&mut self, line: String) {
+        match self.admit(&line, Instant::now()) {
+            Some(0) => tracing::error!("{line}"),
+            Some(held) => tracing::error!(repeated = held, "{line}"),
+            None => {}
+        }
+    }
+
+    /// Whether `line` is logged now, and how many times it was held back before.
+    fn admit(&mut self, line: &str, now: Instant) -> Option<u64> {
+        self.logged.retain(|_, (at, _)| now.duration_since(*at) < 2 * Self::EVERY);
+        match self.logged.get_mut(line) {
+            Some((at, held)) if now.duration_since(*at) < Self::EVERY => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let repeated = *held;
+                (*at, *held) = (now, 0);
+                Some(repeated)
+            }
+            None => {
+                self.logged.insert(line.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// What a sync needs besides the pipeline and the reconciler.
 struct SyncContext<'a> {
     health: &'a SharedHealth,
@@ -298,6 +337,7 @@ struct SyncContext<'a> {
     no_local: &'a mut NoLocalEndpoints,
     /// Kubernetes Events on what cannot be programmed (with the API server as the source).
     events: Option<&'a mut ServiceEvents>,
+    errors: &'a mut RepeatedErrors,
     /// Trigger times of the endpoints changes this sync programs.
     trigger_times: Vec<SystemTime>,
 }
@@ -318,7 +358,7 @@ fn sync(
     context.trigger_times.extend(counts.trigger_times);
     let changes = pipeline.take_changes();
     for error in &changes.errors {
-        tracing::error!("{error}");
+        context.errors.error(error.to_string());
         if let Some(events) = context.events.as_deref_mut() {
             events.object_error(error, events::reason::CONFLICT);
         }
@@ -341,7 +381,7 @@ fn sync(
         report
     };
     for error in &report.errors {
-        tracing::error!("{error}");
+        context.errors.error(error.to_string());
         if let Some(events) = context.events.as_deref_mut() {
             events.reconcile_error(error);
         }
@@ -516,6 +556,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
     let mut no_local = NoLocalEndpoints::default();
+    let mut repeated_errors = RepeatedErrors::default();
     let mut service_events = match &source {
         Source::Kubernetes { client, .. } => {
             Some(ServiceEvents::start(client.clone(), options.proxy.node_name.clone()))
@@ -600,6 +641,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     no_local: &mut no_local,
                     trigger_times: std::mem::take(&mut trigger_times),
                     events: service_events.as_mut(),
+                    errors: &mut repeated_errors,
                 };
                 if sync(&mut pipeline, &mut reconciler, &mut context, !synced_once) {
                     health_checks.sync(&pipeline.table().desired().health_checks).await;
@@ -621,7 +663,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             () = release_due => {
                 release_at = None;
                 let report = reconciler.reconcile_frontends(pipeline.table().desired(), &BTreeSet::new());
-                report.errors.iter().for_each(|error| tracing::error!("{error}"));
+                report.errors.iter().for_each(|error| repeated_errors.error(error.to_string()));
                 if reconciler.release_waiting() {
                     release_at = Some(Instant::now() + BACKEND_GRACE / 4);
                 }
@@ -759,5 +801,25 @@ fn map_usage(reconciler: &Reconciler<BpfMaps>) -> MapUsage {
         service_entries: state.frontends.values().map(|f| 1 + f.slots.len()).sum(),
         frontends: state.frontends.len(),
         backends: state.backends.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_error_is_logged_once_a_minute_with_the_count_held_back() {
+        let mut errors = RepeatedErrors::default();
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        assert_eq!(errors.admit("map full", at(0)), Some(0));
+        assert_eq!(errors.admit("map full", at(1)), None);
+        assert_eq!(errors.admit("another", at(1)), Some(0), "each line on its own");
+        assert_eq!(errors.admit("map full", at(30)), None);
+        assert_eq!(errors.admit("map full", at(61)), Some(2));
+        assert_eq!(errors.admit("map full", at(62)), None);
+        // Quiet for long enough: forgotten, then logged as new.
+        assert_eq!(errors.admit("map full", at(300)), Some(0));
     }
 }
