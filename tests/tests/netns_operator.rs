@@ -204,6 +204,10 @@ logging: {format: json}
         Some(0.0)
     );
     assert_eq!(get(&pg, "127.0.0.1:10259", "/proxyMode"), (200, "ebpf".to_string()));
+    // The process metrics kube-proxy's dashboards chart.
+    assert!(sample(&metrics, "process_resident_memory_bytes").unwrap() > 1e6, "{metrics}");
+    assert!(sample(&metrics, "process_cpu_seconds_total").unwrap() > 0.0);
+    assert!(sample(&metrics, "process_start_time_seconds").unwrap() > 1.7e9);
 
     // kube-proxy v1.36's health JSON.
     let (code, body) = get(&pg, "127.0.0.1:10256", "/healthz");

@@ -198,9 +198,50 @@ pub struct MetricsState {
     usage: mpsc::Sender<UsageRequest>,
 }
 
+/// The standard `process_*` metrics (kube-proxy's dashboards chart its CPU and memory with them),
+/// from /proc.
+fn register_process_metrics(registry: &mut Registry) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+    // Fields after the command name (which may hold spaces), from field 3 (state) on.
+    let Some(fields) = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect::<Vec<_>>())
+    else {
+        return;
+    };
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    let boot_time = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let gauge = |value: f64| {
+        let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        gauge.set(value);
+        gauge
+    };
+    let cpu = prometheus_client::metrics::counter::Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    cpu.inc_by((field(14) + field(15)) / ticks);
+    registry.register("process_cpu_seconds", "Total user and system CPU time spent in seconds", cpu);
+    registry.register(
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes",
+        gauge(field(24) * page),
+    );
+    registry.register("process_virtual_memory_bytes", "Virtual memory size in bytes", gauge(field(23)));
+    registry.register(
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds",
+        gauge(boot_time + field(22) / ticks),
+    );
+    registry.register("process_open_fds", "Number of open file descriptors", gauge(open_fds as f64));
+}
+
 /// `lb_*` metrics as of now.
 async fn lb_registry(state: &MetricsState) -> Registry {
     let mut registry = Registry::default();
+    register_process_metrics(&mut registry);
     let (reply, answer) = oneshot::channel();
     let usage = match state.usage.send(reply).await {
         Ok(()) => answer.await.ok(),
