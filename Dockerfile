@@ -1,5 +1,7 @@
 # lb's image: built with the project's own toolchain bootstrap, shipped on a small base.
 #   docker build -t lb:0.1.0 .
+# This pulls its base images from a registry. Without one, `cargo xtask image` builds a static lb
+# into an image with no base, an OCI archive for `podman load -i`.
 FROM rust:1.95-bookworm AS build
 RUN rustup toolchain install nightly --profile minimal
 WORKDIR /src

@@ -29,6 +29,7 @@ fn main() -> Result<()> {
     };
     // aya-ebpf reads the architecture whose kernel structs (pt_regs, ...) it should use from here.
     let target_arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH is not set")?;
+    // Debug info is what bpf-linker turns into the BTF the kernel and aya read.
     let rustflags =
         [&format!("--cfg=bpf_target_arch=\"{target_arch}\""), "-Cdebuginfo=2", "-Clink-arg=--btf"];
     // Its own target dir: this cargo runs while the outer one holds the lock on the workspace's.

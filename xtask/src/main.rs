@@ -1,9 +1,11 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | image | test | demo | bench`.
 //!
 //! xtask depends on none of lb's crates: it has to run before the eBPF toolchain exists.
 
+mod image;
 mod setup;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -25,8 +27,15 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test: unit and golden tests, then (as root) BPF_PROG_TEST_RUN packet fixtures
-    /// and network-namespace traffic tests.
+    /// Build lb's container image without a registry: a static (musl) lb in an image with no
+    /// base, written as an OCI layout and an oci-archive tarball (`podman load -i`).
+    Image {
+        /// Where to write lb-VERSION.oci/ and lb-VERSION.oci.tar [default: target/image].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run every test: unit and golden tests, then (as root) BPF_PROG_TEST_RUN packet fixtures,
+    /// network-namespace traffic tests and the container image (built and run with podman).
     Test,
     /// Run the demo: alpaca-prod pods behind a ClusterIP in network namespaces (root).
     Demo,
@@ -50,6 +59,7 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)
         }
+        Task::Image { out } => image::image(&out.unwrap_or_else(|| workspace_root().join("target/image"))),
         Task::Test => test(),
         Task::Bench { quick } => {
             setup::setup()?;
@@ -152,8 +162,12 @@ fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(args);
     // Run from the workspace root whatever the caller's directory.
-    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    cmd.current_dir(workspace_root());
     cmd
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 /// Runs a command with inherited stdio and fails if it does not exit 0.

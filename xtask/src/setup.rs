@@ -126,8 +126,8 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// Installs Debian packages whose command is missing (`command`, `package` pairs): the public
-/// tools the benchmark compares lb with.
+/// Installs Debian packages whose command is missing (`command`, `package` pairs): the tools
+/// the benchmark compares lb with, musl-gcc and podman for the image.
 pub fn ensure_debian_packages(wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
