@@ -65,12 +65,16 @@ fn render_case(yaml: &Path) -> String {
             errors.push(label(format!("{file}: {error}")));
         }
     }
+    let warnings = pipeline.take_warnings();
     let changes = pipeline.take_changes();
     errors.extend(changes.errors.iter().map(ToString::to_string));
     let desired = pipeline.table().desired();
     let mut out = String::new();
     for error in &errors {
         out += &format!("error: {error}\n");
+    }
+    for warning in &warnings {
+        out += &format!("warning: {warning}\n");
     }
     let mut reconciler = Reconciler::restore(InMemoryMaps::default()).unwrap();
     let report = reconciler.reconcile(desired);

@@ -128,6 +128,9 @@ fn services_from_the_api_server_reach_the_kernel() {
     server.apply_yaml(
         "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
     );
+    server.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: signalling}\nspec: {clusterIP: 10.96.0.77, ports: [{name: m3ua, port: 2905, protocol: SCTP}]}\n",
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     // The conflict is told on the Service that lost the address (lb keeps one owner per address).
     let event = |names: &[&str], reason: &str| {
@@ -137,7 +140,8 @@ fn services_from_the_api_server_reach_the_kernel() {
             .find(|e| names.iter().any(|name| e["regarding"]["name"] == *name) && e["reason"] == reason)
     };
     while (event(&["squatter", "web"], "LbFrontendConflict").is_none()
-        || event(&["broken"], "LbInvalidObject").is_none())
+        || event(&["broken"], "LbInvalidObject").is_none()
+        || event(&["signalling"], "LbUnsupportedPort").is_none())
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(20));
@@ -150,6 +154,11 @@ fn services_from_the_api_server_reach_the_kernel() {
     let note = conflict["note"].as_str().unwrap();
     assert!(note.contains("is already used by Service default/"), "{conflict}");
     let invalid = event(&["broken"], "LbInvalidObject").expect("an event on the invalid Service");
+    let sctp = event(&["signalling"], "LbUnsupportedPort").expect("an event on the SCTP Service");
+    assert!(
+        sctp["note"].as_str().unwrap().contains("(2905/SCTP) is not served: lb does not translate SCTP"),
+        "{sctp}"
+    );
     assert!(invalid["note"].as_str().unwrap().contains("10.96.0.300"), "{invalid}");
     // The same problem again within a minute is not reported again.
     let count = server.recorded_events().len();
@@ -193,6 +202,15 @@ fn a_change_after_the_api_server_returns_reaches_the_maps_within_seconds() {
     assert_eq!(code, 200, "the data path serves: healthy ({body})");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(report["sourceStaleSince"].as_str().is_some_and(|t| !t.is_empty()), "{body}\n{}", pg.lb_log());
+    // The log says which API server cannot be reached, and that lb keeps trying.
+    let server_url = format!("http://{}", server.address);
+    assert!(
+        pg.lb_log()
+            .lines()
+            .any(|l| l.contains("cannot watch the API server; retrying") && l.contains(&server_url)),
+        "{}",
+        pg.lb_log()
+    );
 
     server.set_down(false);
     let back = Instant::now();

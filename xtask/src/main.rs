@@ -102,7 +102,7 @@ fn test() -> Result<()> {
     let unprivileged = run_tests(&mut cargo(&["test"]), &mut totals);
     let privileged = require_root("the data-path tests load BPF programs and create network namespaces")
         // The netns tests start the `lb` binary, which `cargo test -p tests` alone does not build.
-        .and_then(|()| run(&mut cargo(&["build", "--package", "lb-userspace", "--bins"])))
+        .and_then(|()| run_without_warnings(&mut cargo(&["build", "--package", "lb-userspace", "--bins"])))
         .and_then(|()| {
             eprintln!("xtask: packet fixtures and network-namespace tests (root, one at a time)");
             run_tests(&mut cargo(&["test", "--package", "tests", "--", "--test-threads=1"]), &mut totals)
@@ -168,6 +168,35 @@ fn cargo(args: &[&str]) -> Command {
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Runs a build, echoing what it prints, and fails if it fails or prints a `warning:` line:
+/// the build a newcomer sees is clean (in CI's clean checkout this covers the eBPF build too).
+fn run_without_warnings(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child =
+        cmd.stderr(std::process::Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let stderr = child.stderr.take().context("build stderr")?;
+    let mut warnings = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        eprintln!("{line}");
+        if line.trim_start().starts_with("warning") {
+            warnings.push(line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    if !warnings.is_empty() {
+        bail!(
+            "the build printed {} warning line(s); it must be clean:\n{}",
+            warnings.len(),
+            warnings.join("\n")
+        );
+    }
+    Ok(())
 }
 
 /// Runs a command with inherited stdio and fails if it does not exit 0.

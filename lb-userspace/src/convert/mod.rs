@@ -128,6 +128,8 @@ pub struct ServiceFrontends {
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP`'s timeout in seconds; 0 without affinity.
     pub affinity_timeout: u32,
+    /// Ports lb does not serve, and why (SCTP): reported as a warning on the Service.
+    pub unsupported: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +176,19 @@ fn object_error(kind: &'static str, namespace: &str, name: &str) -> impl Fn(Stri
 
 /// Checks a Service and extracts what its frontends need. `Ok(None)`: valid, but a Service
 /// lb does not translate (headless, ExternalName, no IPv4 ClusterIP).
+/// Why a port with a protocol lb does not translate is not served.
+fn unsupported_port(name: &str, number: u16, protocol: Option<&str>) -> String {
+    let protocol = protocol.unwrap_or("TCP");
+    let why = if protocol == "SCTP" {
+        "lb does not translate SCTP (its CRC32c checksum covers the ports and every chunk, so \
+         rewriting a port means recomputing it over the whole packet, which lb's data path does \
+         not do)"
+    } else {
+        "lb translates TCP and UDP only"
+    };
+    format!("port {name:?} ({number}/{protocol}) is not served: {why}")
+}
+
 pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, ObjectError> {
     let namespace = namespace_of(service.metadata.namespace.as_ref());
     let name = service.metadata.name.clone().unwrap_or_default();
@@ -210,6 +225,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     let mut ports = Vec::new();
+    let mut unsupported = Vec::new();
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let Some(number) = port_number(port.port) else {
@@ -222,7 +238,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
             })?),
         };
         let Some(protocol) = Protocol::from_kubernetes(port.protocol.as_deref()) else {
-            tracing::debug!(%namespace, %name, port = %port_name, protocol = ?port.protocol, "protocol not translated; port skipped");
+            unsupported.push(unsupported_port(&port_name, number, port.protocol.as_deref()));
             continue;
         };
         ports.push(ServicePortSpec { name: port_name, port: number, protocol, node_port });
@@ -310,6 +326,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
         source_ranges,
         health_check_node_port,
         affinity_timeout,
+        unsupported,
     }))
 }
 

@@ -1,5 +1,5 @@
 //! Kubernetes Events on the objects lb cannot program (a Service whose address another one
-//! holds, a field lb cannot use, a full map), through kube-rs' recorder, so `kubectl describe`
+//! holds, a field lb cannot use, a full map, an SCTP port), through kube-rs' recorder, so `kubectl describe`
 //! shows why. Each (object, reason) is reported at most once a minute; the recorder itself
 //! folds repeats into an event series. Publishing happens in a task of its own: the event loop
 //! never waits on the API server.
@@ -29,6 +29,8 @@ pub mod reason {
     pub const TOO_MANY_BACKENDS: &str = "LbTooManyBackends";
     /// Another failure while programming it.
     pub const PROGRAM_FAILED: &str = "LbProgramFailed";
+    /// Served in part: a port with a protocol lb does not translate (SCTP).
+    pub const UNSUPPORTED: &str = "LbUnsupportedPort";
 }
 
 struct Report {

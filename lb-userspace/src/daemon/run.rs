@@ -356,6 +356,12 @@ fn sync(
     let counts = pipeline.take_change_counts();
     context.metrics.queued(&counts, SystemTime::now());
     context.trigger_times.extend(counts.trigger_times);
+    for warning in pipeline.take_warnings() {
+        tracing::warn!("{warning}");
+        if let Some(events) = context.events.as_deref_mut() {
+            events.object_error(&warning, events::reason::UNSUPPORTED);
+        }
+    }
     let changes = pipeline.take_changes();
     for error in &changes.errors {
         context.errors.error(error.to_string());

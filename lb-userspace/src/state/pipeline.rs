@@ -31,6 +31,8 @@ pub struct Pipeline {
     node: Option<NodeRecord>,
     /// Service and endpoints changes since `take_change_counts`, as kube-proxy counts them.
     counts: ChangeCounts,
+    /// What is taken in but not served in full (a Service's SCTP ports), since `take_warnings`.
+    warnings: Vec<ObjectError>,
 }
 
 impl Pipeline {
@@ -39,7 +41,14 @@ impl Pipeline {
             node_name: config.node_name.clone(),
             lb_algorithm: config.lb_algorithm,
         });
-        let mut pipeline = Self { table, config, on_invalid, node: None, counts: ChangeCounts::default() };
+        let mut pipeline = Self {
+            table,
+            config,
+            on_invalid,
+            node: None,
+            counts: ChangeCounts::default(),
+            warnings: Vec::new(),
+        };
         let addresses = pipeline.config.node_addresses.clone();
         pipeline.table.set_node_addresses(addresses);
         pipeline
@@ -52,6 +61,12 @@ impl Pipeline {
     /// Converts what changed since the last call (see `DesiredTable::take_changes`).
     pub fn take_changes(&mut self) -> Changes {
         self.table.take_changes()
+    }
+
+    /// Objects taken in but not served in full, since the last call (each reported when it
+    /// changes).
+    pub fn take_warnings(&mut self) -> Vec<ObjectError> {
+        std::mem::take(&mut self.warnings)
     }
 
     /// The changes counted since the last call.
@@ -95,7 +110,20 @@ impl Pipeline {
                     return Ok(());
                 }
                 match parse_service(&service) {
-                    Ok(spec) => self.counts.services += u64::from(self.table.set_service(name, spec)),
+                    Ok(spec) => {
+                        let unsupported = spec.as_ref().map(|s| s.unsupported.join("; ")).unwrap_or_default();
+                        let changed = self.table.set_service(name.clone(), spec);
+                        self.counts.services += u64::from(changed);
+                        if changed && !unsupported.is_empty() {
+                            let (namespace, name) = name;
+                            self.warnings.push(ObjectError {
+                                kind: "Service",
+                                namespace,
+                                name,
+                                problem: unsupported,
+                            });
+                        }
+                    }
                     Err(error) => {
                         if self.on_invalid == OnInvalid::Drop {
                             self.counts.services += u64::from(self.table.set_service(name, None));
