@@ -117,9 +117,24 @@ pub fn config() -> Option<&'static DatapathConfig> {
 pub static LB_SERVICE_TRAFFIC: PerCpuHashMap<u32, ServiceTraffic> =
     PerCpuHashMap::pinned(capacity::SERVICE_META, 0);
 
+/// Set at load time (`lb run --service-traffic-counters=false` clears it): whether frontends'
+/// traffic is counted. Read-only data the verifier knows, so at 0 the counting is not even in
+/// the program.
+#[unsafe(no_mangle)]
+static LB_COUNT_SERVICE_TRAFFIC: u32 = 1;
+
+#[inline(always)]
+fn counting_traffic() -> bool {
+    // SAFETY: a plain read of a global; volatile so the compiler keeps the load-time value.
+    unsafe { core::ptr::read_volatile(&LB_COUNT_SERVICE_TRAFFIC) != 0 }
+}
+
 /// Counts a translated packet of `entry`'s flow (`bytes` long) for its frontend.
 #[inline(always)]
 pub fn count_traffic(entry: &ConntrackEntry, bytes: u32, new_flow: bool) {
+    if !counting_traffic() {
+        return;
+    }
     let id = entry.service_id;
     let mut traffic = LB_SERVICE_TRAFFIC.get_ptr_mut(&id);
     if traffic.is_none() && new_flow {
@@ -146,6 +161,9 @@ pub fn count_traffic(entry: &ConntrackEntry, bytes: u32, new_flow: bool) {
 /// flow XDP tracked and left to TC).
 #[inline(always)]
 pub fn count_new_flow(service_id: u32) {
+    if !counting_traffic() {
+        return;
+    }
     let mut traffic = LB_SERVICE_TRAFFIC.get_ptr_mut(&service_id);
     if traffic.is_none() {
         let _ = LB_SERVICE_TRAFFIC.insert(&service_id, &ServiceTraffic::default(), 1);

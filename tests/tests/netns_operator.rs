@@ -433,3 +433,31 @@ fn start_up_failures_say_what_to_do() {
     assert!(stderr.contains("another lb is running with --bpf-dir"), "{stderr}");
     assert!(pg.stop_lb().unwrap());
 }
+
+#[test]
+fn traffic_counters_can_be_left_out_of_the_programs() {
+    require_root();
+    let mut pg = Playground::new(&unique("tc"), &[("pod-a", POD_A)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.write_manifest("web.yaml", SERVICE).unwrap();
+    pg.write_manifest("pods.yaml", &pod("web-a", POD_A, true)).unwrap();
+    let manifests = pg.manifests.clone();
+    pg.start_lb_with(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--service-traffic-counters=false".as_ref(),
+    ])
+    .unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| {
+        s.services
+            .iter()
+            .any(|(k, v)| k.address() == CLUSTER_IP && k.backend_slot == 0 && v.backend_count == 1)
+    })
+    .unwrap();
+    let answers = pg.http_requests(VIP, 5).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    let stats: serde_json::Value = serde_json::from_str(&lb(&["stats", "-o", "json"], &pg)).unwrap();
+    assert_eq!(stats["services"], serde_json::json!([]), "{stats}");
+    assert_eq!(stats["counters"]["forward_new_flow"], 5, "the verdict counters still count");
+    assert!(pg.stop_lb().unwrap());
+}

@@ -69,6 +69,8 @@ pub struct RunOptions {
     pub maglev_table_size: u32,
     /// Tests only: which variant of the programs to load (0: the default).
     pub program_variant: u32,
+    /// Whether the data path counts each frontend's packets, bytes and new flows.
+    pub service_traffic_counters: bool,
 }
 
 /// How long an unused backend stays in the map (see `Reconciler::set_backend_grace`).
@@ -468,7 +470,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         options.interfaces.iter().chain(&options.node_addresses.external_interfaces).cloned().collect();
     let selector = InterfaceSelector::parse(&interfaces)?;
     let mut link_events = LinkEvents::subscribe()?;
-    let mut datapath = Datapath::load_variant(&options.bpf_dir, &options.capacity, options.program_variant)?;
+    let mut datapath = Datapath::load_variant(
+        &options.bpf_dir,
+        &options.capacity,
+        options.program_variant,
+        options.service_traffic_counters,
+    )?;
     // Flows are stamped with the time published here, from before any program is attached.
     let clock_since = conntrack::publish_clock(&datapath.map_pin(lb_common::map_names::CLOCK))?;
     let external = options.node_addresses.external_interfaces.clone();

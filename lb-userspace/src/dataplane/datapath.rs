@@ -221,17 +221,19 @@ impl Datapath {
 
     /// `load`, with map sizes other than the defaults.
     pub fn load_with(bpf_dir: &Path, capacity: &Capacity) -> Result<Self, DatapathError> {
-        Self::load_variant(bpf_dir, capacity, 0)
+        Self::load_variant(bpf_dir, capacity, 0, true)
     }
 
     /// `load_with`, running the programs of `program_variant` (0: the default; see
-    /// `LB_PROGRAM_VARIANT` in lb-ebpf). Maps pinned by a build of another layout, or with
+    /// `LB_PROGRAM_VARIANT` in lb-ebpf), counting each frontend's traffic or not
+    /// (`service_traffic`: about 30 ns a packet, measured in `bench/results`). Maps pinned by a build of another layout, or with
     /// other sizes, are migrated (see `layout`): call `finish_migration` once every link runs
     /// this build's programs.
     pub fn load_variant(
         bpf_dir: &Path,
         capacity: &Capacity,
         program_variant: u32,
+        service_traffic: bool,
     ) -> Result<Self, DatapathError> {
         let parent = bpf_dir.parent().unwrap_or(Path::new("/"));
         if !is_bpffs(bpf_dir) && !is_bpffs(parent) {
@@ -259,6 +261,7 @@ impl Datapath {
                 "migrating maps to this build's layout and sizes"
             );
         }
+        let count_service_traffic = u32::from(service_traffic);
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(bpf_dir)
@@ -268,7 +271,9 @@ impl Datapath {
             .map_max_entries(map_names::SERVICE_META, capacity.frontends)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
-            .override_global("LB_PROGRAM_VARIANT", &program_variant, true);
+            .map_max_entries(map_names::SERVICE_TRAFFIC, capacity.frontends)
+            .override_global("LB_PROGRAM_VARIANT", &program_variant, true)
+            .override_global("LB_COUNT_SERVICE_TRAFFIC", &count_service_traffic, true);
         for moved in &migration.moves {
             loader.map_pin_path(moved.name, migration.pin_path(bpf_dir, moved.name));
         }
