@@ -493,6 +493,8 @@ fn a_start_converts_the_maps_of_an_older_layout() {
     std::thread::sleep(Duration::from_secs(1));
     kill(&pg, nix::sys::signal::Signal::SIGKILL);
     let _ = pg.stop_lb();
+    // The per-Service traffic map stays pinned: counters only, replaced whatever layout the
+    // others have, it must not make the pins look like a mix of layouts.
     layout_0::downgrade(&pg.bpf_dir);
     // And the leftover of a migration a start did not get to switch to: dropped.
     layout_0::stale_migration(&pg.bpf_dir);

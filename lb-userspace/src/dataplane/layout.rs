@@ -49,6 +49,12 @@ pub enum LayoutError {
     )]
     Unknown { path: PathBuf, shape: MapShape },
     #[error(
+        "the maps under {dir} carry no layout record and mix the maps of different lb layouts ({maps}): they \
+         were not pinned by one lb build; the running data path was left as it is. Run `lb cleanup` (stops \
+         Service traffic until lb programs it again and drops every tracked flow)"
+    )]
+    Mixed { dir: PathBuf, maps: String },
+    #[error(
         "map {map} holds {entries} entries, more than {flag} {max_entries} leaves room for: start with {flag} \
          {entries} or more (the running data path was left as it is)"
     )]
@@ -599,12 +605,17 @@ fn settle_interrupted(dir: &Path) -> Result<(), LayoutError> {
     Ok(())
 }
 
-/// Names of every map of every layout this build knows.
+/// Maps that hold only counters: one of another shape is replaced (its counts start over), not
+/// migrated, so it says nothing about the layout of the others.
+const REPLACED_NOT_MIGRATED: [&str; 1] = [map_names::SERVICE_TRAFFIC];
+
+/// Names of every map of every layout this build knows, but the counters-only ones.
 fn every_name() -> BTreeSet<&'static str> {
     [CURRENT, 0]
         .into_iter()
         .flat_map(|version| forms(version).unwrap_or_default())
         .map(|form| form.0)
+        .filter(|name| !REPLACED_NOT_MIGRATED.contains(name))
         .collect()
 }
 
@@ -624,16 +635,19 @@ fn infer(dir: &Path) -> Result<Option<u32>, LayoutError> {
         }
         return Ok(Some(version));
     }
-    // No layout fits: name the first map that fits none.
-    let (name, shape) = pinned
-        .iter()
-        .find(|(name, shape)| {
-            ![CURRENT, 0]
-                .iter()
-                .any(|version| forms(*version).unwrap_or_default().iter().any(|form| fits(form, name, shape)))
-        })
-        .unwrap_or(&pinned[0]);
-    Err(LayoutError::Unknown { path: dir.join(name), shape: *shape })
+    // No layout fits: name the first map that fits none, or else say that they are a mix.
+    let fits_none = pinned.iter().find(|(name, shape)| {
+        ![CURRENT, 0]
+            .iter()
+            .any(|version| forms(*version).unwrap_or_default().iter().any(|form| fits(form, name, shape)))
+    });
+    match fits_none {
+        Some((name, shape)) => Err(LayoutError::Unknown { path: dir.join(name), shape: *shape }),
+        None => Err(LayoutError::Mixed {
+            dir: dir.to_path_buf(),
+            maps: pinned.iter().map(|(name, shape)| format!("{name}: {shape}")).collect::<Vec<_>>().join(", "),
+        }),
+    }
 }
 
 /// Step 1: what must move, decided from the pins; refuses what this build cannot migrate.
@@ -656,8 +670,8 @@ pub fn prepare(dir: &Path, capacity: &Capacity) -> Result<Migration, LayoutError
     for (name, wanted) in expected_shapes(capacity) {
         let path = dir.join(name);
         let Some(current) = pinned_shape(&path) else { continue };
-        if name == map_names::SERVICE_TRAFFIC {
-            // Counters, not state: a map of another size is replaced (its counts start over)
+        if REPLACED_NOT_MIGRATED.contains(&name) {
+            // Counters, not state: a map of another shape is replaced (its counts start over)
             // instead of migrated. Unpinning leaves it to the programs that use it until their
             // links switch.
             if current != wanted {
