@@ -302,6 +302,23 @@ pub struct HttpAnswer {
 
 /// Writes `dir/file` by a rename, as editors and kubectl-like tools do: lb never reads half a
 /// file.
+/// A Pod manifest (app label `app`, serving container port 8080 named `http`) with `ip` and its
+/// Ready condition in its status, as the manifests source reads pods.
+pub fn pod_manifest(name: &str, app: &str, ip: std::net::Ipv4Addr, ready: bool) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: {app}}}}}
+spec:
+  containers: [{{name: web, image: {app}, ports: [{{name: http, containerPort: 8080}}]}}]
+status:
+  podIP: {ip}
+  conditions: [{{type: Ready, status: \"{}\"}}]
+",
+        if ready { "True" } else { "False" }
+    )
+}
+
 pub fn write_manifest(dir: &Path, file: &str, text: &str) -> Result<()> {
     let tmp = dir.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, text)?;

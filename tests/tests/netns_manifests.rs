@@ -14,18 +14,7 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 31);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 32);
 
 fn pod(name: &str, ip: Ipv4Addr, ready: bool) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, labels: {{app: shop}}}}
-spec:
-  containers: [{{name: web, image: shop, ports: [{{name: http, containerPort: 8080}}]}}]
-status:
-  podIP: {ip}
-  conditions: [{{type: Ready, status: \"{}\"}}]
-",
-        if ready { "True" } else { "False" }
-    )
+    tests::playground::pod_manifest(name, "shop", ip, ready)
 }
 
 const SERVICE: &str = "apiVersion: v1

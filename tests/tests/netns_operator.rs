@@ -19,18 +19,7 @@ const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
 const VIP: SocketAddrV4 = SocketAddrV4::new(CLUSTER_IP, 80);
 
 fn pod(name: &str, ip: Ipv4Addr, ready: bool) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, labels: {{app: web}}}}
-spec:
-  containers: [{{name: web, image: web, ports: [{{name: http, containerPort: 8080}}]}}]
-status:
-  podIP: {ip}
-  conditions: [{{type: Ready, status: \"{}\"}}]
-",
-        if ready { "True" } else { "False" }
-    )
+    tests::playground::pod_manifest(name, "web", ip, ready)
 }
 
 fn pods(ready: &[bool; 2]) -> String {

@@ -645,7 +645,11 @@ fn infer(dir: &Path) -> Result<Option<u32>, LayoutError> {
         Some((name, shape)) => Err(LayoutError::Unknown { path: dir.join(name), shape: *shape }),
         None => Err(LayoutError::Mixed {
             dir: dir.to_path_buf(),
-            maps: pinned.iter().map(|(name, shape)| format!("{name}: {shape}")).collect::<Vec<_>>().join(", "),
+            maps: pinned
+                .iter()
+                .map(|(name, shape)| format!("{name}: {shape}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }

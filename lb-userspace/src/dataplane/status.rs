@@ -94,29 +94,27 @@ pub fn services_table(snapshot: &MapsSnapshot) -> String {
 
 /// Lays out rows in columns two spaces apart, as kubectl does (the last column unpadded).
 pub fn columns(rows: &[Vec<String>]) -> String {
-    let count = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..count)
-        .map(|col| rows.iter().filter_map(|r| r.get(col)).map(String::len).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        for (col, cell) in row.iter().enumerate() {
-            if col + 1 == row.len() {
-                let _ = writeln!(out, "{cell}");
-            } else {
-                let _ = write!(out, "{cell:width$}  ", width = widths[col]);
-            }
-        }
-    }
-    out
+    lay_out(rows, 2, 0)
 }
 
 /// Lays out rows as kubectl's printer does (a tab writer with cells at least 10 wide and 3
 /// spaces of padding; the last column unpadded). `--watch` lines are laid out one at a time.
 pub fn kubectl_columns(rows: &[Vec<String>]) -> String {
+    lay_out(rows, 3, 10)
+}
+
+/// Each column as wide as its widest cell plus `padding`, and at least `min_width`; the last
+/// column unpadded.
+fn lay_out(rows: &[Vec<String>], padding: usize, min_width: usize) -> String {
     let count = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..count)
-        .map(|col| rows.iter().filter_map(|r| r.get(col)).map(|c| (c.len() + 3).max(10)).max().unwrap_or(10))
+        .map(|col| {
+            rows.iter()
+                .filter_map(|r| r.get(col))
+                .map(|c| (c.len() + padding).max(min_width))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
