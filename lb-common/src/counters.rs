@@ -7,9 +7,9 @@
 /// Packets seen: not counted by the data path (one map update per packet fewer), but summed
 /// from the verdict counters by `derive_packets`.
 pub const PACKETS: u32 = 0;
-/// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
-pub const PASS_NOT_IPV4: u32 = 1;
-/// IPv4 but neither TCP nor UDP (nor an ICMP error about a tracked flow): passed untouched.
+/// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): passed untouched.
+pub const PASS_NOT_IP: u32 = 1;
+/// IP but neither TCP nor UDP (nor an ICMP error about a tracked flow): passed untouched.
 pub const PASS_OTHER_PROTOCOL: u32 = 2;
 /// TCP/UDP to no frontend and not a reply of a tracked flow: passed untouched.
 pub const PASS_NOT_SERVICE: u32 = 3;
@@ -19,11 +19,11 @@ pub const FORWARD_NEW_FLOW: u32 = 4;
 pub const FORWARD_TRACKED_FLOW: u32 = 5;
 /// Reply of a tracked flow: source rewritten back to the frontend.
 pub const REPLY_REVERSE_NAT: u32 = 6;
-/// A later IPv4 fragment of a datagram whose first fragment lb did not translate (or has not
+/// A later fragment of a datagram whose first fragment lb did not translate (or has not
 /// seen yet): passed untouched.
 pub const PASS_FRAGMENT: u32 = 7;
-/// IPv4 header that is not what it claims (bad version, IHL < 5, total length shorter than the
-/// header): passed untouched for the stack to reject.
+/// IP header that is not what it claims (bad version, IHL < 5, total length shorter than the
+/// header, an IPv6 jumbogram): passed untouched for the stack to reject.
 pub const PASS_MALFORMED: u32 = 8;
 /// Packet shorter than the headers it announces: passed untouched.
 pub const PASS_TRUNCATED: u32 = 9;
@@ -88,13 +88,17 @@ pub const AFFINITY_HIT: u32 = 30;
 pub const EGRESS_REVERSE_NAT: u32 = 31;
 /// Egress: anything else, passed untouched.
 pub const EGRESS_PASS: u32 = 32;
+/// IPv6 whose extension headers lb does not pass over to the ports: a routing header with
+/// segments left (the destination is not the final one), AH or ESP, or a chain longer than
+/// the programs walk. Passed untouched.
+pub const PASS_IPV6_EXTENSION: u32 = 33;
 
-pub const COUNT: u32 = 33;
+pub const COUNT: u32 = 34;
 
 /// Names in index order, for display.
 pub const NAMES: [&str; COUNT as usize] = [
     "packets",
-    "pass_not_ipv4",
+    "pass_not_ip",
     "pass_other_protocol",
     "pass_not_service",
     "forward_new_flow",
@@ -126,6 +130,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "affinity_hit",
     "egress_reverse_nat",
     "egress_pass",
+    "pass_ipv6_extension",
 ];
 
 /// Whether the counter at `index` is a verdict (exactly one per packet).

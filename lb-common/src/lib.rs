@@ -6,7 +6,7 @@
 //! reads them from packets; the constructors below are the one place where userspace converts.
 #![no_std]
 
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -16,6 +16,87 @@ pub mod counters;
 pub const PROTOCOL_ICMP: u8 = 1;
 pub const PROTOCOL_TCP: u8 = 6;
 pub const PROTOCOL_UDP: u8 = 17;
+/// ICMPv6, as in the IPv6 next-header field.
+pub const PROTOCOL_ICMPV6: u8 = 58;
+
+/// An IPv6 address as the maps hold it: its 16 bytes in network byte order, kept as four
+/// 32-bit words so the data path reads, compares and hashes it a word at a time (a byte-array
+/// comparison would become a `bcmp` call, which BPF has not).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct In6 {
+    pub words: [u32; 4],
+}
+
+impl PartialEq for In6 {
+    #[inline(always)]
+    fn eq(&self, other: &Self) -> bool {
+        // Word by word: see the type's comment.
+        self.words[0] == other.words[0]
+            && self.words[1] == other.words[1]
+            && self.words[2] == other.words[2]
+            && self.words[3] == other.words[3]
+    }
+}
+
+impl Eq for In6 {}
+
+impl From<Ipv6Addr> for In6 {
+    fn from(address: Ipv6Addr) -> Self {
+        let octets = address.octets();
+        let word = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+        Self { words: [word(0), word(4), word(8), word(12)] }
+    }
+}
+
+impl From<In6> for Ipv6Addr {
+    fn from(address: In6) -> Self {
+        let mut octets = [0u8; 16];
+        for (i, word) in address.words.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        Ipv6Addr::from(octets)
+    }
+}
+
+/// An address as the maps hold it, in network byte order: `u32` for IPv4, `In6` for IPv6.
+/// Map types are generic over it (`FlowKeyOf<A>`, ...), named per family by aliases
+/// (`FlowKey`, `FlowKey6`), so each family has maps of its own and an IPv4 lookup never pays
+/// for IPv6's longer keys.
+pub trait Address: Copy + PartialEq + Default + 'static {
+    /// Mixes the address into a running hash, a 32-bit word at a time.
+    fn mix_into(&self, hash: u32) -> u32;
+}
+
+impl Address for u32 {
+    #[inline(always)]
+    fn mix_into(&self, hash: u32) -> u32 {
+        mix(hash ^ *self)
+    }
+}
+
+impl Address for In6 {
+    #[inline(always)]
+    fn mix_into(&self, hash: u32) -> u32 {
+        let hash = mix(hash ^ self.words[0]);
+        let hash = mix(hash ^ self.words[1]);
+        let hash = mix(hash ^ self.words[2]);
+        mix(hash ^ self.words[3])
+    }
+}
+
+/// `unsafe impl Zeroable + Pod` for each instantiation of a generic map type, with a check at
+/// compile time that it has no padding: its size must be the sum of its fields' (bytemuck's
+/// derive cannot check a generic struct, so this does it per instantiation).
+macro_rules! pod_instances {
+    ($($ty:ty = $($field:ty),+;)+) => {$(
+        const _: () = assert!(core::mem::size_of::<$ty>() == 0 $(+ core::mem::size_of::<$field>())+);
+        // SAFETY: #[repr(C)], every field Pod, and no padding (checked above).
+        unsafe impl Zeroable for $ty {}
+        // SAFETY: as above.
+        unsafe impl Pod for $ty {}
+    )+};
+}
 
 /// Map names in the eBPF object, which are also the file names they are pinned under.
 pub mod map_names {
@@ -34,10 +115,19 @@ pub mod map_names {
     pub const CLOCK: &str = "LB_CLOCK";
     pub const LAYOUT: &str = "LB_LAYOUT";
     pub const SERVICE_TRAFFIC: &str = "LB_SERVICE_TRAFFIC";
+    /// The IPv6 family's frontends, backends and flows (`ServiceKey6`, `Backend6`, `FlowKey6`).
+    pub const SERVICES6: &str = "LB_SERVICES6";
+    pub const BACKENDS6: &str = "LB_BACKENDS6";
+    pub const CONNTRACK6: &str = "LB_CONNTRACK6";
+    pub const SOURCE_RANGES6: &str = "LB_SOURCE_RANGES6";
+    pub const AFFINITY6: &str = "LB_AFFINITY6";
+    pub const CONFIG6: &str = "LB_CONFIG6";
+    /// The TC programs' IPv6 halves, which they tail-call (`tail_calls`).
+    pub const PROGRAMS: &str = "LB_PROGRAMS";
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 15] = [
+    pub const PINNED: [&str; 22] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -53,6 +143,13 @@ pub mod map_names {
         CLOCK,
         LAYOUT,
         SERVICE_TRAFFIC,
+        SERVICES6,
+        BACKENDS6,
+        CONNTRACK6,
+        SOURCE_RANGES6,
+        AFFINITY6,
+        CONFIG6,
+        PROGRAMS,
     ];
 }
 
@@ -72,6 +169,18 @@ pub mod layout {
     pub const RECORDS: u32 = 4;
     /// Suffix of the pins of maps being migrated into (bpffs refuses names with a dot).
     pub const MIGRATING_SUFFIX: &str = "-migrating";
+}
+
+/// Slots of the programs map (`map_names::PROGRAMS`): each TC program tail-calls its IPv6 half
+/// there, so IPv6 runs on a BPF stack of its own and IPv4 pays nothing for it.
+pub mod tail_calls {
+    pub const INGRESS6: u32 = 0;
+    pub const INGRESS6_EXTERNAL: u32 = 1;
+    pub const EGRESS6: u32 = 2;
+    pub const COUNT: u32 = 3;
+    /// The program in each slot, by name in the eBPF object.
+    pub const PROGRAMS: [(u32, &str); COUNT as usize] =
+        [(INGRESS6, "lb_ingress6"), (INGRESS6_EXTERNAL, "lb_ingress6_external"), (EGRESS6, "lb_egress6")];
 }
 
 /// How often userspace publishes the time in the clock map (`map_names::CLOCK`), in
@@ -100,6 +209,10 @@ pub mod capacity {
     pub const MAGLEV_TABLES: u32 = 4_096;
 }
 
+/// BPF_F_NO_PREALLOC: the IPv6 family's hash maps take memory as entries are added, so a node
+/// that serves no IPv6 does not pay for their full capacity up front.
+pub const MAP_NO_PREALLOC: u32 = 1;
+
 /// Maglev lookup table positions: a prime, as Maglev needs, with about 160 positions per
 /// backend for a Service of 100 (Cilium's default).
 pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
@@ -119,10 +232,16 @@ pub fn mix(mut h: u32) -> u32 {
 /// order, as on the wire), so every node computes the same one: the data path picks a slot or
 /// a Maglev position with it, and userspace's Maglev tests use the same function.
 #[inline(always)]
-pub fn flow_hash(src_address: u32, dst_address: u32, src_port: u16, dst_port: u16, protocol: u8) -> u32 {
+pub fn flow_hash<A: Address>(
+    src_address: A,
+    dst_address: A,
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+) -> u32 {
     let ports = (u32::from(src_port) << 16) | u32::from(dst_port);
-    let mut h = mix(src_address ^ 0x9e37_79b9);
-    h = mix(h ^ dst_address);
+    let mut h = src_address.mix_into(0x9e37_79b9);
+    h = dst_address.mix_into(h);
     h = mix(h ^ ports);
     mix(h ^ u32::from(protocol))
 }
@@ -142,10 +261,10 @@ pub mod scope {
 /// each hold one backend ID. Keeping the frontend and its slots in one map means a lookup of the
 /// frontend and of the chosen slot are the same operation with a different `backend_slot`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct ServiceKey {
-    /// Frontend IPv4 address, network byte order.
-    pub address: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKeyOf<A> {
+    /// Frontend address, network byte order.
+    pub address: A,
     /// Frontend port, network byte order.
     pub port: u16,
     /// 0 for the service entry, 1..=count for backend slots; host byte order.
@@ -155,6 +274,37 @@ pub struct ServiceKey {
     /// `scope::EXTERNAL` (every frontend) or `scope::INTERNAL`.
     pub scope: u8,
     pub _pad: u16,
+}
+
+/// An IPv4 frontend's key (`map_names::SERVICES`).
+pub type ServiceKey = ServiceKeyOf<u32>;
+/// An IPv6 frontend's key (`map_names::SERVICES6`).
+pub type ServiceKey6 = ServiceKeyOf<In6>;
+
+pod_instances! {
+    ServiceKey = u32, u16, u16, u8, u8, u16;
+    ServiceKey6 = In6, u16, u16, u8, u8, u16;
+}
+
+impl<A: Copy> ServiceKeyOf<A> {
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+
+    /// The same frontend at another slot.
+    pub fn with_slot(&self, backend_slot: u16) -> Self {
+        Self { backend_slot, ..*self }
+    }
+}
+
+impl ServiceKey6 {
+    pub fn scoped(address: Ipv6Addr, port: u16, protocol: u8, scope: u8, backend_slot: u16) -> Self {
+        Self { address: In6::from(address), port: port.to_be(), backend_slot, protocol, scope, _pad: 0 }
+    }
+
+    pub fn address(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.address)
+    }
 }
 
 impl ServiceKey {
@@ -175,15 +325,6 @@ impl ServiceKey {
 
     pub fn address(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from_be(self.address))
-    }
-
-    pub fn port(&self) -> u16 {
-        u16::from_be(self.port)
-    }
-
-    /// The same frontend at another slot.
-    pub fn with_slot(&self, backend_slot: u16) -> Self {
-        Self { backend_slot, ..*self }
     }
 }
 
@@ -247,12 +388,13 @@ impl ServiceValue {
     }
 }
 
-/// Value of the backends map, keyed by backend ID (`u32`, host byte order).
+/// Value of the backends maps, keyed by backend ID (`u32`, host byte order; one ID space for
+/// both families' maps).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct Backend {
-    /// Pod IPv4 address, network byte order.
-    pub address: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendOf<A> {
+    /// Pod address, network byte order.
+    pub address: A,
     /// Target port, network byte order.
     pub port: u16,
     /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
@@ -269,17 +411,17 @@ pub mod backend_flags {
     pub const HOST: u8 = 1;
 }
 
-impl Backend {
-    pub fn new(address: Ipv4Addr, port: u16, protocol: u8) -> Self {
-        Self { address: u32::from(address).to_be(), port: port.to_be(), protocol, flags: 0 }
-    }
+pub type Backend = BackendOf<u32>;
+pub type Backend6 = BackendOf<In6>;
 
+pod_instances! {
+    Backend = u32, u16, u8, u8;
+    Backend6 = In6, u16, u8, u8;
+}
+
+impl<A> BackendOf<A> {
     pub fn with_flags(self, flags: u8) -> Self {
         Self { flags, ..self }
-    }
-
-    pub fn address(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from_be(self.address))
     }
 
     pub fn port(&self) -> u16 {
@@ -287,14 +429,34 @@ impl Backend {
     }
 }
 
+impl Backend {
+    pub fn new(address: Ipv4Addr, port: u16, protocol: u8) -> Self {
+        Self { address: u32::from(address).to_be(), port: port.to_be(), protocol, flags: 0 }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.address))
+    }
+}
+
+impl Backend6 {
+    pub fn new(address: Ipv6Addr, port: u16, protocol: u8) -> Self {
+        Self { address: In6::from(address), port: port.to_be(), protocol, flags: 0 }
+    }
+
+    pub fn address(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.address)
+    }
+}
+
 /// A flow's 5-tuple as seen on the wire: key of the conntrack and reverse-NAT maps.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FlowKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKeyOf<A> {
     /// Network byte order.
-    pub src_address: u32,
+    pub src_address: A,
     /// Network byte order.
-    pub dst_address: u32,
+    pub dst_address: A,
     /// Network byte order.
     pub src_port: u16,
     /// Network byte order.
@@ -303,6 +465,36 @@ pub struct FlowKey {
     // Scalar padding: an array here makes the compiler zero it with a memset call in eBPF.
     pub _pad0: u8,
     pub _pad1: u16,
+}
+
+pub type FlowKey = FlowKeyOf<u32>;
+pub type FlowKey6 = FlowKeyOf<In6>;
+
+pod_instances! {
+    FlowKey = u32, u32, u16, u16, u8, u8, u16;
+    FlowKey6 = In6, In6, u16, u16, u8, u8, u16;
+}
+
+impl FlowKey6 {
+    pub fn new(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), protocol: u8) -> Self {
+        Self {
+            src_address: In6::from(src.0),
+            dst_address: In6::from(dst.0),
+            src_port: src.1.to_be(),
+            dst_port: dst.1.to_be(),
+            protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    pub fn src(&self) -> (Ipv6Addr, u16) {
+        (Ipv6Addr::from(self.src_address), u16::from_be(self.src_port))
+    }
+
+    pub fn dst(&self) -> (Ipv6Addr, u16) {
+        (Ipv6Addr::from(self.dst_address), u16::from_be(self.dst_port))
+    }
 }
 
 impl FlowKey {
@@ -334,12 +526,12 @@ impl FlowKey {
 /// entry's key (`peer_key`), which the data path uses only when the flow's state changes (SYN-ACK,
 /// FIN, RST) to keep both entries' state alike.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ConntrackEntry {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConntrackEntryOf<A> {
     /// Source address to write, network byte order (the packet's own when unchanged).
-    pub src_address: u32,
+    pub src_address: A,
     /// Destination address to write, network byte order.
-    pub dst_address: u32,
+    pub dst_address: A,
     /// Source port to write, network byte order.
     pub src_port: u16,
     /// Destination port to write, network byte order.
@@ -361,14 +553,24 @@ pub struct ConntrackEntry {
     pub created_ns: u64,
 }
 
-impl ConntrackEntry {
+pub type ConntrackEntry = ConntrackEntryOf<u32>;
+pub type ConntrackEntry6 = ConntrackEntryOf<In6>;
+
+pod_instances! {
+    ConntrackEntry = u32, u32, u16, u16, u32, u32, u16, u8, u8, u64, u64;
+    ConntrackEntry6 = In6, In6, u16, u16, u32, u32, u16, u8, u8, u64, u64;
+}
+
+impl<A: Copy> ConntrackEntryOf<A> {
+    #[inline(always)]
     pub fn is_reply(&self) -> bool {
         self.flags & conntrack_flags::REPLY != 0
     }
 
     /// The key of the flow's other direction: this entry's rewritten addresses, reversed.
-    pub fn peer_key(&self, protocol: u8) -> FlowKey {
-        FlowKey {
+    #[inline(always)]
+    pub fn peer_key(&self, protocol: u8) -> FlowKeyOf<A> {
+        FlowKeyOf {
             src_address: self.dst_address,
             dst_address: self.src_address,
             src_port: self.dst_port,
@@ -431,12 +633,20 @@ pub mod conntrack_state {
 
 /// Key of the session-affinity map: a client and the frontend it reached.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct AffinityKey {
-    /// The client's address, network byte order; 0 for the node's own sockets.
-    pub client_address: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKeyOf<A> {
+    /// The client's address, network byte order; unspecified (0) for the node's own sockets.
+    pub client_address: A,
     /// The frontend's ID. Host byte order.
     pub service_id: u32,
+}
+
+pub type AffinityKey = AffinityKeyOf<u32>;
+pub type AffinityKey6 = AffinityKeyOf<In6>;
+
+pod_instances! {
+    AffinityKey = u32, u32;
+    AffinityKey6 = In6, u32;
 }
 
 /// Value of the session-affinity map: where the client's last new connection went.
@@ -500,15 +710,23 @@ pub mod frontend_type {
 /// prefix length is 32 (the ID) plus the range's prefix length, so one trie holds every
 /// frontend's ranges.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct SourceRangeKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKeyOf<A> {
     /// The frontend's service ID, network byte order (LPM tries match bytes from the first).
     pub service_id: u32,
     /// Client address (or range base), network byte order.
-    pub address: u32,
+    pub address: A,
 }
 
-impl SourceRangeKey {
+pub type SourceRangeKey = SourceRangeKeyOf<u32>;
+pub type SourceRangeKey6 = SourceRangeKeyOf<In6>;
+
+pod_instances! {
+    SourceRangeKey = u32, u32;
+    SourceRangeKey6 = u32, In6;
+}
+
+impl<A> SourceRangeKeyOf<A> {
     /// Prefix length of an LPM key for a range of `range_bits` leading bits.
     pub const fn prefix_len(range_bits: u8) -> u32 {
         32 + range_bits as u32
@@ -532,6 +750,15 @@ pub struct DatapathConfig {
     /// Positions in each Maglev table (the inner maps' size). Host byte order.
     pub maglev_table_size: u32,
     pub _pad: u32,
+}
+
+/// The IPv6 family's node-wide settings: the one entry of `map_names::CONFIG6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct DatapathConfig6 {
+    /// The node address that source-NATed IPv6 flows leave with; unspecified (::) when the
+    /// node has none (such flows are then dropped and counted). Network byte order.
+    pub snat_address: In6,
 }
 
 /// Key of the socket map: a socket connected (or sending) to a backend in place of a frontend.
@@ -632,10 +859,17 @@ mod user {
     // SAFETY: each type is #[repr(C)] and bytemuck::Pod, which proves it has no padding and
     // that every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for ConntrackEntry {}
+    unsafe impl aya::Pod for ConntrackEntry6 {}
+    unsafe impl aya::Pod for SourceRangeKey6 {}
+    unsafe impl aya::Pod for DatapathConfig6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for DatapathConfig {}
@@ -704,6 +938,31 @@ mod tests {
         assert_eq!(core::mem::size_of::<FragmentValue>(), 24);
         assert_eq!(core::mem::size_of::<SocketKey>(), 16);
         assert_eq!(core::mem::size_of::<SocketFrontend>(), 8);
+        assert_eq!(core::mem::size_of::<ServiceKey6>(), 24);
+        assert_eq!(core::mem::size_of::<Backend6>(), 20);
+        assert_eq!(core::mem::size_of::<FlowKey6>(), 40);
+        assert_eq!(core::mem::size_of::<ConntrackEntry6>(), 64);
+        assert_eq!(core::mem::size_of::<AffinityKey6>(), 20);
+        assert_eq!(core::mem::size_of::<SourceRangeKey6>(), 20);
+    }
+
+    #[test]
+    fn ipv6_addresses_keep_network_byte_order() {
+        let address: Ipv6Addr = "fd00:10:96::1".parse().unwrap();
+        let key = ServiceKey6::scoped(address, 80, PROTOCOL_TCP, scope::EXTERNAL, 0);
+        assert_eq!(
+            bytemuck::bytes_of(&key)[..18],
+            [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 80]
+        );
+        assert_eq!(key.address(), address);
+        assert_eq!(Ipv6Addr::from(In6::from(address)), address);
+        // The IPv4 hash is the one it always was: flows keep their slots across an upgrade.
+        assert_eq!(flow_hash(1u32, 2u32, 3, 4, 6), {
+            let mut h = mix(1 ^ 0x9e37_79b9);
+            h = mix(h ^ 2);
+            h = mix(h ^ ((3 << 16) | 4));
+            mix(h ^ 6)
+        });
     }
 
     #[test]

@@ -10,12 +10,15 @@
 //! (a client reaching the pod directly from a port the old flow used) passes untouched.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{Backend, ConntrackEntry, FlowKey, conntrack_flags as cf, conntrack_state as cs, counters};
+use lb_common::{
+    BackendOf, ConntrackEntryOf, FlowKeyOf, conntrack_flags as cf, conntrack_state as cs, counters,
+};
 
 use crate::{
+    family::Family,
     headers::{PROTOCOL_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{LB_CLOCK, LB_CONFIG, LB_CONNTRACK, LB_CONNTRACK_PREVIOUS, count},
-    parse::Ipv4Flow,
+    maps::{LB_CLOCK, LB_CONFIG, count},
+    parse::Flow,
     verdict::Verdict,
 };
 
@@ -46,8 +49,8 @@ const SNAT_PORT_TRIES: u32 = 8;
 
 /// The flow as the packet carries it (client -> frontend, or backend -> client for a reply).
 #[inline(always)]
-pub fn packet_key(flow: &Ipv4Flow) -> FlowKey {
-    FlowKey {
+pub fn packet_key<A: Family>(flow: &Flow<A>) -> FlowKeyOf<A> {
+    FlowKeyOf {
         src_address: flow.src_address,
         dst_address: flow.dst_address,
         src_port: flow.src_port,
@@ -59,34 +62,34 @@ pub fn packet_key(flow: &Ipv4Flow) -> FlowKey {
 }
 
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<*mut ConntrackEntry> {
-    LB_CONNTRACK.get_ptr_mut(key).or_else(|| carry_over(key))
+pub fn lookup<A: Family>(key: &FlowKeyOf<A>) -> Option<*mut ConntrackEntryOf<A>> {
+    A::conntrack().get_ptr_mut(key).or_else(|| carry_over(key))
 }
 
 /// A flow the previous programs tracked in the map a start is migrating from: moved into this
 /// map on its first packet here. Outside a migration, one lookup in an empty array.
 #[inline(always)]
-fn carry_over(key: &FlowKey) -> Option<*mut ConntrackEntry> {
-    let previous = LB_CONNTRACK_PREVIOUS.get_value_ptr_mut(0, key)?;
+fn carry_over<A: Family>(key: &FlowKeyOf<A>) -> Option<*mut ConntrackEntryOf<A>> {
+    let previous = A::previous_flow(key)?;
     // SAFETY: copied out at once from a pointer into the previous map's value.
     let entry = unsafe { *previous };
-    let _ = LB_CONNTRACK.insert(key, &entry, BPF_NOEXIST);
-    LB_CONNTRACK.get_ptr_mut(key)
+    let _ = A::conntrack().insert(key, &entry, BPF_NOEXIST);
+    A::conntrack().get_ptr_mut(key)
 }
 
 /// Whether a live flow in the map a start is migrating from holds this tuple.
 #[inline(always)]
-fn held_by_previous(key: &FlowKey) -> bool {
+fn held_by_previous<A: Family>(key: &FlowKeyOf<A>) -> bool {
     // SAFETY: one field read from a pointer into the previous map's value.
-    LB_CONNTRACK_PREVIOUS
-        .get_value_ptr_mut(0, key)
-        .is_some_and(|entry| unsafe { (*entry).state } != cs::TCP_CLOSED)
+    A::previous_flow(key).is_some_and(|entry| unsafe { (*entry).state } != cs::TCP_CLOSED)
 }
 
 /// What to do with a packet whose 5-tuple has an entry.
-pub enum Tracked {
-    /// Rewrite it as the (copied) entry says.
-    Translate(ConntrackEntry),
+pub enum Tracked<A> {
+    /// Rewrite it as the entry says. A pointer into the map, not a copy (a copy costs stack,
+    /// which IPv6 has none to spare of): the fields a rewrite reads (addresses, ports, IDs,
+    /// the REPLY and ROUTE flags) never change once the entry is written.
+    Translate(*const ConntrackEntryOf<A>),
     /// A new connection on the tuple of an ended flow: track it as the new flow it is.
     Reopen,
     /// A new connection that is not this flow's: pass it untouched.
@@ -99,10 +102,10 @@ pub enum Tracked {
 /// entry is found by reversing this one's rewrite, and changed only if it points back at `key`:
 /// a reply tuple (a source-NAT port) may already belong to a newer flow.
 #[inline(always)]
-fn set_state(key: &FlowKey, entry: &mut ConntrackEntry, state: u8, flags: u16) {
+fn set_state<A: Family>(key: &FlowKeyOf<A>, entry: &mut ConntrackEntryOf<A>, state: u8, flags: u16) {
     entry.state = state;
     entry.flags |= flags;
-    if let Some(peer) = LB_CONNTRACK.get_ptr_mut(&entry.peer_key(key.protocol)) {
+    if let Some(peer) = A::conntrack().get_ptr_mut(&entry.peer_key(key.protocol)) {
         // SAFETY: a pointer into the map's value; concurrent writers only set the same fields
         // to values of the same transition.
         let peer = unsafe { &mut *peer };
@@ -116,7 +119,11 @@ fn set_state(key: &FlowKey, entry: &mut ConntrackEntry, state: u8, flags: u16) {
 /// A TCP packet with SYN, FIN or RST, or a reply still in SYN_SENT: the flow's state moves.
 /// `Some` ends processing with that outcome; `None` translates as usual.
 #[inline(never)]
-fn tcp_transition(key: &FlowKey, entry: &mut ConntrackEntry, tcp_flags: u8) -> Option<Tracked> {
+fn tcp_transition<A: Family>(
+    key: &FlowKeyOf<A>,
+    entry: &mut ConntrackEntryOf<A>,
+    tcp_flags: u8,
+) -> Option<Tracked<A>> {
     let reply = entry.is_reply();
     if tcp_flags & TCP_SYN != 0 {
         if !reply {
@@ -138,7 +145,7 @@ fn tcp_transition(key: &FlowKey, entry: &mut ConntrackEntry, tcp_flags: u8) -> O
             if entry.state == cs::TCP_CLOSED {
                 // A connection that is not this flow's (a client reaching the pod directly from
                 // a port the flow used): the old entry must not take its later packets either.
-                let _ = LB_CONNTRACK.remove(key);
+                let _ = A::conntrack().remove(key);
             }
             return Some(Tracked::NotOurs);
         }
@@ -167,7 +174,12 @@ fn tcp_transition(key: &FlowKey, entry: &mut ConntrackEntry, tcp_flags: u8) -> O
 
 /// Moves a tracked flow along with this packet and says what to do with it.
 #[inline(always)]
-pub fn on_packet(key: &FlowKey, entry: *mut ConntrackEntry, tcp_flags: u8, now: u64) -> Tracked {
+pub fn on_packet<A: Family>(
+    key: &FlowKeyOf<A>,
+    entry: *mut ConntrackEntryOf<A>,
+    tcp_flags: u8,
+    now: u64,
+) -> Tracked<A> {
     // SAFETY: a pointer into the map's value, valid for this program run.
     let entry = unsafe { &mut *entry };
     if key.protocol == PROTOCOL_TCP {
@@ -186,7 +198,7 @@ pub fn on_packet(key: &FlowKey, entry: *mut ConntrackEntry, tcp_flags: u8, now: 
     if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
         entry.last_seen_ns = now;
     }
-    Tracked::Translate(*entry)
+    Tracked::Translate(entry)
 }
 
 /// The state a flow starts in, from its first packet.
@@ -208,27 +220,58 @@ fn initial_state(protocol: u8, tcp_flags: u8) -> (u8, u16) {
 }
 
 /// A new flow's choice, for `track`.
-pub struct NewFlowEntry<'a> {
+pub struct NewFlowEntry<'a, A> {
     pub service_id: u32,
     pub backend_id: u32,
-    pub backend: &'a Backend,
+    pub backend: &'a BackendOf<A>,
     /// Source NAT to this node address (network byte order).
-    pub snat_address: Option<u32>,
+    pub snat_address: Option<A>,
     /// Replies leave with a node address as their source: route them (NodePort).
     pub route_replies: bool,
     pub tcp_flags: u8,
+    /// The flow's hash (source ports for source NAT are tried from it).
+    pub hash: u32,
+    /// The flows' clock (`now`).
+    pub now: u64,
 }
 
-/// Records a new flow in both directions and returns the client direction's entry. With
+/// Where `track` builds a new flow's entries: on the caller's stack for IPv4, in a per-CPU
+/// scratch map for IPv6 (whose entries do not fit its stack).
+pub struct TrackSpace<A> {
+    /// The client direction's entry, which the packet is then rewritten by.
+    pub forward: ConntrackEntryOf<A>,
+    pub reply: ConntrackEntryOf<A>,
+    pub reply_key: FlowKeyOf<A>,
+}
+
+impl TrackSpace<u32> {
+    #[inline(always)]
+    pub fn zeroed() -> Self {
+        Self {
+            forward: bytemuck::Zeroable::zeroed(),
+            reply: bytemuck::Zeroable::zeroed(),
+            reply_key: bytemuck::Zeroable::zeroed(),
+        }
+    }
+}
+
+/// Records a new flow in both directions, leaving the client direction's entry in
+/// `space.forward`. With
 /// `snat_address`, the flow's source becomes that address and a free port, so the reply comes
 /// back through this node. The reply entry goes in first (once the forward entry exists, a
 /// reply may come back at any time); a reply tuple held by another live flow gets this flow a
 /// new source port, as netfilter resolves such clashes. A full table refuses the flow.
 #[inline(always)]
-pub fn track(key: &FlowKey, hash: u32, new: &NewFlowEntry, now: u64) -> Result<ConntrackEntry, Verdict> {
+pub fn track<A: Family>(
+    key: &FlowKeyOf<A>,
+    new: &NewFlowEntry<A>,
+    space: &mut TrackSpace<A>,
+) -> Result<(), Verdict> {
+    let (hash, now) = (new.hash, new.now);
     let (state, state_flags) = initial_state(key.protocol, new.tcp_flags);
     let route = if new.route_replies || new.snat_address.is_some() { cf::ROUTE } else { 0 };
-    let mut forward = ConntrackEntry {
+    let TrackSpace { forward, reply, reply_key } = space;
+    *forward = ConntrackEntryOf {
         src_address: key.src_address,
         dst_address: new.backend.address,
         src_port: key.src_port,
@@ -241,15 +284,15 @@ pub fn track(key: &FlowKey, hash: u32, new: &NewFlowEntry, now: u64) -> Result<C
         last_seen_ns: now,
         created_ns: now,
     };
-    let reply = ConntrackEntry {
+    *reply = ConntrackEntryOf {
         src_address: key.dst_address,
         dst_address: key.src_address,
         src_port: key.dst_port,
         dst_port: key.src_port,
         flags: cf::REPLY | route | state_flags,
-        ..forward
+        ..*forward
     };
-    let mut reply_key = FlowKey {
+    *reply_key = FlowKeyOf {
         src_address: new.backend.address,
         dst_address: key.src_address,
         src_port: new.backend.port,
@@ -260,40 +303,40 @@ pub fn track(key: &FlowKey, hash: u32, new: &NewFlowEntry, now: u64) -> Result<C
     };
     let full = Verdict::drop(counters::DROP_CONNTRACK_FULL);
     match new.snat_address {
-        None => match LB_CONNTRACK.insert(&reply_key, &reply, BPF_NOEXIST) {
+        None => match A::conntrack().insert(&*reply_key, &*reply, BPF_NOEXIST) {
             Ok(()) => {}
             Err(E2BIG) => return Err(full),
-            Err(EEXIST) if reply_tuple_free(&reply_key, key) => {
-                if LB_CONNTRACK.insert(&reply_key, &reply, BPF_ANY).is_err() {
+            Err(EEXIST) if reply_tuple_free(reply_key, key) => {
+                if A::conntrack().insert(&*reply_key, &*reply, BPF_ANY).is_err() {
                     count(counters::CONNTRACK_INSERT_FAILED);
                 }
             }
             Err(EEXIST) => {
                 // Another live flow from this client port reaches the same backend (through
                 // another frontend): give this one a port of its own on the client's address.
-                let port = claim_port(&mut reply_key, key.src_address, hash, &reply)?;
+                let port = claim_port(reply_key, key.src_address, hash, reply)?;
                 forward.src_port = port;
                 count(counters::CONNTRACK_SNAT);
             }
             Err(_) => count(counters::CONNTRACK_INSERT_FAILED),
         },
         Some(address) => {
-            let port = claim_port(&mut reply_key, address, hash, &reply)?;
+            let port = claim_port(reply_key, address, hash, reply)?;
             forward.src_address = address;
             forward.src_port = port;
             forward.flags |= cf::ROUTE | cf::SNAT;
             count(counters::CONNTRACK_SNAT);
         }
     }
-    match LB_CONNTRACK.insert(key, &forward, BPF_ANY) {
-        Ok(()) => Ok(forward),
+    match A::conntrack().insert(key, &*forward, BPF_ANY) {
+        Ok(()) => Ok(()),
         Err(E2BIG) => {
-            let _ = LB_CONNTRACK.remove(&reply_key);
+            let _ = A::conntrack().remove(&*reply_key);
             Err(full)
         }
         Err(_) => {
             count(counters::CONNTRACK_INSERT_FAILED);
-            Ok(forward)
+            Ok(())
         }
     }
 }
@@ -301,28 +344,28 @@ pub fn track(key: &FlowKey, hash: u32, new: &NewFlowEntry, now: u64) -> Result<C
 /// Whether a taken reply tuple may be overwritten: it is the reply entry of this same flow (a
 /// new connection on its tuple), or of a flow that has ended.
 #[inline(always)]
-fn reply_tuple_free(reply_key: &FlowKey, forward_key: &FlowKey) -> bool {
+fn reply_tuple_free<A: Family>(reply_key: &FlowKeyOf<A>, forward_key: &FlowKeyOf<A>) -> bool {
     // SAFETY: copied out at once.
-    let Some(existing) = (unsafe { LB_CONNTRACK.get(reply_key) }).copied() else { return true };
+    let Some(existing) = (unsafe { A::conntrack().get(reply_key) }).copied() else { return true };
     existing.state == cs::TCP_CLOSED || existing.peer_key(reply_key.protocol) == *forward_key
 }
 
 /// Whether the entry at `key` belongs to a flow that has ended (or is gone).
 #[inline(always)]
-fn ended(key: &FlowKey) -> bool {
+fn ended<A: Family>(key: &FlowKeyOf<A>) -> bool {
     // SAFETY: copied out at once.
-    (unsafe { LB_CONNTRACK.get(key) }).is_none_or(|existing| existing.state == cs::TCP_CLOSED)
+    (unsafe { A::conntrack().get(key) }).is_none_or(|existing| existing.state == cs::TCP_CLOSED)
 }
 
 /// Claims a source port on `address` for a flow by inserting its reply entry where no other
 /// flow's is; returns the port (network byte order). Ports of flows that have not been removed
 /// yet are never taken: a port is reused only once the collector removed its flow.
 #[inline(always)]
-fn claim_port(
-    reply_key: &mut FlowKey,
-    address: u32,
+fn claim_port<A: Family>(
+    reply_key: &mut FlowKeyOf<A>,
+    address: A,
     hash: u32,
-    reply: &ConntrackEntry,
+    reply: &ConntrackEntryOf<A>,
 ) -> Result<u16, Verdict> {
     let failed = || Verdict::drop(counters::DROP_SNAT_FAILED);
     let config = LB_CONFIG.get(0).ok_or_else(failed)?;
@@ -339,13 +382,13 @@ fn claim_port(
         if held_by_previous(reply_key) {
             continue;
         }
-        match LB_CONNTRACK.insert(&*reply_key, reply, BPF_NOEXIST) {
+        match A::conntrack().insert(&*reply_key, reply, BPF_NOEXIST) {
             Ok(()) => return Ok(port.to_be()),
             Err(E2BIG) => return Err(Verdict::drop(counters::DROP_CONNTRACK_FULL)),
             // The port's flow has ended: it is free again, as netfilter reuses a port whose
             // connection is in TIME_WAIT or CLOSE.
             Err(EEXIST) if ended(reply_key) => {
-                if LB_CONNTRACK.insert(&*reply_key, reply, BPF_ANY).is_ok() {
+                if A::conntrack().insert(&*reply_key, reply, BPF_ANY).is_ok() {
                     return Ok(port.to_be());
                 }
             }

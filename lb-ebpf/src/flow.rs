@@ -5,14 +5,13 @@
 use aya_ebpf::{EbpfContext, maps::lpm_trie::Key};
 use aya_log_ebpf::error;
 use lb_common::{
-    ConntrackEntry, FlowKey, ServiceKey, ServiceValue, SourceRangeKey, backend_flags, counters, scope,
-    service_flags,
+    FlowKeyOf, ServiceKeyOf, ServiceValue, SourceRangeKeyOf, backend_flags, counters, scope, service_flags,
 };
 
 use crate::{
-    conntrack::{self, NewFlowEntry},
-    maps::{LB_CONFIG, LB_SERVICES, LB_SOURCE_RANGES},
-    parse::Ipv4Flow,
+    conntrack::{self, NewFlowEntry, TrackSpace},
+    family::Family,
+    parse::Flow,
     select::{self, Inconsistent},
 };
 
@@ -35,20 +34,26 @@ pub enum NewFlow {
     Reject,
     /// Dropped; the counter says why.
     Drop(u32),
-    /// Backend chosen and the flow tracked: rewrite the packet as the entry says.
-    Tracked(ConntrackEntry),
+    /// Backend chosen and the flow tracked: rewrite the packet as the client direction's entry
+    /// (left in the `TrackSpace`) says.
+    Tracked,
 }
 
 /// The service entry of the frontend at `address:port/protocol` as `source` sees it, with its
 /// key. A frontend with two scopes gives in-cluster sources its internal one.
 #[inline(always)]
-pub fn frontend(address: u32, port: u16, protocol: u8, source: Source) -> Option<(ServiceKey, ServiceValue)> {
-    let key = ServiceKey { address, port, backend_slot: 0, protocol, scope: scope::EXTERNAL, _pad: 0 };
+pub fn frontend<A: Family>(
+    address: A,
+    port: u16,
+    protocol: u8,
+    source: Source,
+) -> Option<(ServiceKeyOf<A>, ServiceValue)> {
+    let key = ServiceKeyOf { address, port, backend_slot: 0, protocol, scope: scope::EXTERNAL, _pad: 0 };
     // SAFETY (map reads): values are copied out at once.
-    let service = *unsafe { LB_SERVICES.get(key) }?;
+    let service = *unsafe { A::services().get(key) }?;
     if source == Source::InCluster && service.flags & service_flags::TWO_SCOPES != 0 {
-        let internal = ServiceKey { scope: scope::INTERNAL, ..key };
-        if let Some(value) = unsafe { LB_SERVICES.get(internal) } {
+        let internal = ServiceKeyOf { scope: scope::INTERNAL, ..key };
+        if let Some(value) = unsafe { A::services().get(internal) } {
             return Some((internal, *value));
         }
     }
@@ -56,7 +61,13 @@ pub fn frontend(address: u32, port: u16, protocol: u8, source: Source) -> Option
 }
 
 #[inline(always)]
-pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, source: Source) -> NewFlow {
+pub fn new_flow<C: EbpfContext, A: Family>(
+    ctx: &C,
+    flow: &Flow<A>,
+    key: &FlowKeyOf<A>,
+    source: Source,
+    space: &mut TrackSpace<A>,
+) -> NewFlow {
     let Some((service_key, service)) = frontend(flow.dst_address, flow.dst_port, flow.protocol, source)
     else {
         return NewFlow::NotService;
@@ -66,10 +77,10 @@ pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, source:
     }
     if service.flags & service_flags::SOURCE_RANGES != 0 {
         let range_key = Key::new(
-            SourceRangeKey::prefix_len(32),
-            SourceRangeKey { service_id: service.service_id.to_be(), address: flow.src_address },
+            SourceRangeKeyOf::<A>::prefix_len(A::BITS),
+            SourceRangeKeyOf { service_id: service.service_id.to_be(), address: flow.src_address },
         );
-        if LB_SOURCE_RANGES.get(range_key).is_none() {
+        if A::source_ranges().get(range_key).is_none() {
             return NewFlow::Drop(counters::DROP_SOURCE_RANGE);
         }
     }
@@ -101,9 +112,9 @@ pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, source:
     let host_backend = backend.flags & backend_flags::HOST != 0;
     let wants_snat = service.flags & service_flags::SNAT != 0 || flow.src_address == backend.address;
     let snat_address = if wants_snat && !host_backend {
-        match LB_CONFIG.get(0).map(|config| config.snat_address) {
-            Some(address) if address != 0 => Some(address),
-            _ => return NewFlow::Drop(counters::DROP_SNAT_FAILED),
+        match A::snat_address() {
+            Some(address) => Some(address),
+            None => return NewFlow::Drop(counters::DROP_SNAT_FAILED),
         }
     } else {
         None
@@ -115,9 +126,11 @@ pub fn new_flow<C: EbpfContext>(ctx: &C, flow: &Ipv4Flow, key: &FlowKey, source:
         snat_address,
         route_replies: service.flags & service_flags::NODE_ADDRESS != 0,
         tcp_flags: flow.tcp_flags,
+        hash,
+        now: conntrack::now(),
     };
-    match conntrack::track(key, hash, &new, conntrack::now()) {
-        Ok(entry) => NewFlow::Tracked(entry),
+    match A::track(key, &new, space) {
+        Ok(()) => NewFlow::Tracked,
         Err(verdict) => NewFlow::Drop(verdict.counter),
     }
 }

@@ -11,8 +11,8 @@ use lb_common::{ConntrackEntry, FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue,
 
 use crate::{
     conntrack,
+    family::Family,
     maps::{LB_FRAGMENTS, count},
-    nat,
     parse::{Fragment, Ipv4Flow},
     route,
     verdict::Verdict,
@@ -63,7 +63,7 @@ pub fn translate_later(ctx: &TcContext, flow: &Ipv4Flow, route: bool) -> Result<
     }
     // No L4 header here: only the addresses and the IP header checksum change (the first
     // fragment's L4 checksum already covers the whole datagram's new pseudo-header).
-    nat::rewrite_addresses(ctx, flow, value.src_address, value.dst_address)?;
+    u32::rewrite_addresses(ctx, flow, value.src_address, value.dst_address)?;
     if !route {
         return Ok(Verdict::pass(counters::FRAGMENT_TRANSLATED));
     }

@@ -1,14 +1,15 @@
 //! Header layouts and protocol numbers: every offset the programs read or write, in one place.
-//! L3 offsets are from the start of the IPv4 header, L4 offsets from the start of the
+//! L3 offsets are from the start of the IP header, L4 offsets from the start of the
 //! TCP/UDP/ICMP header.
 
-pub use lb_common::{PROTOCOL_ICMP, PROTOCOL_TCP, PROTOCOL_UDP};
+pub use lb_common::{PROTOCOL_ICMP, PROTOCOL_ICMPV6, PROTOCOL_TCP, PROTOCOL_UDP};
 
 pub const ETH_HEADER_LEN: usize = 14;
 pub const ETH_TYPE_OFFSET: usize = 12;
 /// Destination then source MAC: the first 12 bytes of the frame.
 pub const ETH_MACS_LEN: usize = 12;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 
 pub const IPV4_MIN_HEADER_LEN: usize = 20;
 pub const IPV4_MAX_HEADER_LEN: usize = 60;
@@ -28,6 +29,29 @@ pub const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 pub const IPV4_DONT_FRAGMENT: u8 = 0x40;
 pub const DEFAULT_TTL: u8 = 64;
+
+pub const IPV6_HEADER_LEN: usize = 40;
+pub const IPV6_PAYLOAD_LEN_OFFSET: usize = 4;
+pub const IPV6_NEXT_HEADER_OFFSET: usize = 6;
+pub const IPV6_HOP_LIMIT_OFFSET: usize = 7;
+pub const IPV6_SRC_OFFSET: usize = 8;
+pub const IPV6_DST_OFFSET: usize = 24;
+/// Extension headers (RFC 8200 4.1) and their layout: next header, then length.
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_ESP: u8 = 50;
+pub const IPV6_AUTH: u8 = 51;
+pub const IPV6_DEST_OPTIONS: u8 = 60;
+/// A routing header's segments-left byte.
+pub const IPV6_ROUTING_SEGMENTS_LEFT_OFFSET: usize = 3;
+pub const IPV6_FRAGMENT_HEADER_LEN: usize = 8;
+/// The fragment header's offset/flags word.
+pub const IPV6_FRAGMENT_WORD_OFFSET: usize = 2;
+pub const IPV6_FRAGMENT_OFFSET_MASK: u16 = 0xfff8;
+pub const IPV6_MORE_FRAGMENTS: u16 = 1;
+/// Extension headers walked before giving up on reaching the ports.
+pub const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
 
 pub const L4_SRC_PORT_OFFSET: usize = 0;
 pub const L4_DST_PORT_OFFSET: usize = 2;
@@ -61,3 +85,11 @@ pub const ICMP_QUOTE_LEN: usize = IPV4_MIN_HEADER_LEN + 8;
 pub const COMMON_HEADERS_LEN: usize = ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN + TCP_MIN_HEADER_LEN;
 /// The same with the longest IPv4 header.
 pub const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN + IPV4_MAX_HEADER_LEN + TCP_MIN_HEADER_LEN;
+/// Ethernet, an IPv6 header and a TCP header.
+pub const COMMON_HEADERS_LEN6: usize = ETH_HEADER_LEN + IPV6_HEADER_LEN + TCP_MIN_HEADER_LEN;
+
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PORT_UNREACHABLE: u8 = 4;
+/// What an ICMPv6 error quotes of a rejected packet here: its IPv6 header and 8 bytes after it
+/// (RFC 4443 allows as much as fits the minimum MTU; the ports are what matter).
+pub const ICMPV6_QUOTE_LEN: usize = IPV6_HEADER_LEN + 8;

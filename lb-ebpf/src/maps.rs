@@ -5,12 +5,13 @@ use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
     btf_maps::{Array as BtfArray, ArrayOfMaps, HashMap as BtfHashMap},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, ConntrackEntry, DatapathConfig, FlowKey, FragmentKey, FragmentValue,
-    ServiceKey, ServiceMeta, ServiceTraffic, ServiceValue, SocketFrontend, SocketKey, SourceRangeKey,
-    capacity, counters, stats,
+    AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, ConntrackEntry, ConntrackEntry6,
+    ConntrackEntryOf, DatapathConfig, DatapathConfig6, FlowKey, FlowKey6, FragmentKey, FragmentValue,
+    MAP_NO_PREALLOC, ServiceKey, ServiceKey6, ServiceMeta, ServiceTraffic, ServiceValue, SocketFrontend,
+    SocketKey, SourceRangeKey, SourceRangeKey6, capacity, counters, stats,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -35,6 +36,41 @@ pub static LB_CONNTRACK: HashMap<FlowKey, ConntrackEntry> = HashMap::pinned(capa
 /// carried every entry over. Empty otherwise. Not pinned: it belongs to this load.
 #[btf_map]
 pub static LB_CONNTRACK_PREVIOUS: ArrayOfMaps<BtfHashMap<FlowKey, ConntrackEntry, 1>, 1> = ArrayOfMaps::new();
+
+/// The IPv6 family's frontends, backends, flows, source ranges and affinities: the same as their
+/// IPv4 counterparts above, with IPv6 addresses. Backend IDs are one space across both families.
+/// The hash maps are not preallocated (`MAP_NO_PREALLOC`): an IPv4-only node does not pay for them.
+#[map]
+pub static LB_SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, MAP_NO_PREALLOC);
+
+#[map]
+pub static LB_BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, MAP_NO_PREALLOC);
+
+#[map]
+pub static LB_CONNTRACK6: HashMap<FlowKey6, ConntrackEntry6> =
+    HashMap::pinned(capacity::CONNTRACK, MAP_NO_PREALLOC);
+
+/// `LB_CONNTRACK_PREVIOUS` for `LB_CONNTRACK6`.
+#[btf_map]
+pub static LB_CONNTRACK6_PREVIOUS: ArrayOfMaps<BtfHashMap<FlowKey6, ConntrackEntry6, 1>, 1> =
+    ArrayOfMaps::new();
+
+#[map]
+pub static LB_SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+#[map]
+pub static LB_AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+/// The TC programs' IPv6 halves (`lb_common::tail_calls`), filled by userspace before any
+/// program is attached. Pinned: a program array loses its entries when no file refers to it,
+/// and the programs must keep working while lb restarts.
+#[map]
+pub static LB_PROGRAMS: ProgramArray = ProgramArray::pinned(lb_common::tail_calls::COUNT, 0);
+
+/// One entry: the IPv6 family's node-wide settings (its source-NAT address).
+#[map]
+pub static LB_CONFIG6: Array<DatapathConfig6> = Array::pinned(1, 0);
 
 /// Service ID -> name and type, for `lb services`. Never read here; declared in this object so
 /// it is created and pinned with the others.
@@ -91,6 +127,43 @@ pub static LB_CLOCK: Array<u64> = Array::pinned(1, 0);
 #[map]
 pub static LB_LAYOUT: Array<u32> = Array::pinned(lb_common::layout::RECORDS, 0);
 
+/// Where `reject` builds a reply's headers: the BPF stack has no room for IPv6's.
+pub struct RejectScratch {
+    pub macs: [u8; 12],
+    pub swapped: [u8; 12],
+    pub incoming: [u8; 20],
+    pub tcp: [u8; 20],
+    pub icmp: [u8; 8],
+    pub ipv4: [u8; 20],
+    pub ipv6: [u8; 40],
+    /// The quoted packet of an ICMP error (IPv4 uses its first 28 bytes).
+    pub quote: [u8; 48],
+}
+
+/// One `RejectScratch` per CPU. Not pinned: scratch space of this load.
+#[map]
+pub static LB_REJECT_SCRATCH: PerCpuArray<RejectScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 path's flow, key and new entries, kept here rather than on the BPF stack, which has
+/// no room for them beside the rest of the path.
+pub struct Scratch6 {
+    pub flow: crate::parse::Ipv6Flow,
+    pub key: FlowKey6,
+    pub track: crate::conntrack::TrackSpace<lb_common::In6>,
+}
+
+/// One `Scratch6` per CPU (a program run is never interrupted on its CPU by another that uses
+/// it: TC runs in softirq context or with it disabled). Not pinned: scratch space of this load.
+#[map]
+pub static LB_SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's `Scratch6`.
+#[inline(always)]
+pub fn scratch6() -> Option<&'static mut Scratch6> {
+    // SAFETY: this CPU's value, used by one program run at a time (see `LB_SCRATCH6`).
+    LB_SCRATCH6.get_ptr_mut(0).map(|scratch| unsafe { &mut *scratch })
+}
+
 /// Per-CPU packet counters, indexed by `lb_common::counters`.
 #[map]
 pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
@@ -131,7 +204,7 @@ fn counting_traffic() -> bool {
 
 /// Counts a translated packet of `entry`'s flow (`bytes` long) for its frontend.
 #[inline(always)]
-pub fn count_traffic(entry: &ConntrackEntry, bytes: u32, new_flow: bool) {
+pub fn count_traffic<A: Copy>(entry: &ConntrackEntryOf<A>, bytes: u32, new_flow: bool) {
     if !counting_traffic() {
         return;
     }

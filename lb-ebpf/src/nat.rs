@@ -9,58 +9,40 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{ConntrackEntry, PROTOCOL_UDP, counters};
+use lb_common::{ConntrackEntryOf, PROTOCOL_UDP, counters};
 
 use crate::{
     csum,
-    headers::{
-        IPV4_CHECKSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET,
-    },
-    parse::{Ipv4Flow, at},
+    family::Family,
+    headers::{L4_DST_PORT_OFFSET, L4_SRC_PORT_OFFSET},
+    parse::{Flow, at},
     verdict::Verdict,
 };
 
 #[inline(always)]
-fn write<T>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Verdict> {
+pub fn write<T>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Verdict> {
     let pointer = at::<T>(ctx, offset).ok_or(Verdict::drop(counters::DROP_REWRITE_FAILED))?;
     // SAFETY: bounds checked by `at`; packet data has no alignment guarantee.
     unsafe { core::ptr::write_unaligned(pointer, value) };
     Ok(())
 }
 
-/// Rewrites the IPv4 source and destination and the header checksum. Returns the checksum
-/// difference for the L4 pseudo-header (0 when nothing changed).
-#[inline(always)]
-pub fn rewrite_addresses(ctx: &TcContext, flow: &Ipv4Flow, src: u32, dst: u32) -> Result<u32, Verdict> {
-    if flow.src_address == src && flow.dst_address == dst {
-        return Ok(0);
-    }
-    let failed = Verdict::drop(counters::DROP_REWRITE_FAILED);
-    let diff = csum::add32(csum::diff4(flow.src_address, src), csum::diff4(flow.dst_address, dst));
-    let check_offset = flow.l3_offset + IPV4_CHECKSUM_OFFSET;
-    let check = crate::parse::read::<u16>(ctx, check_offset).ok_or(failed)?;
-    write(ctx, check_offset, csum::apply_diff(check, diff))?;
-    write(ctx, flow.l3_offset + IPV4_SRC_OFFSET, src)?;
-    write(ctx, flow.l3_offset + IPV4_DST_OFFSET, dst)?;
-    Ok(diff)
-}
-
-/// Rewrites the packet to the addresses a conntrack entry holds: addresses, ports, and both
+/// Rewrites the packet to the addresses a conntrack entry holds: addresses, ports, and the
 /// checksums.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, flow: &Ipv4Flow, to: &ConntrackEntry) -> Result<(), Verdict> {
+pub fn rewrite<A: Family>(ctx: &TcContext, flow: &Flow<A>, to: &ConntrackEntryOf<A>) -> Result<(), Verdict> {
     let failed = |_| Verdict::drop(counters::DROP_REWRITE_FAILED);
-    let address_diff = rewrite_addresses(ctx, flow, to.src_address, to.dst_address)?;
+    let address_diff = A::rewrite_addresses(ctx, flow, to.src_address, to.dst_address)?;
     let mut port_diff = 0;
     let mut ports_changed = false;
     if flow.src_port != to.src_port {
         port_diff = csum::add32(port_diff, csum::diff2(flow.src_port, to.src_port));
-        write(ctx, flow.l4_offset + L4_SRC_PORT_OFFSET, to.src_port)?;
+        write(ctx, flow.l4() + L4_SRC_PORT_OFFSET, to.src_port)?;
         ports_changed = true;
     }
     if flow.dst_port != to.dst_port {
         port_diff = csum::add32(port_diff, csum::diff2(flow.dst_port, to.dst_port));
-        write(ctx, flow.l4_offset + L4_DST_PORT_OFFSET, to.dst_port)?;
+        write(ctx, flow.l4() + L4_DST_PORT_OFFSET, to.dst_port)?;
         ports_changed = true;
     }
     // A UDP checksum of 0 means "none": MARK_MANGLED_0 leaves it 0, and writes 0xffff where an

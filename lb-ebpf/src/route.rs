@@ -13,31 +13,23 @@ use aya_ebpf::{
 };
 use lb_common::conntrack_flags;
 
-use crate::{
-    headers::{ETH_MACS_LEN, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET},
-    parse::Ipv4Flow,
-    verdict::Verdict,
-};
-
-const AF_INET: u8 = 2;
+use crate::{family::Family, headers::ETH_MACS_LEN, parse::Flow, verdict::Verdict};
 
 /// The kernel's route and neighbour for a packet from `src_address` to `dst_address` that
 /// arrived on `ingress`: the lookup's result code and, on success, egress interface and MACs.
 #[inline(always)]
-pub fn fib_lookup(
+pub fn fib_lookup<A: Family>(
     ctx: *mut core::ffi::c_void,
     ingress: u32,
     protocol: u8,
-    src_address: u32,
-    dst_address: u32,
+    src_address: A,
+    dst_address: A,
 ) -> (u32, FibLookup) {
     // SAFETY: plain old data; every field the kernel reads is set below.
     let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    A::fib_addresses(&mut params, src_address, dst_address);
     params.l4_protocol = protocol;
     params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = src_address;
-    params.__bindgen_anon_4.ipv4_dst = dst_address;
     // SAFETY: helper call with the program's context and a stack struct of the size passed.
     let result = unsafe { bpf_fib_lookup(ctx, &mut params, size_of::<FibLookup>() as i32, 0) };
     (result as u32, params)
@@ -46,12 +38,12 @@ pub fn fib_lookup(
 /// The verdict for a rewritten packet: redirected to its next hop when `flags` (a flow's
 /// `conntrack_flags`) say the stack would not take it, else passed with `counter`.
 #[inline(always)]
-pub fn if_flagged(
+pub fn if_flagged<A: Family>(
     ctx: &TcContext,
-    flow: &Ipv4Flow,
+    flow: &Flow<A>,
     flags: u16,
-    src_address: u32,
-    dst_address: u32,
+    src_address: A,
+    dst_address: A,
     counter: u32,
 ) -> Verdict {
     if flags & conntrack_flags::ROUTE != 0
@@ -65,23 +57,20 @@ pub fn if_flagged(
 /// Redirects the (already rewritten) packet to the next hop towards `dst_address`. `None`
 /// leaves it to the stack: no route, forwarding off, or a TTL that the stack must answer.
 #[inline(always)]
-pub fn to_next_hop(ctx: &TcContext, flow: &Ipv4Flow, src_address: u32, dst_address: u32) -> Option<i32> {
-    let ttl_word: u16 = ctx.load(flow.l3_offset + IPV4_TTL_OFFSET).ok()?;
-    let [ttl, protocol] = ttl_word.to_ne_bytes();
-    if ttl <= 1 {
-        return None;
-    }
+pub fn to_next_hop<A: Family>(
+    ctx: &TcContext,
+    flow: &Flow<A>,
+    src_address: A,
+    dst_address: A,
+) -> Option<i32> {
     // SAFETY: reads a field of the context the program was given.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let (result, params) = fib_lookup(ctx.skb.skb.cast(), ingress, flow.protocol, src_address, dst_address);
     if result != BPF_FIB_LKUP_RET_SUCCESS && result != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
-    // Forwarded here, so the TTL drops here.
-    let new_word = u16::from_ne_bytes([ttl - 1, protocol]);
-    ctx.l3_csum_replace(flow.l3_offset + IPV4_CHECKSUM_OFFSET, u64::from(ttl_word), u64::from(new_word), 2)
-        .ok()?;
-    ctx.store(flow.l3_offset + IPV4_TTL_OFFSET, &new_word, 0).ok()?;
+    // Forwarded here, so the TTL drops here (a TTL at 1 is left to the stack to answer).
+    A::forward_hop(ctx, flow)?;
     let action = if result == BPF_FIB_LKUP_RET_SUCCESS {
         let mut macs = [0u8; ETH_MACS_LEN];
         macs[..6].copy_from_slice(&params.dmac);

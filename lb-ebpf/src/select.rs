@@ -4,9 +4,12 @@
 //! of the flow over the frontend's slots.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, counters};
+use lb_common::{AffinityKeyOf, AffinityValue, BackendOf, ServiceKeyOf, ServiceValue, counters};
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV, LB_SERVICES, config, count};
+use crate::{
+    family::Family,
+    maps::{LB_MAGLEV, config, count},
+};
 
 pub use lb_common::{flow_hash, mix};
 
@@ -25,13 +28,13 @@ pub enum Inconsistent {
 /// The backend a new flow to `service` (found at `key`, slot 0) goes to. `client` is the
 /// affinity key's client address.
 #[inline(always)]
-pub fn choose(
-    key: &ServiceKey,
+pub fn choose<A: Family>(
+    key: &ServiceKeyOf<A>,
     service: &ServiceValue,
     hash: u32,
-    client: u32,
-) -> Result<(u32, Backend), Inconsistent> {
-    let affinity_key = AffinityKey { client_address: client, service_id: service.service_id };
+    client: A,
+) -> Result<(u32, BackendOf<A>), Inconsistent> {
+    let affinity_key = AffinityKeyOf { client_address: client, service_id: service.service_id };
     let now = if service.affinity_timeout != 0 {
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -48,14 +51,14 @@ pub fn choose(
         None => {
             let slot_key = key.with_slot(backend_slot(hash, service.backend_count));
             // SAFETY: copied out at once.
-            unsafe { LB_SERVICES.get(slot_key) }.ok_or(Inconsistent::Slot)?.backend_id
+            unsafe { A::services().get(slot_key) }.ok_or(Inconsistent::Slot)?.backend_id
         }
     };
     // SAFETY: copied out at once.
-    let backend = *unsafe { LB_BACKENDS.get(backend_id) }.ok_or(Inconsistent::Backend)?;
+    let backend = *unsafe { A::backends().get(backend_id) }.ok_or(Inconsistent::Backend)?;
     if service.affinity_timeout != 0 {
         let value = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
-        let _ = LB_AFFINITY.insert(affinity_key, value, 0);
+        let _ = A::affinity().insert(affinity_key, value, 0);
     }
     Ok((backend_id, backend))
 }
@@ -64,15 +67,19 @@ pub fn choose(
 /// backend still exists (the collector removes records whose backend left the frontend). The
 /// window slides: each new connection renews it.
 #[inline(always)]
-fn affinity(key: &AffinityKey, timeout_seconds: u32, now: u64) -> Option<(u32, Backend)> {
-    let record = LB_AFFINITY.get_ptr_mut(key)?;
+fn affinity<A: Family>(
+    key: &AffinityKeyOf<A>,
+    timeout_seconds: u32,
+    now: u64,
+) -> Option<(u32, BackendOf<A>)> {
+    let record = A::affinity().get_ptr_mut(key)?;
     // SAFETY: a pointer into the map's value, valid for this program run.
     let record = unsafe { &mut *record };
     if now.wrapping_sub(record.last_used_ns) >= u64::from(timeout_seconds) * 1_000_000_000 {
         return None;
     }
     // SAFETY: copied out at once.
-    let backend = *unsafe { LB_BACKENDS.get(record.backend_id) }?;
+    let backend = *unsafe { A::backends().get(record.backend_id) }?;
     record.last_used_ns = now;
     Some((record.backend_id, backend))
 }

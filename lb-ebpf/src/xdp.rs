@@ -16,7 +16,7 @@ use aya_ebpf::{
 use lb_common::{ConntrackEntry, counters};
 
 use crate::{
-    conntrack::{self, Tracked},
+    conntrack::{self, TrackSpace, Tracked},
     csum,
     flow::{self, NewFlow, Source},
     headers::*,
@@ -108,17 +108,19 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
     let Some(flow) = parse(ctx) else { return xdp_action::XDP_PASS };
     let key = conntrack::packet_key(&flow);
     let mut new_flow = false;
+    let mut space = TrackSpace::zeroed();
     let entry = match conntrack::lookup(&key) {
         // What is not a plain translation (a reopened flow, a reset, a packet that is not the
         // flow's) is left to TC, which finds the state this call left and does the rest.
         Some(entry) => match conntrack::on_packet(&key, entry, flow.tcp_flags, conntrack::now()) {
-            Tracked::Translate(entry) => entry,
+            // SAFETY: a pointer into the map's value, valid for this program run.
+            Tracked::Translate(entry) => unsafe { *entry },
             Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => return xdp_action::XDP_PASS,
         },
-        None => match flow::new_flow(ctx, &flow, &key, Source::ExternalXdp) {
-            NewFlow::Tracked(entry) => {
+        None => match flow::new_flow(ctx, &flow, &key, Source::ExternalXdp, &mut space) {
+            NewFlow::Tracked => {
                 new_flow = true;
-                entry
+                space.forward
             }
             NewFlow::Drop(counter) => {
                 count(counter);

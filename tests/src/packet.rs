@@ -1,7 +1,7 @@
-//! A small builder for Ethernet/IPv4/TCP/UDP test packets with correct checksums, and checks
-//! that recompute checksums from scratch.
+//! A small builder for Ethernet/IPv4/TCP/UDP and Ethernet/IPv6/TCP/UDP test packets with
+//! correct checksums, and checks that recompute checksums from scratch.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const ETH_LEN: usize = 14;
 pub const TCP: u8 = 6;
@@ -85,32 +85,15 @@ impl PacketSpec {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        l4.extend_from_slice(&self.src.1.to_be_bytes());
-        l4.extend_from_slice(&self.dst.1.to_be_bytes());
-        let checksum_at;
-        if self.protocol == TCP {
-            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.push(5 << 4); // data offset
-            l4.push(self.tcp_flags);
-            l4.extend_from_slice(&64240u16.to_be_bytes()); // window
-            checksum_at = l4.len();
-            l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-        } else {
-            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-            checksum_at = l4.len();
-            l4.extend_from_slice(&[0, 0]);
-        }
-        l4.extend_from_slice(&self.payload);
-        let skip_checksum = self.protocol == UDP && self.udp_zero_checksum;
-        if !skip_checksum {
-            let sum =
-                !ones_complement_sum(&l4, pseudo_header_sum(self.src.0, self.dst.0, self.protocol, l4.len()));
-            // UDP sends a computed 0 as 0xffff; 0 means "no checksum".
-            let sum = if self.protocol == UDP && sum == 0 { 0xffff } else { sum };
-            l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
-        }
+        let pseudo = |len| pseudo_header_sum(self.src.0, self.dst.0, self.protocol, len);
+        let l4 = l4_segment(
+            (self.src.1, self.dst.1),
+            self.protocol,
+            self.tcp_flags,
+            &self.payload,
+            !(self.protocol == UDP && self.udp_zero_checksum),
+            pseudo,
+        );
 
         let header_len = 20 + self.ip_options.len();
         let mut ip = Vec::with_capacity(header_len);
@@ -137,6 +120,43 @@ impl PacketSpec {
         frame.extend_from_slice(&l4);
         frame
     }
+}
+
+/// A TCP or UDP segment (ports, then TCP seq 0x01020304, ack 0, or the UDP length) carrying
+/// `payload`, checksummed over `pseudo(length)` (its pseudo-header's sum) when `checksum`.
+fn l4_segment(
+    ports: (u16, u16),
+    protocol: u8,
+    tcp_flags: u8,
+    payload: &[u8],
+    checksum: bool,
+    pseudo: impl Fn(usize) -> u32,
+) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&ports.0.to_be_bytes());
+    l4.extend_from_slice(&ports.1.to_be_bytes());
+    let checksum_at;
+    if protocol == TCP {
+        l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+        l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+        l4.push(5 << 4); // data offset
+        l4.push(tcp_flags);
+        l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+        checksum_at = l4.len();
+        l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    } else {
+        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        checksum_at = l4.len();
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(payload);
+    if checksum {
+        let sum = !ones_complement_sum(&l4, pseudo(l4.len()));
+        // UDP sends a computed 0 as 0xffff; 0 means "no checksum".
+        let sum = if protocol == UDP && sum == 0 { 0xffff } else { sum };
+        l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    l4
 }
 
 impl PacketSpec {
@@ -264,6 +284,164 @@ pub fn icmp_checksums_valid(frame: &[u8]) -> bool {
     ones_complement_sum(&ip[..20], 0) == 0xffff && ones_complement_sum(&ip[20..], 0) == 0xffff
 }
 
+/// IPv6 extension header types (RFC 8200).
+pub const HOP_BY_HOP: u8 = 0;
+pub const ROUTING: u8 = 43;
+pub const FRAGMENT: u8 = 44;
+pub const DEST_OPTIONS: u8 = 60;
+pub const ICMPV6: u8 = 58;
+
+fn pseudo_header_sum6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4_len: usize) -> u32 {
+    let words = |a: Ipv6Addr| a.segments().into_iter().map(u32::from).sum::<u32>();
+    words(src) + words(dst) + (l4_len as u32 >> 16) + (l4_len as u32 & 0xffff) + u32::from(next_header)
+}
+
+/// An Ethernet/IPv6 test packet, with extension headers before its TCP or UDP header.
+#[derive(Clone, Debug)]
+pub struct Packet6Spec {
+    pub src: (Ipv6Addr, u16),
+    pub dst: (Ipv6Addr, u16),
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+    /// Extension headers in order: each its type and its bytes (a multiple of 8; the first,
+    /// next-header, byte is filled in by `build`).
+    pub extensions: Vec<(u8, Vec<u8>)>,
+    pub hop_limit: u8,
+}
+
+impl Packet6Spec {
+    pub fn tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), tcp_flags: u8) -> Self {
+        Self {
+            src,
+            dst,
+            protocol: TCP,
+            tcp_flags,
+            payload: b"hello".to_vec(),
+            extensions: Vec::new(),
+            hop_limit: 64,
+        }
+    }
+
+    pub fn udp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
+        Self { protocol: UDP, ..Self::tcp(src, dst, 0) }
+    }
+
+    pub fn with_src(&self, src: (Ipv6Addr, u16)) -> Self {
+        Self { src, ..self.clone() }
+    }
+
+    pub fn with_dst(&self, dst: (Ipv6Addr, u16)) -> Self {
+        Self { dst, ..self.clone() }
+    }
+
+    /// The same packet behind an extension header of `kind` (options padded to 8 bytes, or a
+    /// routing header with `segments_left`, or a fragment header with `fragment_word`).
+    pub fn with_extension(&self, kind: u8, word: u16) -> Self {
+        let mut header = vec![0u8; 8];
+        match kind {
+            ROUTING => header[3] = word as u8,
+            FRAGMENT => header[2..4].copy_from_slice(&word.to_be_bytes()),
+            _ => header[2..4].copy_from_slice(&[1, 4]), // a PadN option filling the header
+        }
+        let mut spec = self.clone();
+        spec.extensions.push((kind, header));
+        spec
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let pseudo = |len| pseudo_header_sum6(self.src.0, self.dst.0, self.protocol, len);
+        let l4 =
+            l4_segment((self.src.1, self.dst.1), self.protocol, self.tcp_flags, &self.payload, true, pseudo);
+        let mut chain = Vec::new();
+        for (i, (_, header)) in self.extensions.iter().enumerate() {
+            let next = self.extensions.get(i + 1).map_or(self.protocol, |(kind, _)| *kind);
+            let mut header = header.clone();
+            header[0] = next;
+            chain.extend_from_slice(&header);
+        }
+        let first = self.extensions.first().map_or(self.protocol, |(kind, _)| *kind);
+        let mut frame = ethernet_header(0x86dd);
+        frame.extend_from_slice(&ipv6_header(
+            self.src.0,
+            self.dst.0,
+            first,
+            chain.len() + l4.len(),
+            self.hop_limit,
+        ));
+        frame.extend_from_slice(&chain);
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, payload_len: usize, hop_limit: u8) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    ip.push(next_header);
+    ip.push(hop_limit);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip
+}
+
+/// Whether an Ethernet/IPv6 frame's TCP/UDP (or ICMPv6) checksum is valid, past its extension
+/// headers.
+pub fn checksums_valid6(frame: &[u8]) -> bool {
+    let Some(ip) = frame.get(ETH_LEN..).filter(|ip| ip.len() >= 40) else { return false };
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let Some(payload) = ip.get(40..40 + payload_len) else { return false };
+    let (mut next, mut at) = (ip[6], 0);
+    while matches!(next, HOP_BY_HOP | ROUTING | DEST_OPTIONS | FRAGMENT) {
+        let len = if next == FRAGMENT { 8 } else { (usize::from(payload[at + 1]) + 1) * 8 };
+        next = payload[at];
+        at += len;
+    }
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    let l4 = &payload[at..];
+    ones_complement_sum(l4, pseudo_header_sum6(src, dst, next, l4.len())) == 0xffff
+}
+
+/// The Ethernet header of an IPv6 frame sent back where `ethernet_header`'s frames came from.
+fn swapped_ethernet_header6() -> Vec<u8> {
+    let mut frame = swapped_ethernet_header();
+    frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    frame
+}
+
+/// The RST a closed port answers an IPv6 `segment` with, as the client receives it.
+pub fn tcp_reset_for6(segment: &Packet6Spec) -> Vec<u8> {
+    let length = segment.payload.len() as u32 + u32::from(segment.tcp_flags & 0x02 != 0);
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&segment.dst.1.to_be_bytes());
+    tcp.extend_from_slice(&segment.src.1.to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.extend_from_slice(&(0x0102_0304u32 + length).to_be_bytes());
+    tcp.extend_from_slice(&[5 << 4, 0x14, 0, 0, 0, 0, 0, 0]);
+    let sum = !ones_complement_sum(&tcp, pseudo_header_sum6(segment.dst.0, segment.src.0, TCP, tcp.len()));
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = swapped_ethernet_header6();
+    frame.extend_from_slice(&ipv6_header(segment.dst.0, segment.src.0, TCP, tcp.len(), 64));
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+/// The ICMPv6 port unreachable (RFC 4443) answering an IPv6 `datagram`: its IPv6 header and
+/// 8 bytes quoted.
+pub fn icmpv6_port_unreachable_for(datagram: &Packet6Spec) -> Vec<u8> {
+    let original = datagram.build();
+    let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&original[ETH_LEN..ETH_LEN + 48]);
+    let sum =
+        !ones_complement_sum(&icmp, pseudo_header_sum6(datagram.dst.0, datagram.src.0, ICMPV6, icmp.len()));
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = swapped_ethernet_header6();
+    frame.extend_from_slice(&ipv6_header(datagram.dst.0, datagram.src.0, ICMPV6, icmp.len(), 64));
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
 pub fn ethernet_header(ether_type: u16) -> Vec<u8> {
     let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
     frame.extend_from_slice(&ether_type.to_be_bytes());
@@ -301,5 +479,12 @@ mod tests {
         let mut broken = PacketSpec::tcp(a, b, 0x02).build();
         broken[ETH_LEN + 16] ^= 1;
         assert!(!checksums_valid(&broken));
+        let a6 = ("fd00::2".parse().unwrap(), 40000);
+        let b6 = ("fd00:96::10".parse().unwrap(), 80);
+        assert!(checksums_valid6(&Packet6Spec::tcp(a6, b6, 0x02).build()));
+        assert!(checksums_valid6(&Packet6Spec::udp(a6, b6).with_extension(HOP_BY_HOP, 0).build()));
+        let mut broken = Packet6Spec::udp(a6, b6).build();
+        broken[ETH_LEN + 8] ^= 1;
+        assert!(!checksums_valid6(&broken));
     }
 }

@@ -119,7 +119,7 @@ fn packets_lb_does_not_own_pass_untouched() {
     h.expect("UDP to a TCP frontend", &other_protocol, PASS, &other_protocol, counters::PASS_NOT_SERVICE);
     let mut arp = packet::ethernet_header(0x0806);
     arp.extend_from_slice(&[0u8; 28]);
-    h.expect("ARP", &arp, PASS, &arp, counters::PASS_NOT_IPV4);
+    h.expect("ARP", &arp, PASS, &arp, counters::PASS_NOT_IP);
     let mut icmp = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
     icmp[ETH_LEN + 9] = 1;
     h.expect("ICMP", &icmp, PASS, &icmp, counters::PASS_OTHER_PROTOCOL);

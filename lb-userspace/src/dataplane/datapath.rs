@@ -95,6 +95,12 @@ pub enum DatapathError {
     Counters(#[source] aya::maps::MapError),
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
+    #[error("filling {map} with the IPv6 programs: {source}")]
+    ProgramSlots {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("writing the data path's settings to {map}: {source}")]
     Config {
         map: &'static str,
@@ -302,7 +308,32 @@ impl Datapath {
                 return Err(error.into());
             }
         }
-        // Every program now: a previous lb's links get them before anything else happens.
+        // Every program now: a previous lb's links get them before anything else happens. The
+        // IPv6 halves first, into the programs map the others tail-call (pinned: a previous
+        // lb's programs, still attached, then reach these).
+        let mut ipv6_programs = Vec::new();
+        for (slot, name) in lb_common::tail_calls::PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { name })?;
+            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+            let fd = program
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .map_err(|source| DatapathError::LoadProgram { name, source })?;
+            ipv6_programs.push((slot, fd));
+        }
+        let mut slots: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
+            .map_mut(map_names::PROGRAMS)
+            .ok_or(DatapathError::MissingMap { name: map_names::PROGRAMS })?
+            .try_into()
+            .map_err(|source| DatapathError::ProgramSlots { map: map_names::PROGRAMS, source })?;
+        for (slot, fd) in &ipv6_programs {
+            slots
+                .set(*slot, fd, 0)
+                .map_err(|source| DatapathError::ProgramSlots { map: map_names::PROGRAMS, source })?;
+        }
         for name in TC_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -103,7 +103,7 @@ impl MapShape {
 }
 
 /// The shape of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 15] {
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 22] {
     use core::mem::size_of;
     use lb_common::*;
     let shape = |map_type, key: usize, value: usize, max_entries| MapShape {
@@ -166,6 +166,41 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 15] {
             map_names::SERVICE_TRAFFIC,
             shape(MapType::PerCpuHash, 4, size_of::<ServiceTraffic>(), capacity.frontends),
         ),
+        // The IPv6 family's maps, at their default sizes (the `--max-*` flags size IPv4's).
+        (
+            map_names::SERVICES6,
+            shape(
+                MapType::Hash,
+                size_of::<ServiceKey6>(),
+                size_of::<ServiceValue>(),
+                lb_common::capacity::SERVICES,
+            ),
+        ),
+        (map_names::BACKENDS6, shape(MapType::Hash, 4, size_of::<Backend6>(), lb_common::capacity::BACKENDS)),
+        (
+            map_names::CONNTRACK6,
+            shape(
+                MapType::Hash,
+                size_of::<FlowKey6>(),
+                size_of::<ConntrackEntry6>(),
+                lb_common::capacity::CONNTRACK,
+            ),
+        ),
+        (
+            map_names::SOURCE_RANGES6,
+            shape(MapType::LpmTrie, 4 + size_of::<SourceRangeKey6>(), 1, lb_common::capacity::SOURCE_RANGES),
+        ),
+        (
+            map_names::AFFINITY6,
+            shape(
+                MapType::LruHash,
+                size_of::<AffinityKey6>(),
+                size_of::<AffinityValue>(),
+                lb_common::capacity::AFFINITY,
+            ),
+        ),
+        (map_names::CONFIG6, shape(MapType::Array, 4, size_of::<DatapathConfig6>(), 1)),
+        (map_names::PROGRAMS, shape(MapType::ProgramArray, 4, 4, tail_calls::COUNT)),
     ]
 }
 

@@ -1,0 +1,152 @@
+//! IPv6 packet fixtures through BPF_PROG_TEST_RUN: {input, expected verdict, expected output,
+//! expected counter}. The IPv6 maps are written here directly (as the reconciler writes the
+//! IPv4 ones): these fixtures are the data path's.
+
+use std::net::Ipv6Addr;
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{Backend6, ConntrackEntry6, FlowKey6, ServiceKey6, ServiceValue, counters, map_names, scope};
+use tests::fixture::{Harness, PASS, REDIRECT};
+use tests::packet::{self, DEST_OPTIONS, ETH_LEN, FRAGMENT, HOP_BY_HOP, Packet6Spec, ROUTING, TCP, UDP};
+
+const CLIENT: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 2), 40000);
+const VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const POD: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 11), 8080);
+/// IDs far from the ones the reconciler hands out to the IPv4 fixtures.
+const SERVICE_ID: u32 = 60_001;
+const BACKEND_ID: u32 = 60_002;
+
+/// A frontend `VIP:port/protocol` with `backends` (none: rejects).
+fn program(h: &mut Harness, port: u16, protocol: u8, backends: &[(Ipv6Addr, u16)]) {
+    let service_id = SERVICE_ID + u32::from(port);
+    {
+        let mut map: HashMap<&mut MapData, u32, Backend6> =
+            HashMap::try_from(h.datapath.ebpf_mut().map_mut(map_names::BACKENDS6).unwrap()).unwrap();
+        for (i, (address, port)) in backends.iter().enumerate() {
+            map.insert(BACKEND_ID + i as u32, Backend6::new(*address, *port, protocol), 0).unwrap();
+        }
+    }
+    let mut services: HashMap<&mut MapData, ServiceKey6, ServiceValue> =
+        HashMap::try_from(h.datapath.ebpf_mut().map_mut(map_names::SERVICES6).unwrap()).unwrap();
+    let key = ServiceKey6::scoped(VIP, port, protocol, scope::EXTERNAL, 0);
+    for slot in 1..=backends.len() as u16 {
+        let value = ServiceValue::backend_slot(service_id, BACKEND_ID + u32::from(slot) - 1);
+        services.insert(key.with_slot(slot), value, 0).unwrap();
+    }
+    services.insert(key, ServiceValue::service_entry(service_id, backends.len() as u16), 0).unwrap();
+}
+
+fn flows(h: &mut Harness) -> Vec<(FlowKey6, ConntrackEntry6)> {
+    let map: HashMap<&MapData, FlowKey6, ConntrackEntry6> =
+        HashMap::try_from(h.datapath.ebpf_mut().map(map_names::CONNTRACK6).unwrap()).unwrap();
+    map.iter().map(Result::unwrap).collect()
+}
+
+#[test]
+fn a_tcp_flow_to_an_ipv6_cluster_ip_is_translated_both_ways() {
+    let mut h = Harness::new();
+    program(&mut h, 80, TCP, &[POD]);
+    let syn = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x02);
+    let expected = syn.with_dst(POD).build();
+    assert!(packet::checksums_valid6(&expected));
+    h.expect("SYN", &syn.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    let flows = flows(&mut h);
+    assert_eq!(flows.len(), 2, "both directions tracked: {flows:?}");
+    let forward = flows.iter().find(|(key, _)| key.src() == CLIENT).unwrap();
+    assert_eq!(forward.0.dst(), (VIP, 80));
+    assert_eq!((forward.1.service_id, forward.1.backend_id), (SERVICE_ID + 80, BACKEND_ID));
+
+    let syn_ack = Packet6Spec::tcp(POD, CLIENT, 0x12);
+    h.expect(
+        "SYN-ACK",
+        &syn_ack.build(),
+        PASS,
+        &syn_ack.with_src((VIP, 80)).build(),
+        counters::REPLY_REVERSE_NAT,
+    );
+    let ack = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x10);
+    h.expect("ACK", &ack.build(), PASS, &ack.with_dst(POD).build(), counters::FORWARD_TRACKED_FLOW);
+}
+
+#[test]
+fn udp_to_an_ipv6_cluster_ip_is_translated() {
+    let mut h = Harness::new();
+    let pod = (POD.0, 5353);
+    program(&mut h, 53, UDP, &[pod]);
+    let query = Packet6Spec::udp(CLIENT, (VIP, 53));
+    let expected = query.with_dst(pod).build();
+    assert!(packet::checksums_valid6(&expected));
+    h.expect("query", &query.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    let answer = Packet6Spec::udp(pod, CLIENT);
+    h.expect(
+        "answer",
+        &answer.build(),
+        PASS,
+        &answer.with_src((VIP, 53)).build(),
+        counters::REPLY_REVERSE_NAT,
+    );
+}
+
+#[test]
+fn an_ipv6_frontend_without_endpoints_rejects_with_rst_or_icmpv6() {
+    let mut h = Harness::new();
+    program(&mut h, 80, TCP, &[]);
+    program(&mut h, 53, UDP, &[]);
+    let syn = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x02);
+    let rst = packet::tcp_reset_for6(&syn);
+    assert!(packet::checksums_valid6(&rst));
+    h.expect("SYN", &syn.build(), REDIRECT, &rst, counters::REJECT_NO_BACKEND);
+    let query = Packet6Spec::udp(CLIENT, (VIP, 53));
+    let unreachable = packet::icmpv6_port_unreachable_for(&query);
+    assert!(packet::checksums_valid6(&unreachable));
+    h.expect("UDP", &query.build(), REDIRECT, &unreachable, counters::REJECT_NO_BACKEND);
+}
+
+#[test]
+fn extension_headers_are_passed_over_or_counted() {
+    let mut h = Harness::new();
+    program(&mut h, 80, TCP, &[POD]);
+    // Options headers: walked over to the ports, and kept as they were.
+    let syn = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x02)
+        .with_extension(HOP_BY_HOP, 0)
+        .with_extension(DEST_OPTIONS, 0);
+    let expected = syn.with_dst(POD).build();
+    assert!(packet::checksums_valid6(&expected));
+    h.expect("hop-by-hop, destination options", &syn.build(), PASS, &expected, counters::FORWARD_NEW_FLOW);
+    // A routing header with segments left: the destination is a waypoint's. Untouched.
+    let routed = Packet6Spec::tcp((CLIENT.0, 40001), (VIP, 80), 0x02).with_extension(ROUTING, 1).build();
+    h.expect("routing header", &routed, PASS, &routed, counters::PASS_IPV6_EXTENSION);
+    // Fragments are not translated yet: passed whole, counted.
+    let first = Packet6Spec::udp((CLIENT.0, 40002), (VIP, 80)).with_extension(FRAGMENT, 1).build();
+    h.expect("first fragment", &first, PASS, &first, counters::PASS_FRAGMENT);
+    // More extension headers than the programs walk.
+    let mut long = Packet6Spec::tcp((CLIENT.0, 40003), (VIP, 80), 0x02);
+    for _ in 0..5 {
+        long = long.with_extension(DEST_OPTIONS, 0);
+    }
+    let long = long.build();
+    h.expect("five options headers", &long, PASS, &long, counters::PASS_IPV6_EXTENSION);
+}
+
+#[test]
+fn malformed_and_foreign_ipv6_packets_pass_untouched() {
+    let mut h = Harness::new();
+    program(&mut h, 80, TCP, &[POD]);
+    let syn = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x02).build();
+    // The payload length claims more than the frame holds.
+    let mut truncated = syn.clone();
+    truncated.truncate(syn.len() - 10);
+    h.expect("truncated", &truncated, PASS, &truncated, counters::PASS_TRUNCATED);
+    // IPv6's EtherType, another version in the header.
+    let mut wrong_version = syn.clone();
+    wrong_version[ETH_LEN] = 0x40;
+    h.expect("version 4 in an IPv6 frame", &wrong_version, PASS, &wrong_version, counters::PASS_MALFORMED);
+    // Not a frontend.
+    let other = Packet6Spec::tcp(CLIENT, (VIP, 81), 0x02).build();
+    h.expect("no frontend", &other, PASS, &other, counters::PASS_NOT_SERVICE);
+    // ICMPv6 (neighbour discovery, echo...) is the stack's.
+    let mut echo = Packet6Spec::udp(CLIENT, (VIP, 80)).build();
+    echo[ETH_LEN + 6] = packet::ICMPV6;
+    h.expect("ICMPv6", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
+    assert!(flows(&mut h).is_empty());
+}
