@@ -23,7 +23,7 @@ pub const PROTOCOL_ICMPV6: u8 = 58;
 /// 32-bit words so the data path reads, compares and hashes it a word at a time (a byte-array
 /// comparison would become a `bcmp` call, which BPF has not).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Hash, PartialOrd, Ord, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialOrd, Ord, Pod, Zeroable)]
 pub struct In6 {
     pub words: [u32; 4],
 }
@@ -40,6 +40,13 @@ impl PartialEq for In6 {
 }
 
 impl Eq for In6 {}
+
+impl core::hash::Hash for In6 {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        // The words `eq` compares.
+        self.words.hash(state);
+    }
+}
 
 impl From<Ipv6Addr> for In6 {
     fn from(address: Ipv6Addr) -> Self {

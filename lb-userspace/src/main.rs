@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lb_userspace::convert::{EndpointsSource, LbAlgorithm, ProxyConfig};
 use lb_userspace::daemon::{preflight, run};
 use lb_userspace::dataplane::conntrack::{self, PinnedFlowTables, Timeouts};
-use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
+use lb_userspace::dataplane::maps::{BpfMaps, FamilyAddress, ServiceMaps};
 use lb_userspace::dataplane::node_addresses::NodeAddressConfig;
 use lb_userspace::dataplane::reconcile::ProgrammedState;
 use lb_userspace::dataplane::{datapath, explain, status};
@@ -84,8 +84,8 @@ enum Command {
     /// its flow gets (tracked flow, affinity, Maglev position or hash slot) and the packet after
     /// translation.
     Explain {
-        /// The packet's source, `IP:PORT`.
-        source: std::net::SocketAddrV4,
+        /// The packet's source, `IP:PORT` (`[IPv6]:PORT` for IPv6).
+        source: std::net::SocketAddr,
         /// Its destination, `IP:PORT/PROTO` (`/TCP` when left out).
         destination: String,
         /// The packet arrives on an external interface (Local external policies apply).
@@ -160,7 +160,7 @@ struct RunArgs {
     /// Node addresses that take NodePort traffic, as CIDRs, comma separated (kube-proxy's
     /// flag); by default every non-loopback address of the node.
     #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    nodeport_addresses: Vec<ipnet::IpNet>,
     /// The cgroup (v2) whose processes' connections to frontends are load-balanced at the
     /// socket (the node's own traffic: host processes, hostNetwork pods); by default the root
     /// of the cgroup v2 mount. Empty turns socket load balancing off.
@@ -540,8 +540,8 @@ fn inspect(command: Command) -> Result<()> {
                 .iter()
                 .map(|(id, meta)| (*id, meta.name().to_string()))
                 .collect();
-            let mut rows = conntrack::flows(&tables, &names, conntrack::monotonic_ns())
-                .context("reading the conntrack table")?;
+            let mut rows =
+                tables.flows(&names, conntrack::monotonic_ns()).context("reading the conntrack table")?;
             if let Some(wanted) = &service {
                 rows.retain(|row| {
                     row.service.as_deref().is_some_and(|name| {
@@ -586,13 +586,19 @@ fn inspect(command: Command) -> Result<()> {
     }
 }
 
-fn parse_query(source: std::net::SocketAddrV4, destination: &str, external: bool) -> Result<explain::Query> {
+fn parse_query(source: std::net::SocketAddr, destination: &str, external: bool) -> Result<explain::Query> {
     let (address, protocol) = destination.split_once('/').unwrap_or((destination, "TCP"));
     let protocol = Protocol::from_kubernetes(Some(&protocol.to_uppercase()))
         .ok_or_else(|| usage_error(format!("{destination:?}: the protocol must be TCP or UDP")))?;
-    let destination: std::net::SocketAddrV4 = address
-        .parse()
-        .map_err(|_| usage_error(format!("{destination:?} is not IP:PORT/PROTO (like 10.96.0.10:80/TCP)")))?;
+    let parsed: std::net::SocketAddr = address.parse().map_err(|_| {
+        usage_error(format!(
+            "{destination:?} is not IP:PORT/PROTO (like 10.96.0.10:80/TCP or [fd00:10:96::a]:80/TCP)"
+        ))
+    })?;
+    if parsed.is_ipv4() != source.is_ipv4() {
+        return Err(usage_error(format!("{source} and {parsed} are not of the same address family")));
+    }
+    let destination = parsed;
     Ok(explain::Query { source, destination, protocol, external })
 }
 
@@ -606,31 +612,40 @@ fn explain(
     let snapshot = BpfMaps::from_pins(bpf_dir)?.snapshot_with_maglev()?;
     let config = datapath::read_config(bpf_dir)?;
     let tables = PinnedFlowTables::open(bpf_dir)?;
-    let (src_address, dst_address) =
-        (u32::from(*query.source.ip()).to_be(), u32::from(*query.destination.ip()).to_be());
-    let key = lb_common::FlowKey {
-        src_address,
-        dst_address,
-        src_port: query.source.port().to_be(),
-        dst_port: query.destination.port().to_be(),
-        protocol: query.protocol.number(),
-        _pad0: 0,
-        _pad1: 0,
+    let tracked = match (&tables.v6, query.source.ip()) {
+        (_, std::net::IpAddr::V4(_)) => tracked_flow(&tables.v4, query)?,
+        (Some(v6), std::net::IpAddr::V6(_)) => tracked_flow(v6, query)?,
+        (None, std::net::IpAddr::V6(_)) => None,
     };
-    use conntrack::FlowTables as _;
-    let tracked = tables.flow_entry(&key).context("reading the conntrack table")?;
+    let snat_address = if query.source.is_ipv4() {
+        (config.snat_address != 0).then(|| std::net::Ipv4Addr::from(u32::from_be(config.snat_address)).into())
+    } else {
+        datapath::read_config6(bpf_dir)
+            .ok()
+            .map(|config| std::net::Ipv6Addr::from(config.snat_address))
+            .filter(|address| !address.is_unspecified())
+            .map(Into::into)
+    };
     let mut facts = explain::FlowFacts {
         tracked,
         maglev_table_size: config.maglev_table_size,
-        snat_address: (config.snat_address != 0)
-            .then(|| std::net::Ipv4Addr::from(u32::from_be(config.snat_address))),
+        snat_address,
         ..Default::default()
     };
     let first = explain::explain(query, &snapshot, &facts);
     if let Some(frontend) = &first.frontend {
-        let affinity_key =
-            lb_common::AffinityKey { client_address: src_address, service_id: frontend.service_id };
-        if let Some(record) = tables.affinity_record(&affinity_key).context("reading the affinity table")? {
+        let record = match (&tables.v6, query.source.ip()) {
+            (_, std::net::IpAddr::V4(ip)) => tables.v4.affinity_record(&lb_common::AffinityKey {
+                client_address: u32::from(ip).to_be(),
+                service_id: frontend.service_id,
+            }),
+            (Some(v6), std::net::IpAddr::V6(ip)) => v6.affinity_record(&lb_common::AffinityKey6 {
+                client_address: ip.into(),
+                service_id: frontend.service_id,
+            }),
+            (None, _) => Ok(None),
+        };
+        if let Some(record) = record.context("reading the affinity table")? {
             let age = conntrack::monotonic_ns().saturating_sub(record.last_used_ns) / 1_000_000_000;
             facts.affinity = Some((record, age));
         }
@@ -645,6 +660,32 @@ fn explain(
         OutputFormat::Table | OutputFormat::Wide => print!("{}", explain::render(&explanation)),
     }
     Ok(())
+}
+
+/// The conntrack entry of the query's 5-tuple in its family's table.
+fn tracked_flow<A: FamilyAddress>(
+    tables: &conntrack::FamilyFlowTables<A>,
+    query: &explain::Query,
+) -> Result<Option<explain::TrackedFlow>>
+where
+    conntrack::FamilyFlowTables<A>: conntrack::FlowTables<A>,
+{
+    use conntrack::FlowTables as _;
+    let (Some(src_address), Some(dst_address)) =
+        (A::from_ip(query.source.ip()), A::from_ip(query.destination.ip()))
+    else {
+        return Ok(None);
+    };
+    let key = lb_common::FlowKeyOf {
+        src_address,
+        dst_address,
+        src_port: query.source.port().to_be(),
+        dst_port: query.destination.port().to_be(),
+        protocol: query.protocol.number(),
+        _pad0: 0,
+        _pad1: 0,
+    };
+    Ok(tables.flow_entry(&key).context("reading the conntrack table")?.map(Into::into))
 }
 
 /// The Service port's endpoints that the objects in `dir` list but the maps give no new flows,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_common::{PROTOCOL_TCP, PROTOCOL_UDP};
 
@@ -48,17 +48,45 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An address family: each has maps of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Kubernetes' spelling (`ipFamilies`, `addressType`).
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
 /// An address:port/protocol that clients send to, or that a backend listens on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct L4Addr {
-    pub ip: Ipv4Addr,
+    /// Either family: a frontend and its backends are always of the same one.
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for L4Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        // `[::1]:80/TCP`, as a socket address is written.
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.ip, self.port), self.protocol)
     }
 }
 
@@ -172,7 +200,7 @@ pub struct FrontendPolicy {
     /// allowed here by a Local policy.
     pub drop_when_empty: bool,
     /// `loadBalancerSourceRanges` (LoadBalancer frontends only); empty means any source.
-    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    pub source_ranges: Vec<ipnet::IpNet>,
     /// The frontend address is one of the node's own (NodePort).
     pub node_address: bool,
     /// Not a ClusterIP: traffic from outside the cluster.

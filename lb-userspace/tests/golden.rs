@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use lb_userspace::convert::{EndpointsSource, ProxyConfig};
 use lb_userspace::dataplane::in_memory::InMemoryMaps;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_userspace::dataplane::maps::MapsSnapshot;
 use lb_userspace::dataplane::reconcile::{ProgrammedState, Reconciler, render_snapshot};
@@ -96,17 +96,22 @@ fn render_cli(snapshot: &MapsSnapshot) -> String {
     out += "\n$ lb endpoints\n";
     let endpoints = status::service_endpoints(&ProgrammedState::from_snapshot(snapshot));
     out += &status::endpoints_table(endpoints.values(), true, false);
-    let facts = explain::FlowFacts {
-        maglev_table_size: lb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE,
-        snat_address: Some(Ipv4Addr::new(192, 168, 0, 1)),
-        ..Default::default()
-    };
-    let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000);
     for key in
         snapshot.services.keys().filter(|k| k.backend_slot == 0 && k.scope == lb_common::scope::EXTERNAL)
     {
         let Some(protocol) = Protocol::from_number(key.protocol) else { continue };
-        let destination = SocketAddrV4::new(key.address(), key.port());
+        let (client, snat_address) = match key.address() {
+            IpAddr::V4(_) => (SocketAddr::from((Ipv4Addr::new(10, 0, 0, 2), 40000)), "192.168.0.1"),
+            IpAddr::V6(_) => {
+                (SocketAddr::from((Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2), 40000)), "fd00::1")
+            }
+        };
+        let facts = explain::FlowFacts {
+            maglev_table_size: lb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE,
+            snat_address: Some(snat_address.parse().unwrap()),
+            ..Default::default()
+        };
+        let destination = SocketAddr::new(key.address(), key.port());
         let query = explain::Query { source: client, destination, protocol, external: false };
         out += &format!("\n$ lb explain {client} {destination}/{protocol}\n");
         out += &explain::render(&explain::explain(&query, snapshot, &facts));

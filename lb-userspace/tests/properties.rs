@@ -7,14 +7,14 @@
 //! - the maps pass the audit: what every reader relies on always, and nothing left unused.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use lb_common::ServiceKey;
 use lb_userspace::convert::{ClusterObjects, LbAlgorithm, ProxyConfig, desired_state};
 use lb_userspace::dataplane::audit;
 use lb_userspace::dataplane::in_memory::InMemoryMaps;
+use lb_userspace::dataplane::maps::SlotKey;
 use lb_userspace::dataplane::maps::{MapsSnapshot, ServiceMaps};
 use lb_userspace::dataplane::reconcile::Reconciler;
 use lb_userspace::source::pods::{PodEndpoints, slices_of};
@@ -33,12 +33,13 @@ enum Step {
     DeleteSlice(u8),
     DeletePod(u8),
     Node(Value),
-    NodeAddresses(Vec<Ipv4Addr>),
+    NodeAddresses(Vec<IpAddr>),
 }
 
 fn address() -> impl Strategy<Value = String> {
     prop_oneof![
         40 => (1u8..4, 1u8..6).prop_map(|(a, b)| format!("10.244.{a}.{b}")),
+        12 => (1u8..4, 1u8..6).prop_map(|(a, b)| format!("fd00:10:244:{a}::{b}")),
         1 => Just("not-an-ip".to_string()),
         1 => Just("fd00::1".to_string()),
         3 => Just("10.0.0.1".to_string()),
@@ -51,10 +52,16 @@ fn port_number() -> impl Strategy<Value = i32> {
 
 fn service(index: u8) -> impl Strategy<Value = Value> {
     let kind = prop_oneof![Just("ClusterIP"), Just("NodePort"), Just("LoadBalancer"), Just("ExternalName")];
+    // spec.clusterIPs: one family, both (either first), or none.
     let cluster_ip = prop_oneof![
-        30 => (0u8..4).prop_map(|i| json!(format!("10.96.0.{}", 10 + i))),
-        2 => Just(json!("None")),
-        1 => Just(json!("bogus")),
+        20 => (0u8..4).prop_map(|i| json!([format!("10.96.0.{}", 10 + i)])),
+        6 => (0u8..4).prop_map(|i| json!([format!("fd00:10:96::{:x}", 0x10 + i)])),
+        6 => (0u8..4, any::<bool>()).prop_map(|(i, v6_first)| {
+            let (v4, v6) = (format!("10.96.0.{}", 10 + i), format!("fd00:10:96::{:x}", 0x10 + i));
+            if v6_first { json!([v6, v4]) } else { json!([v4, v6]) }
+        }),
+        2 => Just(json!(["None"])),
+        1 => Just(json!(["bogus"])),
     ];
     let ports = prop::collection::vec(
         (
@@ -74,8 +81,8 @@ fn service(index: u8) -> impl Strategy<Value = Value> {
         3 => Just(json!(null)),
         1 => (prop_oneof![1 => Just(0i32), 8 => Just(10), 1 => Just(100_000)]).prop_map(|t| json!({"clientIP": {"timeoutSeconds": t}})),
     ];
-    let ranges =
-        prop_oneof![10 => Just(json!([])), 3 => Just(json!(["10.0.0.0/8"])), 1 => Just(json!(["garbage"]))];
+    let ranges = prop_oneof![10 => Just(json!([])), 3 => Just(json!(["10.0.0.0/8"])), 2 => Just(json!(["fd00::/8"])),
+            1 => Just(json!(["garbage"]))];
     let selector =
         prop_oneof![2 => Just(json!(null)), 1 => Just(json!({"app": "a"})), 1 => Just(json!({"app": "b"}))];
     (kind, cluster_ip, ports, labels, any::<bool>(), any::<bool>(), affinity, ranges, 0u8..3, selector)
@@ -101,7 +108,7 @@ fn service(index: u8) -> impl Strategy<Value = Value> {
                     })
                     .collect();
                 let mut spec = json!({
-                    "type": kind, "clusterIP": cluster_ip, "ports": ports,
+                    "type": kind, "clusterIP": cluster_ip[0], "clusterIPs": cluster_ip, "ports": ports,
                     "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
                     "internalTrafficPolicy": if internal_local { "Local" } else { "Cluster" },
                     "loadBalancerSourceRanges": ranges,
@@ -118,7 +125,8 @@ fn service(index: u8) -> impl Strategy<Value = Value> {
                     "apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": format!("s{index}"), "namespace": "default", "labels": labels},
                     "spec": spec,
-                    "status": {"loadBalancer": {"ingress": [{"ip": format!("198.51.100.{lb_ip}")}]}},
+                    "status": {"loadBalancer": {"ingress": [{"ip": format!("198.51.100.{lb_ip}")},
+                                                            {"ip": format!("2001:db8::{lb_ip}")}]}},
                 })
             },
         )
@@ -140,8 +148,9 @@ fn slice(index: u8) -> impl Strategy<Value = Value> {
     );
     let headless = prop_oneof![7 => Just(false), 1 => Just(true)];
     let protocol = prop_oneof![3 => Just("TCP"), 1 => Just("UDP")];
-    (0u8..5, prop::collection::vec(endpoint, 0..5), prop::collection::vec((port_number(), protocol), 1..3), headless)
-        .prop_map(move |(service, endpoints, ports, headless)| {
+    let family = prop_oneof![3 => Just("IPv4"), 2 => Just("IPv6")];
+    (0u8..5, prop::collection::vec(endpoint, 0..5), prop::collection::vec((port_number(), protocol), 1..3), headless, family)
+        .prop_map(move |(service, endpoints, ports, headless, family)| {
             let ports: Vec<Value> = ports
                 .iter()
                 .enumerate()
@@ -154,7 +163,7 @@ fn slice(index: u8) -> impl Strategy<Value = Value> {
             json!({
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": format!("slice{index}"), "namespace": "default", "labels": labels},
-                "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+                "addressType": family, "ports": ports, "endpoints": endpoints,
             })
         })
 }
@@ -175,6 +184,11 @@ fn pod(index: u8) -> impl Strategy<Value = Value> {
             if let Some(node) = node {
                 pod["spec"]["nodeName"] = json!(format!("node-{node}"));
             }
+            if !ip.is_null() {
+                // Dual-stack: an IPv6 address beside.
+                pod["status"]["podIPs"] =
+                    json!([{"ip": ip}, {"ip": format!("fd00:10:244::{:x}", index + 1)}]);
+            }
             if deleting {
                 pod["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
             }
@@ -193,7 +207,13 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u8..5).prop_map(Step::DeletePod),
         1 => (0u8..3).prop_map(|zone| Step::Node(json!({"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": "node-0", "labels": {"topology.kubernetes.io/zone": format!("zone-{zone}")}}}))),
-        1 => prop::collection::vec((1u8..3).prop_map(|i| Ipv4Addr::new(192, 168, 50, i)), 0..3)
+        1 => prop::collection::vec(
+                prop_oneof![
+                    (1u8..3).prop_map(|i| IpAddr::V4(Ipv4Addr::new(192, 168, 50, i))),
+                    (1u16..3).prop_map(|i| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, i))),
+                ],
+                0..4,
+            )
             .prop_map(|mut addresses| { addresses.sort(); addresses.dedup(); Step::NodeAddresses(addresses) }),
     ]
 }
@@ -207,7 +227,7 @@ fn canonical(snapshot: &MapsSnapshot) -> Vec<String> {
         })
     };
     let frontend =
-        |key: &ServiceKey| format!("{}:{}/{} scope={}", key.address(), key.port(), key.protocol, key.scope);
+        |key: &SlotKey| format!("{}:{}/{} scope={}", key.address(), key.port(), key.protocol, key.scope);
     let mut lines = Vec::new();
     for (key, value) in &snapshot.services {
         if key.backend_slot == 0 {

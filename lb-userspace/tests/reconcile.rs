@@ -3,17 +3,18 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{Backend, ServiceKey, ServiceValue};
+use lb_common::ServiceValue;
 use lb_userspace::dataplane::in_memory::InMemoryMaps;
+use lb_userspace::dataplane::maps::{BackendValue, SlotKey};
 use lb_userspace::dataplane::reconcile::{Reconciler, render_snapshot};
 use lb_userspace::model::{DesiredState, Frontend, FrontendType, L4Addr, Protocol, ServicePortName};
 
 fn addr(last: u8, port: u16) -> L4Addr {
-    L4Addr { ip: Ipv4Addr::new(10, 244, 0, last), port, protocol: Protocol::Tcp }
+    L4Addr { ip: Ipv4Addr::new(10, 244, 0, last).into(), port, protocol: Protocol::Tcp }
 }
 
 fn vip(last: u8) -> L4Addr {
-    L4Addr { ip: Ipv4Addr::new(10, 96, 0, last), port: 80, protocol: Protocol::Tcp }
+    L4Addr { ip: Ipv4Addr::new(10, 96, 0, last).into(), port: 80, protocol: Protocol::Tcp }
 }
 
 fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
@@ -27,7 +28,7 @@ fn state(frontends: &[(L4Addr, &[u8])]) -> DesiredState {
                 policy: Default::default(),
                 service: ServicePortName {
                     namespace: "default".into(),
-                    name: format!("svc{}", address.ip.octets()[3]),
+                    name: format!("svc{}", last_octet(address.ip)),
                     port: String::new(),
                 },
                 backends: backends.iter().map(|b| addr(*b, 8080)).collect(),
@@ -179,9 +180,9 @@ fn restore_keeps_ids_and_writes_nothing_for_an_unchanged_state() {
 #[test]
 fn prune_removes_entries_nobody_wants() {
     let mut maps = InMemoryMaps::default();
-    let stray_slot = ServiceKey::new(Ipv4Addr::new(10, 96, 9, 9), 80, 6, 4);
+    let stray_slot = SlotKey::new(Ipv4Addr::new(10, 96, 9, 9), 80, 6, 4);
     maps.contents.services.insert(stray_slot, ServiceValue::backend_slot(7, 7));
-    maps.contents.backends.insert(7, Backend::new(Ipv4Addr::new(10, 244, 9, 9), 80, 6));
+    maps.contents.backends.insert(7, BackendValue::new(Ipv4Addr::new(10, 244, 9, 9), 80, 6));
     let mut r = Reconciler::restore(maps).unwrap();
     r.reconcile(&state(&[(vip(1), &[1])]));
     assert_eq!(r.prune().unwrap(), 1, "the slot after a gap");
@@ -205,7 +206,7 @@ fn ids_are_never_handed_out_twice() {
     r.reconcile(&state(&[(vip(2), &[2])]));
     r.reconcile(&state(&[(vip(2), &[2]), (vip(3), &[3])]));
     let contents = &r.maps().contents;
-    let entry = |vip: L4Addr| contents.services[&ServiceKey::new(vip.ip, vip.port, 6, 0)];
+    let entry = |vip: L4Addr| contents.services[&SlotKey::new(vip.ip, vip.port, 6, 0)];
     assert_eq!(entry(vip(3)).service_id, 3, "frontend 1's ID is not reused");
     assert_eq!(
         contents.backends.keys().copied().collect::<Vec<_>>(),
@@ -215,7 +216,7 @@ fn ids_are_never_handed_out_twice() {
     // IDs that flows still name (found at start) are reserved too.
     r.reserve_ids(10, 20);
     r.reconcile(&state(&[(vip(2), &[2]), (vip(3), &[3]), (vip(4), &[4])]));
-    assert_eq!(r.maps().contents.services[&ServiceKey::new(vip(4).ip, 80, 6, 0)].service_id, 11);
+    assert_eq!(r.maps().contents.services[&SlotKey::new(vip(4).ip, 80, 6, 0)].service_id, 11);
     assert!(r.maps().contents.backends.contains_key(&21));
 }
 
@@ -235,7 +236,7 @@ fn a_maglev_table_is_whole_before_an_entry_names_it_and_frontends_share_it() {
     assert!(created < position(&log, "update service 10.96.0.1:80/6 slot 0"), "{log:#?}");
     let contents = &r.maps().contents;
     for last in [1, 2] {
-        assert_eq!(contents.services[&ServiceKey::new(vip(last).ip, 80, 6, 0)].maglev_table, 1);
+        assert_eq!(contents.services[&SlotKey::new(vip(last).ip, 80, 6, 0)].maglev_table, 1);
     }
     assert_consistent(contents);
 
@@ -373,7 +374,7 @@ fn a_full_map_refuses_only_the_excess_frontend_until_room_appears() {
             .services
             .keys()
             .filter(|k| k.backend_slot == 0)
-            .map(|k| k.address().octets()[3])
+            .map(|k| last_octet(k.address()))
             .collect::<Vec<_>>()
     };
     assert_eq!(entries(&r), vec![1, 2]);
@@ -434,4 +435,11 @@ fn surplus_slots_stay_for_the_grace_period_after_the_latest_lowering() {
     r.reconcile(&state(&[(vip(1), &[1])]));
     assert_eq!(slots(&r), vec![0, 1]);
     assert_settled(&r.maps().contents);
+}
+
+fn last_octet(ip: std::net::IpAddr) -> u8 {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip.octets()[3],
+        std::net::IpAddr::V6(ip) => ip.octets()[15],
+    }
 }

@@ -25,13 +25,21 @@ pub const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
 pub const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 1, 2), 40000);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
+/// The IPv4 address of a model address the IPv4 fixtures made.
+pub fn ipv4(ip: std::net::IpAddr) -> Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(ip) => panic!("{ip} is not an IPv4 fixture address"),
+    }
+}
+
 pub fn backend(last: u8, port: u16, protocol: Protocol) -> L4Addr {
-    L4Addr { ip: Ipv4Addr::new(10, 244, 1, last), port, protocol }
+    L4Addr { ip: Ipv4Addr::new(10, 244, 1, last).into(), port, protocol }
 }
 
 pub fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Frontend {
     Frontend {
-        address: L4Addr { ip: VIP, port, protocol },
+        address: L4Addr { ip: VIP.into(), port, protocol },
         scope: Default::default(),
         frontend_type: FrontendType::ClusterIp,
         policy: FrontendPolicy::default(),

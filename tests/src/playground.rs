@@ -8,11 +8,15 @@
 //!                       lbp1 ...                                                 (default via 10.244.0.1)
 //! ```
 //!
+//! A dual-stack playground (`Playground::dual_stack`) adds IPv6 beside: the client fd00::2/64,
+//! the node fd00::1/64 on lbc0 and fd00:10:244::1 on each pod link, each pod
+//! fd00:10:244::<third octet>:<fourth octet> of its IPv4 address.
+//!
 //! There is no link to the root namespace: the ClusterIP exists only as something lb
 //! translates, and every address lives inside these namespaces.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -27,10 +31,21 @@ use crate::{NetNs, PrivateBpfFs, TestCgroup, lb_binary, spawn_lb_in, veth};
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const NODE_CLIENT_SIDE: &str = "10.0.0.1/24";
 const NODE_POD_GATEWAY: &str = "10.244.0.1";
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+const NODE_CLIENT_SIDE6: &str = "fd00::1/64";
+const NODE_POD_GATEWAY6: &str = "fd00:10:244::1";
+
+/// A dual-stack pod's IPv6 address: fd00:10:244::<third octet>:<fourth octet> of its IPv4 one.
+pub fn pod_ipv6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, third, fourth] = ip.octets();
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, u16::from(third), u16::from(fourth))
+}
 
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// In a dual-stack playground.
+    pub ip6: Option<Ipv6Addr>,
     pub ns: NetNs,
     stop: Arc<AtomicBool>,
 }
@@ -47,15 +62,23 @@ pub struct Playground {
     work_dir: PathBuf,
     prefix: String,
     next_pod: usize,
+    dual_stack: bool,
     /// The cgroup lb's socket programs attach to (never one of the machine's own).
     pub cgroup: TestCgroup,
     _bpffs: PrivateBpfFs,
 }
 
 impl Pod {
+    /// The address servers bind: IPv6's unspecified one takes both families when the pod has
+    /// IPv6 (IPv4 peers then show as ::ffff:a.b.c.d).
+    fn any_address(&self) -> &'static str {
+        if self.ip6.is_some() { "::" } else { "0.0.0.0" }
+    }
+
     /// Starts an HTTP server on `port` answering with the pod's name and the caller's address.
     pub fn serve_http(&self, port: u16) -> Result<()> {
-        let listener = self.ns.run(move || TcpListener::bind(("0.0.0.0", port)))??;
+        let any = self.any_address();
+        let listener = self.ns.run(move || TcpListener::bind((any, port)))??;
         listener.set_nonblocking(true)?;
         let (name, stop) = (self.name.clone(), self.stop.clone());
         std::thread::spawn(move || http_server(listener, name, stop));
@@ -66,6 +89,15 @@ impl Pod {
 impl Playground {
     /// Creates the namespaces and links; `prefix` names everything this playground creates.
     pub fn new(prefix: &str, pods: &[(&str, Ipv4Addr)]) -> Result<Self> {
+        Self::create(prefix, pods, false)
+    }
+
+    /// `new`, with IPv6 addresses and routes beside the IPv4 ones (see the module's comment).
+    pub fn dual_stack(prefix: &str, pods: &[(&str, Ipv4Addr)]) -> Result<Self> {
+        Self::create(prefix, pods, true)
+    }
+
+    fn create(prefix: &str, pods: &[(&str, Ipv4Addr)], dual_stack: bool) -> Result<Self> {
         let work_dir = std::env::temp_dir().join(prefix);
         std::fs::create_dir_all(work_dir.join("manifests"))?;
         let bpffs = PrivateBpfFs::new()?;
@@ -77,6 +109,13 @@ impl Playground {
         }
         veth(&client, "eth0", &format!("{CLIENT_IP}/24"), &node, "lbc0", NODE_CLIENT_SIDE)?;
         client.exec(&["ip", "route", "add", "default", "via", "10.0.0.1"])?;
+        if dual_stack {
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            // nodad: usable at once, not after duplicate address detection.
+            client.exec(&["ip", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"])?;
+            node.exec(&["ip", "addr", "add", NODE_CLIENT_SIDE6, "dev", "lbc0", "nodad"])?;
+            client.exec(&["ip", "-6", "route", "add", "default", "via", "fd00::1"])?;
+        }
         let mut playground = Self {
             client,
             node,
@@ -88,6 +127,7 @@ impl Playground {
             work_dir,
             prefix: prefix.to_string(),
             next_pod: 0,
+            dual_stack,
             cgroup: TestCgroup::new()?,
             _bpffs: bpffs,
         };
@@ -107,7 +147,24 @@ impl Playground {
         self.node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if])?;
         ns.exec(&["ip", "route", "add", NODE_POD_GATEWAY, "dev", "eth0"])?;
         ns.exec(&["ip", "route", "add", "default", "via", NODE_POD_GATEWAY])?;
-        self.pods.push(Pod { name: name.to_string(), ip, ns, stop: Arc::new(AtomicBool::new(false)) });
+        let ip6 = self.dual_stack.then(|| pod_ipv6(ip));
+        if let Some(ip6) = ip6 {
+            ns.exec(&["ip", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+            self.node.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{NODE_POD_GATEWAY6}/128"),
+                "dev",
+                &node_if,
+                "nodad",
+            ])?;
+            self.node.exec(&["ip", "-6", "route", "add", &format!("{ip6}/128"), "dev", &node_if])?;
+            ns.exec(&["ip", "-6", "route", "add", NODE_POD_GATEWAY6, "dev", "eth0"])?;
+            ns.exec(&["ip", "-6", "route", "add", "default", "via", NODE_POD_GATEWAY6])?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        self.pods.push(Pod { name: name.to_string(), ip, ip6, ns, stop });
         Ok(self.pods.last().expect("just pushed"))
     }
 
@@ -119,7 +176,8 @@ impl Playground {
     /// Starts a UDP server (answering with the pod's name) on `port` in every pod.
     pub fn serve_udp(&self, port: u16) -> Result<()> {
         for pod in &self.pods {
-            let socket = pod.ns.run(move || UdpSocket::bind(("0.0.0.0", port)))??;
+            let any = pod.any_address();
+            let socket = pod.ns.run(move || UdpSocket::bind((any, port)))??;
             socket.set_read_timeout(Some(Duration::from_millis(50)))?;
             let (name, stop) = (pod.name.clone(), pod.stop.clone());
             std::thread::spawn(move || udp_server(socket, name, stop));
@@ -238,9 +296,10 @@ impl Playground {
     /// which is the last element.
     pub fn http_requests(
         &self,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         count: usize,
     ) -> Result<Vec<Result<HttpAnswer, String>>> {
+        let target = target.into();
         self.client.run(move || {
             let mut answers = Vec::with_capacity(count);
             for _ in 0..count {
@@ -256,9 +315,11 @@ impl Playground {
     }
 
     /// One UDP request from the client; returns the answer and who it came from.
-    pub fn udp_request(&self, target: SocketAddrV4) -> Result<(String, SocketAddr)> {
+    pub fn udp_request(&self, target: impl Into<SocketAddr>) -> Result<(String, SocketAddr)> {
+        let target = target.into();
         self.client.run(move || -> Result<(String, SocketAddr)> {
-            let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+            let any = if target.is_ipv4() { "0.0.0.0" } else { "::" };
+            let socket = UdpSocket::bind((any, 0))?;
             socket.set_read_timeout(Some(Duration::from_secs(2)))?;
             socket.send_to(b"ping", target)?;
             let mut buf = [0u8; 256];
@@ -326,7 +387,7 @@ pub fn write_manifest(dir: &Path, file: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn http_get(target: SocketAddrV4) -> Result<HttpAnswer> {
+pub fn http_get(target: impl Into<SocketAddr>) -> Result<HttpAnswer> {
     http_exchange(TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?)
 }
 

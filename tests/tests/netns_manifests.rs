@@ -3,7 +3,7 @@
 //! clusterIP another Service holds is rejected with both named.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use lb_userspace::dataplane::maps::MapsSnapshot;
@@ -26,7 +26,7 @@ spec:
 ";
 
 /// The frontend lb programmed for port 80, with its backend count.
-fn frontend(snapshot: &MapsSnapshot) -> Option<(Ipv4Addr, u16)> {
+fn frontend(snapshot: &MapsSnapshot) -> Option<(std::net::IpAddr, u16)> {
     snapshot
         .services
         .iter()
@@ -49,7 +49,7 @@ fn pods_become_endpoints_and_the_allocated_cluster_ip_survives_a_restart() {
     pg.wait_for_maps(Duration::from_secs(10), |s| frontend(s).is_some_and(|(_, n)| n == 2)).unwrap();
     let (cluster_ip, _) = frontend(&pg.snapshot()).unwrap();
     assert_eq!(cluster_ip, Ipv4Addr::new(10, 96, 0, 1), "first address of the default range");
-    let answers = pg.http_requests(SocketAddrV4::new(cluster_ip, 80), 40).unwrap();
+    let answers = pg.http_requests(std::net::SocketAddr::new(cluster_ip, 80), 40).unwrap();
     let pods: BTreeSet<String> = answers.into_iter().map(|a| a.unwrap().pod).collect();
     assert_eq!(pods.into_iter().collect::<Vec<_>>(), ["pod-a", "pod-b"]);
 

@@ -184,8 +184,8 @@ fn interfaces_that_appear_later_are_attached_and_vanished_ones_forgotten() {
 
 #[test]
 fn the_periodic_resync_repairs_and_prunes_the_maps() {
-    use lb_common::{ServiceKey, ServiceValue};
-    use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
+    use lb_common::ServiceValue;
+    use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps, SlotKey};
     require_root();
     let mut pg = Playground::new(&unique("t"), &[("pod-a", POD_A)]).unwrap();
     pg.serve_http(8080).unwrap();
@@ -203,8 +203,8 @@ fn the_periodic_resync_repairs_and_prunes_the_maps() {
 
     // Behind lb's back: the service entry disappears and a stray frontend appears.
     let mut maps = BpfMaps::from_pins(&pg.bpf_dir).unwrap();
-    maps.delete_service(ServiceKey::new(VIP, 80, 6, 0)).unwrap();
-    let stray = ServiceKey::new(Ipv4Addr::new(10, 96, 9, 9), 80, 6, 0);
+    maps.delete_service(SlotKey::new(VIP, 80, 6, 0)).unwrap();
+    let stray = SlotKey::new(Ipv4Addr::new(10, 96, 9, 9), 80, 6, 0);
     maps.update_service(stray, ServiceValue::service_entry(999, 0)).unwrap();
     assert_eq!(tcp_backend_count(&pg.snapshot()), None);
 

@@ -158,7 +158,7 @@ fn a_flow_whose_backend_left_is_reset_and_its_tuple_reopens() {
         "reconnect",
         &syn.build(),
         PASS,
-        &syn.with_dst((live.ip, live.port)).build(),
+        &syn.with_dst((tests::fixture::ipv4(live.ip), live.port)).build(),
         &[counters::CONNTRACK_REOPENED, counters::FORWARD_NEW_FLOW],
     );
 }
@@ -272,7 +272,7 @@ fn maglev_picks_the_tables_backend_and_a_removal_moves_only_its_flows() {
 fn in_cluster_sources_of_a_local_policy_frontend_reach_every_endpoint() {
     let mut h = Harness::new();
     let local = backend(11, 8080, Protocol::Tcp);
-    let remote = L4Addr { ip: Ipv4Addr::new(10, 244, 2, 12), port: 8080, protocol: Protocol::Tcp };
+    let remote = L4Addr { ip: Ipv4Addr::new(10, 244, 2, 12).into(), port: 8080, protocol: Protocol::Tcp };
     let mut external = frontend(80, Protocol::Tcp, vec![]);
     external.frontend_type = FrontendType::LoadBalancer;
     external.policy.external = true;
@@ -302,7 +302,7 @@ fn in_cluster_sources_of_a_local_policy_frontend_reach_every_endpoint() {
         "pod",
         &from_pod.build(),
         PASS,
-        &from_pod.with_dst((remote.ip, remote.port)).build(),
+        &from_pod.with_dst((tests::fixture::ipv4(remote.ip), remote.port)).build(),
         counters::FORWARD_NEW_FLOW,
     );
 
@@ -315,7 +315,7 @@ fn in_cluster_sources_of_a_local_policy_frontend_reach_every_endpoint() {
         "external source",
         &other.build(),
         PASS,
-        &other.with_dst((local.ip, local.port)).build(),
+        &other.with_dst((tests::fixture::ipv4(local.ip), local.port)).build(),
         counters::FORWARD_NEW_FLOW,
     );
 }
@@ -327,14 +327,14 @@ fn host_network_backends_are_not_source_natted() {
     let mut h = Harness::new();
     let node = Ipv4Addr::new(192, 168, 50, 1);
     h.set_snat_address(node);
-    let host = L4Addr { ip: node, port: 6443, protocol: Protocol::Tcp };
+    let host = L4Addr { ip: node.into(), port: 6443, protocol: Protocol::Tcp };
     let mut node_port = frontend(30443, Protocol::Tcp, vec![host]);
     node_port.frontend_type = FrontendType::NodePort;
-    node_port.address.ip = node;
+    node_port.address.ip = node.into();
     node_port.policy.snat = true;
     node_port.policy.node_address = true;
     node_port.policy.external = true;
-    h.reconciler.set_host_addresses([node].into_iter().collect());
+    h.reconciler.set_host_addresses([node.into()].into_iter().collect());
     h.program(vec![node_port]);
     let syn = PacketSpec::tcp(CLIENT, (node, 30443), SYN);
     h.expect(
@@ -369,7 +369,7 @@ fn a_source_nat_port_is_reused_only_after_its_flow_ended() {
     h.set_snat_ports(61000, 61000);
     let mut node_port = frontend(30080, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)]);
     node_port.frontend_type = FrontendType::NodePort;
-    node_port.address.ip = node;
+    node_port.address.ip = node.into();
     node_port.policy.snat = true;
     node_port.policy.external = true;
     h.program(vec![node_port]);

@@ -44,7 +44,7 @@ fn programmed() -> Harness {
     let mut h = Harness::new();
     let tcp = vec![backend(11, 8080, Protocol::Tcp), backend(12, 8080, Protocol::Tcp)];
     let mut lb = frontend(80, Protocol::Tcp, tcp.clone());
-    lb.address = L4Addr { ip: LB_IP, port: 80, protocol: Protocol::Tcp };
+    lb.address = L4Addr { ip: LB_IP.into(), port: 80, protocol: Protocol::Tcp };
     lb.frontend_type = FrontendType::LoadBalancer;
     lb.policy.external = true;
     lb.policy.maglev = true;

@@ -1,39 +1,31 @@
 //! IPv6 packet fixtures through BPF_PROG_TEST_RUN: {input, expected verdict, expected output,
-//! expected counter}. The IPv6 maps are written here directly (as the reconciler writes the
-//! IPv4 ones): these fixtures are the data path's.
+//! expected counter}, the IPv6 maps programmed by the real reconciler.
 
 use std::net::Ipv6Addr;
 
 use aya::maps::{HashMap, MapData};
-use lb_common::{Backend6, ConntrackEntry6, FlowKey6, ServiceKey6, ServiceValue, counters, map_names, scope};
+use lb_common::{ConntrackEntry6, FlowKey6, counters, map_names};
+use lb_userspace::dataplane::maps::{ServiceMaps, SlotKey};
+use lb_userspace::model::{Frontend, L4Addr, Protocol};
 use tests::fixture::{Harness, PASS, REDIRECT};
 use tests::packet::{self, DEST_OPTIONS, ETH_LEN, FRAGMENT, HOP_BY_HOP, Packet6Spec, ROUTING, TCP, UDP};
 
 const CLIENT: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 2), 40000);
 const VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const POD: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 11), 8080);
-/// IDs far from the ones the reconciler hands out to the IPv4 fixtures.
-const SERVICE_ID: u32 = 60_001;
-const BACKEND_ID: u32 = 60_002;
 
 /// A frontend `VIP:port/protocol` with `backends` (none: rejects).
+fn frontend(port: u16, protocol: u8, backends: &[(Ipv6Addr, u16)]) -> Frontend {
+    let protocol = Protocol::from_number(protocol).unwrap();
+    let backends =
+        backends.iter().map(|(ip, port)| L4Addr { ip: (*ip).into(), port: *port, protocol }).collect();
+    let mut frontend = tests::fixture::frontend(port, protocol, backends);
+    frontend.address.ip = VIP.into();
+    frontend
+}
+
 fn program(h: &mut Harness, port: u16, protocol: u8, backends: &[(Ipv6Addr, u16)]) {
-    let service_id = SERVICE_ID + u32::from(port);
-    {
-        let mut map: HashMap<&mut MapData, u32, Backend6> =
-            HashMap::try_from(h.datapath.ebpf_mut().map_mut(map_names::BACKENDS6).unwrap()).unwrap();
-        for (i, (address, port)) in backends.iter().enumerate() {
-            map.insert(BACKEND_ID + i as u32, Backend6::new(*address, *port, protocol), 0).unwrap();
-        }
-    }
-    let mut services: HashMap<&mut MapData, ServiceKey6, ServiceValue> =
-        HashMap::try_from(h.datapath.ebpf_mut().map_mut(map_names::SERVICES6).unwrap()).unwrap();
-    let key = ServiceKey6::scoped(VIP, port, protocol, scope::EXTERNAL, 0);
-    for slot in 1..=backends.len() as u16 {
-        let value = ServiceValue::backend_slot(service_id, BACKEND_ID + u32::from(slot) - 1);
-        services.insert(key.with_slot(slot), value, 0).unwrap();
-    }
-    services.insert(key, ServiceValue::service_entry(service_id, backends.len() as u16), 0).unwrap();
+    h.program(vec![frontend(port, protocol, backends)]);
 }
 
 fn flows(h: &mut Harness) -> Vec<(FlowKey6, ConntrackEntry6)> {
@@ -54,7 +46,12 @@ fn a_tcp_flow_to_an_ipv6_cluster_ip_is_translated_both_ways() {
     assert_eq!(flows.len(), 2, "both directions tracked: {flows:?}");
     let forward = flows.iter().find(|(key, _)| key.src() == CLIENT).unwrap();
     assert_eq!(forward.0.dst(), (VIP, 80));
-    assert_eq!((forward.1.service_id, forward.1.backend_id), (SERVICE_ID + 80, BACKEND_ID));
+    // The IDs the reconciler gave the frontend and the backend.
+    let snapshot = h.reconciler.maps().snapshot().unwrap();
+    let service_id = snapshot.services[&SlotKey::new(VIP, 80, TCP, 0)].service_id;
+    let backend_id = snapshot.services[&SlotKey::new(VIP, 80, TCP, 1)].backend_id;
+    assert_eq!(snapshot.backends[&backend_id].ip, POD.0);
+    assert_eq!((forward.1.service_id, forward.1.backend_id), (service_id, backend_id));
 
     let syn_ack = Packet6Spec::tcp(POD, CLIENT, 0x12);
     h.expect(
@@ -90,8 +87,7 @@ fn udp_to_an_ipv6_cluster_ip_is_translated() {
 #[test]
 fn an_ipv6_frontend_without_endpoints_rejects_with_rst_or_icmpv6() {
     let mut h = Harness::new();
-    program(&mut h, 80, TCP, &[]);
-    program(&mut h, 53, UDP, &[]);
+    h.program(vec![frontend(80, TCP, &[]), frontend(53, UDP, &[])]);
     let syn = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x02);
     let rst = packet::tcp_reset_for6(&syn);
     assert!(packet::checksums_valid6(&rst));

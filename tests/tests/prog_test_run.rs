@@ -38,7 +38,7 @@ fn tracked_flow_keeps_its_backend_when_the_backend_set_changes() {
     h.program(vec![frontend(80, Protocol::Tcp, initial)]);
     let (_, out) = h.run(&PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build());
     let chosen = dst_of(&out);
-    let chosen_backend = L4Addr { ip: chosen.0, port: chosen.1, protocol: Protocol::Tcp };
+    let chosen_backend = L4Addr { ip: chosen.0.into(), port: chosen.1, protocol: Protocol::Tcp };
 
     // Eight new backends join and the other original one leaves: a new pick would most
     // likely land elsewhere, the tracked flow must not.
@@ -196,7 +196,7 @@ fn cluster_policy_external_traffic_is_source_natted_and_replies_come_back() {
     let node = Ipv4Addr::new(192, 168, 50, 1);
     h.set_snat_address(node);
     let mut node_port = frontend(30080, Protocol::Tcp, vec![backend(11, 8080, Protocol::Tcp)]);
-    node_port.address.ip = node;
+    node_port.address.ip = node.into();
     node_port.frontend_type = FrontendType::NodePort;
     node_port.policy.snat = true;
     h.program(vec![node_port]);
@@ -319,11 +319,12 @@ fn conntrack_records_both_directions() {
 
 #[test]
 fn service_entry_pointing_at_a_missing_slot_drops() {
-    use lb_common::{ServiceKey, ServiceValue};
+    use lb_common::ServiceValue;
+    use lb_userspace::dataplane::maps::SlotKey;
     let mut h = Harness::new();
     // Written by hand, as a torn update would leave it: two slots announced, none written.
     let mut maps = BpfMaps::from_pins(&h.bpf_dir()).unwrap();
-    maps.update_service(ServiceKey::new(VIP, 80, packet::TCP, 0), ServiceValue::service_entry(9, 2)).unwrap();
+    maps.update_service(SlotKey::new(VIP, 80, packet::TCP, 0), ServiceValue::service_entry(9, 2)).unwrap();
     let syn = PacketSpec::tcp(CLIENT, (VIP, 80), 0x02).build();
     h.expect("missing slot", &syn, DROP, &syn, counters::DROP_SERVICE_INCONSISTENT);
 }
@@ -417,9 +418,9 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
     let node = Ipv4Addr::new(192, 168, 50, 1);
     let client = (Ipv4Addr::new(192, 168, 50, 100), 40000);
     h.set_snat_address(node);
-    let remote = L4Addr { ip: Ipv4Addr::new(10, 244, 2, 11), port: 8080, protocol: Protocol::Tcp };
+    let remote = L4Addr { ip: Ipv4Addr::new(10, 244, 2, 11).into(), port: 8080, protocol: Protocol::Tcp };
     let mut node_port = frontend(30080, Protocol::Tcp, vec![remote]);
-    node_port.address.ip = node;
+    node_port.address.ip = node.into();
     node_port.frontend_type = FrontendType::NodePort;
     node_port.policy =
         FrontendPolicy { snat: true, node_address: true, external: true, ..Default::default() };
@@ -434,13 +435,13 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
     let port = snat_port(&mut h, &FlowKey::new(client, (node, 30080), packet::TCP));
     let expected = PacketSpec { ttl: 63, macs: Some((other_node_mac, uplink_mac)), ..syn.clone() }
         .with_src((node, port))
-        .with_dst((remote.ip, remote.port))
+        .with_dst((tests::fixture::ipv4(remote.ip), remote.port))
         .build();
     assert!(packet::checksums_valid(&expected));
     assert_eq!(out, expected, "translated SYN");
 
     // The reply from the other node's pod goes back out to the client, from the NodePort.
-    let reply = PacketSpec::tcp((remote.ip, remote.port), (node, port), 0x12);
+    let reply = PacketSpec::tcp((tests::fixture::ipv4(remote.ip), remote.port), (node, port), 0x12);
     let (action, out) = run_xdp(&mut h, ingress, &reply.build());
     assert_eq!(action, XDP_TX);
     let expected = PacketSpec { ttl: 63, macs: Some((client_mac, uplink_mac)), ..reply.clone() }

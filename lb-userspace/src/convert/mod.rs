@@ -11,7 +11,7 @@
 pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -52,7 +52,7 @@ pub struct ProxyConfig {
     pub endpoints_source: EndpointsSource,
     /// The node addresses NodePort frontends listen on (kube-proxy's `--nodeport-addresses`
     /// applied to the node's interfaces); the run loop refreshes them.
-    pub node_addresses: Vec<Ipv4Addr>,
+    pub node_addresses: Vec<IpAddr>,
     /// How new flows to external frontends pick a backend (`--lb-algorithm`).
     pub lb_algorithm: LbAlgorithm,
 }
@@ -111,19 +111,20 @@ pub fn parse_node(node: &Node) -> NodeRecord {
 pub struct ServiceFrontends {
     pub namespace: String,
     pub name: String,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// Either family or both (`spec.clusterIPs` of a dual-stack Service).
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortSpec>,
     /// Endpoint choice for ClusterIP traffic (`internalTrafficPolicy`, topology).
     pub policy: PortPolicy,
     /// `spec.externalIPs`.
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` of a LoadBalancer Service (not those with ipMode
     /// Proxy, whose load balancer sends traffic to the nodes, not to the IP).
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     /// `spec.externalTrafficPolicy: Local`.
     pub external_local: bool,
     /// `spec.loadBalancerSourceRanges`.
-    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    pub source_ranges: Vec<ipnet::IpNet>,
     /// `spec.healthCheckNodePort` (LoadBalancer with Local external policy).
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP`'s timeout in seconds; 0 without affinity.
@@ -161,7 +162,7 @@ pub struct SlicePort {
 /// One endpoint's address (the first of its addresses, as kube-proxy uses) and conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointState {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub conditions: EndpointConditions,
 }
 
@@ -175,7 +176,7 @@ fn object_error(kind: &'static str, namespace: &str, name: &str) -> impl Fn(Stri
 }
 
 /// Checks a Service and extracts what its frontends need. `Ok(None)`: valid, but a Service
-/// lb does not translate (headless, ExternalName, no IPv4 ClusterIP).
+/// lb does not translate (headless, ExternalName, no ClusterIP yet).
 /// Why a port with a protocol lb does not translate is not served.
 fn unsupported_port(name: &str, number: u16, protocol: Option<&str>) -> String {
     let protocol = protocol.unwrap_or("TCP");
@@ -217,8 +218,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     let mut cluster_ips = Vec::new();
     for address in addresses {
         match address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => cluster_ips.push(ip),
-            Ok(IpAddr::V6(_)) => tracing::debug!(%namespace, %name, %address, "IPv6 ClusterIP skipped"),
+            Ok(ip) => cluster_ips.push(ip),
             Err(_) => return Err(error(format!("spec.clusterIP {address:?} is not an IP address"))),
         }
     }
@@ -249,8 +249,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     let mut external_ips = Vec::new();
     for address in spec.external_ips.iter().flatten() {
         match address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => external_ips.push(ip),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(ip) => external_ips.push(ip),
             Err(_) => return Err(error(format!("spec.externalIPs: {address:?} is not an IP address"))),
         }
     }
@@ -262,8 +261,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
             continue;
         };
         match address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => load_balancer_ips.push(ip),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(ip) => load_balancer_ips.push(ip),
             Err(_) => {
                 return Err(error(format!("status.loadBalancer.ingress: {address:?} is not an IP address")));
             }
@@ -272,8 +270,7 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
     let mut source_ranges = Vec::new();
     for range in spec.load_balancer_source_ranges.iter().flatten() {
         match range.trim().parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(net)) => source_ranges.push(net.trunc()),
-            Ok(ipnet::IpNet::V6(_)) => {}
+            Ok(net) => source_ranges.push(net.trunc()),
             Err(_) => return Err(error(format!("spec.loadBalancerSourceRanges: {range:?} is not a CIDR"))),
         }
     }
@@ -377,14 +374,20 @@ fn parse_ports<'a>(
     Ok(parsed)
 }
 
-fn parse_ipv4(address: &str, error: &impl Fn(String) -> ObjectError) -> Result<Ipv4Addr, ObjectError> {
-    address
-        .parse::<Ipv4Addr>()
-        .map_err(|_| error(format!("endpoint address {address:?} is not an IPv4 address")))
+/// An endpoint address of a slice whose `addressType` is `family` (`IPv4` or `IPv6`).
+fn parse_endpoint_address(
+    address: &str,
+    family: &str,
+    error: &impl Fn(String) -> ObjectError,
+) -> Result<IpAddr, ObjectError> {
+    match address.parse::<IpAddr>() {
+        Ok(ip) if ip.is_ipv4() == (family == "IPv4") => Ok(ip),
+        _ => Err(error(format!("endpoint address {address:?} is not an {family} address"))),
+    }
 }
 
-/// Checks an EndpointSlice and extracts its endpoints. `Ok(None)`: valid, but not IPv4 (FQDN
-/// and IPv6 slices are not translated).
+/// Checks an EndpointSlice and extracts its endpoints. `Ok(None)`: valid, but of addressType
+/// FQDN, which is not translated.
 pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, ObjectError> {
     let namespace = namespace_of(slice.metadata.namespace.as_ref());
     let name = slice.metadata.name.clone().unwrap_or_default();
@@ -399,7 +402,8 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, Obje
         .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
         .cloned()
         .ok_or_else(|| error(format!("label {SERVICE_NAME_LABEL} is missing")))?;
-    if slice.address_type != "IPv4" {
+    let family = slice.address_type.as_str();
+    if !matches!(family, "IPv4" | "IPv6") {
         return Ok(None);
     }
     let ports = parse_ports(
@@ -410,7 +414,7 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, Obje
     for endpoint in &slice.endpoints {
         let mut first = None;
         for address in &endpoint.addresses {
-            let ip = parse_ipv4(address, &error)?;
+            let ip = parse_endpoint_address(address, family, &error)?;
             first.get_or_insert(ip);
         }
         let Some(ip) = first else { continue };
@@ -459,12 +463,8 @@ pub fn parse_endpoints(endpoints: &Endpoints) -> Result<Vec<SliceEndpoints>, Obj
         let ready = subset.addresses.iter().flatten().map(|a| (a, true));
         let not_ready = subset.not_ready_addresses.iter().flatten().map(|a| (a, false));
         for (address, is_ready) in ready.chain(not_ready) {
-            let ip = match address.ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => ip,
-                Ok(IpAddr::V6(_)) => continue,
-                Err(_) => {
-                    return Err(error(format!("endpoint address {:?} is not an IP address", address.ip)));
-                }
+            let Ok(ip) = address.ip.parse::<IpAddr>() else {
+                return Err(error(format!("endpoint address {:?} is not an IP address", address.ip)));
             };
             states.push(EndpointState {
                 ip,
@@ -535,12 +535,20 @@ pub fn service_frontends(
     service: &ServiceFrontends,
     slices: &[&SliceEndpoints],
     node: &NodeContext,
-    node_addresses: &[Ipv4Addr],
+    node_addresses: &[IpAddr],
     lb_algorithm: LbAlgorithm,
 ) -> Vec<Frontend> {
     let mut frontends = Vec::new();
-    for port in &service.ports {
-        let endpoints = port_endpoints(port, slices);
+    // Each family on its own, as kube-proxy runs a proxier per family: a frontend's backends,
+    // node addresses and source ranges are those of its family, and a family the Service has
+    // no ClusterIP of has no frontends (kube-proxy's proxier of that family skips the Service).
+    for (port, ipv4) in service.ports.iter().flat_map(|port| [(port, true), (port, false)]) {
+        let same_family = |ip: &IpAddr| ip.is_ipv4() == ipv4;
+        if !service.cluster_ips.iter().any(same_family) {
+            continue;
+        }
+        let endpoints: Vec<Endpoint> =
+            port_endpoints(port, slices).into_iter().filter(|e| same_family(&e.addr.ip)).collect();
         let name = ServicePortName {
             namespace: service.namespace.clone(),
             name: service.name.clone(),
@@ -559,7 +567,7 @@ pub fn service_frontends(
         // short-circuits pods and the node to the Cluster-policy endpoints).
         let in_cluster =
             service.external_local.then(|| choose_backends(&endpoints, service.policy, false, node).0);
-        let mut add = |ip: Ipv4Addr, number: u16, frontend_type: FrontendType| {
+        let mut add = |ip: IpAddr, number: u16, frontend_type: FrontendType| {
             let external_type = frontend_type.is_external();
             let (local, (backends, drop_when_empty)) = if external_type {
                 (service.external_local, external.clone())
@@ -567,7 +575,8 @@ pub fn service_frontends(
                 (service.policy.internal_local, internal.clone())
             };
             let source_ranges = if frontend_type == FrontendType::LoadBalancer {
-                service.source_ranges.clone()
+                // Ranges of the other family only: none applies, so any source may connect.
+                service.source_ranges.iter().filter(|net| same_family(&net.addr())).copied().collect()
             } else {
                 Vec::new()
             };
@@ -614,18 +623,18 @@ pub fn service_frontends(
                 });
             }
         };
-        for ip in &service.cluster_ips {
+        for ip in service.cluster_ips.iter().filter(|ip| same_family(ip)) {
             add(*ip, port.port, FrontendType::ClusterIp);
         }
         if let Some(node_port) = port.node_port {
-            for ip in node_addresses {
+            for ip in node_addresses.iter().filter(|ip| same_family(ip)) {
                 add(*ip, node_port, FrontendType::NodePort);
             }
         }
-        for ip in &service.external_ips {
+        for ip in service.external_ips.iter().filter(|ip| same_family(ip)) {
             add(*ip, port.port, FrontendType::ExternalIp);
         }
-        for ip in &service.load_balancer_ips {
+        for ip in service.load_balancer_ips.iter().filter(|ip| same_family(ip)) {
             add(*ip, port.port, FrontendType::LoadBalancer);
         }
     }
@@ -700,7 +709,7 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
         let key = (service.namespace.clone(), service.name.clone());
         let slices: Vec<&SliceEndpoints> = slices_by_service.get(&key).into_iter().flatten().collect();
         if let Some(port) = service.health_check_node_port {
-            let local: BTreeSet<Ipv4Addr> = slices
+            let local: BTreeSet<IpAddr> = slices
                 .iter()
                 .flat_map(|slice| &slice.endpoints)
                 .filter(|e| e.conditions.ready && topology::is_local(&e.conditions, &node_context))

@@ -122,7 +122,7 @@ mod tests {
     /// Shorthand: name, conditions "R" ready, "S" serving, "T" terminating, node, zone hints.
     fn ep(last: u8, conditions: &str, node: &str, hints: &[&str]) -> Endpoint {
         Endpoint {
-            addr: L4Addr { ip: Ipv4Addr::new(10, 0, 0, last), port: 80, protocol: Protocol::Tcp },
+            addr: L4Addr { ip: Ipv4Addr::new(10, 0, 0, last).into(), port: 80, protocol: Protocol::Tcp },
             conditions: EndpointConditions {
                 ready: conditions.contains('R'),
                 serving: conditions.contains('S'),
@@ -142,7 +142,13 @@ mod tests {
     }
 
     fn ips(chosen: Vec<L4Addr>) -> Vec<u8> {
-        chosen.iter().map(|a| a.ip.octets()[3]).collect()
+        chosen
+            .iter()
+            .map(|a| match a.ip {
+                std::net::IpAddr::V4(ip) => ip.octets()[3],
+                std::net::IpAddr::V6(ip) => ip.octets()[15],
+            })
+            .collect()
     }
 
     const CLUSTER: PortPolicy = PortPolicy { internal_local: false, topology_aware: false };

@@ -35,7 +35,7 @@ pub struct FileConfig {
     pub hostname_override: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
-    pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
+    pub nodeport_addresses: Option<Vec<ipnet::IpNet>>,
     pub min_sync_period: Option<Duration>,
     pub sync_period: Option<Duration>,
     pub conntrack_tcp_timeout_established: Option<Duration>,
@@ -198,10 +198,7 @@ impl Reader<'_> {
                         continue;
                     }
                     match text.parse::<ipnet::IpNet>() {
-                        Ok(ipnet::IpNet::V4(range)) => ranges.push(range),
-                        Ok(ipnet::IpNet::V6(range)) => {
-                            self.config.ignored.push(format!("nodePortAddresses {range} (lb serves IPv4)"))
-                        }
+                        Ok(range) => ranges.push(range),
                         Err(_) => {
                             return Err(self.invalid(format!("nodePortAddresses: {text:?} is not a CIDR")));
                         }

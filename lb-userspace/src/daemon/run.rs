@@ -198,6 +198,13 @@ fn refresh_node_addresses(
             );
         }
     }
+    if current.as_ref().is_none_or(|current| current.snat6 != addresses.snat6) {
+        let snat_address = addresses.snat6.map_or(lb_common::In6::default(), lb_common::In6::from);
+        match datapath.set_config6(lb_common::DatapathConfig6 { snat_address }) {
+            Ok(()) => tracing::info!(snat_address6 = ?addresses.snat6, "node IPv6 source-NAT address"),
+            Err(error) => tracing::error!("{error}"),
+        }
+    }
     if current.as_ref().is_none_or(|current| current.all != addresses.all) {
         for error in reconciler.set_host_addresses(addresses.all.iter().copied().collect()) {
             tracing::error!("{error}");
@@ -226,7 +233,7 @@ fn flow_policy(desired: &DesiredState, reconciler: &Reconciler<BpfMaps>) -> Flow
 }
 
 fn flow_address(address: L4Addr) -> conntrack::FrontendAddress {
-    (u32::from(address.ip).to_be(), address.port.to_be(), address.protocol.number())
+    (address.ip, address.port.to_be(), address.protocol.number())
 }
 
 /// Every scope's backends at one frontend address: a flow is judged by the address it was sent
@@ -234,7 +241,7 @@ fn flow_address(address: L4Addr) -> conntrack::FrontendAddress {
 fn address_flows(desired: &DesiredState, address: L4Addr) -> Option<FrontendFlows> {
     let scopes =
         FrontendKey { address, scope: Scope::External }..=FrontendKey { address, scope: Scope::Internal };
-    let wire = |backend: &L4Addr| (u32::from(backend.ip).to_be(), backend.port.to_be());
+    let wire = |backend: &L4Addr| (backend.ip, backend.port.to_be());
     let mut flows: Option<FrontendFlows> = None;
     for frontend in desired.frontends.range(scopes).map(|(_, frontend)| frontend) {
         let flows = flows.get_or_insert_with(FrontendFlows::default);
@@ -542,7 +549,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // IDs that surviving flows still name are never handed out again.
     let flow_tables = PinnedFlowTables::open(&options.bpf_dir)?;
     let (max_service_id, max_backend_id) =
-        conntrack::max_ids(&flow_tables).context("reading the pinned conntrack table")?;
+        flow_tables.max_ids().context("reading the pinned conntrack table")?;
     reconciler.reserve_ids(max_service_id, max_backend_id);
     reconciler.set_backend_grace(BACKEND_GRACE);
     let collector =

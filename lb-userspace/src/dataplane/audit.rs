@@ -17,26 +17,39 @@ use crate::dataplane::maps::MapsSnapshot;
 pub fn always(snapshot: &MapsSnapshot) -> Vec<String> {
     let mut violations = Vec::new();
     for (key, value) in snapshot.services.iter().filter(|(key, _)| key.backend_slot == 0) {
-        let frontend = format!("{}:{}/{} scope {}", key.address(), key.port(), key.protocol, key.scope);
+        let frontend = format!(
+            "{}/{} scope {}",
+            std::net::SocketAddr::new(key.address(), key.port()),
+            key.protocol,
+            key.scope
+        );
         for slot in 1..=value.backend_count {
             match snapshot.services.get(&key.with_slot(slot)) {
                 None => {
                     violations.push(format!("{frontend}: slot {slot} of {} missing", value.backend_count))
                 }
-                Some(slot_value) if !snapshot.backends.contains_key(&slot_value.backend_id) => violations
-                    .push(format!(
+                Some(slot_value) => match snapshot.backends.get(&slot_value.backend_id) {
+                    None => violations.push(format!(
                         "{frontend}: slot {slot} points at missing backend {}",
                         slot_value.backend_id
                     )),
-                Some(_) => {}
+                    // The data path looks the ID up in the frontend's family's map only.
+                    Some(backend) if backend.ip.is_ipv4() != key.ip.is_ipv4() => violations.push(format!(
+                        "{frontend}: slot {slot} points at backend {} of the other family",
+                        slot_value.backend_id
+                    )),
+                    Some(_) => {}
+                },
             }
         }
         if value.maglev_table != 0
             && let Some(table) = snapshot.maglev.get(&value.maglev_table)
-            && let Some(missing) = table.iter().find(|id| !snapshot.backends.contains_key(id))
+            && let Some(missing) = table.iter().find(|id| {
+                snapshot.backends.get(id).is_none_or(|backend| backend.ip.is_ipv4() != key.ip.is_ipv4())
+            })
         {
             violations.push(format!(
-                "{frontend}: Maglev table {} points at missing backend {missing}",
+                "{frontend}: Maglev table {} points at missing backend {missing} (or one of the other family)",
                 value.maglev_table
             ));
         }

@@ -17,7 +17,7 @@
 //! A flow to a backend that is terminating but still serving keeps going.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -25,9 +25,11 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
 use lb_common::{
-    AffinityKey, AffinityValue, ConntrackEntry, FlowKey, PROTOCOL_TCP, conntrack_flags as cf,
+    AffinityKeyOf, AffinityValue, ConntrackEntryOf, FlowKeyOf, In6, PROTOCOL_TCP, conntrack_flags as cf,
     conntrack_state as cs, map_names, stats,
 };
+
+use crate::dataplane::maps::FamilyAddress;
 
 /// How long a flow may stay idle, by state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,12 +80,12 @@ impl Timeouts {
 /// What flows to one frontend may keep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendFlows {
-    /// Backends (address, port; network byte order as in the entries) that are still serving
-    /// endpoints: UDP flows to any other are ended.
-    pub serving: HashSet<(u32, u16)>,
+    /// Backends (address, port in network byte order as in the entries) that are still
+    /// serving endpoints: UDP flows to any other are ended.
+    pub serving: HashSet<(IpAddr, u16)>,
     /// Backends the Service still lists, whatever their conditions: TCP flows to any other are
     /// reset.
-    pub listed: HashSet<(u32, u16)>,
+    pub listed: HashSet<(IpAddr, u16)>,
 }
 
 /// What affinity records of one frontend (by service ID) may keep.
@@ -95,8 +97,8 @@ pub struct AffinityPolicy {
     pub timeout: u32,
 }
 
-/// A frontend as flows carry it: address and port (network byte order) and protocol.
-pub type FrontendAddress = (u32, u16, u8);
+/// A frontend as flows carry it: address, port (network byte order) and protocol.
+pub type FrontendAddress = (IpAddr, u16, u8);
 
 /// What the collector judges flows by, made by the run loop after each sync.
 #[derive(Clone, Debug, Default)]
@@ -121,7 +123,7 @@ impl PartialEq for FlowPolicy {
 
 impl FlowPolicy {
     /// Whether a flow to `frontend` whose backend is `backend` may go on.
-    fn keeps(&self, frontend: FrontendAddress, backend: (u32, u16)) -> bool {
+    fn keeps(&self, frontend: FrontendAddress, backend: (IpAddr, u16)) -> bool {
         self.frontends.get(&frontend).is_some_and(|f| {
             if frontend.2 == PROTOCOL_TCP {
                 f.listed.contains(&backend)
@@ -148,15 +150,33 @@ pub struct PassReport {
     pub max_backend_id: u32,
 }
 
-/// The tables the collector works on, behind a trait so its decisions are tested without root.
-pub trait FlowTables {
-    fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError>;
+impl PassReport {
+    /// Adds another family's pass.
+    fn add(&mut self, other: &PassReport) {
+        self.entries += other.entries;
+        self.unjudged += other.unjudged;
+        self.expired += other.expired;
+        self.backend_gone_removed += other.backend_gone_removed;
+        self.backend_gone_marked += other.backend_gone_marked;
+        self.affinity_removed += other.affinity_removed;
+        self.max_service_id = self.max_service_id.max(other.max_service_id);
+        self.max_backend_id = self.max_backend_id.max(other.max_backend_id);
+    }
+}
+
+/// A family's conntrack entries, by key.
+pub type FlowEntries<A> = Vec<(FlowKeyOf<A>, ConntrackEntryOf<A>)>;
+
+/// One family's tables the collector works on (addresses `A`: `u32` or `In6`), behind a trait
+/// so its decisions are tested without root.
+pub trait FlowTables<A: FamilyAddress> {
+    fn conntrack(&self) -> Result<FlowEntries<A>, MapError>;
     /// One entry as it is now.
-    fn flow_entry(&self, key: &FlowKey) -> Result<Option<ConntrackEntry>, MapError>;
-    fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError>;
-    fn update_flow_entry(&mut self, key: &FlowKey, entry: &ConntrackEntry) -> Result<(), MapError>;
-    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError>;
-    fn remove_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError>;
+    fn flow_entry(&self, key: &FlowKeyOf<A>) -> Result<Option<ConntrackEntryOf<A>>, MapError>;
+    fn remove_flow_entry(&mut self, key: &FlowKeyOf<A>) -> Result<(), MapError>;
+    fn update_flow_entry(&mut self, key: &FlowKeyOf<A>, entry: &ConntrackEntryOf<A>) -> Result<(), MapError>;
+    fn affinity(&self) -> Result<Vec<(AffinityKeyOf<A>, AffinityValue)>, MapError>;
+    fn remove_affinity(&mut self, key: &AffinityKeyOf<A>) -> Result<(), MapError>;
 }
 
 /// The data path's clock: CLOCK_MONOTONIC, which `bpf_ktime_get_coarse_ns` reads too.
@@ -178,16 +198,16 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 /// One pass over the tables at time `now` (monotonic nanoseconds). Activity before `since`
 /// (when this lb started publishing the clock) counts as activity at `since`: while no lb ran,
 /// the published clock stood still, so older stamps say nothing about idleness.
-pub fn collect(
-    tables: &mut impl FlowTables,
+pub fn collect<A: FamilyAddress + std::hash::Hash + Eq>(
+    tables: &mut impl FlowTables<A>,
     policy: &FlowPolicy,
     timeouts: &Timeouts,
     now: u64,
     since: u64,
 ) -> Result<PassReport, MapError> {
-    let entries: HashMap<FlowKey, ConntrackEntry> = tables.conntrack()?.into_iter().collect();
+    let entries: HashMap<FlowKeyOf<A>, ConntrackEntryOf<A>> = tables.conntrack()?.into_iter().collect();
     let mut report = PassReport { entries: entries.len() as u64, ..Default::default() };
-    let mut done: HashSet<FlowKey> = HashSet::new();
+    let mut done: HashSet<FlowKeyOf<A>> = HashSet::new();
     for (key, entry) in &entries {
         report.max_service_id = report.max_service_id.max(entry.service_id);
         report.max_backend_id = report.max_backend_id.max(entry.backend_id);
@@ -202,7 +222,7 @@ pub fn collect(
             continue; // handled with its client-side entry
         }
         done.insert(*key);
-        let mut flow: Vec<(FlowKey, ConntrackEntry)> = vec![(*key, *entry)];
+        let mut flow: Vec<(FlowKeyOf<A>, ConntrackEntryOf<A>)> = vec![(*key, *entry)];
         if let Some(peer) = peer {
             done.insert(peer_key);
             flow.push((peer_key, *peer));
@@ -210,9 +230,9 @@ pub fn collect(
         // The frontend the client sent to and the backend: from the client side's key and
         // entry, or, for a lone reply entry, from what it rewrites and where it comes from.
         let (frontend, backend) = if entry.is_reply() {
-            ((entry.src_address, entry.src_port, key.protocol), (key.src_address, key.src_port))
+            ((entry.src_address.ip(), entry.src_port, key.protocol), (key.src_address.ip(), key.src_port))
         } else {
-            ((key.dst_address, key.dst_port, key.protocol), (entry.dst_address, entry.dst_port))
+            ((key.dst_address.ip(), key.dst_port, key.protocol), (entry.dst_address.ip(), entry.dst_port))
         };
         let last_seen = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0).max(since);
         let idle = Duration::from_nanos(now.saturating_sub(last_seen));
@@ -260,10 +280,10 @@ pub fn collect(
 
 /// Whether an entry is still the one a pass read: the same flow (a new one on its tuple has
 /// another creation time), and, when `idle` is asked, no packet since.
-fn unchanged(
-    tables: &impl FlowTables,
-    key: &FlowKey,
-    read: &ConntrackEntry,
+fn unchanged<A: FamilyAddress>(
+    tables: &impl FlowTables<A>,
+    key: &FlowKeyOf<A>,
+    read: &ConntrackEntryOf<A>,
     idle: bool,
 ) -> Result<bool, MapError> {
     Ok(tables.flow_entry(key)?.is_some_and(|now| {
@@ -275,12 +295,12 @@ fn unchanged(
 /// flow, which writes its own reply entry. Each entry is read again first and left alone if
 /// it changed since the pass read it (a new flow on its tuple, or, for an idle flow, a packet).
 /// Returns whether anything was removed.
-fn remove_flow(
-    tables: &mut impl FlowTables,
-    flow: &[(FlowKey, ConntrackEntry)],
+fn remove_flow<A: FamilyAddress>(
+    tables: &mut impl FlowTables<A>,
+    flow: &[(FlowKeyOf<A>, ConntrackEntryOf<A>)],
     idle: bool,
 ) -> Result<bool, MapError> {
-    let mut ordered: Vec<&(FlowKey, ConntrackEntry)> = flow.iter().collect();
+    let mut ordered: Vec<&(FlowKeyOf<A>, ConntrackEntryOf<A>)> = flow.iter().collect();
     ordered.sort_by_key(|(_, entry)| entry.is_reply());
     let mut removed = false;
     for (key, read) in ordered {
@@ -295,26 +315,36 @@ fn remove_flow(
 
 /// Marks a TCP flow whose backend is gone, on the entries as they are now (their state may
 /// have moved since the pass read them). Returns whether anything was marked.
-fn mark_gone(tables: &mut impl FlowTables, flow: &[(FlowKey, ConntrackEntry)]) -> Result<bool, MapError> {
+fn mark_gone<A: FamilyAddress>(
+    tables: &mut impl FlowTables<A>,
+    flow: &[(FlowKeyOf<A>, ConntrackEntryOf<A>)],
+) -> Result<bool, MapError> {
     let mut marked = false;
     for (key, read) in flow {
         let Some(now) = tables.flow_entry(key)?.filter(|now| now.created_ns == read.created_ns) else {
             continue;
         };
         ignore_missing(
-            tables.update_flow_entry(key, &ConntrackEntry { flags: now.flags | cf::BACKEND_GONE, ..now }),
+            tables.update_flow_entry(key, &ConntrackEntryOf { flags: now.flags | cf::BACKEND_GONE, ..now }),
         )?;
         marked = true;
     }
     Ok(marked)
 }
 
-/// The pinned tables, opened by path.
-pub struct PinnedFlowTables {
-    conntrack: BpfHashMap<MapData, FlowKey, ConntrackEntry>,
+/// One family's pinned conntrack and affinity maps.
+pub struct FamilyFlowTables<A> {
+    conntrack: BpfHashMap<MapData, FlowKeyOf<A>, ConntrackEntryOf<A>>,
     /// The conntrack map's size.
     capacity: u32,
-    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    affinity: BpfHashMap<MapData, AffinityKeyOf<A>, AffinityValue>,
+}
+
+/// The pinned tables, opened by path.
+pub struct PinnedFlowTables {
+    pub v4: FamilyFlowTables<u32>,
+    /// Absent in maps pinned by an lb from before IPv6.
+    pub v6: Option<FamilyFlowTables<In6>>,
     stats: Array<MapData, u64>,
 }
 
@@ -344,29 +374,93 @@ fn map(data: MapData, dir: &Path, name: &str) -> Result<Map, FlowTablesError> {
     Map::from_map_data(data).map_err(|source| FlowTablesError::Open { path: dir.join(name), source })
 }
 
+impl<A> FamilyFlowTables<A>
+where
+    FlowKeyOf<A>: aya::Pod,
+    ConntrackEntryOf<A>: aya::Pod,
+    AffinityKeyOf<A>: aya::Pod,
+{
+    fn open(
+        bpf_dir: &Path,
+        conntrack: &'static str,
+        affinity: &'static str,
+    ) -> Result<Self, FlowTablesError> {
+        let wrong = |map: &'static str| move |source| FlowTablesError::Map { operation: "open", map, source };
+        let data = open_pinned(bpf_dir, conntrack)?;
+        let capacity = data.info().map(|info| info.max_entries()).unwrap_or(0);
+        Ok(Self {
+            conntrack: BpfHashMap::try_from(map(data, bpf_dir, conntrack)?).map_err(wrong(conntrack))?,
+            capacity,
+            affinity: BpfHashMap::try_from(map(open_pinned(bpf_dir, affinity)?, bpf_dir, affinity)?)
+                .map_err(wrong(affinity))?,
+        })
+    }
+
+    /// One client's affinity record for one frontend.
+    pub fn affinity_record(&self, key: &AffinityKeyOf<A>) -> Result<Option<AffinityValue>, MapError> {
+        match self.affinity.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+}
+
 impl PinnedFlowTables {
     pub fn open(bpf_dir: &Path) -> Result<Self, FlowTablesError> {
         let wrong = |map: &'static str| move |source| FlowTablesError::Map { operation: "open", map, source };
-        let conntrack = open_pinned(bpf_dir, map_names::CONNTRACK)?;
-        let capacity = conntrack.info().map(|info| info.max_entries()).unwrap_or(0);
+        let v6 = if bpf_dir.join(map_names::CONNTRACK6).exists() {
+            Some(FamilyFlowTables::open(bpf_dir, map_names::CONNTRACK6, map_names::AFFINITY6)?)
+        } else {
+            None
+        };
         Ok(Self {
-            conntrack: BpfHashMap::try_from(map(conntrack, bpf_dir, map_names::CONNTRACK)?)
-                .map_err(wrong(map_names::CONNTRACK))?,
-            capacity,
-            affinity: BpfHashMap::try_from(map(
-                open_pinned(bpf_dir, map_names::AFFINITY)?,
-                bpf_dir,
-                map_names::AFFINITY,
-            )?)
-            .map_err(wrong(map_names::AFFINITY))?,
+            v4: FamilyFlowTables::open(bpf_dir, map_names::CONNTRACK, map_names::AFFINITY)?,
+            v6,
             stats: Array::try_from(map(open_pinned(bpf_dir, map_names::STATS)?, bpf_dir, map_names::STATS)?)
                 .map_err(wrong(map_names::STATS))?,
         })
     }
 
+    /// One pass over both families' tables.
+    pub fn collect(
+        &mut self,
+        policy: &FlowPolicy,
+        timeouts: &Timeouts,
+        now: u64,
+        since: u64,
+    ) -> Result<PassReport, MapError> {
+        let mut report = collect(&mut self.v4, policy, timeouts, now, since)?;
+        if let Some(v6) = &mut self.v6 {
+            report.add(&collect(v6, policy, timeouts, now, since)?);
+        }
+        Ok(report)
+    }
+
+    /// The highest service and backend IDs either family's flows and records name.
+    pub fn max_ids(&self) -> Result<(u32, u32), MapError> {
+        let (mut service, mut backend) = max_ids(&self.v4)?;
+        if let Some(v6) = &self.v6 {
+            let (service6, backend6) = max_ids(v6)?;
+            service = service.max(service6);
+            backend = backend.max(backend6);
+        }
+        Ok((service, backend))
+    }
+
+    /// Both families' live flows, oldest first.
+    pub fn flows(&self, service_names: &BTreeMap<u32, String>, now: u64) -> Result<Vec<FlowRow>, MapError> {
+        let mut rows = flow_rows(&self.v4, service_names, now)?;
+        if let Some(v6) = &self.v6 {
+            rows.extend(flow_rows(v6, service_names, now)?);
+        }
+        rows.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.client.cmp(&b.1.client)));
+        Ok(rows.into_iter().map(|(_, row)| row).collect())
+    }
+
     /// Adds a pass to the statistics `lb counters` shows.
     fn record(&mut self, report: &PassReport, took: Duration) {
-        let capacity = self.capacity;
+        let capacity = self.v4.capacity + self.v6.as_ref().map_or(0, |v6| v6.capacity);
         let mut add = |index: u32, value: u64, replace: bool| {
             let old = self.stats.get(&index, 0).unwrap_or(0);
             let _ = self.stats.set(index, if replace { value } else { old + value }, 0);
@@ -382,19 +476,13 @@ impl PinnedFlowTables {
     }
 }
 
-impl PinnedFlowTables {
-    /// One client's affinity record for one frontend.
-    pub fn affinity_record(&self, key: &AffinityKey) -> Result<Option<AffinityValue>, MapError> {
-        match self.affinity.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(error) => Err(error),
-        }
-    }
-}
-
-impl FlowTables for PinnedFlowTables {
-    fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError> {
+impl<A: FamilyAddress> FlowTables<A> for FamilyFlowTables<A>
+where
+    FlowKeyOf<A>: aya::Pod,
+    ConntrackEntryOf<A>: aya::Pod,
+    AffinityKeyOf<A>: aya::Pod,
+{
+    fn conntrack(&self) -> Result<FlowEntries<A>, MapError> {
         // Entries removed while iterating are skipped, not errors.
         let mut entries = Vec::new();
         for key in self.conntrack.keys() {
@@ -408,7 +496,7 @@ impl FlowTables for PinnedFlowTables {
         Ok(entries)
     }
 
-    fn flow_entry(&self, key: &FlowKey) -> Result<Option<ConntrackEntry>, MapError> {
+    fn flow_entry(&self, key: &FlowKeyOf<A>) -> Result<Option<ConntrackEntryOf<A>>, MapError> {
         match self.conntrack.get(key, 0) {
             Ok(entry) => Ok(Some(entry)),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -416,28 +504,28 @@ impl FlowTables for PinnedFlowTables {
         }
     }
 
-    fn remove_flow_entry(&mut self, key: &FlowKey) -> Result<(), MapError> {
+    fn remove_flow_entry(&mut self, key: &FlowKeyOf<A>) -> Result<(), MapError> {
         self.conntrack.remove(key)
     }
 
-    fn update_flow_entry(&mut self, key: &FlowKey, entry: &ConntrackEntry) -> Result<(), MapError> {
+    fn update_flow_entry(&mut self, key: &FlowKeyOf<A>, entry: &ConntrackEntryOf<A>) -> Result<(), MapError> {
         // Only an entry that is still there: a flow removed meanwhile stays removed.
         const BPF_EXIST: u64 = 2;
         self.conntrack.insert(key, entry, BPF_EXIST)
     }
 
-    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+    fn affinity(&self) -> Result<Vec<(AffinityKeyOf<A>, AffinityValue)>, MapError> {
         self.affinity.iter().collect()
     }
 
-    fn remove_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError> {
+    fn remove_affinity(&mut self, key: &AffinityKeyOf<A>) -> Result<(), MapError> {
         self.affinity.remove(key)
     }
 }
 
 /// The highest service and backend IDs the flows and affinity records name: a restarted lb
 /// allocates above them, so no old flow can be taken for a new frontend or backend.
-pub fn max_ids(tables: &impl FlowTables) -> Result<(u32, u32), MapError> {
+pub fn max_ids<A: FamilyAddress>(tables: &impl FlowTables<A>) -> Result<(u32, u32), MapError> {
     let (mut service, mut backend) = (0, 0);
     for (_, entry) in tables.conntrack()? {
         service = service.max(entry.service_id);
@@ -546,7 +634,7 @@ impl Collector {
                     }
                     let started = Instant::now();
                     let mut unjudged = false;
-                    match collect(&mut tables, policy, &timeouts, now_ns, since) {
+                    match tables.collect(policy, &timeouts, now_ns, since) {
                         Ok(report) => {
                             unjudged = report.unjudged > 0;
                             let took = started.elapsed();
@@ -665,14 +753,15 @@ pub struct FlowRow {
     pub service: Option<String>,
 }
 
-/// The live flows (client-side entries, with their reply entry's activity), oldest first.
-pub fn flows(
-    tables: &impl FlowTables,
+/// The live flows (client-side entries, with their reply entry's activity), each with when it
+/// was tracked.
+fn flow_rows<A: FamilyAddress + std::hash::Hash + Eq>(
+    tables: &impl FlowTables<A>,
     service_names: &BTreeMap<u32, String>,
     now: u64,
-) -> Result<Vec<FlowRow>, MapError> {
-    let entries: HashMap<FlowKey, ConntrackEntry> = tables.conntrack()?.into_iter().collect();
-    let address = |ip: u32, port: u16| format!("{}:{}", Ipv4Addr::from(u32::from_be(ip)), u16::from_be(port));
+) -> Result<Vec<(u64, FlowRow)>, MapError> {
+    let entries: HashMap<FlowKeyOf<A>, ConntrackEntryOf<A>> = tables.conntrack()?.into_iter().collect();
+    let address = |ip: A, port: u16| SocketAddr::new(ip.ip(), u16::from_be(port)).to_string();
     let mut rows: Vec<(u64, FlowRow)> = Vec::new();
     for (key, entry) in entries.iter().filter(|(_, entry)| !entry.is_reply()) {
         let reply = entries.get(&entry.peer_key(key.protocol));
@@ -696,8 +785,7 @@ pub fn flows(
         };
         rows.push((entry.created_ns, row));
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.client.cmp(&b.1.client)));
-    Ok(rows.into_iter().map(|(_, row)| row).collect())
+    Ok(rows)
 }
 
 /// `lb conntrack`'s table.
@@ -742,6 +830,10 @@ pub fn flows_table(rows: &[FlowRow]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use lb_common::{AffinityKey, ConntrackEntry, FlowKey};
+
     use super::*;
 
     /// Tables in memory.
@@ -755,7 +847,7 @@ mod tests {
         (key.src_address, key.dst_address, key.src_port, key.dst_port, key.protocol)
     }
 
-    impl FlowTables for Memory {
+    impl FlowTables<u32> for Memory {
         fn conntrack(&self) -> Result<Vec<(FlowKey, ConntrackEntry)>, MapError> {
             Ok(self
                 .conntrack
@@ -810,6 +902,11 @@ mod tests {
         (u32::from(ip).to_be(), port.to_be())
     }
 
+    /// As the policy names a backend or frontend: the address, the port in network order.
+    fn policy_address((ip, port): (Ipv4Addr, u16)) -> (IpAddr, u16) {
+        (IpAddr::V4(ip), port.to_be())
+    }
+
     /// A flow client -> VIP -> POD as the data path writes it.
     fn add_flow(memory: &mut Memory, protocol: u8, client_port: u16, state: u8, last_seen: u64) {
         let client = (CLIENT.0, client_port);
@@ -842,10 +939,10 @@ mod tests {
     /// The policy for the test flows' frontend (VIP:80, both protocols): `serving` says
     /// whether the pod still serves, `listed` whether the Service still lists it.
     fn policy_with(serving: bool, listed: bool, affinity_timeout: u32) -> FlowPolicy {
-        let set = |yes: bool| if yes { [be(POD)].into_iter().collect() } else { HashSet::new() };
+        let set = |yes: bool| if yes { [policy_address(POD)].into_iter().collect() } else { HashSet::new() };
         let mut frontends = HashMap::new();
         for protocol in [PROTOCOL_TCP, lb_common::PROTOCOL_UDP] {
-            let (ip, port) = be(VIP);
+            let (ip, port) = policy_address(VIP);
             frontends
                 .insert((ip, port, protocol), FrontendFlows { serving: set(serving), listed: set(listed) });
         }
@@ -993,7 +1090,8 @@ mod tests {
         let mut memory = Memory::default();
         add_flow(&mut memory, PROTOCOL_TCP, 40000, cs::TCP_ESTABLISHED, 5 * SECOND);
         let names: BTreeMap<u32, String> = [(3, "default/echo:http".to_string())].into_iter().collect();
-        let rows = flows(&memory, &names, 65 * SECOND).unwrap();
+        let rows: Vec<FlowRow> =
+            flow_rows(&memory, &names, 65 * SECOND).unwrap().into_iter().map(|(_, row)| row).collect();
         assert_eq!(rows.len(), 1);
         assert_eq!(
             (rows[0].client.as_str(), rows[0].frontend.as_str(), rows[0].backend.as_str()),

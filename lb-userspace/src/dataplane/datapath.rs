@@ -623,6 +623,18 @@ impl Datapath {
         array.set(0, config, 0).map_err(config_error)
     }
 
+    /// Writes the IPv6 family's node-wide settings (its source-NAT address).
+    pub fn set_config6(&mut self, config: lb_common::DatapathConfig6) -> Result<(), DatapathError> {
+        let config_error = |source| DatapathError::Config { map: map_names::CONFIG6, source };
+        let map = self
+            .ebpf
+            .map_mut(map_names::CONFIG6)
+            .ok_or(DatapathError::MissingMap { name: map_names::CONFIG6 })?;
+        let mut array: Array<&mut MapData, lb_common::DatapathConfig6> =
+            Array::try_from(map).map_err(config_error)?;
+        array.set(0, config, 0).map_err(config_error)
+    }
+
     /// Whether the XDP program is attached to `interface` (by this lb or an adopted link).
     pub fn has_xdp(&self, interface: &str) -> bool {
         self.xdp_attached.contains_key(interface)
@@ -778,6 +790,15 @@ pub fn read_config(bpf_dir: &Path) -> Result<DatapathConfig, DatapathError> {
     let data = MapData::from_pin(bpf_dir.join(map_names::CONFIG)).map_err(DatapathError::Counters)?;
     let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
     let array: Array<MapData, DatapathConfig> = Array::try_from(map).map_err(DatapathError::Counters)?;
+    array.get(&0, 0).map_err(DatapathError::Counters)
+}
+
+/// The IPv6 family's settings pinned under `bpf_dir`.
+pub fn read_config6(bpf_dir: &Path) -> Result<lb_common::DatapathConfig6, DatapathError> {
+    let data = MapData::from_pin(bpf_dir.join(map_names::CONFIG6)).map_err(DatapathError::Counters)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(DatapathError::Counters)?;
+    let array: Array<MapData, lb_common::DatapathConfig6> =
+        Array::try_from(map).map_err(DatapathError::Counters)?;
     array.get(&0, 0).map_err(DatapathError::Counters)
 }
 

@@ -6,19 +6,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
-use lb_common::{AffinityValue, ConntrackEntry, ServiceKey, backend_flags, conntrack_state, service_flags};
+use lb_common::{AffinityValue, In6, backend_flags, conntrack_state, service_flags};
 use serde::Serialize;
 
-use crate::dataplane::maps::MapsSnapshot;
+use crate::dataplane::maps::{FamilyAddress, MapsSnapshot, SlotKey};
 use crate::model::{FrontendType, Protocol, Scope};
 
 /// The packet asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Query {
-    pub source: SocketAddrV4,
-    pub destination: SocketAddrV4,
+    /// Of the same family as `destination`.
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
     pub protocol: Protocol,
     /// The packet arrives on an external interface (`--external-interfaces`): Local external
     /// policies apply to it. Otherwise it comes from a pod or the node: inside the cluster.
@@ -29,12 +30,13 @@ pub struct Query {
 #[derive(Clone, Debug, Default)]
 pub struct FlowFacts {
     /// The conntrack entry of the packet's 5-tuple, if the flow is tracked.
-    pub tracked: Option<ConntrackEntry>,
+    pub tracked: Option<TrackedFlow>,
     /// The client's affinity record for the frontend, with its age in seconds.
     pub affinity: Option<(AffinityValue, u64)>,
     /// The data path's settings: Maglev table size and source-NAT address.
     pub maglev_table_size: u32,
-    pub snat_address: Option<Ipv4Addr>,
+    /// The source-NAT address of the query's family.
+    pub snat_address: Option<IpAddr>,
     /// Endpoints of the Service port that get no new flows, and why (from the objects, when
     /// `lb explain` was given them).
     pub excluded: Vec<(String, String)>,
@@ -71,8 +73,41 @@ pub struct FrontendMatch {
     pub source_ranges: Vec<String>,
 }
 
-fn wire(address: SocketAddrV4) -> (u32, u16) {
-    (u32::from(*address.ip()).to_be(), address.port().to_be())
+/// What a conntrack entry says, of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedFlow {
+    /// The addresses the packet is rewritten to.
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub reply: bool,
+    /// `conntrack_state`.
+    pub state: u8,
+}
+
+impl<A: FamilyAddress> From<lb_common::ConntrackEntryOf<A>> for TrackedFlow {
+    fn from(entry: lb_common::ConntrackEntryOf<A>) -> Self {
+        Self {
+            source: SocketAddr::new(entry.src_address.ip(), u16::from_be(entry.src_port)),
+            destination: SocketAddr::new(entry.dst_address.ip(), u16::from_be(entry.dst_port)),
+            reply: entry.is_reply(),
+            state: entry.state,
+        }
+    }
+}
+
+/// The data path's hash of the flow, as its family computes it.
+fn flow_hash(query: &Query) -> u32 {
+    let protocol = query.protocol.number();
+    let (src_port, dst_port) = (query.source.port().to_be(), query.destination.port().to_be());
+    match (query.source.ip(), query.destination.ip()) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            lb_common::flow_hash(In6::from(src), In6::from(dst), src_port, dst_port, protocol)
+        }
+        (src, dst) => {
+            let word = |ip: IpAddr| u32::from_ip(ip).unwrap_or(0);
+            lb_common::flow_hash(word(src), word(dst), src_port, dst_port, protocol)
+        }
+    }
 }
 
 fn policy_words(flags: u16, affinity_timeout: u32, maglev_table: u32) -> String {
@@ -91,8 +126,7 @@ fn policy_words(flags: u16, affinity_timeout: u32, maglev_table: u32) -> String 
 }
 
 pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Explanation {
-    let (src_address, src_port) = wire(query.source);
-    let (dst_address, dst_port) = wire(query.destination);
+    let (dst_address, dst_port) = (query.destination.ip(), query.destination.port());
     let protocol = query.protocol.number();
     let mut explanation = Explanation {
         packet: format!(
@@ -113,11 +147,8 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
 
     // The tracked flow's entry decides before any frontend is looked at.
     if let Some(entry) = &facts.tracked {
-        let backend =
-            SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.dst_address)), u16::from_be(entry.dst_port));
-        let source =
-            SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.src_address)), u16::from_be(entry.src_port));
-        if entry.is_reply() {
+        let (backend, source) = (entry.destination, entry.source);
+        if entry.reply {
             explanation.verdict =
                 "a reply of a tracked flow: its source is rewritten back to the frontend".into();
             explanation.translated = Some(format!("{source} -> {backend}/{}", query.protocol));
@@ -144,11 +175,7 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
     let slots: Vec<u32> = (1..=value.backend_count)
         .filter_map(|slot| snapshot.services.get(&key.with_slot(slot)).map(|v| v.backend_id))
         .collect();
-    let address_of = |id: &u32| {
-        snapshot.backends.get(id).map(|b| {
-            SocketAddrV4::new(Ipv4Addr::from(u32::from_be(b.address)), u16::from_be(b.port)).to_string()
-        })
-    };
+    let address_of = |id: &u32| snapshot.backends.get(id).map(|b| SocketAddr::new(b.ip, b.port).to_string());
     explanation.eligible = slots.iter().filter_map(address_of).collect();
     explanation.frontend = frontend;
 
@@ -156,7 +183,7 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
         let allowed = snapshot
             .source_ranges
             .iter()
-            .any(|(id, range)| *id == service_id && range.contains(query.source.ip()));
+            .any(|(id, range)| *id == service_id && range.contains(&query.source.ip()));
         if !allowed {
             explanation.verdict =
                 "dropped: the source is outside the Service's loadBalancerSourceRanges (drop_source_range)"
@@ -180,7 +207,7 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
         return explanation;
     }
 
-    let hash = lb_common::flow_hash(src_address, dst_address, src_port, dst_port, protocol);
+    let hash = flow_hash(query);
     let affinity = facts.affinity.as_ref().filter(|(record, age)| {
         value.affinity_timeout != 0
             && *age < u64::from(value.affinity_timeout)
@@ -214,16 +241,16 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
         explanation.chosen_by = Some(chosen_by);
         return explanation;
     };
-    let backend_address =
-        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(backend.address)), u16::from_be(backend.port));
+    let backend_address = SocketAddr::new(backend.ip, backend.port);
     explanation.backend = Some(backend_address.to_string());
     explanation.chosen_by = Some(chosen_by);
     let host_backend = backend.flags & backend_flags::HOST != 0;
-    let hairpin = src_address == backend.address;
+    let hairpin = query.source.ip() == backend.ip;
     let snat = (value.flags & service_flags::SNAT != 0 || hairpin) && !host_backend;
     let source = if snat {
         match facts.snat_address {
-            Some(address) => format!("{address}:<a free port>"),
+            Some(IpAddr::V4(address)) => format!("{address}:<a free port>"),
+            Some(IpAddr::V6(address)) => format!("[{address}]:<a free port>"),
             None => {
                 explanation.verdict =
                     "dropped: the flow needs source NAT and the node has no address for it (drop_snat_failed)".into();
@@ -245,16 +272,15 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
 /// two-scope frontend's internal view.
 fn lookup(
     snapshot: &MapsSnapshot,
-    address: u32,
+    address: IpAddr,
     port: u16,
     protocol: u8,
     external: bool,
-) -> Option<(ServiceKey, lb_common::ServiceValue)> {
-    let key =
-        ServiceKey { address, port, backend_slot: 0, protocol, scope: lb_common::scope::EXTERNAL, _pad: 0 };
+) -> Option<(SlotKey, lb_common::ServiceValue)> {
+    let key = SlotKey::new(address, port, protocol, 0);
     let value = *snapshot.services.get(&key)?;
     if !external && value.flags & service_flags::TWO_SCOPES != 0 {
-        let internal = ServiceKey { scope: lb_common::scope::INTERNAL, ..key };
+        let internal = SlotKey { scope: lb_common::scope::INTERNAL, ..key };
         if let Some(value) = snapshot.services.get(&internal) {
             return Some((internal, *value));
         }
@@ -264,7 +290,7 @@ fn lookup(
 
 fn frontend_match(
     snapshot: &MapsSnapshot,
-    address: u32,
+    address: IpAddr,
     port: u16,
     protocol: u8,
     external: bool,
@@ -278,9 +304,8 @@ fn frontend_match(
     };
     Some(FrontendMatch {
         address: format!(
-            "{}:{}/{}",
-            key.address(),
-            key.port(),
+            "{}/{}",
+            SocketAddr::new(key.address(), key.port()),
             Protocol::from_number(protocol).map_or("?".to_string(), |p| p.to_string())
         ),
         service: meta.map_or_else(
@@ -358,7 +383,7 @@ pub fn excluded_endpoints(
     let mut reasons = BTreeMap::new();
     let any_ready = endpoints.iter().any(|e| e.conditions.ready);
     for endpoint in endpoints {
-        let address = format!("{}:{}", endpoint.addr.ip, endpoint.addr.port);
+        let address = SocketAddr::new(endpoint.addr.ip, endpoint.addr.port).to_string();
         if eligible.contains(&address) {
             continue;
         }

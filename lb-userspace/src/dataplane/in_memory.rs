@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ipnet::Ipv4Net;
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, map_names};
+use ipnet::IpNet;
+use lb_common::{ServiceMeta, ServiceValue, map_names};
 
-use crate::dataplane::maps::{MapsError, MapsSnapshot, ServiceMaps, remedy};
+use crate::dataplane::maps::{BackendValue, MapsError, MapsSnapshot, ServiceMaps, SlotKey, remedy};
+use crate::model::IpFamily;
 
 /// Maps in memory, with optional failure injection for the reconciler's error paths.
 #[derive(Clone, Debug, Default)]
@@ -32,24 +33,27 @@ impl InMemoryMaps {
     }
 }
 
-fn slot_name(key: &ServiceKey) -> String {
-    format!("{}:{}/{} slot {}", key.address(), key.port(), key.protocol, key.backend_slot)
+fn slot_name(key: &SlotKey) -> String {
+    format!("{}/{} slot {}", std::net::SocketAddr::new(key.ip, key.port), key.protocol, key.backend_slot)
 }
 
 impl ServiceMaps for InMemoryMaps {
-    fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError> {
+    fn update_backend(&mut self, id: u32, backend: BackendValue) -> Result<(), MapsError> {
         self.write("update backend", id.to_string())?;
         self.contents.backends.insert(id, backend);
         Ok(())
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+    fn delete_backend(&mut self, id: u32, family: IpFamily) -> Result<(), MapsError> {
         self.write("delete backend", id.to_string())?;
-        self.contents.backends.remove(&id);
+        // As the real maps: only the family's map loses it.
+        if self.contents.backends.get(&id).is_some_and(|b| IpFamily::of(&b.ip) == family) {
+            self.contents.backends.remove(&id);
+        }
         Ok(())
     }
 
-    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError> {
+    fn update_service(&mut self, key: SlotKey, value: ServiceValue) -> Result<(), MapsError> {
         let full = self.services_capacity.is_some_and(|capacity| self.contents.services.len() >= capacity);
         if full && !self.contents.services.contains_key(&key) {
             return Err(MapsError::Full { map: map_names::SERVICES, remedy: remedy(map_names::SERVICES) });
@@ -59,7 +63,7 @@ impl ServiceMaps for InMemoryMaps {
         Ok(())
     }
 
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapsError> {
+    fn delete_service(&mut self, key: SlotKey) -> Result<(), MapsError> {
         self.write("delete service", slot_name(&key))?;
         self.contents.services.remove(&key);
         Ok(())
@@ -77,13 +81,13 @@ impl ServiceMaps for InMemoryMaps {
         Ok(())
     }
 
-    fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
+    fn update_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
         self.write("update source range", format!("{service_id} {range}"))?;
         self.contents.source_ranges.insert((service_id, range));
         Ok(())
     }
 
-    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
+    fn delete_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
         self.write("delete source range", format!("{service_id} {range}"))?;
         self.contents.source_ranges.remove(&(service_id, range));
         Ok(())

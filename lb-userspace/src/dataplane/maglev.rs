@@ -10,7 +10,7 @@
 //!
 //! Pure: tables in, tables and the positions that changed out. The reconciler writes only those.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// The default table size: a prime, with about 160 positions per backend for a Service of 100
 /// backends (Cilium's default too). Each table costs 4 bytes per position: 64 KiB.
@@ -19,7 +19,7 @@ pub const DEFAULT_TABLE_SIZE: u32 = lb_common::MAGLEV_TABLE_SIZE;
 /// A backend as the permutation sees it: what is the same on every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MaglevBackend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
@@ -35,7 +35,15 @@ fn mix64(mut x: u64) -> u64 {
 
 /// The backend's (offset, skip) in a table of `size` positions.
 fn permutation(backend: &MaglevBackend, size: u32) -> (u64, u64) {
-    let seed = (u64::from(u32::from(backend.address)) << 16) | u64::from(backend.port);
+    let address = match backend.address {
+        IpAddr::V4(ip) => u64::from(u32::from(ip)),
+        // 128 bits folded to 64 by a fixed mix, so every node folds them alike.
+        IpAddr::V6(ip) => {
+            let bits = u128::from(ip);
+            mix64((bits >> 64) as u64) ^ bits as u64
+        }
+    };
+    let seed = (address << 16) | u64::from(backend.port);
     let size = u64::from(size);
     let offset = mix64(seed ^ 0x5851_f42d_4c95_7f2d) % size;
     let skip = mix64(seed ^ 0x1405_7b7e_f767_814f) % (size - 1) + 1;
@@ -93,11 +101,14 @@ pub fn changed_positions(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
 
     use super::*;
 
     fn backends(count: u8) -> Vec<MaglevBackend> {
-        (1..=count).map(|i| MaglevBackend { address: Ipv4Addr::new(10, 244, i, 10), port: 8080 }).collect()
+        (1..=count)
+            .map(|i| MaglevBackend { address: Ipv4Addr::new(10, 244, i, 10).into(), port: 8080 })
+            .collect()
     }
 
     /// Which backend each of `flows` synthetic flows lands on, through the data path's own

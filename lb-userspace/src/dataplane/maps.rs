@@ -2,13 +2,17 @@
 //! in-memory implementation, so the reconciler is the same code in tests without root.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuHashMap};
-use ipnet::Ipv4Net;
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceTraffic, ServiceValue, SourceRangeKey, map_names};
+use ipnet::IpNet;
+use lb_common::{
+    BackendOf, In6, ServiceKeyOf, ServiceMeta, ServiceTraffic, ServiceValue, SourceRangeKeyOf, map_names,
+};
+
+use crate::model::IpFamily;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -35,36 +39,172 @@ pub enum MapsError {
     Injected { operation: &'static str },
 }
 
-/// Full contents of the service maps.
+/// A services-map key of either family, as the control plane handles it (host byte order); it
+/// becomes the family's `ServiceKeyOf` only at the map boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    /// `lb_common::scope`.
+    pub scope: u8,
+    /// 0 for the service entry, 1..=count for backend slots.
+    pub backend_slot: u16,
+}
+
+impl SlotKey {
+    /// An external-scope key.
+    pub fn new(ip: impl Into<IpAddr>, port: u16, protocol: u8, backend_slot: u16) -> Self {
+        Self::scoped(ip, port, protocol, lb_common::scope::EXTERNAL, backend_slot)
+    }
+
+    pub fn scoped(ip: impl Into<IpAddr>, port: u16, protocol: u8, scope: u8, backend_slot: u16) -> Self {
+        Self { ip: ip.into(), port, protocol, scope, backend_slot }
+    }
+
+    pub fn address(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The same frontend at another slot.
+    pub fn with_slot(&self, backend_slot: u16) -> Self {
+        Self { backend_slot, ..*self }
+    }
+}
+
+impl<A: FamilyAddress> From<ServiceKeyOf<A>> for SlotKey {
+    fn from(key: ServiceKeyOf<A>) -> Self {
+        Self {
+            ip: key.address.ip(),
+            port: key.port(),
+            protocol: key.protocol,
+            scope: key.scope,
+            backend_slot: key.backend_slot,
+        }
+    }
+}
+
+/// A backends-map value of either family, in host form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendValue {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    /// `lb_common::backend_flags`.
+    pub flags: u8,
+}
+
+impl BackendValue {
+    pub fn new(ip: impl Into<IpAddr>, port: u16, protocol: u8) -> Self {
+        Self { ip: ip.into(), port, protocol, flags: 0 }
+    }
+
+    pub fn with_flags(self, flags: u8) -> Self {
+        Self { flags, ..self }
+    }
+
+    pub fn address(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl<A: FamilyAddress> From<BackendOf<A>> for BackendValue {
+    fn from(backend: BackendOf<A>) -> Self {
+        Self {
+            ip: backend.address.ip(),
+            port: backend.port(),
+            protocol: backend.protocol,
+            flags: backend.flags,
+        }
+    }
+}
+
+/// An address family's map address type (`u32` or `In6`), with the names of its maps.
+pub trait FamilyAddress: lb_common::Address + Ord + 'static {
+    const SERVICES: &'static str;
+    const BACKENDS: &'static str;
+    const SOURCE_RANGES: &'static str;
+    /// The address in map form, if of this family.
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn ip(self) -> IpAddr;
+}
+
+impl FamilyAddress for u32 {
+    const SERVICES: &'static str = map_names::SERVICES;
+    const BACKENDS: &'static str = map_names::BACKENDS;
+    const SOURCE_RANGES: &'static str = map_names::SOURCE_RANGES;
+
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(ip) => Some(u32::from(ip).to_be()),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(self)))
+    }
+}
+
+impl FamilyAddress for In6 {
+    const SERVICES: &'static str = map_names::SERVICES6;
+    const BACKENDS: &'static str = map_names::BACKENDS6;
+    const SOURCE_RANGES: &'static str = map_names::SOURCE_RANGES6;
+
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(ip) => Some(In6::from(ip)),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(self))
+    }
+}
+
+/// Full contents of the service maps, both families'.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapsSnapshot {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend>,
+    pub services: BTreeMap<SlotKey, ServiceValue>,
+    /// One ID space for both families' backends maps.
+    pub backends: BTreeMap<u32, BackendValue>,
     pub service_meta: BTreeMap<u32, ServiceMeta>,
     /// (service ID, allowed client range) of frontends with source ranges.
-    pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
+    pub source_ranges: BTreeSet<(u32, IpNet)>,
     /// Maglev tables by index: the backend ID at each position. Only `snapshot_with_maglev`
     /// fills it (reading a table costs a system call per position).
     pub maglev: BTreeMap<u32, Vec<u32>>,
 }
 
 /// The writes the reconciler makes. Deleting a missing key is not an error, so every
-/// operation can be repeated.
+/// operation can be repeated. Keys and values of either family go to that family's maps.
 pub trait ServiceMaps {
-    fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError>;
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
-    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError>;
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapsError>;
+    fn update_backend(&mut self, id: u32, backend: BackendValue) -> Result<(), MapsError>;
+    /// Deletes backend `id` from the backends map of `family`.
+    fn delete_backend(&mut self, id: u32, family: IpFamily) -> Result<(), MapsError>;
+    fn update_service(&mut self, key: SlotKey, value: ServiceValue) -> Result<(), MapsError>;
+    fn delete_service(&mut self, key: SlotKey) -> Result<(), MapsError>;
     /// Writes backends in order (one call where the kernel batches). On failure: how many
     /// were written, and why the next was not.
-    fn update_backends(&mut self, entries: &[(u32, Backend)]) -> Result<(), (usize, MapsError)> {
+    fn update_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<(), (usize, MapsError)> {
         for (written, (id, backend)) in entries.iter().enumerate() {
             self.update_backend(*id, *backend).map_err(|error| (written, error))?;
         }
         Ok(())
     }
     /// Writes services-map entries in order, as `update_backends` does.
-    fn update_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, MapsError)> {
+    fn update_services(&mut self, entries: &[(SlotKey, ServiceValue)]) -> Result<(), (usize, MapsError)> {
         for (written, (key, value)) in entries.iter().enumerate() {
             self.update_service(*key, *value).map_err(|error| (written, error))?;
         }
@@ -72,8 +212,8 @@ pub trait ServiceMaps {
     }
     fn update_service_meta(&mut self, id: u32, meta: ServiceMeta) -> Result<(), MapsError>;
     fn delete_service_meta(&mut self, id: u32) -> Result<(), MapsError>;
-    fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
-    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError>;
+    fn update_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError>;
+    fn delete_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError>;
     /// Creates Maglev table `table` holding `positions` (a backend ID each), in place of any it
     /// had: the table is filled before it is put in the map.
     fn create_maglev_table(&mut self, table: u32, positions: &[u32]) -> Result<(), MapsError>;
@@ -88,20 +228,28 @@ pub trait ServiceMaps {
     fn snapshot_with_maglev(&self) -> Result<MapsSnapshot, MapsError>;
 }
 
+/// One family's services, backends and source-ranges maps.
+struct FamilyMaps<A> {
+    services: BpfHashMap<MapData, ServiceKeyOf<A>, ServiceValue>,
+    backends: BpfHashMap<MapData, u32, BackendOf<A>>,
+    source_ranges: LpmTrie<MapData, SourceRangeKeyOf<A>, u8>,
+    /// The services and backends maps' descriptors again, for batched updates (aya has none).
+    services_fd: std::os::fd::OwnedFd,
+    backends_fd: std::os::fd::OwnedFd,
+}
+
 /// The kernel's maps, as loaded by `datapath` or opened from their pins.
 pub struct BpfMaps {
-    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
+    v4: FamilyMaps<u32>,
+    /// Absent in maps pinned by an lb from before IPv6: their snapshots have no IPv6 entries
+    /// and IPv6 writes fail.
+    v6: Option<FamilyMaps<In6>>,
     service_meta: BpfHashMap<MapData, u32, ServiceMeta>,
-    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     /// The Maglev map's descriptor again, for the one call aya lacks (emptying a slot).
     maglev_fd: std::os::fd::OwnedFd,
     /// Tables written since these handles were opened, by index (saves reopening one per write).
     maglev_open: BTreeMap<u32, Array<MapData, u32>>,
-    /// The services and backends maps' descriptors again, for batched updates (aya has none).
-    services_fd: std::os::fd::OwnedFd,
-    backends_fd: std::os::fd::OwnedFd,
     /// The kernel refused a batched update as unknown: write one entry per call.
     no_batches: bool,
     /// Each frontend's traffic counters, removed with its metadata; absent in maps pinned by an
@@ -109,11 +257,34 @@ pub struct BpfMaps {
     traffic: Option<PerCpuHashMap<MapData, u32, ServiceTraffic>>,
 }
 
-fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
-    LpmKey::new(
-        SourceRangeKey::prefix_len(range.prefix_len()),
-        SourceRangeKey { service_id: service_id.to_be(), address: u32::from(range.network()).to_be() },
-    )
+fn source_range_key<A: FamilyAddress>(service_id: u32, range: IpNet) -> Option<LpmKey<SourceRangeKeyOf<A>>>
+where
+    SourceRangeKeyOf<A>: aya::Pod,
+{
+    Some(LpmKey::new(
+        SourceRangeKeyOf::<A>::prefix_len(range.prefix_len()),
+        SourceRangeKeyOf { service_id: service_id.to_be(), address: A::from_ip(range.network())? },
+    ))
+}
+
+fn service_key<A: FamilyAddress>(key: &SlotKey) -> Option<ServiceKeyOf<A>> {
+    Some(ServiceKeyOf {
+        address: A::from_ip(key.ip)?,
+        port: key.port.to_be(),
+        backend_slot: key.backend_slot,
+        protocol: key.protocol,
+        scope: key.scope,
+        _pad: 0,
+    })
+}
+
+fn backend_of<A: FamilyAddress>(backend: &BackendValue) -> Option<BackendOf<A>> {
+    Some(BackendOf {
+        address: A::from_ip(backend.ip)?,
+        port: backend.port.to_be(),
+        protocol: backend.protocol,
+        flags: backend.flags,
+    })
 }
 
 fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -172,49 +343,173 @@ fn update_batch<K: Copy, V: Copy>(
 /// The kernel's own "operation not supported" errno (ENOTSUPP), which libc does not name.
 const KERNEL_ENOTSUPP: i32 = 524;
 
-impl BpfMaps {
-    /// Writes `entries` with batched updates where the kernel has them, else one per call.
-    fn update_many<K: aya::Pod, V: aya::Pod>(
-        &mut self,
-        which: &'static str,
-        entries: &[(K, V)],
-        one: impl Fn(&mut Self, K, V) -> Result<(), MapsError>,
-    ) -> Result<(), (usize, MapsError)> {
-        if entries.len() > 1 && !self.no_batches {
-            let fd = if which == map_names::SERVICES { &self.services_fd } else { &self.backends_fd };
-            match update_batch(fd, entries) {
-                Ok(()) => return Ok(()),
-                Err((0, error))
-                    if matches!(
-                        error.raw_os_error(),
-                        Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
-                    ) =>
-                {
-                    // A kernel without batched updates of this map type.
-                    self.no_batches = true;
-                }
-                Err((written, io_error)) => {
-                    let source = MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_update_batch",
-                        io_error,
-                    });
-                    return Err((written, bpf_error("update", which)(source)));
-                }
-            }
+/// Writes `entries` to the map behind `fd` with one batched update where the kernel has them
+/// (`Ok(true)`), or says to write one per call (`Ok(false)`, and `no_batches` set).
+fn try_batch<K: Copy, V: Copy>(
+    fd: &std::os::fd::OwnedFd,
+    which: &'static str,
+    entries: &[(K, V)],
+    no_batches: &mut bool,
+) -> Result<bool, (usize, MapsError)> {
+    if entries.len() <= 1 || *no_batches {
+        return Ok(false);
+    }
+    match update_batch(fd, entries) {
+        Ok(()) => Ok(true),
+        Err((0, error))
+            if matches!(
+                error.raw_os_error(),
+                Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
+            ) =>
+        {
+            // A kernel without batched updates of this map type.
+            *no_batches = true;
+            Ok(false)
         }
-        for (written, (key, value)) in entries.iter().enumerate() {
-            one(self, *key, *value).map_err(|error| (written, error))?;
+        Err((written, io_error)) => {
+            let source =
+                MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
+            Err((written, bpf_error("update", which)(source)))
         }
-        Ok(())
     }
 }
 
-fn lpm_trie(map: Map) -> Result<LpmTrie<MapData, SourceRangeKey, u8>, MapsError> {
-    LpmTrie::try_from(map).map_err(|source| MapsError::Bpf {
-        operation: "open",
-        map: map_names::SOURCE_RANGES,
-        source,
-    })
+/// An entry of the other family than the map's: the reconciler never makes one.
+fn wrong_family(map: &'static str) -> MapsError {
+    MapsError::Bpf {
+        operation: "convert an entry of the other address family for",
+        map,
+        source: MapError::KeyNotFound,
+    }
+}
+
+impl<A: FamilyAddress> FamilyMaps<A>
+where
+    ServiceKeyOf<A>: aya::Pod + Ord,
+    BackendOf<A>: aya::Pod,
+    SourceRangeKeyOf<A>: aya::Pod,
+{
+    fn open(mut take: impl FnMut(&'static str) -> Result<Map, MapsError>) -> Result<Self, MapsError> {
+        let services = take(A::SERVICES)?;
+        let backends = take(A::BACKENDS)?;
+        let source_ranges = take(A::SOURCE_RANGES)?;
+        Ok(Self {
+            services_fd: hash_map_fd(&services, A::SERVICES)?,
+            backends_fd: hash_map_fd(&backends, A::BACKENDS)?,
+            services: hash_map(services, A::SERVICES)?,
+            backends: hash_map(backends, A::BACKENDS)?,
+            source_ranges: LpmTrie::try_from(source_ranges).map_err(|source| MapsError::Bpf {
+                operation: "open",
+                map: A::SOURCE_RANGES,
+                source,
+            })?,
+        })
+    }
+
+    fn update_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), MapsError> {
+        let value = backend_of::<A>(backend).ok_or_else(|| wrong_family(A::BACKENDS))?;
+        self.backends.insert(id, value, 0).map_err(bpf_error("update", A::BACKENDS))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        ignore_missing(self.backends.remove(&id)).map_err(bpf_error("delete", A::BACKENDS))
+    }
+
+    fn update_backends(
+        &mut self,
+        entries: &[(u32, BackendValue)],
+        no_batches: &mut bool,
+    ) -> Result<(), (usize, MapsError)> {
+        let converted: Vec<(u32, BackendOf<A>)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (id, backend))| {
+                Ok((*id, backend_of::<A>(backend).ok_or((i, wrong_family(A::BACKENDS)))?))
+            })
+            .collect::<Result<_, _>>()?;
+        if try_batch(&self.backends_fd, A::BACKENDS, &converted, no_batches)? {
+            return Ok(());
+        }
+        for (written, (id, backend)) in converted.iter().enumerate() {
+            self.backends
+                .insert(*id, *backend, 0)
+                .map_err(|e| (written, bpf_error("update", A::BACKENDS)(e)))?;
+        }
+        Ok(())
+    }
+
+    fn update_service(&mut self, key: &SlotKey, value: ServiceValue) -> Result<(), MapsError> {
+        let key = service_key::<A>(key).ok_or_else(|| wrong_family(A::SERVICES))?;
+        self.services.insert(key, value, 0).map_err(bpf_error("update", A::SERVICES))
+    }
+
+    fn delete_service(&mut self, key: &SlotKey) -> Result<(), MapsError> {
+        let key = service_key::<A>(key).ok_or_else(|| wrong_family(A::SERVICES))?;
+        ignore_missing(self.services.remove(&key)).map_err(bpf_error("delete", A::SERVICES))
+    }
+
+    fn update_services(
+        &mut self,
+        entries: &[(SlotKey, ServiceValue)],
+        no_batches: &mut bool,
+    ) -> Result<(), (usize, MapsError)> {
+        let converted: Vec<(ServiceKeyOf<A>, ServiceValue)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (key, value))| {
+                Ok((service_key::<A>(key).ok_or((i, wrong_family(A::SERVICES)))?, *value))
+            })
+            .collect::<Result<_, _>>()?;
+        if try_batch(&self.services_fd, A::SERVICES, &converted, no_batches)? {
+            return Ok(());
+        }
+        for (written, (key, value)) in converted.iter().enumerate() {
+            self.services
+                .insert(*key, *value, 0)
+                .map_err(|e| (written, bpf_error("update", A::SERVICES)(e)))?;
+        }
+        Ok(())
+    }
+
+    fn update_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
+        let key = source_range_key::<A>(service_id, range).ok_or_else(|| wrong_family(A::SOURCE_RANGES))?;
+        self.source_ranges.insert(&key, 1, 0).map_err(bpf_error("update", A::SOURCE_RANGES))
+    }
+
+    fn delete_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
+        let key = source_range_key::<A>(service_id, range).ok_or_else(|| wrong_family(A::SOURCE_RANGES))?;
+        ignore_missing(self.source_ranges.remove(&key)).map_err(bpf_error("delete", A::SOURCE_RANGES))
+    }
+
+    fn service(&self, key: &SlotKey) -> Result<Option<ServiceValue>, MapsError> {
+        let Some(key) = service_key::<A>(key) else { return Ok(None) };
+        match self.services.get(&key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(bpf_error("look up", A::SERVICES)(source)),
+        }
+    }
+
+    /// Adds this family's entries to `snapshot`.
+    fn dump_into(&self, snapshot: &mut MapsSnapshot) -> Result<(), MapsError> {
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(bpf_error("iterate", A::SERVICES))?;
+            snapshot.services.insert(key.into(), value);
+        }
+        for entry in self.backends.iter() {
+            let (id, backend) = entry.map_err(bpf_error("iterate", A::BACKENDS))?;
+            snapshot.backends.insert(id, backend.into());
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(bpf_error("iterate", A::SOURCE_RANGES))?;
+            let data = key.data();
+            let bits = key.prefix_len().saturating_sub(32) as u8;
+            if let Ok(range) = IpNet::new(data.address.ip(), bits) {
+                snapshot.source_ranges.insert((u32::from_be(data.service_id), range));
+            }
+        }
+        Ok(())
+    }
 }
 
 type MaglevMap = (ArrayOfMaps<MapData, Array<MapData, u32>>, std::os::fd::OwnedFd);
@@ -267,15 +562,10 @@ impl BpfMaps {
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { map: name });
         let (maglev, maglev_fd) = array_of_maps(take(map_names::MAGLEV)?)?;
-        let services = take(map_names::SERVICES)?;
-        let backends = take(map_names::BACKENDS)?;
         Ok(Self {
-            services_fd: hash_map_fd(&services, map_names::SERVICES)?,
-            backends_fd: hash_map_fd(&backends, map_names::BACKENDS)?,
-            services: hash_map(services, map_names::SERVICES)?,
-            backends: hash_map(backends, map_names::BACKENDS)?,
+            v4: FamilyMaps::open(&mut take)?,
+            v6: Some(FamilyMaps::open(&mut take)?),
             service_meta: hash_map(take(map_names::SERVICE_META)?, map_names::SERVICE_META)?,
-            source_ranges: lpm_trie(take(map_names::SOURCE_RANGES)?)?,
             maglev,
             maglev_fd,
             maglev_open: BTreeMap::new(),
@@ -289,15 +579,15 @@ impl BpfMaps {
     /// Opens the maps a running (or previous) lb pinned under `dir`.
     pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
         let (maglev, maglev_fd) = array_of_maps(pinned(dir, map_names::MAGLEV)?)?;
-        let services = pinned(dir, map_names::SERVICES)?;
-        let backends = pinned(dir, map_names::BACKENDS)?;
+        let v6 = if dir.join(map_names::SERVICES6).exists() {
+            Some(FamilyMaps::open(|name| pinned(dir, name))?)
+        } else {
+            None
+        };
         Ok(Self {
-            services_fd: hash_map_fd(&services, map_names::SERVICES)?,
-            backends_fd: hash_map_fd(&backends, map_names::BACKENDS)?,
-            services: hash_map(services, map_names::SERVICES)?,
-            backends: hash_map(backends, map_names::BACKENDS)?,
+            v4: FamilyMaps::open(|name| pinned(dir, name))?,
+            v6,
             service_meta: hash_map(pinned(dir, map_names::SERVICE_META)?, map_names::SERVICE_META)?,
-            source_ranges: lpm_trie(pinned(dir, map_names::SOURCE_RANGES)?)?,
             maglev,
             maglev_fd,
             maglev_open: BTreeMap::new(),
@@ -306,6 +596,10 @@ impl BpfMaps {
                 .ok()
                 .and_then(|map| PerCpuHashMap::try_from(map).ok()),
         })
+    }
+
+    fn v6(&mut self) -> Result<&mut FamilyMaps<In6>, MapsError> {
+        self.v6.as_mut().ok_or(MapsError::Missing { map: map_names::SERVICES6 })
     }
 
     /// The frontend type and name of each of `ids` that has metadata (one lookup each: for the
@@ -342,11 +636,11 @@ impl BpfMaps {
     }
 
     /// One services-map entry, without dumping the map.
-    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, MapsError> {
-        match self.services.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(bpf_error("look up", map_names::SERVICES)(source)),
+    pub fn service(&self, key: &SlotKey) -> Result<Option<ServiceValue>, MapsError> {
+        match (key.ip, &self.v6) {
+            (IpAddr::V4(_), _) => self.v4.service(key),
+            (IpAddr::V6(_), Some(v6)) => v6.service(key),
+            (IpAddr::V6(_), None) => Ok(None),
         }
     }
 }
@@ -365,8 +659,12 @@ fn bpf_error(operation: &'static str, map: &'static str) -> impl FnOnce(MapError
 /// What to do about a full map: the flag that sizes it.
 pub(crate) fn remedy(map: &'static str) -> &'static str {
     match map {
-        map_names::SERVICES => "raise --max-service-slots (frontends x (1 + their backends))",
-        map_names::BACKENDS => "raise --max-backends (distinct endpoint address:port pairs)",
+        map_names::SERVICES | map_names::SERVICES6 => {
+            "raise --max-service-slots (frontends x (1 + their backends))"
+        }
+        map_names::BACKENDS | map_names::BACKENDS6 => {
+            "raise --max-backends (distinct endpoint address:port pairs)"
+        }
         map_names::SERVICE_META => "raise --max-frontends (Service ports x their addresses)",
         _ => "its size is fixed in this build",
     }
@@ -380,29 +678,80 @@ where
     map.iter().map(|entry| entry.map_err(bpf_error("iterate", name))).collect()
 }
 
+/// Splits `entries` into runs of one family, in order, each written by `write`; a failure
+/// counts the entries of the earlier runs as written.
+fn by_family_runs<T: Copy>(
+    entries: &[T],
+    ip: impl Fn(&T) -> IpAddr,
+    mut write: impl FnMut(IpFamily, &[T]) -> Result<(), (usize, MapsError)>,
+) -> Result<(), (usize, MapsError)> {
+    let mut start = 0;
+    while start < entries.len() {
+        let family = IpFamily::of(&ip(&entries[start]));
+        let len = entries[start..].iter().take_while(|entry| IpFamily::of(&ip(entry)) == family).count();
+        write(family, &entries[start..start + len]).map_err(|(written, error)| (start + written, error))?;
+        start += len;
+    }
+    Ok(())
+}
+
 impl ServiceMaps for BpfMaps {
-    fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError> {
-        self.backends.insert(id, backend, 0).map_err(bpf_error("update", map_names::BACKENDS))
+    fn update_backend(&mut self, id: u32, backend: BackendValue) -> Result<(), MapsError> {
+        match backend.ip {
+            IpAddr::V4(_) => self.v4.update_backend(id, &backend),
+            IpAddr::V6(_) => self.v6()?.update_backend(id, &backend),
+        }
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
-        ignore_missing(self.backends.remove(&id)).map_err(bpf_error("delete", map_names::BACKENDS))
+    fn delete_backend(&mut self, id: u32, family: IpFamily) -> Result<(), MapsError> {
+        match family {
+            IpFamily::V4 => self.v4.delete_backend(id),
+            IpFamily::V6 => self.v6()?.delete_backend(id),
+        }
     }
 
-    fn update_backends(&mut self, entries: &[(u32, Backend)]) -> Result<(), (usize, MapsError)> {
-        self.update_many(map_names::BACKENDS, entries, |maps, id, backend| maps.update_backend(id, backend))
+    fn update_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<(), (usize, MapsError)> {
+        let Self { v4, v6, no_batches, .. } = self;
+        by_family_runs(
+            entries,
+            |(_, backend)| backend.ip,
+            |family, run| match family {
+                IpFamily::V4 => v4.update_backends(run, no_batches),
+                IpFamily::V6 => match v6 {
+                    Some(v6) => v6.update_backends(run, no_batches),
+                    None => Err((0, MapsError::Missing { map: map_names::BACKENDS6 })),
+                },
+            },
+        )
     }
 
-    fn update_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), (usize, MapsError)> {
-        self.update_many(map_names::SERVICES, entries, |maps, key, value| maps.update_service(key, value))
+    fn update_services(&mut self, entries: &[(SlotKey, ServiceValue)]) -> Result<(), (usize, MapsError)> {
+        let Self { v4, v6, no_batches, .. } = self;
+        by_family_runs(
+            entries,
+            |(key, _)| key.ip,
+            |family, run| match family {
+                IpFamily::V4 => v4.update_services(run, no_batches),
+                IpFamily::V6 => match v6 {
+                    Some(v6) => v6.update_services(run, no_batches),
+                    None => Err((0, MapsError::Missing { map: map_names::SERVICES6 })),
+                },
+            },
+        )
     }
 
-    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapsError> {
-        self.services.insert(key, value, 0).map_err(bpf_error("update", map_names::SERVICES))
+    fn update_service(&mut self, key: SlotKey, value: ServiceValue) -> Result<(), MapsError> {
+        match key.ip {
+            IpAddr::V4(_) => self.v4.update_service(&key, value),
+            IpAddr::V6(_) => self.v6()?.update_service(&key, value),
+        }
     }
 
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapsError> {
-        ignore_missing(self.services.remove(&key)).map_err(bpf_error("delete", map_names::SERVICES))
+    fn delete_service(&mut self, key: SlotKey) -> Result<(), MapsError> {
+        match key.ip {
+            IpAddr::V4(_) => self.v4.delete_service(&key),
+            IpAddr::V6(_) => self.v6()?.delete_service(&key),
+        }
     }
 
     fn update_service_meta(&mut self, id: u32, meta: ServiceMeta) -> Result<(), MapsError> {
@@ -416,15 +765,18 @@ impl ServiceMaps for BpfMaps {
         ignore_missing(self.service_meta.remove(&id)).map_err(bpf_error("delete", map_names::SERVICE_META))
     }
 
-    fn update_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
-        self.source_ranges
-            .insert(&source_range_key(service_id, range), 1, 0)
-            .map_err(bpf_error("update", map_names::SOURCE_RANGES))
+    fn update_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
+        match range {
+            IpNet::V4(_) => self.v4.update_source_range(service_id, range),
+            IpNet::V6(_) => self.v6()?.update_source_range(service_id, range),
+        }
     }
 
-    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Net) -> Result<(), MapsError> {
-        ignore_missing(self.source_ranges.remove(&source_range_key(service_id, range)))
-            .map_err(bpf_error("delete", map_names::SOURCE_RANGES))
+    fn delete_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
+        match range {
+            IpNet::V4(_) => self.v4.delete_source_range(service_id, range),
+            IpNet::V6(_) => self.v6()?.delete_source_range(service_id, range),
+        }
     }
 
     fn create_maglev_table(&mut self, table: u32, positions: &[u32]) -> Result<(), MapsError> {
@@ -474,23 +826,15 @@ impl ServiceMaps for BpfMaps {
     }
 
     fn snapshot(&self) -> Result<MapsSnapshot, MapsError> {
-        let mut source_ranges = BTreeSet::new();
-        for key in self.source_ranges.keys() {
-            let key = key.map_err(bpf_error("iterate", map_names::SOURCE_RANGES))?;
-            let data = key.data();
-            let bits = key.prefix_len().saturating_sub(32).min(32) as u8;
-            let network = Ipv4Addr::from(u32::from_be(data.address));
-            if let Ok(range) = Ipv4Net::new(network, bits) {
-                source_ranges.insert((u32::from_be(data.service_id), range));
-            }
-        }
-        Ok(MapsSnapshot {
-            services: dump(&self.services, map_names::SERVICES)?,
-            backends: dump(&self.backends, map_names::BACKENDS)?,
+        let mut snapshot = MapsSnapshot {
             service_meta: dump(&self.service_meta, map_names::SERVICE_META)?,
-            source_ranges,
-            maglev: BTreeMap::new(),
-        })
+            ..Default::default()
+        };
+        self.v4.dump_into(&mut snapshot)?;
+        if let Some(v6) = &self.v6 {
+            v6.dump_into(&mut snapshot)?;
+        }
+        Ok(snapshot)
     }
 
     fn snapshot_with_maglev(&self) -> Result<MapsSnapshot, MapsError> {

@@ -14,17 +14,17 @@
 //! naming an ID can never be taken for a later frontend or backend that got the same number.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
-use lb_common::{Backend, ServiceKey, ServiceMeta, ServiceValue, backend_flags};
+use lb_common::{ServiceMeta, ServiceValue, backend_flags};
 
 use crate::dataplane::maglev::{self, MaglevBackend};
-use crate::dataplane::maps::{MapsError, MapsSnapshot, ServiceMaps};
+use crate::dataplane::maps::{BackendValue, MapsError, MapsSnapshot, ServiceMaps, SlotKey};
 use crate::model::{
-    DesiredState, Frontend, FrontendKey, FrontendType, L4Addr, Protocol, Scope, ServicePortName,
+    DesiredState, Frontend, FrontendKey, FrontendType, IpFamily, L4Addr, Protocol, Scope, ServicePortName,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +144,7 @@ pub struct ProgrammedFrontend {
     pub flags: u16,
     pub meta: Option<(FrontendType, String)>,
     /// Source ranges in the source-ranges map under this frontend's service ID.
-    pub source_ranges: BTreeSet<Ipv4Net>,
+    pub source_ranges: BTreeSet<IpNet>,
     /// The service entry's session-affinity timeout (seconds, 0 for none).
     pub affinity_timeout: u32,
     /// The service entry's Maglev table (0 for none).
@@ -182,7 +182,7 @@ fn live_slots(frontend: &ProgrammedFrontend) -> impl Iterator<Item = u32> + '_ {
     frontend.slots.iter().take(frontend.count.map_or(usize::MAX, usize::from)).copied()
 }
 
-pub fn frontend_of(key: &ServiceKey) -> Option<FrontendKey> {
+pub fn frontend_of(key: &SlotKey) -> Option<FrontendKey> {
     Some(FrontendKey {
         address: L4Addr {
             ip: key.address(),
@@ -193,7 +193,7 @@ pub fn frontend_of(key: &ServiceKey) -> Option<FrontendKey> {
     })
 }
 
-fn backend_addr(backend: &Backend) -> Option<L4Addr> {
+fn backend_addr(backend: &BackendValue) -> Option<L4Addr> {
     Some(L4Addr {
         ip: backend.address(),
         port: backend.port(),
@@ -232,7 +232,7 @@ impl ProgrammedState {
             });
             entry.source_ranges = snapshot
                 .source_ranges
-                .range((entry.service_id, Ipv4Net::default())..)
+                .range((entry.service_id, IpNet::default())..)
                 .take_while(|(id, _)| *id == entry.service_id)
                 .map(|(_, range)| *range)
                 .collect();
@@ -260,7 +260,7 @@ pub struct Reconciler<M: ServiceMaps> {
     /// Frontends the last reconcile could not program: tried again once others are removed.
     refused: BTreeSet<FrontendKey>,
     /// The node's own addresses: backends there are host-network endpoints.
-    host_addresses: BTreeSet<Ipv4Addr>,
+    host_addresses: BTreeSet<IpAddr>,
     /// Positions of every Maglev table this reconciler writes.
     maglev_size: u32,
     maglev_tables: BTreeMap<u32, MaglevTable>,
@@ -272,9 +272,9 @@ pub struct Reconciler<M: ServiceMaps> {
     backend_grace: Duration,
 }
 
-fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKey {
+fn service_key(frontend: &FrontendKey, slot: u16) -> SlotKey {
     let address = &frontend.address;
-    ServiceKey::scoped(address.ip, address.port, address.protocol.number(), frontend.scope.code(), slot)
+    SlotKey::scoped(address.ip, address.port, address.protocol.number(), frontend.scope.code(), slot)
 }
 
 /// Most backends one frontend can have: slots are numbered 1..=u16::MAX.
@@ -404,7 +404,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     /// The node's own addresses: backends at one of them are host-network endpoints (flagged
     /// for the data path). Rewrites the backends whose flag changes.
-    pub fn set_host_addresses(&mut self, addresses: BTreeSet<Ipv4Addr>) -> Vec<ReconcileError> {
+    pub fn set_host_addresses(&mut self, addresses: BTreeSet<IpAddr>) -> Vec<ReconcileError> {
         let mut errors = Vec::new();
         let changed: Vec<(u32, L4Addr)> = self
             .state
@@ -424,9 +424,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         errors
     }
 
-    fn backend_value(&self, backend: L4Addr) -> Backend {
+    fn backend_value(&self, backend: L4Addr) -> BackendValue {
         let flags = if self.host_addresses.contains(&backend.ip) { backend_flags::HOST } else { 0 };
-        Backend::new(backend.ip, backend.port, backend.protocol.number()).with_flags(flags)
+        BackendValue::new(backend.ip, backend.port, backend.protocol.number()).with_flags(flags)
     }
 
     pub fn maps(&self) -> &M {
@@ -543,7 +543,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             };
             ids.push(id);
         }
-        let writes: Vec<(u32, lb_common::Backend)> =
+        let writes: Vec<(u32, BackendValue)> =
             new.iter().map(|(backend, id)| (*id, self.backend_value(*backend))).collect();
         let result = self.maps.update_backends(&writes);
         let done = result.as_ref().map_or_else(|(done, _)| *done, |()| writes.len());
@@ -660,7 +660,7 @@ impl<M: ServiceMaps> Reconciler<M> {
 
         let programmed = self.state.frontends.get_mut(&key).expect("inserted above");
         let maps = &mut self.maps;
-        let wanted_ranges: BTreeSet<Ipv4Net> = frontend.policy.source_ranges.iter().copied().collect();
+        let wanted_ranges: BTreeSet<IpNet> = frontend.policy.source_ranges.iter().copied().collect();
         let flags = frontend.policy.flags();
         let affinity_timeout = frontend.policy.affinity_timeout;
         // Slots, new source ranges (before the entry that may turn their check on), then the
@@ -669,7 +669,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             // The slots that differ, in one batch; the record takes those written.
             let changed: Vec<usize> =
                 (0..ids.len()).filter(|index| programmed.slots.get(*index) != Some(&ids[*index])).collect();
-            let writes: Vec<(ServiceKey, ServiceValue)> = changed
+            let writes: Vec<(SlotKey, ServiceValue)> = changed
                 .iter()
                 .map(|index| {
                     (
@@ -918,7 +918,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 continue;
             };
             self.maps
-                .delete_backend(id)
+                .delete_backend(id, IpFamily::of(&backend.ip))
                 .map_err(|source| ReconcileError::ReleaseBackend { backend, source: Box::new(source) })?;
             self.state.backends.remove(&id);
             self.backend_ids.remove(&backend);
@@ -960,7 +960,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_service_meta(*id).map_err(prune_error)?;
             deleted += 1;
         }
-        let wanted_ranges: BTreeSet<(u32, Ipv4Net)> = self
+        let wanted_ranges: BTreeSet<(u32, IpNet)> = self
             .state
             .frontends
             .values()
@@ -970,8 +970,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.maps.delete_source_range(*id, *range).map_err(prune_error)?;
             deleted += 1;
         }
-        for id in snapshot.backends.keys().filter(|id| !self.state.backends.contains_key(id)) {
-            self.maps.delete_backend(*id).map_err(prune_error)?;
+        for (id, backend) in snapshot.backends.iter().filter(|(id, _)| !self.state.backends.contains_key(id))
+        {
+            self.maps.delete_backend(*id, IpFamily::of(&backend.ip)).map_err(prune_error)?;
             deleted += 1;
         }
         deleted += self.prune_maglev_tables()?;
@@ -1017,11 +1018,11 @@ pub struct Repair {
     cursor: usize,
     backends: Vec<u32>,
     frontends: Vec<FrontendKey>,
-    services: Vec<ServiceKey>,
+    services: Vec<SlotKey>,
     metas: Vec<u32>,
     /// Service IDs of the frontends recorded when the repair started.
     service_ids: std::collections::HashSet<u32>,
-    stale_backends: Vec<u32>,
+    stale_backends: Vec<(u32, IpFamily)>,
     /// Entries written again.
     pub repaired: usize,
     /// Entries deleted that the record does not account for.
@@ -1058,7 +1059,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             services: snapshot.services.keys().copied().collect(),
             metas: snapshot.service_meta.keys().copied().collect(),
             service_ids: self.state.frontends.values().map(|f| f.service_id).collect(),
-            stale_backends: snapshot.backends.keys().copied().collect(),
+            stale_backends: snapshot.backends.iter().map(|(id, b)| (*id, IpFamily::of(&b.ip))).collect(),
             snapshot,
             repaired: 0,
             deleted: 0,
@@ -1126,15 +1127,15 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
             RepairPhase::Rest => {
                 for index in take(repair.stale_backends.len()) {
-                    let id = repair.stale_backends[index];
+                    let (id, family) = repair.stale_backends[index];
                     if !self.state.backends.contains_key(&id) {
-                        self.maps.delete_backend(id).map_err(prune_error)?;
+                        self.maps.delete_backend(id, family).map_err(prune_error)?;
                         repair.deleted += 1;
                     }
                 }
                 advance(repair, repair.stale_backends.len(), RepairPhase::Done);
                 if repair.phase == RepairPhase::Done {
-                    let wanted: BTreeSet<(u32, Ipv4Net)> = self
+                    let wanted: BTreeSet<(u32, IpNet)> = self
                         .state
                         .frontends
                         .values()
@@ -1153,7 +1154,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     /// Whether the record accounts for a services-map entry.
-    fn accounts_for(&self, key: &ServiceKey) -> bool {
+    fn accounts_for(&self, key: &SlotKey) -> bool {
         frontend_of(key).and_then(|addr| self.state.frontends.get(&addr)).is_some_and(|programmed| match key
             .backend_slot
         {
@@ -1192,9 +1193,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         let meta_ok = programmed.meta.as_ref().is_none_or(|(frontend_type, name)| {
             snapshot.service_meta.get(&id) == Some(&ServiceMeta::new(frontend_type.code(), name))
         });
-        let ranges: BTreeSet<Ipv4Net> = snapshot
+        let ranges: BTreeSet<IpNet> = snapshot
             .source_ranges
-            .range((id, Ipv4Net::default())..)
+            .range((id, IpNet::default())..)
             .take_while(|(range_id, _)| *range_id == id)
             .map(|(_, range)| *range)
             .collect();
@@ -1247,9 +1248,9 @@ fn prune_error(source: MapsError) -> ReconcileError {
 /// One line per map entry, sorted: the golden-test view of the maps.
 pub fn render_snapshot(snapshot: &MapsSnapshot) -> String {
     let mut out = String::new();
-    let addr = |ip: Ipv4Addr, port: u16, protocol: u8| {
+    let addr = |ip: IpAddr, port: u16, protocol: u8| {
         let protocol = Protocol::from_number(protocol).map_or(format!("proto{protocol}"), |p| p.to_string());
-        format!("{ip}:{port}/{protocol}")
+        format!("{}/{protocol}", std::net::SocketAddr::new(ip, port))
     };
     for (key, value) in &snapshot.services {
         let frontend = addr(key.address(), key.port(), key.protocol);

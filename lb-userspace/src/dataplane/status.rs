@@ -57,7 +57,7 @@ pub fn services_rows(snapshot: &MapsSnapshot) -> Vec<ServiceRow> {
         let backends: Vec<String> = programmed.slots[..count.min(programmed.slots.len())]
             .iter()
             .map(|id| match state.backends.get(id) {
-                Some(backend) => format!("{}:{}", backend.ip, backend.port),
+                Some(backend) => std::net::SocketAddr::new(backend.ip, backend.port).to_string(),
                 None => format!("<missing backend {id}>"),
             })
             .collect();
@@ -156,7 +156,7 @@ pub fn service_endpoints(state: &ProgrammedState) -> BTreeMap<String, ServiceEnd
             *entry = (true, BTreeSet::new());
         }
         if cluster_ip || !entry.0 {
-            entry.1.extend(backends.map(|b| format!("{}:{}", b.ip, b.port)));
+            entry.1.extend(backends.map(|b| std::net::SocketAddr::new(b.ip, b.port).to_string()));
         }
     }
     let mut services: BTreeMap<String, ServiceEndpoints> = BTreeMap::new();

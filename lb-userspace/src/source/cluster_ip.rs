@@ -120,6 +120,14 @@ impl ClusterIpAllocator {
                 Admission::Admitted
             }
             Some("") => {
+                let families = service.spec.as_ref().and_then(|spec| spec.ip_families.as_ref());
+                if families.and_then(|f| f.first()).is_some_and(|family| family == "IPv6") {
+                    return Admission::Rejected(error(
+                        "ipFamilies asks for an IPv6 ClusterIP, and manifests mode allocates IPv4 ones \
+                         only: give spec.clusterIP (or spec.clusterIPs for dual-stack)"
+                            .into(),
+                    ));
+                }
                 if let Some(ip) = self.assigned.get(&name).copied() {
                     set_cluster_ip(service, ip);
                     return Admission::Admitted;

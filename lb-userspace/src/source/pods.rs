@@ -5,17 +5,19 @@
 //! per Pod, since each Pod may resolve them differently).
 //!
 //! It keeps what it needs of each Service and Pod, and on a change makes the slices of only
-//! the Services and Pods it touches. Its slices are named `lb_pods_<service>_<pod>`: a name
-//! no real object can have (`_` is not allowed in Kubernetes names).
+//! the Services and Pods it touches. Its slices are named `lb_pods_<service>_<pod>` (and
+//! `..._ipv6` for a dual-stack Pod's IPv6 address, as the controller makes a slice per family):
+//! a name no real object can have (`_` is not allowed in Kubernetes names).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::model::IpFamily;
 use crate::source::{Object, ObjectChange, ObjectKey, namespace_of};
 
 /// What a selector-based Service needs for its endpoints.
@@ -30,8 +32,9 @@ struct Selecting {
 #[derive(Debug, Clone, PartialEq)]
 struct PodRecord {
     labels: BTreeMap<String, String>,
-    /// None: not scheduled, no IPv4 yet, or finished (Succeeded/Failed): no endpoint.
-    ip: Option<Ipv4Addr>,
+    /// The Pod's first address of each family; none when not scheduled, without an IP yet,
+    /// or finished (Succeeded/Failed): no endpoint.
+    ips: Vec<IpAddr>,
     ready: bool,
     terminating: bool,
     node_name: Option<String>,
@@ -47,13 +50,17 @@ impl PodRecord {
     fn of(pod: &Pod) -> Self {
         let status = pod.status.as_ref();
         let finished = matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
-        let ip = status.and_then(|status| {
-            let ips = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
-            status.pod_ip.as_deref().into_iter().chain(ips).find_map(|ip| match ip.parse() {
-                Ok(IpAddr::V4(ip)) => Some(ip),
-                _ => None,
-            })
-        });
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if let Some(status) = status.filter(|_| !finished) {
+            let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+            for ip in
+                status.pod_ip.as_deref().into_iter().chain(listed).filter_map(|ip| ip.parse::<IpAddr>().ok())
+            {
+                if !ips.iter().any(|known: &IpAddr| known.is_ipv4() == ip.is_ipv4()) {
+                    ips.push(ip);
+                }
+            }
+        }
         let ready = status
             .and_then(|s| s.conditions.as_ref())
             .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
@@ -67,7 +74,7 @@ impl PodRecord {
             .collect();
         Self {
             labels: pod.metadata.labels.clone().unwrap_or_default(),
-            ip: ip.filter(|_| !finished),
+            ips,
             ready,
             terminating: pod.metadata.deletion_timestamp.is_some(),
             node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
@@ -102,12 +109,15 @@ pub struct PodEndpoints {
     services_in: HashMap<String, BTreeSet<String>>,
     pods: HashMap<Name, PodRecord>,
     pods_in: HashMap<String, BTreeSet<String>>,
-    /// Pods each Service has a slice for.
-    made: HashMap<Name, BTreeSet<String>>,
+    /// Pods each Service has a slice for, and of which family.
+    made: HashMap<Name, BTreeSet<(String, IpFamily)>>,
 }
 
-fn slice_name(service: &str, pod: &str) -> String {
-    format!("lb_pods_{service}_{pod}")
+fn slice_name(service: &str, pod: &str, family: IpFamily) -> String {
+    match family {
+        IpFamily::V4 => format!("lb_pods_{service}_{pod}"),
+        IpFamily::V6 => format!("lb_pods_{service}_{pod}_ipv6"),
+    }
 }
 
 fn slice_of(
@@ -116,8 +126,9 @@ fn slice_of(
     selecting: &Selecting,
     pod_name: &str,
     pod: &PodRecord,
+    family: IpFamily,
 ) -> Option<EndpointSlice> {
-    let ip = pod.ip?;
+    let ip = pod.ips.iter().find(|ip| IpFamily::of(ip) == family)?;
     let ports = selecting
         .ports
         .iter()
@@ -133,7 +144,7 @@ fn slice_of(
         .collect();
     Some(EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(slice_name(service, pod_name)),
+            name: Some(slice_name(service, pod_name, family)),
             namespace: Some(namespace.to_string()),
             labels: Some(BTreeMap::from([(
                 crate::convert::SERVICE_NAME_LABEL.to_string(),
@@ -141,7 +152,7 @@ fn slice_of(
             )])),
             ..Default::default()
         },
-        address_type: "IPv4".into(),
+        address_type: family.to_string(),
         ports: Some(ports),
         endpoints: vec![Endpoint {
             addresses: vec![ip.to_string()],
@@ -203,7 +214,8 @@ impl PodEndpoints {
             changes.extend(self.remake(&name, &pod));
         }
         // Slices of Pods that are gone from the namespace's list.
-        let stale: Vec<String> = self.made.get(&name).into_iter().flatten().cloned().collect();
+        let stale: BTreeSet<String> =
+            self.made.get(&name).into_iter().flatten().map(|(pod, _)| pod.clone()).collect();
         for pod in stale {
             changes.extend(self.remake(&name, &pod));
         }
@@ -243,33 +255,40 @@ impl PodEndpoints {
         services.iter().flat_map(|service| self.remake(service, &name.1)).collect()
     }
 
-    /// The slice of one Service for one Pod, made again: an upsert, a delete, or nothing.
-    fn remake(&mut self, service: &Name, pod_name: &str) -> Option<ObjectChange> {
-        let slice =
-            match (self.services.get(service), self.pods.get(&(service.0.clone(), pod_name.to_string()))) {
-                (Some(selecting), Some(pod)) if pod.selected_by(selecting) => {
-                    slice_of(&service.0, &service.1, selecting, pod_name, pod)
+    /// The slices (one per family) of one Service for one Pod, made again: for each, an
+    /// upsert, a delete, or nothing.
+    fn remake(&mut self, service: &Name, pod_name: &str) -> Vec<ObjectChange> {
+        let mut changes = Vec::new();
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let slice =
+                match (self.services.get(service), self.pods.get(&(service.0.clone(), pod_name.to_string())))
+                {
+                    (Some(selecting), Some(pod)) if pod.selected_by(selecting) => {
+                        slice_of(&service.0, &service.1, selecting, pod_name, pod, family)
+                    }
+                    _ => None,
+                };
+            let made = self.made.entry(service.clone()).or_default();
+            let made_key = (pod_name.to_string(), family);
+            match slice {
+                Some(slice) => {
+                    made.insert(made_key);
+                    changes.push(ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice))));
                 }
-                _ => None,
-            };
-        let made = self.made.entry(service.clone()).or_default();
-        match slice {
-            Some(slice) => {
-                made.insert(pod_name.to_string());
-                Some(ObjectChange::Upsert(Object::EndpointSlice(Box::new(slice))))
-            }
-            None => {
-                let had = made.remove(pod_name);
-                if made.is_empty() {
-                    self.made.remove(service);
+                None => {
+                    let had = made.remove(&made_key);
+                    if made.is_empty() {
+                        self.made.remove(service);
+                    }
+                    if had {
+                        let key: ObjectKey =
+                            ("EndpointSlice", service.0.clone(), slice_name(&service.1, pod_name, family));
+                        changes.push(ObjectChange::Delete(key));
+                    }
                 }
-                had.then(|| {
-                    let key: ObjectKey =
-                        ("EndpointSlice", service.0.clone(), slice_name(&service.1, pod_name));
-                    ObjectChange::Delete(key)
-                })
             }
         }
+        changes
     }
 }
 

@@ -13,7 +13,7 @@
 pub mod pipeline;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::convert::topology::{self, NodeContext};
@@ -135,7 +135,7 @@ pub struct ChangeCounts {
 pub struct DesiredTable {
     config: TableConfig,
     zone: Option<String>,
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
     services: HashMap<ServiceName, ServiceEntry>,
     endpoints: HashMap<EndpointsOrigin, (ServiceName, Arc<Vec<SliceEndpoints>>)>,
     /// Services with node ports: what a change of the node's addresses touches.
@@ -224,14 +224,14 @@ impl DesiredTable {
     }
 
     /// The node addresses NodePort frontends listen on.
-    pub fn set_node_addresses(&mut self, addresses: Vec<Ipv4Addr>) {
+    pub fn set_node_addresses(&mut self, addresses: Vec<IpAddr>) {
         if self.node_addresses != addresses {
             self.node_addresses = addresses;
             self.dirty.extend(self.with_node_ports.iter().cloned());
         }
     }
 
-    pub fn node_addresses(&self) -> &[Ipv4Addr] {
+    pub fn node_addresses(&self) -> &[IpAddr] {
         &self.node_addresses
     }
 
@@ -264,7 +264,7 @@ impl DesiredTable {
                 let frontends =
                     service_frontends(spec, &sets, &node, &self.node_addresses, self.config.lb_algorithm);
                 let health_check = spec.health_check_node_port.map(|port| {
-                    let local: BTreeSet<Ipv4Addr> = sets
+                    let local: BTreeSet<IpAddr> = sets
                         .iter()
                         .flat_map(|set| &set.endpoints)
                         .filter(|e| e.conditions.ready && topology::is_local(&e.conditions, &node))

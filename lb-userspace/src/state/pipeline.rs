@@ -1,7 +1,7 @@
 //! Changes to Kubernetes objects in, the desired state table's inputs out: each object is
 //! checked and converted once, when it arrives, and only its own record in the table changes.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -86,7 +86,7 @@ impl Pipeline {
     }
 
     /// The node addresses NodePort frontends listen on.
-    pub fn set_node_addresses(&mut self, addresses: Vec<Ipv4Addr>) {
+    pub fn set_node_addresses(&mut self, addresses: Vec<IpAddr>) {
         self.config.node_addresses = addresses.clone();
         self.table.set_node_addresses(addresses);
     }

@@ -16,8 +16,8 @@ use super::controlplane::timed_load;
 use super::loadgen::{self, Stats};
 use super::rules::{self, BenchService};
 use super::{Plan, cluster_ip, synthetic_endpoint};
-use lb_common::ServiceKey;
 use lb_userspace::dataplane::maps::BpfMaps;
+use lb_userspace::dataplane::maps::SlotKey;
 
 use crate::playground::Playground;
 use crate::unique;
@@ -342,7 +342,7 @@ fn activate(
             pg.wait_for_log(" synced ", deadline)?;
             // One key, not a dump: at 100 000 Services a dump takes seconds.
             let maps = BpfMaps::from_pins(&pg.bpf_dir)?;
-            let entry = maps.service(&ServiceKey::new(vip, 80, lb_common::PROTOCOL_TCP, 0))?;
+            let entry = maps.service(&SlotKey::new(vip, 80, lb_common::PROTOCOL_TCP, 0))?;
             if entry.is_none_or(|value| value.backend_count != 2) {
                 bail!("after its sync, lb has {entry:?} for the measured Service\n{}", pg.lb_log());
             }

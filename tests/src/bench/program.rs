@@ -59,7 +59,7 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
     let mut reconciler = Reconciler::restore(maps)?;
     let mut desired = DesiredState::default();
     for (port, target, protocol) in [(80, 8080, Protocol::Tcp), (53, 5353, Protocol::Udp)] {
-        let address = L4Addr { ip: VIP, port, protocol };
+        let address = L4Addr { ip: VIP.into(), port, protocol };
         desired.frontends.insert(
             address.into(),
             Frontend {
@@ -72,9 +72,9 @@ pub fn measure(runs: usize) -> Result<Vec<ProgramCost>> {
                     name: "web".into(),
                     port: port.to_string(),
                 },
-                backends: vec![L4Addr { ip: POD, port: target, protocol }],
-                serving: vec![L4Addr { ip: POD, port: target, protocol }],
-                listed: vec![L4Addr { ip: POD, port: target, protocol }],
+                backends: vec![L4Addr { ip: POD.into(), port: target, protocol }],
+                serving: vec![L4Addr { ip: POD.into(), port: target, protocol }],
+                listed: vec![L4Addr { ip: POD.into(), port: target, protocol }],
             },
         );
     }

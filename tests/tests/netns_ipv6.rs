@@ -1,0 +1,171 @@
+//! IPv6 and dual-stack Services through lb with real traffic: a dual-stack playground (client,
+//! node and pods with both families, see `tests::playground`), lb on a manifest directory with
+//! dual-stack Pods, so its own EndpointSlice controller makes a slice per family.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use lb_userspace::dataplane::maps::MapsSnapshot;
+use tests::playground::{CLIENT_IP6, Playground, pod_ipv6};
+use tests::{require_root, unique};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x50);
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x60);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 12);
+
+const SERVICES: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50, \"fd00:10:96::50\"]
+  selector: {app: web}
+  ports:
+    - {name: http, port: 80, targetPort: http}
+    - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: \"fd00:10:96::60\"
+  ports:
+    - {port: 80}
+";
+
+fn dual_stack_pod(name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: web}}}}
+spec:
+  containers: [{{name: web, image: web, ports: [{{name: http, containerPort: 8080}}]}}]
+status:
+  podIP: {ip}
+  podIPs: [{{ip: {ip}}}, {{ip: \"{}\"}}]
+  conditions: [{{type: Ready, status: \"True\"}}]
+",
+        pod_ipv6(ip)
+    )
+}
+
+/// The backend count of the frontend at `ip`:`port`, if programmed.
+fn backend_count(snapshot: &MapsSnapshot, ip: IpAddr, port: u16, protocol: u8) -> Option<u16> {
+    snapshot
+        .services
+        .iter()
+        .find(|(k, _)| k.backend_slot == 0 && k.ip == ip && k.port == port && k.protocol == protocol)
+        .map(|(_, v)| v.backend_count)
+}
+
+fn playground() -> Playground {
+    require_root();
+    let mut pg = Playground::dual_stack(&unique("v6"), &[("web-a", POD_A), ("web-b", POD_B)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    pg.serve_udp(5353).unwrap();
+    pg.write_manifest("services.yaml", SERVICES).unwrap();
+    pg.write_manifest("web-a.yaml", &dual_stack_pod("web-a", POD_A)).unwrap();
+    pg.write_manifest("web-b.yaml", &dual_stack_pod("web-b", POD_B)).unwrap();
+    pg.start_lb().unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| {
+        backend_count(s, VIP6.into(), 80, lb_common::PROTOCOL_TCP) == Some(2)
+            && backend_count(s, VIP6.into(), 53, lb_common::PROTOCOL_UDP) == Some(2)
+            && backend_count(s, VIP4.into(), 80, lb_common::PROTOCOL_TCP) == Some(2)
+            && backend_count(s, EMPTY6.into(), 80, lb_common::PROTOCOL_TCP) == Some(0)
+    })
+    .unwrap();
+    pg
+}
+
+#[test]
+fn a_dual_stack_service_is_reached_over_both_families() {
+    let pg = playground();
+    let snapshot = pg.snapshot();
+    // Each family's frontend has only that family's backends.
+    for (key, value) in snapshot.services.iter().filter(|(k, _)| k.backend_slot > 0) {
+        let backend = snapshot.backends[&value.backend_id];
+        assert_eq!(key.ip.is_ipv4(), backend.ip.is_ipv4(), "{key:?} -> {backend:?}");
+    }
+
+    // Over IPv6: every connection succeeds, both pods answer, the client talks to the ClusterIP
+    // only and the pods see the client's own address (a ClusterIP is not source-NATed).
+    let answers = pg.http_requests(SocketAddr::new(VIP6.into(), 80), 40).unwrap();
+    let mut per_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for answer in &answers {
+        let answer = answer.as_ref().unwrap_or_else(|e| panic!("request failed: {e}\n{}", pg.lb_log()));
+        *per_pod.entry(answer.pod.clone()).or_default() += 1;
+        assert_eq!(answer.peer, SocketAddr::new(VIP6.into(), 80));
+        assert_eq!(answer.client_seen, CLIENT_IP6.to_string());
+    }
+    assert_eq!(answers.len(), 40);
+    assert_eq!(per_pod.len(), 2, "both pods should answer over IPv6: {per_pod:?}");
+
+    // Over IPv4, the same Service.
+    let answers = pg.http_requests(SocketAddr::new(VIP4.into(), 80), 10).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}\n{}", pg.lb_log());
+
+    // UDP over IPv6: the answer comes back from the ClusterIP.
+    let (pod, from) = pg.udp_request(SocketAddr::new(VIP6.into(), 53)).unwrap();
+    assert!(pod.starts_with("web-"), "{pod}");
+    assert_eq!(from, SocketAddr::new(VIP6.into(), 53));
+
+    // `lb services` lists the IPv6 frontends as socket addresses.
+    let table = pg.services_table().unwrap();
+    assert!(table.contains("[fd00:10:96::50]:80/TCP"), "{table}");
+    assert!(table.contains(&format!("[{}]:8080", pod_ipv6(POD_A))), "{table}");
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_refuses_connections() {
+    let pg = playground();
+    let started = Instant::now();
+    let answer = pg.client.run(|| tests::playground::http_get(SocketAddr::new(EMPTY6.into(), 80))).unwrap();
+    let error = answer.expect_err("a Service without endpoints must not answer");
+    let refused = error.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+    assert_eq!(refused, Some(std::io::ErrorKind::ConnectionRefused), "{error:#}");
+    // A RST, not a timeout.
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn an_ipv6_udp_flow_to_a_removed_endpoint_moves_to_a_live_one() {
+    let mut pg = playground();
+    let target = SocketAddr::new(VIP6.into(), 53);
+    // One client socket throughout: the same flow.
+    let socket = pg.client.run(|| UdpSocket::bind(("::", 0))).unwrap().unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let ask = |socket: &UdpSocket| -> Option<String> {
+        socket.send_to(b"ping", target).ok()?;
+        let mut buf = [0u8; 64];
+        let (len, from) = socket.recv_from(&mut buf).ok()?;
+        assert_eq!(from, target);
+        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+    };
+    let first = ask(&socket).unwrap_or_else(|| panic!("no UDP answer\n{}", pg.lb_log()));
+    assert_eq!(ask(&socket).as_deref(), Some(first.as_str()), "a flow keeps its backend");
+
+    // The pod that answered goes away: its manifest and its namespace.
+    std::fs::remove_file(pg.manifests.join(format!("{first}.yaml"))).unwrap();
+    pg.remove_pod(&first);
+    pg.wait_for_maps(Duration::from_secs(10), |s| {
+        backend_count(s, VIP6.into(), 53, lb_common::PROTOCOL_UDP) == Some(1)
+    })
+    .unwrap();
+
+    // The collector ends the flow to the removed backend, so the next datagram picks the other.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let moved = loop {
+        match ask(&socket) {
+            Some(pod) => break pod,
+            None if Instant::now() < deadline => continue,
+            None => panic!("the flow never moved off the removed pod\n{}", pg.lb_log()),
+        }
+    };
+    assert_ne!(moved, first);
+}
