@@ -234,9 +234,11 @@ struct RunArgs {
     /// an even spread; each table costs 4 bytes per position (64 KiB at the default).
     #[arg(long, default_value_t = lb_userspace::dataplane::maglev::DEFAULT_TABLE_SIZE, value_parser = prime_table_size)]
     maglev_table_size: u32,
-    /// Manifests mode: where Services without a clusterIP get one (the API server's flag).
-    #[arg(long, default_value = "10.96.0.0/12")]
-    service_cluster_ip_range: ipnet::Ipv4Net,
+    /// Manifests mode: where Services without a clusterIP get one (the API server's flag):
+    /// one CIDR, or an IPv4 and an IPv6 one separated by a comma for dual-stack Services (the
+    /// first is the single-stack default).
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = cluster_ip_ranges)]
+    service_cluster_ip_range: ClusterIpRanges,
     /// Manifests mode: where lb remembers the ClusterIPs it allocated.
     #[arg(long, default_value = "/var/lib/lb")]
     state_dir: PathBuf,
@@ -270,6 +272,14 @@ enum OutputFormat {
     /// The table with every column in full.
     Wide,
     Json,
+}
+
+/// `--service-cluster-ip-range`'s CIDRs, the primary first.
+#[derive(Clone, Debug)]
+struct ClusterIpRanges(Vec<ipnet::IpNet>);
+
+fn cluster_ip_ranges(value: &str) -> Result<ClusterIpRanges, String> {
+    lb_userspace::source::cluster_ip::parse_ranges(value).map(ClusterIpRanges).map_err(|e| e.to_string())
 }
 
 fn prime_table_size(value: &str) -> Result<u32, String> {
@@ -358,7 +368,7 @@ fn run_options(args: RunArgs) -> Result<run::RunOptions> {
     let source = match args.manifests {
         Some(dir) => run::SourceOptions::Manifests {
             dir,
-            cluster_ip_range: args.service_cluster_ip_range,
+            cluster_ip_ranges: args.service_cluster_ip_range.0,
             state_file: args.state_dir.join("cluster-ips.json"),
         },
         None => run::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig },

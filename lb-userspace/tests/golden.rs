@@ -39,7 +39,9 @@ fn config_of(text: &str) -> (ProxyConfig, Option<ClusterIpAllocator>) {
                 config.node_addresses = list.split(',').map(|ip| ip.parse().unwrap()).collect()
             }
             Some(("cluster-ip-range", range)) => {
-                allocator = Some(ClusterIpAllocator::new(range.parse().unwrap()))
+                allocator = Some(ClusterIpAllocator::with_ranges(
+                    &lb_userspace::source::cluster_ip::parse_ranges(range).unwrap(),
+                ))
             }
             _ => panic!("unknown golden config {setting:?}"),
         }

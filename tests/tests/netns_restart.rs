@@ -474,6 +474,13 @@ mod layout_0 {
             map_names::STATS,
             map_names::CLOCK,
             map_names::LAYOUT,
+            map_names::SERVICES6,
+            map_names::BACKENDS6,
+            map_names::CONNTRACK6,
+            map_names::SOURCE_RANGES6,
+            map_names::AFFINITY6,
+            map_names::CONFIG6,
+            map_names::PROGRAMS,
         ] {
             std::fs::remove_file(dir.join(name)).unwrap();
         }

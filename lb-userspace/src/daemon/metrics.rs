@@ -183,8 +183,10 @@ impl KubeProxyMetrics {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MapUsage {
     pub service_entries: usize,
+    pub service_entries6: usize,
     pub frontends: usize,
     pub backends: usize,
+    pub backends6: usize,
 }
 
 /// A scrape's question to the event loop.
@@ -269,11 +271,15 @@ async fn lb_registry(state: &MetricsState) -> Registry {
             (lb_common::map_names::SERVICES, usage.service_entries, state.capacity.service_slots),
             (lb_common::map_names::SERVICE_META, usage.frontends, state.capacity.frontends),
             (lb_common::map_names::BACKENDS, usage.backends, state.capacity.backends),
+            // The IPv6 maps' sizes are fixed in the build.
+            (lb_common::map_names::SERVICES6, usage.service_entries6, lb_common::capacity::SERVICES),
+            (lb_common::map_names::BACKENDS6, usage.backends6, lb_common::capacity::BACKENDS),
         ] {
             entries.get_or_create(&map(name)).set(used as i64);
             capacity.get_or_create(&map(name)).set(i64::from(size));
         }
         if let Some(datapath) = &datapath {
+            // Both families' conntrack tables together: the collector's statistics sum them.
             let flows = |name| datapath.stats.get(name).copied().unwrap_or(0) as i64;
             entries.get_or_create(&map(lb_common::map_names::CONNTRACK)).set(flows("conntrack_entries"));
             capacity.get_or_create(&map(lb_common::map_names::CONNTRACK)).set(flows("conntrack_capacity"));

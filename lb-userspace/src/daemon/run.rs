@@ -35,7 +35,7 @@ use lb_common::DatapathConfig;
 pub enum SourceOptions {
     /// A directory of Kubernetes YAML, watched for changes. Services without a clusterIP get
     /// one from `cluster_ip_range`, remembered in `state_file`.
-    Manifests { dir: PathBuf, cluster_ip_range: ipnet::Ipv4Net, state_file: PathBuf },
+    Manifests { dir: PathBuf, cluster_ip_ranges: Vec<ipnet::IpNet>, state_file: PathBuf },
     /// The API server, through this kubeconfig or the in-cluster service account.
     Kubernetes { kubeconfig: Option<PathBuf> },
 }
@@ -91,11 +91,11 @@ impl Source {
     /// Starts the source; what it has at once (a directory's objects) goes to `pipeline`.
     async fn start(options: &RunOptions, pipeline: &mut Pipeline) -> Result<Self> {
         match &options.source {
-            SourceOptions::Manifests { dir, cluster_ip_range, state_file } => {
+            SourceOptions::Manifests { dir, cluster_ip_ranges, state_file } => {
                 let mut sink = |change, file: &std::path::Path| {
                     let _ = take_one(pipeline, change, || Some(file.display().to_string()));
                 };
-                let source = ManifestSource::start(dir, *cluster_ip_range, state_file, &mut sink)?;
+                let source = ManifestSource::start(dir, cluster_ip_ranges, state_file, &mut sink)?;
                 Ok(Source::Manifests(source))
             }
             SourceOptions::Kubernetes { kubeconfig } => {
@@ -817,11 +817,16 @@ fn start_snapshot(bpf_dir: &std::path::Path) -> tokio::task::JoinHandle<Result<M
 /// the count takes about a millisecond).
 fn map_usage(reconciler: &Reconciler<BpfMaps>) -> MapUsage {
     let state = reconciler.state();
-    MapUsage {
-        service_entries: state.frontends.values().map(|f| 1 + f.slots.len()).sum(),
-        frontends: state.frontends.len(),
-        backends: state.backends.len(),
+    let mut usage = MapUsage { frontends: state.frontends.len(), ..Default::default() };
+    for (key, frontend) in &state.frontends {
+        let entries =
+            if key.address.ip.is_ipv4() { &mut usage.service_entries } else { &mut usage.service_entries6 };
+        *entries += 1 + frontend.slots.len();
     }
+    for backend in state.backends.values() {
+        *if backend.ip.is_ipv4() { &mut usage.backends } else { &mut usage.backends6 } += 1;
+    }
+    usage
 }
 
 #[cfg(test)]

@@ -603,7 +603,7 @@ impl ManifestSource {
     /// its file is read.
     pub fn start(
         dir: &Path,
-        cluster_ip_range: ipnet::Ipv4Net,
+        cluster_ip_ranges: &[ipnet::IpNet],
         state_file: &Path,
         sink: &mut dyn FnMut(ObjectChange, &Path),
     ) -> anyhow::Result<Self> {
@@ -638,7 +638,7 @@ impl ManifestSource {
         watcher
             .watch(dir, notify::RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", dir.display()))?;
-        let allocator = crate::source::cluster_ip::ClusterIpAllocator::load(cluster_ip_range, state_file)?;
+        let allocator = crate::source::cluster_ip::ClusterIpAllocator::load(cluster_ip_ranges, state_file)?;
         let mut objects = ManifestObjects::new(dir, Some(allocator), Some(state_file.to_path_buf()));
         for error in objects.reload_all_into(sink) {
             tracing::error!("{error}");
