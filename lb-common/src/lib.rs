@@ -129,12 +129,14 @@ pub mod map_names {
     pub const SOURCE_RANGES6: &str = "LB_SOURCE_RANGES6";
     pub const AFFINITY6: &str = "LB_AFFINITY6";
     pub const CONFIG6: &str = "LB_CONFIG6";
+    /// The node's IPv6 sockets translated at connect/sendmsg (`SocketKey6`).
+    pub const SOCKETS6: &str = "LB_SOCKETS6";
     /// The TC programs' IPv6 halves, which they tail-call (`tail_calls`).
     pub const PROGRAMS: &str = "LB_PROGRAMS";
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 22] = [
+    pub const PINNED: [&str; 23] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -156,6 +158,7 @@ pub mod map_names {
         SOURCE_RANGES6,
         AFFINITY6,
         CONFIG6,
+        SOCKETS6,
         PROGRAMS,
     ];
 }
@@ -793,6 +796,31 @@ pub struct SocketFrontend {
     pub _pad: u16,
 }
 
+/// `SocketKey` for an IPv6 socket (`map_names::SOCKETS6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SocketKey6 {
+    /// The socket's cookie. Host byte order.
+    pub cookie: u64,
+    /// The backend's address, network byte order.
+    pub backend_address: In6,
+    /// The backend's port, network byte order.
+    pub backend_port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+
+/// `SocketFrontend` for an IPv6 socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SocketFrontend6 {
+    /// Network byte order.
+    pub address: In6,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Source ports lb uses for source NAT by default: above Linux's ephemeral range (32768-60999).
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
@@ -882,6 +910,8 @@ mod user {
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SocketFrontend {}
+    unsafe impl aya::Pod for SocketKey6 {}
+    unsafe impl aya::Pod for SocketFrontend6 {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for FragmentKey {}

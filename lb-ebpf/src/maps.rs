@@ -91,6 +91,11 @@ pub static LB_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map]
 pub static LB_SOCKETS: LruHashMap<SocketKey, SocketFrontend> = LruHashMap::pinned(capacity::SOCKETS, 0);
 
+/// `LB_SOCKETS` for the node's IPv6 sockets.
+#[map]
+pub static LB_SOCKETS6: LruHashMap<lb_common::SocketKey6, lb_common::SocketFrontend6> =
+    LruHashMap::pinned(capacity::SOCKETS, 0);
+
 /// (client, frontend) -> the backend of the client's last new connection, for frontends with
 /// `sessionAffinity: ClientIP`. LRU: under pressure, the oldest affinity is forgotten (its
 /// client's next connection is simply balanced anew).

@@ -10,11 +10,11 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use lb_common::{SocketFrontend, SocketKey, counters};
+use lb_common::{In6, SocketFrontend, SocketFrontend6, SocketKey, SocketKey6, counters};
 
 use crate::{
     flow::{self, Source},
-    maps::{LB_CONFIG, LB_SOCKETS, count, count_new_flow},
+    maps::{LB_CONFIG, LB_SOCKETS, LB_SOCKETS6, count, count_new_flow},
     select,
 };
 
@@ -43,6 +43,26 @@ pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
     to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    to_backend6(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    to_backend6(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    to_frontend6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    to_frontend6(&ctx)
 }
 
 #[inline(always)]
@@ -109,6 +129,95 @@ fn to_frontend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: copied out at once.
     if let Some(frontend) = unsafe { LB_SOCKETS.get(&socket) }.copied() {
         addr.user_ip4 = frontend.address;
+        addr.user_port = u32::from(frontend.port);
+    }
+    ALLOW
+}
+
+/// The socket's IPv6 address field (`user_ip6`), read a 32-bit word at a time as the verifier
+/// requires.
+#[inline(always)]
+fn user_ip6(words: &[u32; 4]) -> In6 {
+    In6 { words: [words[0], words[1], words[2], words[3]] }
+}
+
+#[inline(always)]
+fn set_user_ip6(words: &mut [u32; 4], address: &In6) {
+    words[0] = address.words[0];
+    words[1] = address.words[1];
+    words[2] = address.words[2];
+    words[3] = address.words[3];
+}
+
+/// `to_backend` for IPv6 sockets.
+#[inline(always)]
+fn to_backend6(ctx: &SockAddrContext, connect: bool) -> i32 {
+    if !in_node_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the kernel passes a valid context for the program's whole run.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Ok(protocol) = u8::try_from(addr.protocol) else { return ALLOW };
+    let (frontend_address, frontend_port) = (user_ip6(&addr.user_ip6), addr.user_port as u16);
+    let Some((key, service)) = flow::frontend(frontend_address, frontend_port, protocol, Source::InCluster)
+    else {
+        return ALLOW;
+    };
+    if service.backend_count == 0 {
+        count(counters::SOCKET_REFUSED);
+        // SAFETY: plain helper call; it sets the error the refused call returns.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    }
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let folded = frontend_address.words[0]
+        ^ frontend_address.words[1]
+        ^ frontend_address.words[2]
+        ^ frontend_address.words[3];
+    let hash = select::mix((cookie as u32) ^ ((cookie >> 32) as u32) ^ folded);
+    let Ok((_, backend)) = select::choose(&key, &service, hash, In6::default()) else { return ALLOW };
+    let socket = SocketKey6 {
+        cookie,
+        backend_address: backend.address,
+        backend_port: backend.port,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let frontend = SocketFrontend6 { address: frontend_address, port: frontend_port, _pad: 0 };
+    // SAFETY: only whether an entry exists is read.
+    if connect || unsafe { LB_SOCKETS6.get(&socket) }.is_none() {
+        count_new_flow(service.service_id);
+    }
+    if LB_SOCKETS6.insert(&socket, &frontend, 0).is_err() {
+        count(counters::CONNTRACK_INSERT_FAILED);
+    }
+    set_user_ip6(&mut addr.user_ip6, &backend.address);
+    addr.user_port = u32::from(backend.port);
+    count(counters::SOCKET_TRANSLATED);
+    ALLOW
+}
+
+/// `to_frontend` for IPv6 sockets.
+#[inline(always)]
+fn to_frontend6(ctx: &SockAddrContext) -> i32 {
+    if !in_node_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let socket = SocketKey6 {
+        cookie,
+        backend_address: user_ip6(&addr.user_ip6),
+        backend_port: addr.user_port as u16,
+        _pad: 0,
+        _pad2: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(frontend) = unsafe { LB_SOCKETS6.get(&socket) }.copied() {
+        set_user_ip6(&mut addr.user_ip6, &frontend.address);
         addr.user_port = u32::from(frontend.port);
     }
     ALLOW

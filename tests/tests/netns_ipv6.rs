@@ -203,3 +203,40 @@ fn an_ipv6_node_port_source_nats_and_routes_replies_back() {
     assert_eq!(answers.len(), 20);
     assert_eq!(per_pod.len(), 2, "both pods should answer: {per_pod:?}");
 }
+
+/// The node's own sockets (lb's namespace) reach an IPv6 ClusterIP through the socket
+/// programs: connect and sendmsg go to a backend, getpeername and recvmsg report the frontend.
+#[test]
+fn the_node_reaches_an_ipv6_cluster_ip_through_its_sockets() {
+    let mut pg = playground();
+    // Into the cgroup lb's socket programs are attached to, until the playground goes.
+    pg.cgroup.enter().unwrap();
+    let target = SocketAddr::new(VIP6.into(), 80);
+    let answers: Vec<_> =
+        pg.node.run(move || (0..10).map(|_| tests::playground::http_get(target)).collect()).unwrap();
+    for answer in answers {
+        let answer = answer.unwrap_or_else(|e| panic!("request from the node failed: {e}\n{}", pg.lb_log()));
+        assert!(answer.pod.starts_with("web-"), "{answer:?}");
+        assert_eq!(answer.peer, target, "getpeername reports the ClusterIP");
+    }
+    let udp = SocketAddr::new(VIP6.into(), 53);
+    let (pod, from) = pg
+        .node
+        .run(move || -> std::io::Result<(String, SocketAddr)> {
+            let socket = UdpSocket::bind(("::", 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(b"ping", udp)?;
+            let mut buf = [0u8; 64];
+            let (len, from) = socket.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+        })
+        .unwrap()
+        .unwrap();
+    assert!(pod.starts_with("web-"), "{pod}");
+    assert_eq!(from, udp, "recvmsg reports the ClusterIP");
+    // A Service without endpoints refuses the connect, as kube-proxy's REJECT does.
+    let empty = SocketAddr::new(EMPTY6.into(), 80);
+    let refused =
+        pg.node.run(move || std::net::TcpStream::connect_timeout(&empty, Duration::from_secs(2))).unwrap();
+    assert_eq!(refused.map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+}

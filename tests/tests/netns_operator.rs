@@ -205,6 +205,7 @@ logging: {format: json}
     assert_eq!(health["healthy"], true, "{body}");
     assert_eq!(health["nodeEligible"], true, "{body}");
     assert_eq!(health["status"]["IPv4"]["healthy"], true, "{body}");
+    assert_eq!(health["status"]["IPv6"], health["status"]["IPv4"], "one sync programs both: {body}");
     for field in ["lastUpdated", "currentTime"] {
         let time: k8s_openapi::jiff::Timestamp = health[field].as_str().unwrap().parse().unwrap();
         assert!(time.as_second() > 1_700_000_000, "{field}: {body}");

@@ -1,6 +1,7 @@
 //! kube-proxy's health endpoints on its port (10256): `/healthz` (readiness: healthy and this
 //! node not being deleted) and `/livez` (liveness: healthy), answering with kube-proxy's JSON
-//! (as of v1.36: `healthy`, and a `status` per IP family; lb programs IPv4).
+//! (as of v1.36: `healthy`, and a `status` per IP family; lb programs both in one sync, as a
+//! dual-stack kube-proxy's two proxiers report them).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,7 +69,9 @@ fn report(state: &HealthServer, probe: Probe) -> (StatusCode, Json<Report>) {
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let mut status = BTreeMap::new();
     if health.last_updated.is_some() {
-        status.insert("IPv4", FamilyHealth { last_updated: rfc3339(health.last_updated), healthy });
+        for family in ["IPv4", "IPv6"] {
+            status.insert(family, FamilyHealth { last_updated: rfc3339(health.last_updated), healthy });
+        }
     }
     let body = Report {
         last_updated: rfc3339(if ok { Some(now) } else { health.last_updated }),

@@ -27,7 +27,16 @@ const TC_PROGRAMS: [&str; 3] = [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRES
 /// The XDP program for the external interfaces.
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// The cgroup socket programs (socket-level load balancing for the node's own traffic).
-pub const SOCKET_PROGRAMS: [&str; 4] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4", "lb_getpeername4"];
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -210,8 +219,16 @@ pub struct AdoptOptions<'a> {
 }
 
 /// BPF attach types of the cgroup socket programs (`enum bpf_attach_type`).
-const SOCKET_ATTACH_TYPES: [(&str, u32); 4] =
-    [("lb_connect4", 10), ("lb_sendmsg4", 14), ("lb_recvmsg4", 19), ("lb_getpeername4", 29)];
+const SOCKET_ATTACH_TYPES: [(&str, u32); 8] = [
+    ("lb_connect4", 10),
+    ("lb_sendmsg4", 14),
+    ("lb_recvmsg4", 19),
+    ("lb_getpeername4", 29),
+    ("lb_connect6", 11),
+    ("lb_sendmsg6", 15),
+    ("lb_recvmsg6", 20),
+    ("lb_getpeername6", 30),
+];
 
 fn links_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + use<> {
     let path = path.to_path_buf();

@@ -33,6 +33,9 @@ pub enum MapsError {
     Missing { map: &'static str },
     #[error("map {map} is full: {remedy}")]
     Full { map: &'static str, remedy: &'static str },
+    /// An entry of the other address family than the map's (the reconciler never makes one).
+    #[error("an entry of the other address family cannot go in map {map}")]
+    WrongFamily { map: &'static str },
     /// From `in_memory::InMemoryMaps`, for tests.
     #[cfg(any(test, feature = "testing"))]
     #[error("{operation}: injected failure")]
@@ -374,13 +377,8 @@ fn try_batch<K: Copy, V: Copy>(
     }
 }
 
-/// An entry of the other family than the map's: the reconciler never makes one.
 fn wrong_family(map: &'static str) -> MapsError {
-    MapsError::Bpf {
-        operation: "convert an entry of the other address family for",
-        map,
-        source: MapError::KeyNotFound,
-    }
+    MapsError::WrongFamily { map }
 }
 
 impl<A: FamilyAddress> FamilyMaps<A>
