@@ -89,7 +89,14 @@ pub const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN + IPV4_MAX_HEADER_LEN + TCP_MI
 pub const COMMON_HEADERS_LEN6: usize = ETH_HEADER_LEN + IPV6_HEADER_LEN + TCP_MIN_HEADER_LEN;
 
 pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 pub const ICMPV6_PORT_UNREACHABLE: u8 = 4;
+pub const ICMPV6_HEADER_LEN: usize = 8;
+pub const ICMPV6_CHECKSUM_OFFSET: usize = 2;
+/// An ICMPv6 error header and the quoted IPv6 header and ports it must carry to be translated.
+pub const ICMPV6_ERROR_MIN_LEN: usize = ICMPV6_HEADER_LEN + IPV6_HEADER_LEN + 4;
 /// What an ICMPv6 error quotes of a rejected packet here: its IPv6 header and 8 bytes after it
 /// (RFC 4443 allows as much as fits the minimum MTU; the ports are what matter).
 pub const ICMPV6_QUOTE_LEN: usize = IPV6_HEADER_LEN + 8;

@@ -3,18 +3,21 @@
 //! turned back into what the receiver sent, so it can match them to its socket: path MTU
 //! discovery then works through a ClusterIP.
 
-use aya_ebpf::programs::TcContext;
-use lb_common::{ConntrackEntry, FlowKey, PROTOCOL_TCP, PROTOCOL_UDP, counters};
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
+use lb_common::{
+    ConntrackEntry, ConntrackEntry6, FlowKey, FlowKey6, In6, PROTOCOL_TCP, PROTOCOL_UDP, counters,
+};
 
 use crate::{
+    csum,
     headers::{
         ICMP_CHECKSUM_OFFSET, ICMP_DEST_UNREACHABLE, ICMP_HEADER_LEN, ICMP_PARAMETER_PROBLEM,
         ICMP_TIME_EXCEEDED, IPV4_CHECKSUM_OFFSET, IPV4_DST_OFFSET,
         IPV4_MIN_HEADER_LEN as INNER_IPV4_HEADER_LEN, IPV4_PROTOCOL_OFFSET, IPV4_SRC_OFFSET,
         IPV4_VERSION_IHL_PLAIN,
     },
-    maps::LB_CONNTRACK,
-    parse::Ipv4Flow,
+    maps::{LB_CONNTRACK, LB_CONNTRACK6},
+    parse::{Ipv4Flow, Ipv6Flow, read},
     verdict::Verdict,
 };
 
@@ -116,4 +119,97 @@ fn rewrite(ctx: &TcContext, flow: &Ipv4Flow, inner: &Quoted, entry: &ConntrackEn
         }
     }
     Ok(())
+}
+
+/// `translate_error` for ICMPv6 (destination unreachable, packet too big, time exceeded,
+/// parameter problem), whose checksum covers the whole message and a pseudo-header: every
+/// address and port changed, outer or quoted, goes into it. The quote must be a plain IPv6
+/// header followed by TCP or UDP (senders quote the packet as it left them, and lb's flows
+/// carry no extension headers it would have to walk).
+#[inline(always)]
+pub fn translate_error6(ctx: &TcContext, flow: &Ipv6Flow) -> Option<Result<*const ConntrackEntry6, Verdict>> {
+    use crate::headers::{
+        ICMPV6_CHECKSUM_OFFSET, ICMPV6_DEST_UNREACHABLE, ICMPV6_ERROR_MIN_LEN, ICMPV6_HEADER_LEN,
+        ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED, IPV6_DST_OFFSET,
+        IPV6_HEADER_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SRC_OFFSET,
+    };
+    let l4 = flow.l4();
+    let needed = l4 + ICMPV6_ERROR_MIN_LEN;
+    if ctx.data_end() - ctx.data() < needed && ctx.len() as usize >= needed {
+        let _ = ctx.pull_data(needed as u32);
+    }
+    // Type and code together: a one-byte read's bounds check compiles into a form the verifier
+    // does not take.
+    let [icmp_type, _code]: [u8; 2] = read(ctx, l4)?;
+    if !matches!(
+        icmp_type,
+        ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED | ICMPV6_PARAMETER_PROBLEM
+    ) {
+        return None;
+    }
+    let inner = l4 + ICMPV6_HEADER_LEN;
+    let protocol: u8 = read(ctx, inner + IPV6_NEXT_HEADER_OFFSET)?;
+    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+        return None;
+    }
+    let src: In6 = read(ctx, inner + IPV6_SRC_OFFSET)?;
+    let dst: In6 = read(ctx, inner + IPV6_DST_OFFSET)?;
+    let ports = inner + IPV6_HEADER_LEN;
+    let src_port: u16 = read(ctx, ports)?;
+    let dst_port: u16 = read(ctx, ports + 2)?;
+    // The direction back to the quoted packet's sender (see `translate_error`).
+    let key = FlowKey6 {
+        src_address: dst,
+        dst_address: src,
+        src_port: dst_port,
+        dst_port: src_port,
+        protocol,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let entry = LB_CONNTRACK6.get_ptr(&key)?;
+    // SAFETY: a pointer into the map's value, valid for this program run.
+    let to = unsafe { &*entry };
+    let failed = |_| Verdict::drop(counters::DROP_REWRITE_FAILED);
+    let mut quoted_diff = 0;
+    for (offset, old, new) in
+        [(inner + IPV6_SRC_OFFSET, src, to.dst_address), (inner + IPV6_DST_OFFSET, dst, to.src_address)]
+    {
+        if old != new {
+            quoted_diff = csum::add32(quoted_diff, crate::family::diff16(old, new));
+            if let Err(verdict) = crate::nat::write(ctx, offset, new) {
+                return Some(Err(verdict));
+            }
+        }
+    }
+    for (offset, old, new) in [(ports, src_port, to.dst_port), (ports + 2, dst_port, to.src_port)] {
+        if old != new {
+            quoted_diff = csum::add32(quoted_diff, csum::diff2(old, new));
+            if let Err(verdict) = crate::nat::write(ctx, offset, new) {
+                return Some(Err(verdict));
+            }
+        }
+    }
+    // The outer header: to the flow's client side; from the frontend if the quoted packet's
+    // receiver (the backend) sent the error itself.
+    let new_src = if flow.src_address == dst { to.src_address } else { flow.src_address };
+    let outer_diff =
+        match <In6 as crate::family::Family>::rewrite_addresses(ctx, flow, new_src, to.dst_address) {
+            Ok(diff) => diff,
+            Err(verdict) => return Some(Err(verdict)),
+        };
+    let checksum = l4 + ICMPV6_CHECKSUM_OFFSET;
+    // Size 0 in the flags: the value is a checksum difference.
+    if outer_diff != 0
+        && let Err(error) =
+            ctx.l4_csum_replace(checksum, 0, u64::from(outer_diff), u64::from(BPF_F_PSEUDO_HDR))
+    {
+        return Some(Err(failed(error)));
+    }
+    if quoted_diff != 0
+        && let Err(error) = ctx.l4_csum_replace(checksum, 0, u64::from(quoted_diff), 0)
+    {
+        return Some(Err(failed(error)));
+    }
+    Some(Ok(entry))
 }

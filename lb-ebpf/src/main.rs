@@ -143,6 +143,9 @@ fn try_lb_ingress(ctx: &TcContext, source: Source) -> Result<Verdict, Verdict> {
 fn ingress_ipv6(ctx: &TcContext, source: Source) -> Result<Verdict, Verdict> {
     let scratch = maps::scratch6().ok_or(Verdict::drop(counters::DROP_REWRITE_FAILED))?;
     parse6(ctx, scratch)?;
+    if scratch.flow.protocol == headers::PROTOCOL_ICMPV6 {
+        return icmp6(ctx, scratch);
+    }
     if let Some(verdict) = tracked6(ctx, scratch) {
         return verdict;
     }
@@ -156,6 +159,20 @@ fn parse6(ctx: &TcContext, scratch: &mut Scratch6) -> Result<(), Verdict> {
     parse::parse_ipv6_flow(ctx, &mut scratch.flow)?;
     scratch.key = conntrack::packet_key(&scratch.flow);
     Ok(())
+}
+
+/// An ICMPv6 packet: an error about a tracked flow is translated back, anything else passed.
+#[inline(never)]
+fn icmp6(ctx: &TcContext, scratch: &mut Scratch6) -> Result<Verdict, Verdict> {
+    match icmp::translate_error6(ctx, &scratch.flow) {
+        None => Ok(Verdict::pass(counters::PASS_OTHER_PROTOCOL)),
+        Some(Err(verdict)) => Err(verdict),
+        Some(Ok(entry)) => {
+            // SAFETY: a pointer into the map's value, valid for this program run.
+            let entry = unsafe { &*entry };
+            Ok(route_if_needed(ctx, &scratch.flow, entry, counters::ICMP_ERROR_TRANSLATED))
+        }
+    }
 }
 
 #[inline(never)]

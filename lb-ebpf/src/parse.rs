@@ -289,7 +289,7 @@ pub fn parse_ipv6_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Verdi
     ) {
         return Err(Verdict::pass(counters::PASS_IPV6_EXTENSION));
     }
-    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP && protocol != PROTOCOL_ICMPV6 {
         return Err(Verdict::pass(counters::PASS_OTHER_PROTOCOL));
     }
     flow.l3_offset = l3_offset;
@@ -299,6 +299,10 @@ pub fn parse_ipv6_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Verdi
     if fragment != Fragment::No {
         // IPv6 fragments are not translated yet: passed whole, and counted.
         return Err(Verdict::pass(counters::PASS_FRAGMENT));
+    }
+    if protocol == PROTOCOL_ICMPV6 {
+        // No ports: an error about a translated flow is translated back (`icmp`).
+        return Ok(());
     }
     let l4_min_len = if protocol == PROTOCOL_TCP { TCP_MIN_HEADER_LEN } else { UDP_HEADER_LEN };
     if end < l4_offset + l4_min_len {

@@ -429,6 +429,28 @@ pub fn tcp_reset_for6(segment: &Packet6Spec) -> Vec<u8> {
 
 /// The ICMPv6 port unreachable (RFC 4443) answering an IPv6 `datagram`: its IPv6 header and
 /// 8 bytes quoted.
+/// An ICMPv6 error (`icmp_type`, `code`, and the 32-bit word after the checksum: the MTU of a
+/// packet too big) from `from` to `to`, quoting `quoted`'s IPv6 header and the 8 bytes after it.
+pub fn icmpv6_error(
+    from: Ipv6Addr,
+    to: Ipv6Addr,
+    icmp_type: u8,
+    code: u8,
+    word: u32,
+    quoted: &Packet6Spec,
+) -> Vec<u8> {
+    let original = quoted.build();
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&word.to_be_bytes());
+    icmp.extend_from_slice(&original[ETH_LEN..ETH_LEN + 48]);
+    let sum = !ones_complement_sum(&icmp, pseudo_header_sum6(from, to, ICMPV6, icmp.len()));
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = ethernet_header(0x86dd);
+    frame.extend_from_slice(&ipv6_header(from, to, ICMPV6, icmp.len(), 64));
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
 pub fn icmpv6_port_unreachable_for(datagram: &Packet6Spec) -> Vec<u8> {
     let original = datagram.build();
     let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];

@@ -240,3 +240,71 @@ fn the_node_reaches_an_ipv6_cluster_ip_through_its_sockets() {
         pg.node.run(move || std::net::TcpStream::connect_timeout(&empty, Duration::from_secs(2))).unwrap();
     assert_eq!(refused.map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
 }
+
+/// The path MTU the kernel holds for a connected IPv6 socket (`IPV6_MTU`).
+fn path_mtu6(socket: &UdpSocket) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut mtu: nix::libc::c_int = 0;
+    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+    // SAFETY: getsockopt into a properly sized integer.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            nix::libc::IPPROTO_IPV6,
+            nix::libc::IPV6_MTU,
+            (&mut mtu as *mut nix::libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt(IPV6_MTU): {}", std::io::Error::last_os_error());
+    mtu
+}
+
+/// Path MTU discovery through an IPv6 ClusterIP: a pod's "packet too big" about the datagram it
+/// received reaches the client about the datagram it sent, and its socket's path MTU drops.
+#[test]
+fn packet_too_big_from_a_pod_reaches_the_client_about_the_cluster_ip() {
+    let pg = playground();
+    let client = pg
+        .client
+        .run(|| {
+            let socket = UdpSocket::bind((CLIENT_IP6, 0)).unwrap();
+            socket.connect((VIP6, 53)).unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            socket.send(b"ping").unwrap();
+            let mut buffer = [0u8; 64];
+            let (len, _) = socket.recv_from(&mut buffer).expect("answer through the ClusterIP");
+            (socket, String::from_utf8_lossy(&buffer[..len]).into_owned())
+        })
+        .unwrap();
+    let (client, pod) = client;
+    assert_eq!(path_mtu6(&client), 1500);
+    let client_port = client.local_addr().unwrap().port();
+    let index = pg.pods.iter().position(|p| p.name == pod).expect("the pod that answered");
+    let pod_ip = pg.pods[index].ip6.unwrap();
+
+    // What the pod received (client -> pod:5353), quoted in its "packet too big, MTU 1280"; the
+    // kernel fills in the ICMPv6 checksum of a raw ICMPv6 socket.
+    let received = tests::packet::Packet6Spec::udp((CLIENT_IP6, client_port), (pod_ip, 5353));
+    let frame = tests::packet::icmpv6_error(pod_ip, CLIENT_IP6, 2, 0, 1280, &received);
+    let icmp = frame[tests::packet::ETH_LEN + 40..].to_vec();
+    pg.pods[index]
+        .ns
+        .run(move || {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV6,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::ICMPV6),
+            )
+            .unwrap();
+            socket.send_to(&icmp, &SocketAddr::new(CLIENT_IP6.into(), 0).into()).unwrap();
+        })
+        .unwrap();
+
+    // Only a translated error (about client -> ClusterIP) finds the client's socket.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while path_mtu6(&client) != 1280 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(path_mtu6(&client), 1280, "lb log:\n{}", pg.lb_log());
+}

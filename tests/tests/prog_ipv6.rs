@@ -146,3 +146,33 @@ fn malformed_and_foreign_ipv6_packets_pass_untouched() {
     h.expect("ICMPv6", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
     assert!(flows(&mut h).is_empty());
 }
+
+#[test]
+fn icmpv6_errors_about_a_translated_flow_are_translated_back() {
+    let mut h = Harness::new();
+    program(&mut h, 80, TCP, &[POD]);
+    let syn = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x02);
+    h.expect("SYN", &syn.build(), PASS, &syn.with_dst(POD).build(), counters::FORWARD_NEW_FLOW);
+    // The segment as the pod got it, which an ICMPv6 error quotes.
+    let delivered = syn.with_dst(POD);
+
+    // The pod says it was too big: the client learns it about what it sent (to the frontend),
+    // from the frontend, so its socket finds the error and lowers its path MTU.
+    let too_big = packet::icmpv6_error(POD.0, CLIENT.0, 2, 0, 1280, &delivered);
+    let expected = packet::icmpv6_error(VIP, CLIENT.0, 2, 0, 1280, &syn);
+    assert!(packet::checksums_valid6(&expected));
+    h.expect("packet too big", &too_big, PASS, &expected, counters::ICMP_ERROR_TRANSLATED);
+
+    // A router on the way keeps its own address as the source.
+    let router = Ipv6Addr::new(0xfd00, 0x244, 0xff, 0, 0, 0, 0, 1);
+    let exceeded = packet::icmpv6_error(router, CLIENT.0, 3, 0, 0, &delivered);
+    let expected = packet::icmpv6_error(router, CLIENT.0, 3, 0, 0, &syn);
+    h.expect("time exceeded", &exceeded, PASS, &expected, counters::ICMP_ERROR_TRANSLATED);
+
+    // Errors about no tracked flow, and ICMPv6 that is not an error, pass untouched.
+    let stranger = Packet6Spec::tcp((CLIENT.0, 40001), POD, 0x02);
+    let unknown = packet::icmpv6_error(POD.0, CLIENT.0, 1, 4, 0, &stranger);
+    h.expect("error about no flow", &unknown, PASS, &unknown, counters::PASS_OTHER_PROTOCOL);
+    let echo = packet::icmpv6_error(POD.0, CLIENT.0, 128, 0, 0, &delivered);
+    h.expect("echo request", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
+}

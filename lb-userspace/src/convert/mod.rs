@@ -641,6 +641,18 @@ pub fn service_frontends(
     frontends
 }
 
+/// How many ready endpoints of a Service are on this node, for its health check: distinct
+/// addresses of the family that has most (a dual-stack Pod is one endpoint, not two).
+pub fn local_endpoint_count(slices: &[&SliceEndpoints], node: &NodeContext) -> usize {
+    let mut local: [BTreeSet<IpAddr>; 2] = Default::default();
+    for endpoint in slices.iter().flat_map(|slice| &slice.endpoints) {
+        if endpoint.conditions.ready && topology::is_local(&endpoint.conditions, node) {
+            local[usize::from(endpoint.ip.is_ipv6())].insert(endpoint.ip);
+        }
+    }
+    local[0].len().max(local[1].len())
+}
+
 /// The desired state for a set of objects. Objects that fail their checks are left out and
 /// reported; they never stop the others from being translated.
 pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (DesiredState, Vec<ObjectError>) {
@@ -709,16 +721,10 @@ pub fn desired_state(objects: &ClusterObjects, config: &ProxyConfig) -> (Desired
         let key = (service.namespace.clone(), service.name.clone());
         let slices: Vec<&SliceEndpoints> = slices_by_service.get(&key).into_iter().flatten().collect();
         if let Some(port) = service.health_check_node_port {
-            let local: BTreeSet<IpAddr> = slices
-                .iter()
-                .flat_map(|slice| &slice.endpoints)
-                .filter(|e| e.conditions.ready && topology::is_local(&e.conditions, &node_context))
-                .map(|e| e.ip)
-                .collect();
             let check = HealthCheck {
                 namespace: service.namespace.clone(),
                 name: service.name.clone(),
-                local_endpoints: local.len(),
+                local_endpoints: local_endpoint_count(&slices, &node_context),
             };
             if let Some(owner) = state.health_checks.get(&port) {
                 errors.push(ObjectError {

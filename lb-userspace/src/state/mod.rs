@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::convert::topology::{self, NodeContext};
+use crate::convert::topology::NodeContext;
 use crate::convert::{LbAlgorithm, ServiceFrontends, SliceEndpoints, service_frontends};
 use crate::model::{DesiredState, Frontend, FrontendKey, HealthCheck, L4Addr, ObjectError, Scope};
 
@@ -264,18 +264,12 @@ impl DesiredTable {
                 let frontends =
                     service_frontends(spec, &sets, &node, &self.node_addresses, self.config.lb_algorithm);
                 let health_check = spec.health_check_node_port.map(|port| {
-                    let local: BTreeSet<IpAddr> = sets
-                        .iter()
-                        .flat_map(|set| &set.endpoints)
-                        .filter(|e| e.conditions.ready && topology::is_local(&e.conditions, &node))
-                        .map(|e| e.ip)
-                        .collect();
                     (
                         port,
                         HealthCheck {
                             namespace: name.0.clone(),
                             name: name.1.clone(),
-                            local_endpoints: local.len(),
+                            local_endpoints: crate::convert::local_endpoint_count(&sets, &node),
                         },
                     )
                 });
