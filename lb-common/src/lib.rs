@@ -129,6 +129,8 @@ pub mod map_names {
     pub const SOURCE_RANGES6: &str = "LB_SOURCE_RANGES6";
     pub const AFFINITY6: &str = "LB_AFFINITY6";
     pub const CONFIG6: &str = "LB_CONFIG6";
+    /// IPv6 fragments: how a datagram's first fragment was translated (`FragmentKey6`).
+    pub const FRAGMENTS6: &str = "LB_FRAGMENTS6";
     /// The node's IPv6 sockets translated at connect/sendmsg (`SocketKey6`).
     pub const SOCKETS6: &str = "LB_SOCKETS6";
     /// The TC programs' IPv6 halves, which they tail-call (`tail_calls`).
@@ -136,7 +138,7 @@ pub mod map_names {
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.
-    pub const PINNED: [&str; 23] = [
+    pub const PINNED: [&str; 24] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -159,6 +161,7 @@ pub mod map_names {
         AFFINITY6,
         CONFIG6,
         SOCKETS6,
+        FRAGMENTS6,
         PROGRAMS,
     ];
 }
@@ -796,6 +799,37 @@ pub struct SocketFrontend {
     pub _pad: u16,
 }
 
+/// `FragmentKey` for IPv6: the fragment header's 32-bit identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentKey6 {
+    /// Network byte order.
+    pub src_address: In6,
+    /// Network byte order.
+    pub dst_address: In6,
+    /// The fragment header's identification, network byte order.
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: u8,
+    pub _pad1: u16,
+}
+
+/// `FragmentValue` for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentValue6 {
+    /// Network byte order.
+    pub src_address: In6,
+    /// Network byte order.
+    pub dst_address: In6,
+    /// The flow's `conntrack_flags`. Host byte order.
+    pub flags: u16,
+    pub _pad: u16,
+    pub _pad1: u32,
+    /// When the first fragment went through (the flows' clock). Host byte order.
+    pub created_ns: u64,
+}
+
 /// `SocketKey` for an IPv6 socket (`map_names::SOCKETS6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -911,6 +945,8 @@ mod user {
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SocketFrontend {}
     unsafe impl aya::Pod for SocketKey6 {}
+    unsafe impl aya::Pod for FragmentKey6 {}
+    unsafe impl aya::Pod for FragmentValue6 {}
     unsafe impl aya::Pod for SocketFrontend6 {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}

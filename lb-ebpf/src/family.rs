@@ -203,9 +203,10 @@ impl Family for In6 {
         reject::write_reject6(ctx, flow, scratch)
     }
 
-    /// IPv6 fragments are passed over before they get here (`parse`).
     #[inline(always)]
-    fn remember_fragment(_flow: &Flow<Self>, _entry: &ConntrackEntryOf<Self>) {}
+    fn remember_fragment(flow: &Flow<Self>, entry: &ConntrackEntryOf<Self>) {
+        fragment::remember6(flow, entry);
+    }
 
     #[inline(always)]
     fn reject(ctx: &TcContext, flow: &Flow<Self>, counter: u32) -> Result<Verdict, Verdict> {

@@ -7,13 +7,16 @@
 //! reuses the IP ID never meets it.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{ConntrackEntry, FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, counters};
+use lb_common::{
+    ConntrackEntry, ConntrackEntry6, FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentKey6, FragmentValue,
+    FragmentValue6, In6, counters,
+};
 
 use crate::{
     conntrack,
     family::Family,
-    maps::{LB_FRAGMENTS, count},
-    parse::{Fragment, Ipv4Flow},
+    maps::{LB_FRAGMENTS, LB_FRAGMENTS6, count},
+    parse::{Fragment, Ipv4Flow, Ipv6Flow},
     route,
     verdict::Verdict,
 };
@@ -23,7 +26,8 @@ fn key(flow: &Ipv4Flow) -> FragmentKey {
     FragmentKey {
         src_address: flow.src_address,
         dst_address: flow.dst_address,
-        id: flow.ip_id,
+        // IPv4's identification is 16 bits.
+        id: flow.ip_id as u16,
         protocol: flow.protocol,
         _pad: 0,
     }
@@ -75,4 +79,57 @@ pub fn translate_later(ctx: &TcContext, flow: &Ipv4Flow, route: bool) -> Result<
         value.dst_address,
         counters::FRAGMENT_TRANSLATED,
     ))
+}
+
+#[inline(always)]
+fn key6(flow: &Ipv6Flow) -> FragmentKey6 {
+    FragmentKey6 {
+        src_address: flow.src_address,
+        dst_address: flow.dst_address,
+        id: flow.ip_id,
+        protocol: flow.protocol,
+        _pad: 0,
+        _pad1: 0,
+    }
+}
+
+/// `remember` for IPv6.
+#[inline(never)]
+pub fn remember6(flow: &Ipv6Flow, entry: &ConntrackEntry6) {
+    let value = FragmentValue6 {
+        src_address: entry.src_address,
+        dst_address: entry.dst_address,
+        flags: entry.flags,
+        _pad: 0,
+        _pad1: 0,
+        created_ns: conntrack::now(),
+    };
+    if LB_FRAGMENTS6.insert(&key6(flow), &value, 0).is_err() {
+        count(counters::FRAGMENT_TRACK_FAILED);
+    }
+}
+
+/// `translate_later` for IPv6 (no header checksum: only the addresses change).
+#[inline(never)]
+pub fn translate_later6(ctx: &TcContext, flow: &Ipv6Flow, route: bool) -> Result<Verdict, Verdict> {
+    let key = key6(flow);
+    let Some(value) = LB_FRAGMENTS6.get_ptr(&key) else {
+        return Ok(Verdict::pass(counters::PASS_FRAGMENT));
+    };
+    // SAFETY: a pointer into the map's value, valid for this program run; read before the
+    // record may be removed below.
+    let (src, dst, flags, created_ns) =
+        unsafe { ((*value).src_address, (*value).dst_address, (*value).flags, (*value).created_ns) };
+    if conntrack::now().wrapping_sub(created_ns) > FRAGMENT_TIMEOUT_NS {
+        let _ = LB_FRAGMENTS6.remove(&key);
+        return Ok(Verdict::pass(counters::PASS_FRAGMENT));
+    }
+    if flow.fragment == Fragment::Last {
+        let _ = LB_FRAGMENTS6.remove(&key);
+    }
+    In6::rewrite_addresses(ctx, flow, src, dst)?;
+    if !route {
+        return Ok(Verdict::pass(counters::FRAGMENT_TRANSLATED));
+    }
+    Ok(route::if_flagged(ctx, flow, flags, src, dst, counters::FRAGMENT_TRANSLATED))
 }

@@ -48,6 +48,7 @@ pub const IPV6_ROUTING_SEGMENTS_LEFT_OFFSET: usize = 3;
 pub const IPV6_FRAGMENT_HEADER_LEN: usize = 8;
 /// The fragment header's offset/flags word.
 pub const IPV6_FRAGMENT_WORD_OFFSET: usize = 2;
+pub const IPV6_FRAGMENT_ID_OFFSET: usize = 4;
 pub const IPV6_FRAGMENT_OFFSET_MASK: u16 = 0xfff8;
 pub const IPV6_MORE_FRAGMENTS: u16 = 1;
 /// Extension headers walked before giving up on reaching the ports.

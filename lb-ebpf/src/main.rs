@@ -143,6 +143,9 @@ fn try_lb_ingress(ctx: &TcContext, source: Source) -> Result<Verdict, Verdict> {
 fn ingress_ipv6(ctx: &TcContext, source: Source) -> Result<Verdict, Verdict> {
     let scratch = maps::scratch6().ok_or(Verdict::drop(counters::DROP_REWRITE_FAILED))?;
     parse6(ctx, scratch)?;
+    if scratch.flow.fragment.is_later() {
+        return fragment::translate_later6(ctx, &scratch.flow, true);
+    }
     if scratch.flow.protocol == headers::PROTOCOL_ICMPV6 {
         return icmp6(ctx, scratch);
     }
@@ -306,6 +309,15 @@ fn egress_ipv6(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let Some(scratch) = maps::scratch6() else { return Ok(pass) };
     if parse6(ctx, scratch).is_err() {
         return Ok(pass);
+    }
+    if scratch.flow.fragment.is_later() {
+        return fragment::translate_later6(ctx, &scratch.flow, false).map(|verdict| {
+            if verdict.counter == counters::FRAGMENT_TRANSLATED {
+                Verdict::pass(counters::EGRESS_REVERSE_NAT)
+            } else {
+                pass
+            }
+        });
     }
     egress_flow6(ctx, scratch)
 }

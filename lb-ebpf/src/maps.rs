@@ -91,6 +91,11 @@ pub static LB_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map]
 pub static LB_SOCKETS: LruHashMap<SocketKey, SocketFrontend> = LruHashMap::pinned(capacity::SOCKETS, 0);
 
+/// `LB_FRAGMENTS` for IPv6.
+#[map]
+pub static LB_FRAGMENTS6: LruHashMap<lb_common::FragmentKey6, lb_common::FragmentValue6> =
+    LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
 /// `LB_SOCKETS` for the node's IPv6 sockets.
 #[map]
 pub static LB_SOCKETS6: LruHashMap<lb_common::SocketKey6, lb_common::SocketFrontend6> =

@@ -47,8 +47,9 @@ pub struct Flow<A> {
     /// TCP only: the flags byte (SYN, ACK, FIN, RST...); 0 otherwise.
     pub tcp_flags: u8,
     pub fragment: Fragment,
-    /// The IPv4 identification field, network byte order (meaningful for IPv4 fragments).
-    pub ip_id: u16,
+    /// The fragment's identification, network byte order: IPv4's 16-bit field (in the low
+    /// half as read), or IPv6's fragment header's 32 bits.
+    pub ip_id: u32,
 }
 
 pub type Ipv4Flow = Flow<u32>;
@@ -180,7 +181,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
         dst_port: 0,
         tcp_flags: 0,
         fragment,
-        ip_id,
+        ip_id: u32::from(ip_id),
     };
     if fragment.is_later() {
         if protocol == PROTOCOL_ICMP {
@@ -261,6 +262,7 @@ pub fn parse_ipv6_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Verdi
         let header_len = if protocol == IPV6_FRAGMENT {
             let word =
                 u16::from_be(read::<u16>(ctx, l4_offset + IPV6_FRAGMENT_WORD_OFFSET).ok_or_else(truncated)?);
+            flow.ip_id = read::<u32>(ctx, l4_offset + IPV6_FRAGMENT_ID_OFFSET).ok_or_else(truncated)?;
             fragment = if word & IPV6_FRAGMENT_OFFSET_MASK != 0 {
                 if word & IPV6_MORE_FRAGMENTS != 0 { Fragment::Later } else { Fragment::Last }
             } else if word & IPV6_MORE_FRAGMENTS != 0 {
@@ -296,9 +298,9 @@ pub fn parse_ipv6_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Verdi
     flow.l4_offset = l4_offset;
     flow.protocol = protocol;
     flow.fragment = fragment;
-    if fragment != Fragment::No {
-        // IPv6 fragments are not translated yet: passed whole, and counted.
-        return Err(Verdict::pass(counters::PASS_FRAGMENT));
+    if fragment.is_later() {
+        // No L4 header: translated as its datagram's first fragment was (`fragment`).
+        return Ok(());
     }
     if protocol == PROTOCOL_ICMPV6 {
         // No ports: an error about a translated flow is translated back (`icmp`).

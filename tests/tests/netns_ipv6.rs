@@ -308,3 +308,26 @@ fn packet_too_big_from_a_pod_reaches_the_client_about_the_cluster_ip() {
     }
     assert_eq!(path_mtu6(&client), 1280, "lb log:\n{}", pg.lb_log());
 }
+
+/// A UDP datagram larger than the link MTU leaves the client in fragments; every fragment must
+/// reach the same backend, translated, for the pod to reassemble and answer it.
+#[test]
+fn a_fragmented_ipv6_datagram_reaches_its_backend() {
+    let pg = playground();
+    let target = SocketAddr::new(VIP6.into(), 53);
+    let answer = pg
+        .client
+        .run(move || -> std::io::Result<(String, SocketAddr)> {
+            let socket = UdpSocket::bind(("::", 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(&[b'x'; 4000], target)?;
+            let mut buf = [0u8; 64];
+            let (len, from) = socket.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+        })
+        .unwrap();
+    let (pod, from) =
+        answer.unwrap_or_else(|e| panic!("no answer to a fragmented datagram: {e}\n{}", pg.lb_log()));
+    assert!(pod.starts_with("web-"), "{pod}");
+    assert_eq!(from, target);
+}

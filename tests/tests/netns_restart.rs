@@ -481,6 +481,7 @@ mod layout_0 {
             map_names::AFFINITY6,
             map_names::CONFIG6,
             map_names::SOCKETS6,
+            map_names::FRAGMENTS6,
             map_names::PROGRAMS,
         ] {
             std::fs::remove_file(dir.join(name)).unwrap();

@@ -112,9 +112,6 @@ fn extension_headers_are_passed_over_or_counted() {
     // A routing header with segments left: the destination is a waypoint's. Untouched.
     let routed = Packet6Spec::tcp((CLIENT.0, 40001), (VIP, 80), 0x02).with_extension(ROUTING, 1).build();
     h.expect("routing header", &routed, PASS, &routed, counters::PASS_IPV6_EXTENSION);
-    // Fragments are not translated yet: passed whole, counted.
-    let first = Packet6Spec::udp((CLIENT.0, 40002), (VIP, 80)).with_extension(FRAGMENT, 1).build();
-    h.expect("first fragment", &first, PASS, &first, counters::PASS_FRAGMENT);
     // More extension headers than the programs walk.
     let mut long = Packet6Spec::tcp((CLIENT.0, 40003), (VIP, 80), 0x02);
     for _ in 0..5 {
@@ -175,4 +172,49 @@ fn icmpv6_errors_about_a_translated_flow_are_translated_back() {
     h.expect("error about no flow", &unknown, PASS, &unknown, counters::PASS_OTHER_PROTOCOL);
     let echo = packet::icmpv6_error(POD.0, CLIENT.0, 128, 0, 0, &delivered);
     h.expect("echo request", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
+}
+
+/// A frame whose fragment header (the first extension header) carries identification `id`.
+fn with_fragment_id(mut frame: Vec<u8>, id: u32) -> Vec<u8> {
+    frame[ETH_LEN + 40 + 4..ETH_LEN + 40 + 8].copy_from_slice(&id.to_be_bytes());
+    frame
+}
+
+#[test]
+fn ipv6_fragments_follow_their_first_fragment() {
+    let mut h = Harness::new();
+    let pod = (POD.0, 5353);
+    program(&mut h, 53, UDP, &[pod]);
+    // The first fragment (offset 0, more to come) carries the ports: a new flow, translated.
+    let first = Packet6Spec::udp(CLIENT, (VIP, 53)).with_extension(FRAGMENT, 1);
+    let expected = with_fragment_id(first.with_dst(pod).build(), 7);
+    h.expect(
+        "first fragment",
+        &with_fragment_id(first.build(), 7),
+        PASS,
+        &expected,
+        counters::FORWARD_NEW_FLOW,
+    );
+
+    // A later fragment (offset 8, more to come) has no ports: only its destination changes, as
+    // its first fragment's did. Its bytes after the fragment header are payload, left alone.
+    let later = with_fragment_id(
+        Packet6Spec::udp(CLIENT, (VIP, 53)).with_extension(FRAGMENT, (8 << 3) | 1).build(),
+        7,
+    );
+    let mut translated = later.clone();
+    translated[ETH_LEN + 24..ETH_LEN + 40].copy_from_slice(&pod.0.octets());
+    h.expect("later fragment", &later, PASS, &translated, counters::FRAGMENT_TRANSLATED);
+
+    // Another datagram's later fragment (no first fragment seen): untouched, counted.
+    let stranger = with_fragment_id(later.clone(), 8);
+    h.expect("unknown datagram", &stranger, PASS, &stranger, counters::PASS_FRAGMENT);
+
+    // The last fragment (offset 16, no more) is translated and ends the datagram's record.
+    let last =
+        with_fragment_id(Packet6Spec::udp(CLIENT, (VIP, 53)).with_extension(FRAGMENT, 16 << 3).build(), 7);
+    let mut translated = last.clone();
+    translated[ETH_LEN + 24..ETH_LEN + 40].copy_from_slice(&pod.0.octets());
+    h.expect("last fragment", &last, PASS, &translated, counters::FRAGMENT_TRANSLATED);
+    h.expect("after the last", &last, PASS, &last, counters::PASS_FRAGMENT);
 }

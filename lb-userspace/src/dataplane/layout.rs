@@ -103,7 +103,7 @@ impl MapShape {
 }
 
 /// The shape of each pinned map, as this build and `capacity` want it.
-pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 23] {
+pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 24] {
     use core::mem::size_of;
     use lb_common::*;
     let shape = |map_type, key: usize, value: usize, max_entries| MapShape {
@@ -197,6 +197,15 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 23] {
                 size_of::<AffinityKey6>(),
                 size_of::<AffinityValue>(),
                 lb_common::capacity::AFFINITY,
+            ),
+        ),
+        (
+            map_names::FRAGMENTS6,
+            shape(
+                MapType::LruHash,
+                size_of::<FragmentKey6>(),
+                size_of::<FragmentValue6>(),
+                lb_common::capacity::FRAGMENTS,
             ),
         ),
         (
