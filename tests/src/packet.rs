@@ -427,8 +427,6 @@ pub fn tcp_reset_for6(segment: &Packet6Spec) -> Vec<u8> {
     frame
 }
 
-/// The ICMPv6 port unreachable (RFC 4443) answering an IPv6 `datagram`: its IPv6 header and
-/// 8 bytes quoted.
 /// An ICMPv6 error (`icmp_type`, `code`, and the 32-bit word after the checksum: the MTU of a
 /// packet too big) from `from` to `to`, quoting `quoted`'s IPv6 header and the 8 bytes after it.
 pub fn icmpv6_error(
@@ -451,16 +449,12 @@ pub fn icmpv6_error(
     frame
 }
 
+/// The ICMPv6 port unreachable (RFC 4443) answering an IPv6 `datagram`: its IPv6 header and
+/// 8 bytes quoted.
 pub fn icmpv6_port_unreachable_for(datagram: &Packet6Spec) -> Vec<u8> {
-    let original = datagram.build();
-    let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&original[ETH_LEN..ETH_LEN + 48]);
-    let sum =
-        !ones_complement_sum(&icmp, pseudo_header_sum6(datagram.dst.0, datagram.src.0, ICMPV6, icmp.len()));
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    let mut frame = swapped_ethernet_header6();
-    frame.extend_from_slice(&ipv6_header(datagram.dst.0, datagram.src.0, ICMPV6, icmp.len(), 64));
-    frame.extend_from_slice(&icmp);
+    let mut frame = icmpv6_error(datagram.dst.0, datagram.src.0, 1, 4, 0, datagram);
+    // Sent back where the datagram came from.
+    frame[..ETH_LEN].copy_from_slice(&swapped_ethernet_header6());
     frame
 }
 
