@@ -166,6 +166,31 @@ impl Drop for NetNs {
 }
 
 /// Joins two namespaces with a veth pair and gives each end an address (CIDR notation).
+/// The path MTU the kernel holds for a connected UDP socket (`IP_MTU`, or `IPV6_MTU` for an
+/// IPv6 socket).
+pub fn path_mtu(socket: &std::net::UdpSocket) -> i32 {
+    use std::os::fd::AsRawFd;
+    let (level, name) = if socket.local_addr().expect("a bound socket").is_ipv6() {
+        (nix::libc::IPPROTO_IPV6, nix::libc::IPV6_MTU)
+    } else {
+        (nix::libc::IPPROTO_IP, nix::libc::IP_MTU)
+    };
+    let mut mtu: nix::libc::c_int = 0;
+    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+    // SAFETY: getsockopt into a properly sized integer.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut nix::libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt(path MTU): {}", std::io::Error::last_os_error());
+    mtu
+}
+
 pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) -> Result<()> {
     ip(&[
         "link", "add", "name", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,

@@ -241,25 +241,6 @@ fn the_node_reaches_an_ipv6_cluster_ip_through_its_sockets() {
     assert_eq!(refused.map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
-/// The path MTU the kernel holds for a connected IPv6 socket (`IPV6_MTU`).
-fn path_mtu6(socket: &UdpSocket) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut mtu: nix::libc::c_int = 0;
-    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
-    // SAFETY: getsockopt into a properly sized integer.
-    let rc = unsafe {
-        nix::libc::getsockopt(
-            socket.as_raw_fd(),
-            nix::libc::IPPROTO_IPV6,
-            nix::libc::IPV6_MTU,
-            (&mut mtu as *mut nix::libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "getsockopt(IPV6_MTU): {}", std::io::Error::last_os_error());
-    mtu
-}
-
 /// Path MTU discovery through an IPv6 ClusterIP: a pod's "packet too big" about the datagram it
 /// received reaches the client about the datagram it sent, and its socket's path MTU drops.
 #[test]
@@ -278,7 +259,7 @@ fn packet_too_big_from_a_pod_reaches_the_client_about_the_cluster_ip() {
         })
         .unwrap();
     let (client, pod) = client;
-    assert_eq!(path_mtu6(&client), 1500);
+    assert_eq!(tests::path_mtu(&client), 1500);
     let client_port = client.local_addr().unwrap().port();
     let index = pg.pods.iter().position(|p| p.name == pod).expect("the pod that answered");
     let pod_ip = pg.pods[index].ip6.unwrap();
@@ -303,10 +284,10 @@ fn packet_too_big_from_a_pod_reaches_the_client_about_the_cluster_ip() {
 
     // Only a translated error (about client -> ClusterIP) finds the client's socket.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while path_mtu6(&client) != 1280 && Instant::now() < deadline {
+    while tests::path_mtu(&client) != 1280 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(path_mtu6(&client), 1280, "lb log:\n{}", pg.lb_log());
+    assert_eq!(tests::path_mtu(&client), 1280, "lb log:\n{}", pg.lb_log());
 }
 
 /// A UDP datagram larger than the link MTU leaves the client in fragments; every fragment must

@@ -217,25 +217,6 @@ fn the_periodic_resync_repairs_and_prunes_the_maps() {
     assert!(pg.stop_lb().unwrap());
 }
 
-/// The path MTU the kernel holds for a connected socket (`IP_MTU`).
-fn path_mtu(socket: &std::net::UdpSocket) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut mtu: nix::libc::c_int = 0;
-    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
-    // SAFETY: getsockopt into a properly sized integer.
-    let rc = unsafe {
-        nix::libc::getsockopt(
-            socket.as_raw_fd(),
-            nix::libc::IPPROTO_IP,
-            nix::libc::IP_MTU,
-            (&mut mtu as *mut nix::libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "getsockopt(IP_MTU): {}", std::io::Error::last_os_error());
-    mtu
-}
-
 #[test]
 fn fragmentation_needed_from_a_pod_reaches_the_client_about_the_cluster_ip() {
     let pg = echo_playground(&[("pod-a", POD_A)]);
@@ -253,7 +234,7 @@ fn fragmentation_needed_from_a_pod_reaches_the_client_about_the_cluster_ip() {
             socket
         })
         .unwrap();
-    assert_eq!(path_mtu(&client), 1500);
+    assert_eq!(tests::path_mtu(&client), 1500);
     let client_port = client.local_addr().unwrap().port();
 
     // The pod reports "fragmentation needed, MTU 1200" about the datagram it received
@@ -276,10 +257,10 @@ fn fragmentation_needed_from_a_pod_reaches_the_client_about_the_cluster_ip() {
 
     // Only a translated error (about client -> ClusterIP) finds the client's socket.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while path_mtu(&client) != 1200 && std::time::Instant::now() < deadline {
+    while tests::path_mtu(&client) != 1200 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(path_mtu(&client), 1200, "lb log:\n{}", pg.lb_log());
+    assert_eq!(tests::path_mtu(&client), 1200, "lb log:\n{}", pg.lb_log());
     let counters = std::process::Command::new(tests::lb_binary())
         .args(["counters", "--bpf-dir"])
         .arg(&pg.bpf_dir)
