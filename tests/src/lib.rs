@@ -196,6 +196,10 @@ pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: 
         "link", "add", "name", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
     ])?;
     for (ns, interface, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        // No duplicate address detection, so the link-local address is usable at once: a
+        // router sends neighbour solicitations for forwarded packets from it, and sends none
+        // while it is tentative (the first forwarded IPv6 packets would wait a second or two).
+        ns.sysctl(&format!("net.ipv6.conf.{interface}.accept_dad"), "0")?;
         ns.exec(&["ip", "addr", "add", addr, "dev", interface])?;
         ns.exec(&["ip", "link", "set", interface, "up"])?;
     }
