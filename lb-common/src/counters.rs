@@ -92,8 +92,12 @@ pub const EGRESS_PASS: u32 = 32;
 /// segments left (the destination is not the final one), AH or ESP, or a chain longer than
 /// the programs walk. Passed untouched.
 pub const PASS_IPV6_EXTENSION: u32 = 33;
+/// An SCTP packet whose translation would change a port: dropped, since SCTP's CRC32c covers
+/// the ports and lb does not recompute it. The controller programs no such frontend, so this
+/// counts only what slips past it.
+pub const DROP_SCTP_PORT_REWRITE: u32 = 34;
 
-pub const COUNT: u32 = 34;
+pub const COUNT: u32 = 35;
 
 /// Names in index order, for display.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -131,6 +135,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "egress_reverse_nat",
     "egress_pass",
     "pass_ipv6_extension",
+    "drop_sctp_port_rewrite",
 ];
 
 /// Whether the counter at `index` is a verdict (exactly one per packet).

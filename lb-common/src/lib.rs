@@ -18,6 +18,9 @@ pub const PROTOCOL_TCP: u8 = 6;
 pub const PROTOCOL_UDP: u8 = 17;
 /// ICMPv6, as in the IPv6 next-header field.
 pub const PROTOCOL_ICMPV6: u8 = 58;
+/// SCTP: translated without changing its ports, since its CRC32c covers them (and, unlike
+/// TCP's and UDP's checksums, no pseudo-header, so addresses may change freely).
+pub const PROTOCOL_SCTP: u8 = 132;
 
 /// An IPv6 address as the maps hold it: its 16 bytes in network byte order, kept as four
 /// 32-bit words so the data path reads, compares and hashes it a word at a time (a byte-array

@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     family::Family,
-    headers::{PROTOCOL_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    headers::{PROTOCOL_SCTP, PROTOCOL_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{LB_CLOCK, LB_CONFIG, count},
     parse::Flow,
     verdict::Verdict,
@@ -260,7 +260,8 @@ impl TrackSpace<u32> {
 /// `snat_address`, the flow's source becomes that address and a free port, so the reply comes
 /// back through this node. The reply entry goes in first (once the forward entry exists, a
 /// reply may come back at any time); a reply tuple held by another live flow gets this flow a
-/// new source port, as netfilter resolves such clashes. A full table refuses the flow.
+/// new source port, as netfilter resolves such clashes (SCTP keeps its port, or is dropped).
+/// A full table refuses the flow.
 #[inline(always)]
 pub fn track<A: Family>(
     key: &FlowKeyOf<A>,
@@ -314,14 +315,14 @@ pub fn track<A: Family>(
             Err(EEXIST) => {
                 // Another live flow from this client port reaches the same backend (through
                 // another frontend): give this one a port of its own on the client's address.
-                let port = claim_port(reply_key, key.src_address, hash, reply)?;
+                let port = claim_port(reply_key, key.src_address, source_port(key, hash), reply)?;
                 forward.src_port = port;
                 count(counters::CONNTRACK_SNAT);
             }
             Err(_) => count(counters::CONNTRACK_INSERT_FAILED),
         },
         Some(address) => {
-            let port = claim_port(reply_key, address, hash, reply)?;
+            let port = claim_port(reply_key, address, source_port(key, hash), reply)?;
             forward.src_address = address;
             forward.src_port = port;
             forward.flags |= cf::ROUTE | cf::SNAT;
@@ -357,6 +358,20 @@ fn ended<A: Family>(key: &FlowKeyOf<A>) -> bool {
     (unsafe { A::conntrack().get(key) }).is_none_or(|existing| existing.state == cs::TCP_CLOSED)
 }
 
+/// Which source ports a flow that needs a port of its own may take.
+#[derive(Clone, Copy)]
+enum SourcePort {
+    /// Any in the configured range, tried from this hash.
+    FromRange(u32),
+    /// Only the client's own (network byte order): SCTP, whose CRC32c covers the ports.
+    Kept(u16),
+}
+
+#[inline(always)]
+fn source_port<A>(key: &FlowKeyOf<A>, hash: u32) -> SourcePort {
+    if key.protocol == PROTOCOL_SCTP { SourcePort::Kept(key.src_port) } else { SourcePort::FromRange(hash) }
+}
+
 /// Claims a source port on `address` for a flow by inserting its reply entry where no other
 /// flow's is; returns the port (network byte order). Ports of flows that have not been removed
 /// yet are never taken: a port is reused only once the collector removed its flow.
@@ -364,7 +379,7 @@ fn ended<A: Family>(key: &FlowKeyOf<A>) -> bool {
 fn claim_port<A: Family>(
     reply_key: &mut FlowKeyOf<A>,
     address: A,
-    hash: u32,
+    ports: SourcePort,
     reply: &ConntrackEntryOf<A>,
 ) -> Result<u16, Verdict> {
     let failed = || Verdict::drop(counters::DROP_SNAT_FAILED);
@@ -374,9 +389,18 @@ fn claim_port<A: Family>(
         return Err(failed());
     }
     let span = max - min + 1;
+    let (hash, tries) = match ports {
+        SourcePort::FromRange(hash) => (hash, SNAT_PORT_TRIES),
+        SourcePort::Kept(_) => (0, 1),
+    };
     reply_key.dst_address = address;
-    for attempt in 0..SNAT_PORT_TRIES {
-        let port = (min + (hash.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % span)) as u16;
+    for attempt in 0..tries {
+        let port = match ports {
+            SourcePort::FromRange(_) => {
+                (min + (hash.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % span)) as u16
+            }
+            SourcePort::Kept(port) => u16::from_be(port),
+        };
         reply_key.dst_port = port.to_be();
         // The previous programs' flows are not all carried over yet: their ports are taken.
         if held_by_previous(reply_key) {

@@ -2,7 +2,7 @@
 //! L3 offsets are from the start of the IP header, L4 offsets from the start of the
 //! TCP/UDP/ICMP header.
 
-pub use lb_common::{PROTOCOL_ICMP, PROTOCOL_ICMPV6, PROTOCOL_TCP, PROTOCOL_UDP};
+pub use lb_common::{PROTOCOL_ICMP, PROTOCOL_ICMPV6, PROTOCOL_SCTP, PROTOCOL_TCP, PROTOCOL_UDP};
 
 pub const ETH_HEADER_LEN: usize = 14;
 pub const ETH_TYPE_OFFSET: usize = 12;
@@ -64,6 +64,8 @@ pub const TCP_CHECKSUM_OFFSET: usize = 16;
 pub const TCP_MIN_HEADER_LEN: usize = 20;
 pub const UDP_CHECKSUM_OFFSET: usize = 6;
 pub const UDP_HEADER_LEN: usize = 8;
+/// SCTP's common header: ports, verification tag, CRC32c.
+pub const SCTP_COMMON_HEADER_LEN: usize = 12;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

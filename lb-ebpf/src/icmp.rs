@@ -5,7 +5,8 @@
 
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
 use lb_common::{
-    ConntrackEntry, ConntrackEntry6, FlowKey, FlowKey6, In6, PROTOCOL_TCP, PROTOCOL_UDP, counters,
+    ConntrackEntry, ConntrackEntry6, FlowKey, FlowKey6, In6, PROTOCOL_SCTP, PROTOCOL_TCP, PROTOCOL_UDP,
+    counters,
 };
 
 use crate::{
@@ -43,7 +44,7 @@ fn quoted(ctx: &TcContext, flow: &Ipv4Flow) -> Option<Quoted> {
         return None;
     }
     let protocol: u8 = ctx.load(offset + IPV4_PROTOCOL_OFFSET).ok()?;
-    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+    if !matches!(protocol, PROTOCOL_TCP | PROTOCOL_UDP | PROTOCOL_SCTP) {
         return None;
     }
     Some(Quoted {
@@ -149,7 +150,7 @@ pub fn translate_error6(ctx: &TcContext, flow: &Ipv6Flow) -> Option<Result<*cons
     }
     let inner = l4 + ICMPV6_HEADER_LEN;
     let protocol: u8 = read(ctx, inner + IPV6_NEXT_HEADER_OFFSET)?;
-    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+    if !matches!(protocol, PROTOCOL_TCP | PROTOCOL_UDP | PROTOCOL_SCTP) {
         return None;
     }
     let src: In6 = read(ctx, inner + IPV6_SRC_OFFSET)?;

@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{ConntrackEntryOf, PROTOCOL_UDP, counters};
+use lb_common::{ConntrackEntryOf, PROTOCOL_SCTP, PROTOCOL_UDP, counters};
 
 use crate::{
     csum,
@@ -32,6 +32,9 @@ pub fn write<T>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Verdict>
 #[inline(always)]
 pub fn rewrite<A: Family>(ctx: &TcContext, flow: &Flow<A>, to: &ConntrackEntryOf<A>) -> Result<(), Verdict> {
     let failed = |_| Verdict::drop(counters::DROP_REWRITE_FAILED);
+    if flow.protocol == PROTOCOL_SCTP {
+        return rewrite_sctp(ctx, flow, to);
+    }
     let address_diff = A::rewrite_addresses(ctx, flow, to.src_address, to.dst_address)?;
     let mut port_diff = 0;
     let mut ports_changed = false;
@@ -59,4 +62,15 @@ pub fn rewrite<A: Family>(ctx: &TcContext, flow: &Flow<A>, to: &ConntrackEntryOf
         ctx.l4_csum_replace(l4_checksum, 0, u64::from(port_diff), udp_flag).map_err(failed)?;
     }
     Ok(())
+}
+
+/// SCTP: addresses only. Its CRC32c covers no pseudo-header, so new addresses leave it valid;
+/// it does cover the ports, which lb therefore never changes (the controller serves no SCTP
+/// frontend whose backends listen on another port, and source NAT keeps an SCTP client's port).
+#[inline(never)]
+fn rewrite_sctp<A: Family>(ctx: &TcContext, flow: &Flow<A>, to: &ConntrackEntryOf<A>) -> Result<(), Verdict> {
+    if flow.src_port != to.src_port || flow.dst_port != to.dst_port {
+        return Err(Verdict::drop(counters::DROP_SCTP_PORT_REWRITE));
+    }
+    A::rewrite_addresses(ctx, flow, to.src_address, to.dst_address).map(|_| ())
 }

@@ -1,5 +1,5 @@
 //! Header parsing for the TC programs: Ethernet -> IPv4 or IPv6 (and its extension headers) ->
-//! TCP/UDP ports and TCP flags, with
+//! TCP/UDP/SCTP ports and TCP flags, with
 //! every length checked against the packet before a field is trusted. Headers are read in place
 //! (direct packet access); only when they are not in the skb's linear part are they pulled in,
 //! since pulling a cloned skb (TCP's are) copies it.
@@ -93,7 +93,7 @@ impl<A> Flow<A> {
         self.l4_offset & OFFSET_MASK
     }
 
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (TCP and UDP; SCTP's CRC32c is never updated).
     pub fn l4_checksum_offset(&self) -> usize {
         self.l4_offset + if self.protocol == PROTOCOL_TCP { TCP_CHECKSUM_OFFSET } else { UDP_CHECKSUM_OFFSET }
     }
@@ -155,7 +155,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
         return Err(truncated());
     }
     let protocol = read::<u8>(ctx, l3_offset + IPV4_PROTOCOL_OFFSET).ok_or_else(truncated)?;
-    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP && protocol != PROTOCOL_ICMP {
+    if !matches!(protocol, PROTOCOL_TCP | PROTOCOL_UDP | PROTOCOL_SCTP | PROTOCOL_ICMP) {
         return Err(Verdict::pass(counters::PASS_OTHER_PROTOCOL));
     }
     let fragment_word =
@@ -192,6 +192,7 @@ pub fn parse_ipv4_flow(ctx: &TcContext) -> Result<Ipv4Flow, Verdict> {
     let l4_min_len = match protocol {
         PROTOCOL_TCP => TCP_MIN_HEADER_LEN,
         PROTOCOL_UDP => UDP_HEADER_LEN,
+        PROTOCOL_SCTP => SCTP_COMMON_HEADER_LEN,
         _ => ICMP_ERROR_MIN_LEN,
     };
     if total_len < header_len + l4_min_len {
@@ -291,7 +292,7 @@ pub fn parse_ipv6_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Verdi
     ) {
         return Err(Verdict::pass(counters::PASS_IPV6_EXTENSION));
     }
-    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP && protocol != PROTOCOL_ICMPV6 {
+    if !matches!(protocol, PROTOCOL_TCP | PROTOCOL_UDP | PROTOCOL_SCTP | PROTOCOL_ICMPV6) {
         return Err(Verdict::pass(counters::PASS_OTHER_PROTOCOL));
     }
     flow.l3_offset = l3_offset;
@@ -306,7 +307,11 @@ pub fn parse_ipv6_flow(ctx: &TcContext, flow: &mut Ipv6Flow) -> Result<(), Verdi
         // No ports: an error about a translated flow is translated back (`icmp`).
         return Ok(());
     }
-    let l4_min_len = if protocol == PROTOCOL_TCP { TCP_MIN_HEADER_LEN } else { UDP_HEADER_LEN };
+    let l4_min_len = match protocol {
+        PROTOCOL_TCP => TCP_MIN_HEADER_LEN,
+        PROTOCOL_UDP => UDP_HEADER_LEN,
+        _ => SCTP_COMMON_HEADER_LEN,
+    };
     if end < l4_offset + l4_min_len {
         return Err(truncated());
     }

@@ -599,7 +599,7 @@ fn inspect(command: Command) -> Result<()> {
 fn parse_query(source: std::net::SocketAddr, destination: &str, external: bool) -> Result<explain::Query> {
     let (address, protocol) = destination.split_once('/').unwrap_or((destination, "TCP"));
     let protocol = Protocol::from_kubernetes(Some(&protocol.to_uppercase()))
-        .ok_or_else(|| usage_error(format!("{destination:?}: the protocol must be TCP or UDP")))?;
+        .ok_or_else(|| usage_error(format!("{destination:?}: the protocol must be TCP, UDP or SCTP")))?;
     let parsed: std::net::SocketAddr = address.parse().map_err(|_| {
         usage_error(format!(
             "{destination:?} is not IP:PORT/PROTO (like 10.96.0.10:80/TCP or [fd00:10:96::a]:80/TCP)"

@@ -5,20 +5,23 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use lb_common::{PROTOCOL_TCP, PROTOCOL_UDP};
+use lb_common::{PROTOCOL_SCTP, PROTOCOL_TCP, PROTOCOL_UDP};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
     Udp,
+    /// Served without port translation (see `convert`'s SCTP rules).
+    Sctp,
 }
 
 impl Protocol {
-    /// Kubernetes' spelling; `None` for protocols lb does not translate (SCTP).
+    /// Kubernetes' spelling; `None` for a protocol Kubernetes does not have.
     pub fn from_kubernetes(protocol: Option<&str>) -> Option<Self> {
         match protocol.unwrap_or("TCP") {
             "TCP" => Some(Self::Tcp),
             "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
             _ => None,
         }
     }
@@ -27,6 +30,7 @@ impl Protocol {
         match self {
             Self::Tcp => PROTOCOL_TCP,
             Self::Udp => PROTOCOL_UDP,
+            Self::Sctp => PROTOCOL_SCTP,
         }
     }
 
@@ -34,6 +38,7 @@ impl Protocol {
         match number {
             PROTOCOL_TCP => Some(Self::Tcp),
             PROTOCOL_UDP => Some(Self::Udp),
+            PROTOCOL_SCTP => Some(Self::Sctp),
             _ => None,
         }
     }
@@ -44,6 +49,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         })
     }
 }

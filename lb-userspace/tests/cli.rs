@@ -58,8 +58,8 @@ fn bad_flags_and_configuration_exit_with_2() {
     let (code, _, stderr) = lb(&["run", "--interfaces", "lo", "--metrics-bind-address", "localhost"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--metrics-bind-address \"localhost\""), "{stderr}");
-    let (code, _, stderr) = lb(&["explain", "10.0.0.2:1000", "10.96.0.1:80/SCTP"]);
+    let (code, _, stderr) = lb(&["explain", "10.0.0.2:1000", "10.96.0.1:80/DCCP"]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("the protocol must be TCP or UDP"), "{stderr}");
+    assert!(stderr.contains("the protocol must be TCP, UDP or SCTP"), "{stderr}");
     assert_eq!(lb(&["run"]).0, 2, "a missing required flag (clap)");
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod fixture;
 pub mod packet;
 pub mod playground;
+pub mod sctp;
 pub mod two_nodes;
 
 use std::fs::File;

@@ -1,11 +1,36 @@
-//! A small builder for Ethernet/IPv4/TCP/UDP and Ethernet/IPv6/TCP/UDP test packets with
-//! correct checksums, and checks that recompute checksums from scratch.
+//! A small builder for Ethernet/IPv4 and Ethernet/IPv6 test packets carrying TCP, UDP or SCTP,
+//! with correct checksums, and checks that recompute checksums from scratch.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const ETH_LEN: usize = 14;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
+pub const SCTP: u8 = 132;
+
+/// SCTP's checksum: CRC32c over the packet with the checksum field zeroed, stored little-endian
+/// (RFC 9260, appendix A).
+pub fn sctp_checksum(sctp: &[u8]) -> [u8; 4] {
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].fill(0);
+    crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&zeroed).to_le_bytes()
+}
+
+/// Whether an SCTP packet's CRC32c is right.
+pub fn sctp_checksum_valid(sctp: &[u8]) -> bool {
+    sctp.len() >= 12 && sctp[8..12] == sctp_checksum(sctp)
+}
+
+/// An SCTP INIT chunk (RFC 9260, 3.3.2) with `initiate_tag`: what a client's first packet of
+/// an association carries.
+pub fn sctp_init_chunk(initiate_tag: u32) -> Vec<u8> {
+    let mut chunk = vec![1, 0, 0, 20];
+    chunk.extend_from_slice(&initiate_tag.to_be_bytes());
+    chunk.extend_from_slice(&65535u32.to_be_bytes()); // advertised receiver window
+    chunk.extend_from_slice(&[0, 10, 0, 10]); // outbound, inbound streams
+    chunk.extend_from_slice(&initiate_tag.to_be_bytes()); // initial TSN
+    chunk
+}
 
 /// The Internet checksum's ones' complement sum, folded to 16 bits (not inverted).
 fn ones_complement_sum(data: &[u8], initial: u32) -> u16 {
@@ -75,6 +100,11 @@ impl PacketSpec {
         Self { protocol: UDP, tcp_flags: 0, ..Self::tcp(src, dst, 0) }
     }
 
+    /// An SCTP packet carrying an INIT chunk.
+    pub fn sctp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+        Self { protocol: SCTP, payload: sctp_init_chunk(0x1122_3344), ..Self::tcp(src, dst, 0) }
+    }
+
     /// The same packet with other addresses: what a correct rewrite produces.
     pub fn with_src(&self, src: (Ipv4Addr, u16)) -> Self {
         Self { src, ..self.clone() }
@@ -123,7 +153,8 @@ impl PacketSpec {
 }
 
 /// A TCP or UDP segment (ports, then TCP seq 0x01020304, ack 0, or the UDP length) carrying
-/// `payload`, checksummed over `pseudo(length)` (its pseudo-header's sum) when `checksum`.
+/// `payload`, checksummed over `pseudo(length)` (its pseudo-header's sum) when `checksum`; or
+/// an SCTP packet (ports, verification tag 0x0a0b0c0d, CRC32c) whose chunks are `payload`.
 fn l4_segment(
     ports: (u16, u16),
     protocol: u8,
@@ -136,6 +167,16 @@ fn l4_segment(
     l4.extend_from_slice(&ports.0.to_be_bytes());
     l4.extend_from_slice(&ports.1.to_be_bytes());
     let checksum_at;
+    if protocol == SCTP {
+        l4.extend_from_slice(&0x0a0b_0c0du32.to_be_bytes()); // verification tag
+        l4.extend_from_slice(&[0, 0, 0, 0]);
+        l4.extend_from_slice(payload);
+        if checksum {
+            let crc = sctp_checksum(&l4);
+            l4[8..12].copy_from_slice(&crc);
+        }
+        return l4;
+    }
     if protocol == TCP {
         l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
         l4.extend_from_slice(&0u32.to_be_bytes()); // ack
@@ -327,6 +368,11 @@ impl Packet6Spec {
         Self { protocol: UDP, ..Self::tcp(src, dst, 0) }
     }
 
+    /// An SCTP packet carrying an INIT chunk.
+    pub fn sctp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
+        Self { protocol: SCTP, payload: sctp_init_chunk(0x1122_3344), ..Self::tcp(src, dst, 0) }
+    }
+
     pub fn with_src(&self, src: (Ipv6Addr, u16)) -> Self {
         Self { src, ..self.clone() }
     }
@@ -400,6 +446,9 @@ pub fn checksums_valid6(frame: &[u8]) -> bool {
     let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
     let l4 = &payload[at..];
+    if next == SCTP {
+        return sctp_checksum_valid(l4);
+    }
     ones_complement_sum(l4, pseudo_header_sum6(src, dst, next, l4.len())) == 0xffff
 }
 
@@ -464,7 +513,8 @@ pub fn ethernet_header(ether_type: u16) -> Vec<u8> {
     frame
 }
 
-/// Whether an Ethernet/IPv4 frame's IP header checksum and TCP/UDP checksum are both valid.
+/// Whether an Ethernet/IPv4 frame's IP header checksum and TCP/UDP checksum (or SCTP CRC32c)
+/// are both valid.
 pub fn checksums_valid(frame: &[u8]) -> bool {
     let Some(ip) = frame.get(ETH_LEN..).filter(|ip| ip.len() >= 20) else { return false };
     let header_len = usize::from(ip[0] & 0x0f) * 4;
@@ -476,6 +526,9 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     let protocol = ip[9];
     if protocol == UDP && l4[6..8] == [0, 0] {
         return true;
+    }
+    if protocol == SCTP {
+        return sctp_checksum_valid(l4);
     }
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
@@ -502,5 +555,23 @@ mod tests {
         let mut broken = Packet6Spec::udp(a6, b6).build();
         broken[ETH_LEN + 8] ^= 1;
         assert!(!checksums_valid6(&broken));
+        // SCTP's CRC32c covers the ports but no addresses.
+        let init = PacketSpec::sctp(a, b).build();
+        assert!(checksums_valid(&init));
+        assert!(checksums_valid(&PacketSpec::sctp(a, (Ipv4Addr::new(10, 244, 1, 1), b.1)).build()));
+        let mut other_address = init.clone();
+        other_address[ETH_LEN + 19] ^= 1;
+        assert!(!checksums_valid(&other_address), "the IPv4 header checksum no longer matches");
+        assert!(sctp_checksum_valid(&other_address[ETH_LEN + 20..]), "the CRC32c still does");
+        let mut other_port = init;
+        other_port[ETH_LEN + 20 + 3] ^= 1;
+        assert!(!sctp_checksum_valid(&other_port[ETH_LEN + 20..]));
+        assert!(checksums_valid6(&Packet6Spec::sctp(a6, b6).build()));
+    }
+
+    #[test]
+    fn the_sctp_checksum_is_crc32c() {
+        // RFC 3720's CRC32c check value (B.4): 32 bytes of zeros give 0x8a9136aa.
+        assert_eq!(crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&[0u8; 32]), 0x8a91_36aa);
     }
 }

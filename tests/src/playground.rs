@@ -185,6 +185,19 @@ impl Playground {
         Ok(())
     }
 
+    /// Starts an SCTP responder (`crate::sctp::respond`, raw sockets) for `port` in every pod,
+    /// of each family the pod has.
+    pub fn serve_sctp(&self, port: u16) -> Result<()> {
+        for pod in &self.pods {
+            for ipv6 in [false, true].into_iter().filter(|ipv6| !ipv6 || pod.ip6.is_some()) {
+                let socket = pod.ns.run(move || crate::sctp::raw_socket(ipv6))??;
+                let (name, stop) = (pod.name.clone(), pod.stop.clone());
+                std::thread::spawn(move || crate::sctp::respond(socket, port, name, stop));
+            }
+        }
+        Ok(())
+    }
+
     pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
         write_manifest(&self.manifests, file, text)
     }
@@ -361,8 +374,6 @@ pub struct HttpAnswer {
     pub peer: SocketAddr,
 }
 
-/// Writes `dir/file` by a rename, as editors and kubectl-like tools do: lb never reads half a
-/// file.
 /// A Pod manifest (app label `app`, serving container port 8080 named `http`) with `ip` and its
 /// Ready condition in its status, as the manifests source reads pods.
 pub fn pod_manifest(name: &str, app: &str, ip: std::net::Ipv4Addr, ready: bool) -> String {
@@ -380,6 +391,25 @@ status:
     )
 }
 
+/// `pod_manifest` (app `web`, ready) for a dual-stack pod: `ip` and its `pod_ipv6` twin.
+pub fn dual_stack_pod_manifest(name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: web}}}}
+spec:
+  containers: [{{name: web, image: web, ports: [{{name: http, containerPort: 8080}}]}}]
+status:
+  podIP: {ip}
+  podIPs: [{{ip: {ip}}}, {{ip: \"{}\"}}]
+  conditions: [{{type: Ready, status: \"True\"}}]
+",
+        pod_ipv6(ip)
+    )
+}
+
+/// Writes `dir/file` by a rename, as editors and kubectl-like tools do: lb never reads half a
+/// file.
 pub fn write_manifest(dir: &Path, file: &str, text: &str) -> Result<()> {
     let tmp = dir.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, text)?;

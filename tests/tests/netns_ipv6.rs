@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use lb_userspace::dataplane::maps::MapsSnapshot;
-use tests::playground::{CLIENT_IP6, Playground, pod_ipv6};
+use tests::playground::{CLIENT_IP6, Playground, dual_stack_pod_manifest, pod_ipv6};
 use tests::{require_root, unique};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
@@ -42,22 +42,6 @@ spec:
     - {port: 80}
 ";
 
-fn dual_stack_pod(name: &str, ip: Ipv4Addr) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, labels: {{app: web}}}}
-spec:
-  containers: [{{name: web, image: web, ports: [{{name: http, containerPort: 8080}}]}}]
-status:
-  podIP: {ip}
-  podIPs: [{{ip: {ip}}}, {{ip: \"{}\"}}]
-  conditions: [{{type: Ready, status: \"True\"}}]
-",
-        pod_ipv6(ip)
-    )
-}
-
 /// The backend count of the frontend at `ip`:`port`, if programmed.
 fn backend_count(snapshot: &MapsSnapshot, ip: IpAddr, port: u16, protocol: u8) -> Option<u16> {
     snapshot
@@ -73,8 +57,8 @@ fn playground() -> Playground {
     pg.serve_http(8080).unwrap();
     pg.serve_udp(5353).unwrap();
     pg.write_manifest("services.yaml", SERVICES).unwrap();
-    pg.write_manifest("web-a.yaml", &dual_stack_pod("web-a", POD_A)).unwrap();
-    pg.write_manifest("web-b.yaml", &dual_stack_pod("web-b", POD_B)).unwrap();
+    pg.write_manifest("web-a.yaml", &dual_stack_pod_manifest("web-a", POD_A)).unwrap();
+    pg.write_manifest("web-b.yaml", &dual_stack_pod_manifest("web-b", POD_B)).unwrap();
     // A range of each family, as a dual-stack API server has (explicit ClusterIPs must be in
     // their family's range).
     let manifests = pg.manifests.clone();

@@ -129,7 +129,7 @@ fn services_from_the_api_server_reach_the_kernel() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
     );
     server.apply_yaml(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: signalling}\nspec: {clusterIP: 10.96.0.77, ports: [{name: m3ua, port: 2905, protocol: SCTP}]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: signalling}\nspec: {clusterIP: 10.96.0.77, ports: [{name: m3ua, port: 2905, targetPort: 3905, protocol: SCTP}]}\n",
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     // The conflict is told on the Service that lost the address (lb keeps one owner per address).
@@ -156,7 +156,10 @@ fn services_from_the_api_server_reach_the_kernel() {
     let invalid = event(&["broken"], "LbInvalidObject").expect("an event on the invalid Service");
     let sctp = event(&["signalling"], "LbUnsupportedPort").expect("an event on the SCTP Service");
     assert!(
-        sctp["note"].as_str().unwrap().contains("(2905/SCTP) is not served: lb does not translate SCTP"),
+        sctp["note"]
+            .as_str()
+            .unwrap()
+            .contains("(2905/SCTP) is not served: its targetPort 3905 is another port"),
         "{sctp}"
     );
     assert!(invalid["note"].as_str().unwrap().contains("10.96.0.300"), "{invalid}");

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
     DesiredState, Frontend, FrontendKey, FrontendPolicy, FrontendType, HealthCheck, L4Addr, ObjectError,
@@ -129,7 +130,8 @@ pub struct ServiceFrontends {
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP`'s timeout in seconds; 0 without affinity.
     pub affinity_timeout: u32,
-    /// Ports lb does not serve, and why (SCTP): reported as a warning on the Service.
+    /// Ports (or an SCTP port's NodePort frontends) lb does not serve, and why: reported as a
+    /// warning on the Service.
     pub unsupported: Vec<String>,
 }
 
@@ -180,14 +182,39 @@ fn object_error(kind: &'static str, namespace: &str, name: &str) -> impl Fn(Stri
 /// Why a port with a protocol lb does not translate is not served.
 fn unsupported_port(name: &str, number: u16, protocol: Option<&str>) -> String {
     let protocol = protocol.unwrap_or("TCP");
-    let why = if protocol == "SCTP" {
-        "lb does not translate SCTP (its CRC32c checksum covers the ports and every chunk, so \
-         rewriting a port means recomputing it over the whole packet, which lb's data path does \
-         not do)"
-    } else {
-        "lb translates TCP and UDP only"
-    };
-    format!("port {name:?} ({number}/{protocol}) is not served: {why}")
+    format!("port {name:?} ({number}/{protocol}) is not served: lb translates TCP, UDP and SCTP")
+}
+
+/// Why lb changes no SCTP port, for the messages of the SCTP ports it does not serve.
+const SCTP_PORTS_KEPT: &str = "lb does not change SCTP ports: SCTP's CRC32c checksum covers them, and \
+                               recomputing it over the whole packet is more than lb's data path does";
+
+/// What of an SCTP Service port lb can serve. Its frontends are served where the backends
+/// listen on the frontend's own port (addresses may change: the CRC32c covers no pseudo-header):
+/// a numeric targetPort other than the port rules out the whole port, a nodePort other than
+/// the port rules out the NodePort frontends. `Err`: not served at all, and why.
+fn sctp_port(
+    name: &str,
+    number: u16,
+    target_port: Option<&IntOrString>,
+    node_port: &mut Option<u16>,
+    unsupported: &mut Vec<String>,
+) -> Result<(), String> {
+    if let Some(IntOrString::Int(target)) = target_port
+        && *target != i32::from(number)
+    {
+        return Err(format!(
+            "port {name:?} ({number}/SCTP) is not served: its targetPort {target} is another port, and \
+             {SCTP_PORTS_KEPT}"
+        ));
+    }
+    if let Some(node) = node_port.take_if(|node| *node != number) {
+        unsupported.push(format!(
+            "port {name:?} ({number}/SCTP) is served on its ClusterIP, external and load-balancer \
+             IPs, not on its nodePort {node}: that would change the port, and {SCTP_PORTS_KEPT}"
+        ));
+    }
+    Ok(())
 }
 
 pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, ObjectError> {
@@ -241,6 +268,14 @@ pub fn parse_service(service: &Service) -> Result<Option<ServiceFrontends>, Obje
             unsupported.push(unsupported_port(&port_name, number, port.protocol.as_deref()));
             continue;
         };
+        let mut node_port = node_port;
+        if protocol == Protocol::Sctp
+            && let Err(why) =
+                sctp_port(&port_name, number, port.target_port.as_ref(), &mut node_port, &mut unsupported)
+        {
+            unsupported.push(why);
+            continue;
+        }
         ports.push(ServicePortSpec { name: port_name, port: number, protocol, node_port });
     }
     if cluster_ips.is_empty() {
@@ -569,11 +604,15 @@ pub fn service_frontends(
             service.external_local.then(|| choose_backends(&endpoints, service.policy, false, node).0);
         let mut add = |ip: IpAddr, number: u16, frontend_type: FrontendType| {
             let external_type = frontend_type.is_external();
-            let (local, (backends, drop_when_empty)) = if external_type {
+            let (local, (mut backends, drop_when_empty)) = if external_type {
                 (service.external_local, external.clone())
             } else {
                 (service.policy.internal_local, internal.clone())
             };
+            // SCTP keeps its ports (`sctp_port`): with a named targetPort, only the endpoints
+            // where it is the frontend's port can serve.
+            let same_port = |backend: &L4Addr| port.protocol != Protocol::Sctp || backend.port == number;
+            backends.retain(same_port);
             let source_ranges = if frontend_type == FrontendType::LoadBalancer {
                 // Ranges of the other family only: none applies, so any source may connect.
                 service.source_ranges.iter().filter(|net| same_family(&net.addr())).copied().collect()
@@ -617,7 +656,7 @@ pub fn service_frontends(
                     frontend_type,
                     policy: internal_policy,
                     service: name.clone(),
-                    backends: all.clone(),
+                    backends: all.iter().copied().filter(same_port).collect(),
                     serving: serving.clone(),
                     listed: listed.clone(),
                 });

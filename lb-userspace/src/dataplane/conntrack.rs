@@ -770,6 +770,7 @@ fn flow_rows<A: FamilyAddress + std::hash::Hash + Eq>(
             protocol: match key.protocol {
                 PROTOCOL_TCP => "TCP",
                 lb_common::PROTOCOL_UDP => "UDP",
+                lb_common::PROTOCOL_SCTP => "SCTP",
                 _ => "?",
             },
             client: address(key.src_address, key.src_port),

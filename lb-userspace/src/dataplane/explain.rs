@@ -199,7 +199,7 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
                 Protocol::Tcp => {
                     "rejected: no endpoints, the client gets a TCP RST (reject_no_backend)".into()
                 }
-                Protocol::Udp => {
+                Protocol::Udp | Protocol::Sctp => {
                     "rejected: no endpoints, the client gets ICMP port unreachable (reject_no_backend)".into()
                 }
             }
@@ -248,9 +248,16 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
     let hairpin = query.source.ip() == backend.ip;
     let snat = (value.flags & service_flags::SNAT != 0 || hairpin) && !host_backend;
     let source = if snat {
+        // SCTP keeps the client's port (its CRC32c covers the ports); the others get one free
+        // on the node's address.
+        let port = if query.protocol == Protocol::Sctp {
+            query.source.port().to_string()
+        } else {
+            "<a free port>".into()
+        };
         match facts.snat_address {
-            Some(IpAddr::V4(address)) => format!("{address}:<a free port>"),
-            Some(IpAddr::V6(address)) => format!("[{address}]:<a free port>"),
+            Some(IpAddr::V4(address)) => format!("{address}:{port}"),
+            Some(IpAddr::V6(address)) => format!("[{address}]:{port}"),
             None => {
                 explanation.verdict =
                     "dropped: the flow needs source NAT and the node has no address for it (drop_snat_failed)".into();
