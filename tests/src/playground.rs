@@ -443,7 +443,8 @@ pub fn http_server(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut request = [0u8; 1024];
                 let _ = stream.read(&mut request);
-                let body = format!("{name} {}\n", peer.ip());
+                // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d: told as IPv4.
+                let body = format!("{name} {}\n", peer.ip().to_canonical());
                 let _ = write!(
                     stream,
                     "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",

@@ -12,8 +12,11 @@
 //! The client has no route to pod addresses: it reaches pods only through node addresses,
 //! LoadBalancer IPs and externalIPs, which it routes to node1 as a cloud load balancer or a
 //! router would.
+//!
+//! A dual-stack pair (`TwoNodes::dual_stack`) has IPv6 beside: the LAN fd00:50::/64 (client
+//! ::100 and ::101, node N ::N), pods fd00:244:N::<host>, gateways fd00:244:N::1.
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -38,10 +41,23 @@ pub fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, node as u8, host)
 }
 
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x100);
+pub const OTHER_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x101);
+
+pub fn node_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, node as u16)
+}
+
+pub fn pod_ip6(node: usize, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, node as u16, 0, 0, 0, 0, u16::from(host))
+}
+
 pub struct PodNs {
     pub name: String,
     pub node: usize,
     pub ip: Ipv4Addr,
+    /// In a dual-stack pair.
+    pub ip6: Option<Ipv6Addr>,
     pub ns: NetNs,
 }
 
@@ -63,6 +79,7 @@ pub struct TwoNodes {
     pub manifests: PathBuf,
     /// `--xdp` for both lbs: "off" unless a test sets it, so the TC path is what is tested.
     pub xdp: &'static str,
+    dual_stack: bool,
     work_dir: PathBuf,
     stop: Arc<AtomicBool>,
     _lan: NetNs,
@@ -71,6 +88,15 @@ pub struct TwoNodes {
 impl TwoNodes {
     /// The namespaces and links; `pods` are (name, node 1 or 2, host part of the address).
     pub fn new(prefix: &str, pods: &[(&str, usize, u8)]) -> Result<Self> {
+        Self::create(prefix, pods, false)
+    }
+
+    /// `new`, with IPv6 addresses and routes beside the IPv4 ones (see the module's comment).
+    pub fn dual_stack(prefix: &str, pods: &[(&str, usize, u8)]) -> Result<Self> {
+        Self::create(prefix, pods, true)
+    }
+
+    fn create(prefix: &str, pods: &[(&str, usize, u8)], dual_stack: bool) -> Result<Self> {
         let work_dir = std::env::temp_dir().join(prefix);
         std::fs::create_dir_all(work_dir.join("manifests"))?;
         let lan = NetNs::new(format!("{prefix}-lan"))?;
@@ -79,6 +105,13 @@ impl TwoNodes {
         let client = NetNs::new(format!("{prefix}-client"))?;
         veth(&client, "eth0", &format!("{CLIENT_IP}/24"), &lan, "lan-client", "0.0.0.0/32")?;
         client.exec(&["ip", "addr", "add", &format!("{OTHER_CLIENT_IP}/24"), "dev", "eth0"])?;
+        if dual_stack {
+            client.exec(&["ip", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"])?;
+            // Deprecated, so source address selection keeps to CLIENT_IP6 (as IPv4's does to
+            // the primary address); a socket bound to it still uses it.
+            let other = format!("{OTHER_CLIENT_IP6}/64");
+            client.exec(&["ip", "addr", "add", &other, "dev", "eth0", "nodad", "preferred_lft", "0"])?;
+        }
         lan.exec(&["ip", "addr", "flush", "dev", "lan-client"])?;
         lan.exec(&["ip", "link", "set", "lan-client", "master", "br0"])?;
 
@@ -102,6 +135,20 @@ impl TwoNodes {
                 "via",
                 &node_ip(other).to_string(),
             ])?;
+            if dual_stack {
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+                ns.exec(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/64", node_ip6(index)),
+                    "dev",
+                    "uplink",
+                    "nodad",
+                ])?;
+                let other_pods = format!("fd00:244:{other}::/64");
+                ns.exec(&["ip", "-6", "route", "add", &other_pods, "via", &node_ip6(other).to_string()])?;
+            }
             let bpffs = PrivateBpfFs::new()?;
             nodes.push(Node {
                 index,
@@ -124,7 +171,16 @@ impl TwoNodes {
             node_ns.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if])?;
             ns.exec(&["ip", "route", "add", &gateway, "dev", "eth0"])?;
             ns.exec(&["ip", "route", "add", "default", "via", &gateway])?;
-            pod_namespaces.push(PodNs { name: name.to_string(), node: *node, ip, ns });
+            let ip6 = dual_stack.then(|| pod_ip6(*node, *host));
+            if let Some(ip6) = ip6 {
+                let gateway = pod_ip6(*node, 1).to_string();
+                ns.exec(&["ip", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+                node_ns.exec(&["ip", "addr", "add", &format!("{gateway}/128"), "dev", &node_if, "nodad"])?;
+                node_ns.exec(&["ip", "-6", "route", "add", &format!("{ip6}/128"), "dev", &node_if])?;
+                ns.exec(&["ip", "-6", "route", "add", &gateway, "dev", "eth0"])?;
+                ns.exec(&["ip", "-6", "route", "add", "default", "via", &gateway])?;
+            }
+            pod_namespaces.push(PodNs { name: name.to_string(), node: *node, ip, ip6, ns });
         }
         Ok(Self {
             client,
@@ -132,6 +188,7 @@ impl TwoNodes {
             pods: pod_namespaces,
             manifests: work_dir.join("manifests"),
             xdp: "off",
+            dual_stack,
             work_dir,
             stop: Arc::new(AtomicBool::new(false)),
             _lan: lan,
@@ -139,14 +196,34 @@ impl TwoNodes {
     }
 
     /// Routes `address` from the client to node `node`, as a load balancer or router would.
-    pub fn route_to_node(&self, address: Ipv4Addr, node: usize) -> Result<()> {
-        self.client.exec(&["ip", "route", "add", &format!("{address}/32"), "via", &node_ip(node).to_string()])
+    pub fn route_to_node(&self, address: impl Into<IpAddr>, node: usize) -> Result<()> {
+        match address.into() {
+            IpAddr::V4(address) => self.client.exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("{address}/32"),
+                "via",
+                &node_ip(node).to_string(),
+            ]),
+            IpAddr::V6(address) => self.client.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("{address}/128"),
+                "via",
+                &node_ip6(node).to_string(),
+            ]),
+        }
     }
 
-    /// An HTTP server in every pod, answering with its name and the caller's address.
+    /// An HTTP server in every pod, answering with its name and the caller's address (of
+    /// either family in a dual-stack pair).
     pub fn serve_http(&self, port: u16) -> Result<()> {
+        let any = if self.dual_stack { "::" } else { "0.0.0.0" };
         for pod in &self.pods {
-            let listener = pod.ns.run(move || TcpListener::bind(("0.0.0.0", port)))??;
+            let listener = pod.ns.run(move || TcpListener::bind((any, port)))??;
             listener.set_nonblocking(true)?;
             let (name, stop) = (pod.name.clone(), self.stop.clone());
             std::thread::spawn(move || http_server(listener, name, stop));
@@ -168,7 +245,7 @@ impl TwoNodes {
                 "--external-interfaces",
                 "uplink",
                 "--nodeport-addresses",
-                "192.168.50.0/24",
+                if self.dual_stack { "192.168.50.0/24,fd00:50::/64" } else { "192.168.50.0/24" },
                 "--xdp",
                 self.xdp,
                 "--healthz-bind-address",
@@ -177,6 +254,9 @@ impl TwoNodes {
             .iter()
             .map(Into::into)
             .collect();
+            if self.dual_stack {
+                owned.extend(["--service-cluster-ip-range".into(), "10.96.0.0/12,fd00:10:96::/112".into()]);
+            }
             for (flag, value) in [
                 ("--manifests", self.manifests.clone().into_os_string()),
                 ("--hostname-override", format!("node{}", node.index).into()),
@@ -248,10 +328,11 @@ impl TwoNodes {
     /// `count` HTTP requests from `ns`, each on a new connection, from `source` if given.
     pub fn http_from(
         ns: &NetNs,
-        source: Option<Ipv4Addr>,
-        target: SocketAddrV4,
+        source: Option<IpAddr>,
+        target: impl Into<SocketAddr>,
         count: usize,
     ) -> Result<Vec<Result<HttpAnswer, String>>> {
+        let target = target.into();
         ns.run(move || {
             (0..count).map(|_| http_get_from(source, target).map_err(|e| format!("{e:#}"))).collect()
         })
@@ -259,12 +340,13 @@ impl TwoNodes {
 }
 
 /// `http_get`, optionally bound to a source address first.
-fn http_get_from(source: Option<Ipv4Addr>, target: SocketAddrV4) -> Result<HttpAnswer> {
+fn http_get_from(source: Option<IpAddr>, target: SocketAddr) -> Result<HttpAnswer> {
     match source {
         None => http_get(target),
         Some(source) => {
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            socket.bind(&SocketAddrV4::new(source, 0).into())?;
+            let domain = if source.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
             socket.connect_timeout(&target.into(), Duration::from_secs(2))?;
             http_exchange(socket.into())
         }

@@ -4,7 +4,7 @@
 //! when there are some, 503 when there are none.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -49,6 +49,33 @@ fn answer(check: &HealthCheck) -> Response {
     response
 }
 
+/// A listener on `port` of every node address of both families, as a load balancer of either
+/// family probes: IPv6's unspecified address with IPV6_V6ONLY off (IPv4 probes arrive
+/// v4-mapped), or IPv4's alone on a node without IPv6.
+fn listen_on_both_families(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let listener = match socket(AddressFamily::Inet6, SockType::Stream, flags, None) {
+        Ok(fd) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            bind(fd.as_raw_fd(), &SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)))?;
+            listen(&fd, Backlog::new(128).expect("a valid backlog"))?;
+            std::net::TcpListener::from(fd)
+        }
+        Err(nix::errno::Errno::EAFNOSUPPORT) => {
+            let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            listener.set_nonblocking(true)?;
+            listener
+        }
+        Err(error) => return Err(error.into()),
+    };
+    tokio::net::TcpListener::from_std(listener)
+}
+
 struct Server {
     check: SharedCheck,
     task: JoinHandle<()>,
@@ -78,8 +105,7 @@ impl HealthCheckServers {
                 *server.check.lock().expect("health-check lock") = check.clone();
                 continue;
             }
-            let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            let listener = match tokio::net::TcpListener::bind(address).await {
+            let listener = match listen_on_both_families(port) {
                 Ok(listener) => listener,
                 Err(error) => {
                     tracing::error!(port, %error, service = %format!("{}/{}", check.namespace, check.name), "binding a health-check node port");
