@@ -138,6 +138,8 @@ pub mod map_names {
     pub const SOCKETS6: &str = "LB_SOCKETS6";
     /// The TC programs' IPv6 halves, which they tail-call (`tail_calls`).
     pub const PROGRAMS: &str = "LB_PROGRAMS";
+    /// Not pinned: the XDP program's IPv6 half, which it tail-calls (slot 0).
+    pub const XDP_PROGRAMS: &str = "LB_XDP_PROGRAMS";
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.

@@ -13,15 +13,16 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{ConntrackEntry, counters};
+use lb_common::{ConntrackEntry, ConntrackEntry6, ConntrackEntryOf, FlowKeyOf, counters};
 
 use crate::{
     conntrack::{self, TrackSpace, Tracked},
     csum,
+    family::Family,
     flow::{self, NewFlow, Source},
     headers::*,
-    maps::{self, count},
-    parse::{Fragment, Ipv4Flow},
+    maps::{self, Scratch6, count},
+    parse::{Flow, Fragment, Ipv4Flow, Ipv6Flow},
     route,
 };
 
@@ -81,13 +82,7 @@ fn parse(ctx: &XdpContext) -> Option<Ipv4Flow> {
         return None;
     }
     let l4_offset = ETH_HEADER_LEN + IPV4_HEADER_LEN;
-    // The whole L4 header must be readable: its checksum is updated in place.
-    at::<[u8; TCP_MIN_HEADER_LEN]>(ctx, l4_offset).filter(|_| protocol == PROTOCOL_TCP).or(at::<
-        [u8; UDP_HEADER_LEN],
-    >(
-        ctx, l4_offset,
-    )
-    .map(|p| p.cast()))?;
+    l4_header_readable(ctx, l4_offset, protocol)?;
     let tcp_flags = if protocol == PROTOCOL_TCP { read::<u8>(ctx, l4_offset + TCP_FLAGS_OFFSET)? } else { 0 };
     Some(Ipv4Flow {
         l3_offset: ETH_HEADER_LEN,
@@ -105,34 +100,141 @@ fn parse(ctx: &XdpContext) -> Option<Ipv4Flow> {
 
 #[inline(always)]
 fn try_lb_xdp(ctx: &XdpContext) -> u32 {
+    if read::<u16>(ctx, ETH_TYPE_OFFSET) == Some(ETH_P_IPV6.to_be()) {
+        // SAFETY: the slot holds an XDP program of this object, which takes the same context.
+        // An empty slot (userspace fills it before attaching) returns here: TC does the work.
+        unsafe { maps::LB_XDP_PROGRAMS.tail_call(ctx, 0) };
+        return xdp_action::XDP_PASS;
+    }
     let Some(flow) = parse(ctx) else { return xdp_action::XDP_PASS };
     let key = conntrack::packet_key(&flow);
-    let mut new_flow = false;
-    let mut space = TrackSpace::zeroed();
-    let entry = match conntrack::lookup(&key) {
+    translate(ctx, &flow, &key, &mut TrackSpace::zeroed(), |entry| send_back(ctx, &flow, entry))
+}
+
+/// The IPv6 half of `lb_xdp`, tail-called by it (`LB_XDP_PROGRAMS`): a program of its own, so
+/// IPv6's keys and entries (in the per-CPU scratch, as TC's IPv6 programs keep them) get a BPF
+/// stack of their own and IPv4 pays one EtherType test for it. It sends back the packets of
+/// tracked flows; a flow's first packet is TC's, which chooses its backend and tracks it.
+#[xdp]
+pub fn lb_xdp6(ctx: XdpContext) -> u32 {
+    let action = try_lb_xdp6(&ctx);
+    if action == xdp_action::XDP_PASS {
+        count(counters::XDP_PASS);
+    }
+    action
+}
+
+#[inline(always)]
+fn try_lb_xdp6(ctx: &XdpContext) -> u32 {
+    let Some(scratch) = maps::scratch6() else { return xdp_action::XDP_PASS };
+    if parse6(ctx, &mut scratch.flow).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    scratch.key = conntrack::packet_key(&scratch.flow);
+    // Only tracked flows: a new one's first packet goes to TC, which tracks it (IPv6's new
+    // flow path is TC's alone), so this program stays one BPF frame.
+    match tracked_entry6(scratch) {
+        ENTRY_TRACKED => {}
+        action => return action,
+    }
+    let Scratch6 { flow, track, .. } = scratch;
+    send_back_or_pass(ctx, &track.forward, false, |entry| send_back6(ctx, flow, entry))
+}
+
+/// `tracked_entry6`'s outcome when the entry is in the scratch; otherwise it returns the XDP
+/// action to end with (a plain number, as a BPF call returns).
+const ENTRY_TRACKED: u32 = 16;
+
+#[inline(always)]
+fn tracked_entry6(scratch: &mut Scratch6) -> u32 {
+    match tracked_entry(&scratch.flow, &scratch.key, &mut scratch.track) {
+        Some(Ok(())) => ENTRY_TRACKED,
+        Some(Err(action)) => action,
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// A parsed packet of either family, translated if `send_back` can send it out where it came
+/// in (XDP_TX); otherwise XDP_PASS to TC.
+#[inline(always)]
+fn translate<A: Family>(
+    ctx: &XdpContext,
+    flow: &Flow<A>,
+    key: &FlowKeyOf<A>,
+    space: &mut TrackSpace<A>,
+    send_back: impl FnOnce(&ConntrackEntryOf<A>) -> Option<()>,
+) -> u32 {
+    match flow_entry(ctx, flow, key, space) {
+        Ok(new_flow) => send_back_or_pass(ctx, &space.forward, new_flow, send_back),
+        Err(action) => action,
+    }
+}
+
+/// The packet's flow entry, left in `space.forward`: the tracked one (`Ok(false)`), or a new
+/// flow's (`Ok(true)`); `Err` with the action for packets XDP leaves alone or drops.
+#[inline(always)]
+fn flow_entry<A: Family>(
+    ctx: &XdpContext,
+    flow: &Flow<A>,
+    key: &FlowKeyOf<A>,
+    space: &mut TrackSpace<A>,
+) -> Result<bool, u32> {
+    match tracked_entry(flow, key, space) {
+        Some(result) => result.map(|()| false),
+        None => new_entry(ctx, flow, key, space).map(|()| true),
+    }
+}
+
+/// A tracked flow's entry, copied to `space.forward`; `None` for an untracked flow.
+#[inline(always)]
+fn tracked_entry<A: Family>(
+    flow: &Flow<A>,
+    key: &FlowKeyOf<A>,
+    space: &mut TrackSpace<A>,
+) -> Option<Result<(), u32>> {
+    let entry = conntrack::lookup(key)?;
+    Some(match conntrack::on_packet(key, entry, flow.tcp_flags, conntrack::now()) {
+        Tracked::Translate(entry) => {
+            // SAFETY: a pointer into the map's value, valid for this program run.
+            space.forward = unsafe { *entry };
+            Ok(())
+        }
         // What is not a plain translation (a reopened flow, a reset, a packet that is not the
         // flow's) is left to TC, which finds the state this call left and does the rest.
-        Some(entry) => match conntrack::on_packet(&key, entry, flow.tcp_flags, conntrack::now()) {
-            // SAFETY: a pointer into the map's value, valid for this program run.
-            Tracked::Translate(entry) => unsafe { *entry },
-            Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => return xdp_action::XDP_PASS,
-        },
-        None => match flow::new_flow(ctx, &flow, &key, Source::ExternalXdp, &mut space) {
-            NewFlow::Tracked => {
-                new_flow = true;
-                space.forward
-            }
-            NewFlow::Drop(counter) => {
-                count(counter);
-                return xdp_action::XDP_DROP;
-            }
-            NewFlow::NotService | NewFlow::Reject => return xdp_action::XDP_PASS,
-        },
-    };
-    match send_back(ctx, &flow, &entry) {
+        Tracked::Reopen | Tracked::NotOurs | Tracked::Reset => Err(xdp_action::XDP_PASS),
+    })
+}
+
+/// A new flow to an external frontend, tracked, its entry in `space.forward`.
+#[inline(always)]
+fn new_entry<A: Family>(
+    ctx: &XdpContext,
+    flow: &Flow<A>,
+    key: &FlowKeyOf<A>,
+    space: &mut TrackSpace<A>,
+) -> Result<(), u32> {
+    match flow::new_flow(ctx, flow, key, Source::ExternalXdp, space) {
+        NewFlow::Tracked => Ok(()),
+        NewFlow::Drop(counter) => {
+            count(counter);
+            Err(xdp_action::XDP_DROP)
+        }
+        NewFlow::NotService | NewFlow::Reject => Err(xdp_action::XDP_PASS),
+    }
+}
+
+/// XDP_TX with `entry`'s translation when `send_back` made it, else XDP_PASS to TC.
+#[inline(always)]
+fn send_back_or_pass<A: Copy>(
+    ctx: &XdpContext,
+    entry: &ConntrackEntryOf<A>,
+    new_flow: bool,
+    send_back: impl FnOnce(&ConntrackEntryOf<A>) -> Option<()>,
+) -> u32 {
+    match send_back(entry) {
         Some(()) => {
             count(counters::XDP_TX);
-            maps::count_traffic(&entry, (ctx.data_end() - ctx.data()) as u32, new_flow);
+            maps::count_traffic(entry, (ctx.data_end() - ctx.data()) as u32, new_flow);
             xdp_action::XDP_TX
         }
         None => {
@@ -143,6 +245,95 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
             xdp_action::XDP_PASS
         }
     }
+}
+
+/// The L4 header must be readable in full: its checksum is updated in place.
+#[inline(always)]
+fn l4_header_readable(ctx: &XdpContext, l4_offset: usize, protocol: u8) -> Option<()> {
+    at::<[u8; TCP_MIN_HEADER_LEN]>(ctx, l4_offset).filter(|_| protocol == PROTOCOL_TCP).or(at::<
+        [u8; UDP_HEADER_LEN],
+    >(
+        ctx, l4_offset,
+    )
+    .map(|p| p.cast()))?;
+    Some(())
+}
+
+/// Only plain IPv6 packets: TCP or UDP right after the fixed header (extension headers and
+/// fragments are TC's), with the L4 header in the frame.
+#[inline(always)]
+fn parse6(ctx: &XdpContext, flow: &mut Ipv6Flow) -> Option<()> {
+    // Two bytes: a one-byte read's bounds check takes a form the verifier refuses here.
+    let [version, _] = read::<[u8; 2]>(ctx, ETH_HEADER_LEN)?;
+    let [protocol, _hop_limit] = read::<[u8; 2]>(ctx, ETH_HEADER_LEN + IPV6_NEXT_HEADER_OFFSET)?;
+    if version >> 4 != 6 {
+        return None;
+    }
+    let l4_len = match protocol {
+        PROTOCOL_TCP => TCP_MIN_HEADER_LEN,
+        PROTOCOL_UDP => UDP_HEADER_LEN,
+        _ => return None,
+    };
+    let payload_len = usize::from(u16::from_be(read::<u16>(ctx, ETH_HEADER_LEN + IPV6_PAYLOAD_LEN_OFFSET)?));
+    if payload_len < l4_len || ctx.data_end() - ctx.data() < ETH_HEADER_LEN + IPV6_HEADER_LEN + payload_len {
+        return None;
+    }
+    let l4_offset = ETH_HEADER_LEN + IPV6_HEADER_LEN;
+    l4_header_readable(ctx, l4_offset, protocol)?;
+    flow.tcp_flags =
+        if protocol == PROTOCOL_TCP { read::<u8>(ctx, l4_offset + TCP_FLAGS_OFFSET)? } else { 0 };
+    flow.l3_offset = ETH_HEADER_LEN;
+    flow.l4_offset = l4_offset;
+    flow.protocol = protocol;
+    flow.src_address = read(ctx, ETH_HEADER_LEN + IPV6_SRC_OFFSET)?;
+    flow.dst_address = read(ctx, ETH_HEADER_LEN + IPV6_DST_OFFSET)?;
+    flow.src_port = read(ctx, l4_offset + L4_SRC_PORT_OFFSET)?;
+    flow.dst_port = read(ctx, l4_offset + L4_DST_PORT_OFFSET)?;
+    flow.fragment = Fragment::No;
+    flow.ip_id = 0;
+    Some(())
+}
+
+/// `send_back` for IPv6: hop limit instead of TTL, and no header checksum.
+#[inline(always)]
+fn send_back6(ctx: &XdpContext, flow: &Ipv6Flow, entry: &ConntrackEntry6) -> Option<()> {
+    let hop_word: u16 = read(ctx, ETH_HEADER_LEN + IPV6_NEXT_HEADER_OFFSET)?;
+    let [next_header, hop_limit] = hop_word.to_ne_bytes();
+    if hop_limit <= 1 {
+        return None;
+    }
+    // SAFETY: reads a field of the context the program was given.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let (result, params) =
+        route::fib_lookup(ctx.ctx.cast(), ingress, flow.protocol, entry.src_address, entry.dst_address);
+    if result != BPF_FIB_LKUP_RET_SUCCESS || params.ifindex != ingress {
+        return None;
+    }
+    // Masked: the flow comes from the scratch map, and the verifier needs bounded offsets.
+    let l4 = flow.l4();
+    let l4_check_offset =
+        l4 + if flow.protocol == PROTOCOL_TCP { TCP_CHECKSUM_OFFSET } else { UDP_CHECKSUM_OFFSET };
+    let mut l4_check: u16 = read(ctx, l4_check_offset)?;
+    // The pseudo-header's addresses, a word at a time, and the ports.
+    for i in 0..4 {
+        l4_check = csum::replace4(l4_check, flow.src_address.words[i], entry.src_address.words[i]);
+        l4_check = csum::replace4(l4_check, flow.dst_address.words[i], entry.dst_address.words[i]);
+    }
+    for (from, to) in [(flow.src_port, entry.src_port), (flow.dst_port, entry.dst_port)] {
+        l4_check = csum::replace2(l4_check, from, to);
+    }
+    if flow.protocol == PROTOCOL_UDP && l4_check == 0 {
+        l4_check = 0xffff;
+    }
+    write(ctx, ETH_HEADER_LEN + IPV6_NEXT_HEADER_OFFSET, u16::from_ne_bytes([next_header, hop_limit - 1]))?;
+    write(ctx, ETH_HEADER_LEN + IPV6_SRC_OFFSET, entry.src_address)?;
+    write(ctx, ETH_HEADER_LEN + IPV6_DST_OFFSET, entry.dst_address)?;
+    write(ctx, l4 + L4_SRC_PORT_OFFSET, entry.src_port)?;
+    write(ctx, l4 + L4_DST_PORT_OFFSET, entry.dst_port)?;
+    write(ctx, l4_check_offset, l4_check)?;
+    write(ctx, 0, params.dmac)?;
+    write(ctx, 6, params.smac)?;
+    Some(())
 }
 
 /// Translates and readdresses the frame for XDP_TX when the translated packet's next hop is

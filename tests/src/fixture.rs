@@ -3,13 +3,13 @@
 //! real reconciler, and packets run through a program with their verdict, output and counters
 //! checked.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use lb_common::{ConntrackEntry, DatapathConfig, FlowKey, counters, map_names};
-use lb_userspace::dataplane::datapath::{Capacity, Datapath, INGRESS_PROGRAM};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use lb_common::{ConntrackEntry, DatapathConfig, DatapathConfig6, FlowKey, counters, map_names};
+use lb_userspace::dataplane::datapath::{Capacity, Datapath, INGRESS_PROGRAM, XDP_PROGRAM};
 use lb_userspace::dataplane::maps::BpfMaps;
 use lb_userspace::dataplane::reconcile::Reconciler;
 use lb_userspace::model::{
@@ -52,6 +52,19 @@ pub fn frontend(port: u16, protocol: Protocol, backends: Vec<L4Addr>) -> Fronten
         listed: backends.clone(),
         backends,
     }
+}
+
+/// XDP's actions, as the program returns them.
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// An interface's MAC address, from this thread's namespace (sysfs shows the mounter's).
+pub fn mac_of(interface: &str) -> [u8; 6] {
+    nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter(|entry| entry.interface_name == interface)
+        .find_map(|entry| entry.address?.as_link_addr()?.addr())
+        .expect("interface has a MAC address")
 }
 
 pub struct Harness {
@@ -159,6 +172,34 @@ impl Harness {
         want.sort_by_key(|name| counters::NAMES.iter().position(|n| n == name));
         assert_eq!(got, want, "{what}: counters that moved");
         assert_eq!(after[0], before[0] + 1, "{what}: packet counter");
+    }
+
+    /// Runs the XDP program on `input` as if it arrived on `ingress` (an interface index):
+    /// its action and output frame.
+    pub fn run_xdp(&mut self, ingress: u32, input: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut Xdp =
+            self.datapath.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+        let mut out = vec![0u8; 512];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (XDP)");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    pub fn set_snat_address6(&mut self, address: Ipv6Addr) {
+        self.datapath
+            .set_config6(DatapathConfig6 { snat_address: address.into() })
+            .expect("IPv6 datapath config");
     }
 
     pub fn set_snat_address(&mut self, address: Ipv4Addr) {

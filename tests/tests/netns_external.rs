@@ -454,6 +454,15 @@ fn xdp_forwards_node_port_traffic_for_remote_pods_and_tc_does_the_rest() {
     let moved = |name: &str| after[name] - before[name];
     assert!(moved("xdp_tx") > 0, "XDP sent nothing back out: {after:?}");
     assert!(moved("xdp_pass") > 0, "XDP passed nothing to TC: {after:?}");
+
+    // IPv6: a flow's first packet is TC's, the rest of pod-b's flows XDP sends back out.
+    let v6 = ipv6();
+    let seen = answers(&nodes, None, SocketAddr::new(v6.node(1), 30080), 40);
+    assert_eq!(seen, set(&[("pod-a", v6.node(1)), ("pod-b", v6.node(1))]));
+    let seen = answers(&nodes, None, SocketAddr::new(v6.lb_ip, 80), 10);
+    assert_eq!(seen, set(&[("pod-a", v6.client)]));
+    let after6 = nodes.counters(1).unwrap();
+    assert!(after6["xdp_tx"] > after["xdp_tx"], "XDP sent no IPv6 packet back out: {after6:?}");
 }
 
 /// kube-proxy sends in-cluster traffic to a Local-policy LoadBalancer IP or NodePort to every

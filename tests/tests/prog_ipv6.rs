@@ -6,7 +6,7 @@ use std::net::Ipv6Addr;
 use aya::maps::{HashMap, MapData};
 use lb_common::{ConntrackEntry6, FlowKey6, counters, map_names};
 use lb_userspace::dataplane::maps::{ServiceMaps, SlotKey};
-use lb_userspace::model::{Frontend, L4Addr, Protocol};
+use lb_userspace::model::{Frontend, FrontendPolicy, FrontendType, L4Addr, Protocol};
 use tests::fixture::{Harness, PASS, REDIRECT};
 use tests::packet::{self, DEST_OPTIONS, ETH_LEN, FRAGMENT, HOP_BY_HOP, Packet6Spec, ROUTING, TCP, UDP};
 
@@ -217,4 +217,80 @@ fn ipv6_fragments_follow_their_first_fragment() {
     translated[ETH_LEN + 24..ETH_LEN + 40].copy_from_slice(&pod.0.octets());
     h.expect("last fragment", &last, PASS, &translated, counters::FRAGMENT_TRANSLATED);
     h.expect("after the last", &last, PASS, &last, counters::PASS_FRAGMENT);
+}
+
+#[test]
+fn xdp_sends_remote_backend_traffic_back_out_over_ipv6_and_leaves_the_rest_to_tc() {
+    use tests::fixture::{XDP_PASS, XDP_TX, mac_of};
+    let mut h = Harness::new();
+    // The harness namespace becomes a node: uplink lbx0 (fd00:50::1) with a peer, the other
+    // node at ::2 (pods fd00:244:2::/64 behind it) and the client at ::100, known neighbours.
+    let (other_node_mac, client_mac) = ([2, 0, 0, 0, 0, 0x22], [2, 0, 0, 0, 0, 0x64]);
+    for command in [
+        "ip link add lbx0 type veth peer name lbx1",
+        "sysctl -qw net.ipv6.conf.lbx0.accept_dad=0",
+        "ip link set lbx0 up",
+        "ip link set lbx1 up",
+        "ip addr add fd00:50::1/64 dev lbx0 nodad",
+        "ip neigh add fd00:50::2 lladdr 02:00:00:00:00:22 dev lbx0 nud permanent",
+        "ip neigh add fd00:50::100 lladdr 02:00:00:00:00:64 dev lbx0 nud permanent",
+        "ip -6 route add fd00:244:2::/64 via fd00:50::2",
+        "sysctl -qw net.ipv6.conf.all.forwarding=1",
+    ] {
+        let args: Vec<&str> = command.split(' ').collect();
+        let status = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(status.success(), "{command}");
+    }
+    let ingress = nix::net::if_::if_nametoindex("lbx0").unwrap();
+    let uplink_mac = mac_of("lbx0");
+    let node: Ipv6Addr = "fd00:50::1".parse().unwrap();
+    let client: (Ipv6Addr, u16) = ("fd00:50::100".parse().unwrap(), 40000);
+    let remote: (Ipv6Addr, u16) = ("fd00:244:2::11".parse().unwrap(), 8080);
+    h.set_snat_address6(node);
+    let mut node_port = frontend(30080, TCP, &[remote]);
+    node_port.address.ip = node.into();
+    node_port.frontend_type = FrontendType::NodePort;
+    node_port.policy =
+        FrontendPolicy { snat: true, node_address: true, external: true, ..Default::default() };
+    h.program(vec![node_port, frontend(80, TCP, &[remote])]);
+    let with_macs = |mut frame: Vec<u8>, dst: [u8; 6]| {
+        frame[..6].copy_from_slice(&dst);
+        frame[6..12].copy_from_slice(&uplink_mac);
+        frame
+    };
+
+    // A new flow's first packet is TC's (the uplink's program): XDP passes it untouched, and
+    // TC tracks the flow, source-NATed, and sends it to the other node.
+    let syn = Packet6Spec::tcp(client, (node, 30080), 0x02);
+    assert_eq!(h.run_xdp(ingress, &syn.build()), (XDP_PASS, syn.build()), "a new flow is TC's");
+    assert!(flows(&mut h).is_empty(), "XDP tracked nothing");
+    h.program = lb_userspace::dataplane::datapath::INGRESS_EXTERNAL_PROGRAM;
+    let (verdict, _) = h.run(&syn.build());
+    assert!(verdict == REDIRECT || verdict == tests::fixture::PASS, "TC's verdict: {verdict}");
+    let forward =
+        flows(&mut h).into_iter().find(|(key, _)| key.src() == client).expect("the flow is tracked");
+    let port = u16::from_be(forward.1.src_port);
+
+    // From then on, XDP sends the flow's packets back out: translated, hop limit down, MACs
+    // of the next hop.
+    let ack = Packet6Spec::tcp(client, (node, 30080), 0x10);
+    let (action, out) = h.run_xdp(ingress, &ack.build());
+    assert_eq!(action, XDP_TX, "{out:02x?}");
+    let expected = Packet6Spec { hop_limit: 63, ..ack.with_src((node, port)).with_dst(remote) }.build();
+    assert!(packet::checksums_valid6(&expected));
+    assert_eq!(out, with_macs(expected, other_node_mac), "translated ACK");
+
+    // The reply from the other node's pod goes back out to the client, from the NodePort.
+    let reply = Packet6Spec::tcp(remote, (node, port), 0x10);
+    let (action, out) = h.run_xdp(ingress, &reply.build());
+    assert_eq!(action, XDP_TX);
+    let expected = Packet6Spec { hop_limit: 63, ..reply.with_src((node, 30080)).with_dst(client) }.build();
+    assert!(packet::checksums_valid6(&expected));
+    assert_eq!(out, with_macs(expected, client_mac), "translated reply");
+
+    // ClusterIP traffic is not XDP's, nor are extension headers: passed untouched.
+    let to_cluster_ip = Packet6Spec::tcp(client, (VIP, 80), 0x02).build();
+    assert_eq!(h.run_xdp(ingress, &to_cluster_ip), (XDP_PASS, to_cluster_ip));
+    let with_options = syn.with_extension(DEST_OPTIONS, 0).build();
+    assert_eq!(h.run_xdp(ingress, &with_options), (XDP_PASS, with_options));
 }

@@ -3,12 +3,10 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{FlowKey, counters};
-use lb_userspace::dataplane::datapath::XDP_PROGRAM;
 use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
 use lb_userspace::model::{FrontendPolicy, FrontendType, L4Addr, Protocol};
-use tests::fixture::{CLIENT, DROP, Harness, PASS, REDIRECT, VIP, backend, frontend};
+use tests::fixture::{CLIENT, DROP, Harness, PASS, REDIRECT, VIP, XDP_PASS, XDP_TX, backend, frontend};
 use tests::packet::{self, ETH_LEN, PacketSpec};
 
 fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
@@ -359,42 +357,8 @@ fn icmp_errors_about_a_translated_flow_are_translated_back() {
     h.expect("echo", &echo, PASS, &echo, counters::PASS_OTHER_PROTOCOL);
 }
 
-/// Runs the XDP program on `input` as if it arrived on `ingress` (an interface index).
-fn run_xdp(h: &mut Harness, ingress: u32, input: &[u8]) -> (u32, Vec<u8>) {
-    let program: &mut Xdp = h.datapath.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
-    if program.fd().is_err() {
-        program.load().expect("loading the XDP program");
-    }
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
-    let mut out = vec![0u8; 512];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (XDP)");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-/// An interface's MAC address, from this thread's namespace (sysfs shows the mounter's).
-fn mac_of(interface: &str) -> [u8; 6] {
-    nix::ifaddrs::getifaddrs()
-        .unwrap()
-        .filter(|entry| entry.interface_name == interface)
-        .find_map(|entry| entry.address?.as_link_addr()?.addr())
-        .expect("interface has a MAC address")
-}
-
 #[test]
 fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
-    const XDP_PASS: u32 = 2;
-    const XDP_TX: u32 = 3;
     let mut h = Harness::new();
     // The harness namespace becomes a node: uplink lbx0 (192.168.50.1) with a peer, the other
     // node at .2 (pods 10.244.2.0/24 behind it) and the client at .100, both known neighbours.
@@ -414,7 +378,7 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
         assert!(status.success(), "{command}");
     }
     let ingress = nix::net::if_::if_nametoindex("lbx0").unwrap();
-    let uplink_mac = mac_of("lbx0");
+    let uplink_mac = tests::fixture::mac_of("lbx0");
     let node = Ipv4Addr::new(192, 168, 50, 1);
     let client = (Ipv4Addr::new(192, 168, 50, 100), 40000);
     h.set_snat_address(node);
@@ -430,7 +394,7 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
 
     // New flow to the NodePort: translated, source-NATed, TTL down, MACs for the other node.
     let syn = PacketSpec::tcp(client, (node, 30080), 0x02);
-    let (action, out) = run_xdp(&mut h, ingress, &syn.build());
+    let (action, out) = h.run_xdp(ingress, &syn.build());
     assert_eq!(action, XDP_TX);
     let port = snat_port(&mut h, &FlowKey::new(client, (node, 30080), packet::TCP));
     let expected = PacketSpec { ttl: 63, macs: Some((other_node_mac, uplink_mac)), ..syn.clone() }
@@ -442,7 +406,7 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
 
     // The reply from the other node's pod goes back out to the client, from the NodePort.
     let reply = PacketSpec::tcp((tests::fixture::ipv4(remote.ip), remote.port), (node, port), 0x12);
-    let (action, out) = run_xdp(&mut h, ingress, &reply.build());
+    let (action, out) = h.run_xdp(ingress, &reply.build());
     assert_eq!(action, XDP_TX);
     let expected = PacketSpec { ttl: 63, macs: Some((client_mac, uplink_mac)), ..reply.clone() }
         .with_src((node, 30080))
@@ -452,7 +416,7 @@ fn xdp_sends_remote_backend_traffic_back_out_and_leaves_the_rest_to_tc() {
 
     // ClusterIP traffic is not XDP's: passed untouched, no flow recorded.
     let to_cluster_ip = PacketSpec::tcp(client, (VIP, 80), 0x02).build();
-    assert_eq!(run_xdp(&mut h, ingress, &to_cluster_ip), (XDP_PASS, to_cluster_ip));
+    assert_eq!(h.run_xdp(ingress, &to_cluster_ip), (XDP_PASS, to_cluster_ip));
     assert!(h.conntrack().get(&FlowKey::new(client, (VIP, 80), packet::TCP), 0).is_err());
 }
 
