@@ -330,7 +330,10 @@ pub fn track<A: Family>(
         }
     }
     match A::conntrack().insert(key, &*forward, BPF_ANY) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            share_with_previous(key, forward, reply_key, reply);
+            Ok(())
+        }
         Err(E2BIG) => {
             let _ = A::conntrack().remove(&*reply_key);
             Err(full)
@@ -339,6 +342,24 @@ pub fn track<A: Family>(
             count(counters::CONNTRACK_INSERT_FAILED);
             Ok(())
         }
+    }
+}
+
+/// During a migration the links switch to the new programs one at a time, and a program not
+/// switched yet reads only the previous map: a new flow goes there too, so its packets on the
+/// interfaces not switched yet (a reply, say) are translated. Best effort: a full or taken
+/// slot there loses only what the migration would have lost anyway. Outside a migration, one
+/// lookup in an empty array.
+#[inline(always)]
+fn share_with_previous<A: Family>(
+    key: &FlowKeyOf<A>,
+    forward: &ConntrackEntryOf<A>,
+    reply_key: &FlowKeyOf<A>,
+    reply: &ConntrackEntryOf<A>,
+) {
+    if let Some(previous) = A::previous_conntrack() {
+        let _ = previous.insert(reply_key, reply, BPF_NOEXIST);
+        let _ = previous.insert(key, forward, BPF_NOEXIST);
     }
 }
 

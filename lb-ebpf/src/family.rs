@@ -23,7 +23,7 @@ use crate::{
     maps::{
         LB_AFFINITY, LB_AFFINITY6, LB_BACKENDS, LB_BACKENDS6, LB_CONFIG, LB_CONFIG6, LB_CONNTRACK,
         LB_CONNTRACK_PREVIOUS, LB_CONNTRACK6, LB_CONNTRACK6_PREVIOUS, LB_SERVICES, LB_SERVICES6,
-        LB_SOURCE_RANGES, LB_SOURCE_RANGES6, RejectScratch,
+        LB_SOURCE_RANGES, LB_SOURCE_RANGES6, PreviousConntrack, RejectScratch,
     },
     nat::write,
     parse::{Flow, read},
@@ -45,6 +45,8 @@ pub trait Family: lb_common::Address {
     fn conntrack() -> &'static HashMap<FlowKeyOf<Self>, ConntrackEntryOf<Self>>;
     /// The entry for `key` in the map a start is migrating flows from (see `maps`).
     fn previous_flow(key: &FlowKeyOf<Self>) -> Option<*mut ConntrackEntryOf<Self>>;
+    /// The map a start is migrating flows from, while it does.
+    fn previous_conntrack() -> Option<&'static PreviousConntrack<Self>>;
     fn affinity() -> &'static LruHashMap<AffinityKeyOf<Self>, AffinityValue>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeKeyOf<Self>, u8>;
     /// The node address source-NATed flows leave with, if the node has one.
@@ -136,6 +138,11 @@ impl Family for u32 {
     #[inline(always)]
     fn previous_flow(key: &FlowKeyOf<Self>) -> Option<*mut ConntrackEntryOf<Self>> {
         LB_CONNTRACK_PREVIOUS.get_value_ptr_mut(0, key)
+    }
+
+    #[inline(always)]
+    fn previous_conntrack() -> Option<&'static PreviousConntrack<Self>> {
+        LB_CONNTRACK_PREVIOUS.get(0)
     }
 
     #[inline(always)]
@@ -248,6 +255,11 @@ impl Family for In6 {
     #[inline(always)]
     fn previous_flow(key: &FlowKeyOf<Self>) -> Option<*mut ConntrackEntryOf<Self>> {
         LB_CONNTRACK6_PREVIOUS.get_value_ptr_mut(0, key)
+    }
+
+    #[inline(always)]
+    fn previous_conntrack() -> Option<&'static PreviousConntrack<Self>> {
+        LB_CONNTRACK6_PREVIOUS.get(0)
     }
 
     #[inline(always)]

@@ -4,6 +4,7 @@
 //! and source-NAT port reuse.
 
 use std::collections::BTreeSet;
+use std::mem::size_of;
 use std::net::Ipv4Addr;
 
 use lb_common::{ConntrackEntry, FlowKey, conntrack_flags, conntrack_state, counters};
@@ -430,4 +431,47 @@ fn source_ranges_hold_against_ip_options_and_fragments() {
     h.expect("admitted first fragment", &first, PASS, &want_first, counters::FORWARD_NEW_FLOW);
     let (_, later) = datagram.fragments(200);
     h.expect("outsider's later fragment", &later, PASS, &later, counters::PASS_FRAGMENT);
+}
+
+/// During a migration (a start with other map sizes), the links switch to the new programs one
+/// at a time. A flow the new programs start is written to the map the old ones read too, so
+/// its reply is translated on an interface whose link has not switched yet; and a flow the old
+/// programs started is found there by the new ones.
+#[test]
+fn during_a_migration_new_flows_are_shared_with_the_previous_map() {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    let bpf = |command: i64, attr: &mut [u64; 16]| -> i64 {
+        // SAFETY: bpf(2) with a zero-padded attribute buffer larger than the command reads.
+        let rc = unsafe { nix::libc::syscall(nix::libc::SYS_bpf, command, attr.as_mut_ptr(), 128usize) };
+        assert!(rc >= 0, "bpf({command}): {}", std::io::Error::last_os_error());
+        rc
+    };
+    let mut h = Harness::new();
+    one_backend(&mut h);
+    // The old programs' conntrack map (a hash map of the same form, another size), offered to
+    // the new programs as LB_CONNTRACK_PREVIOUS as a start does.
+    let mut attr = [0u64; 16];
+    attr[0] = 1 | ((size_of::<FlowKey>() as u64) << 32); // BPF_MAP_TYPE_HASH
+    attr[1] = size_of::<ConntrackEntry>() as u64 | (1024u64 << 32);
+    // SAFETY: the kernel just returned this descriptor.
+    let old = unsafe { OwnedFd::from_raw_fd(bpf(0, &mut attr) as i32) };
+    let outer = match h.datapath.ebpf_mut().map(lb_common::map_names::CONNTRACK_PREVIOUS) {
+        Some(aya::maps::Map::ArrayOfMaps(data)) => data.fd().as_fd().as_raw_fd(),
+        _ => panic!("no LB_CONNTRACK_PREVIOUS"),
+    };
+    let (slot, inner) = (0u32, old.as_raw_fd() as u32);
+    let mut attr = [0u64; 16];
+    attr[0] = outer as u64;
+    attr[1] = &slot as *const u32 as u64;
+    attr[2] = &inner as *const u32 as u64;
+    bpf(2, &mut attr); // BPF_MAP_UPDATE_ELEM
+    let old = aya::maps::MapData::from_fd(old).unwrap();
+    let old: aya::maps::HashMap<_, FlowKey, ConntrackEntry> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(old)).unwrap();
+
+    client_packet(&mut h, CLIENT, SYN, counters::FORWARD_NEW_FLOW);
+    for key in [forward_key(CLIENT), reply_key(CLIENT)] {
+        let shared = old.get(&key, 0).expect("the new flow's entry in the previous map");
+        assert_eq!(Some(shared), entry(&mut h, &key), "the same entry in both maps");
+    }
 }
