@@ -142,6 +142,8 @@ pub mod map_names {
     pub const XDP_PROGRAMS: &str = "LB_XDP_PROGRAMS";
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
+    /// Not pinned: IPv6's `CONNTRACK_PREVIOUS`.
+    pub const CONNTRACK6_PREVIOUS: &str = "LB_CONNTRACK6_PREVIOUS";
     /// Every pinned map, for tools that inspect or remove them.
     pub const PINNED: [&str; 24] = [
         SERVICES,

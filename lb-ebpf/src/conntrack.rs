@@ -357,10 +357,8 @@ fn share_with_previous<A: Family>(
     reply_key: &FlowKeyOf<A>,
     reply: &ConntrackEntryOf<A>,
 ) {
-    if let Some(previous) = A::previous_conntrack() {
-        let _ = previous.insert(reply_key, reply, BPF_NOEXIST);
-        let _ = previous.insert(key, forward, BPF_NOEXIST);
-    }
+    A::offer_to_previous(reply_key, reply);
+    A::offer_to_previous(key, forward);
 }
 
 /// Whether a taken reply tuple may be overwritten: it is the reply entry of this same flow (a

@@ -23,7 +23,7 @@ use crate::{
     maps::{
         LB_AFFINITY, LB_AFFINITY6, LB_BACKENDS, LB_BACKENDS6, LB_CONFIG, LB_CONFIG6, LB_CONNTRACK,
         LB_CONNTRACK_PREVIOUS, LB_CONNTRACK6, LB_CONNTRACK6_PREVIOUS, LB_SERVICES, LB_SERVICES6,
-        LB_SOURCE_RANGES, LB_SOURCE_RANGES6, PreviousConntrack, RejectScratch,
+        LB_SOURCE_RANGES, LB_SOURCE_RANGES6, RejectScratch,
     },
     nat::write,
     parse::{Flow, read},
@@ -32,6 +32,8 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+/// `bpf_map_update_elem`'s flag: only where the key has no entry.
+const BPF_NOEXIST: u64 = 1;
 const AF_INET6: u8 = 10;
 
 pub trait Family: lb_common::Address {
@@ -45,8 +47,9 @@ pub trait Family: lb_common::Address {
     fn conntrack() -> &'static HashMap<FlowKeyOf<Self>, ConntrackEntryOf<Self>>;
     /// The entry for `key` in the map a start is migrating flows from (see `maps`).
     fn previous_flow(key: &FlowKeyOf<Self>) -> Option<*mut ConntrackEntryOf<Self>>;
-    /// The map a start is migrating flows from, while it does.
-    fn previous_conntrack() -> Option<&'static PreviousConntrack<Self>>;
+    /// Adds a flow's entry to the map a start is migrating flows from, while it does, unless
+    /// that map has one for `key` (`conntrack::share_with_previous`).
+    fn offer_to_previous(key: &FlowKeyOf<Self>, entry: &ConntrackEntryOf<Self>);
     fn affinity() -> &'static LruHashMap<AffinityKeyOf<Self>, AffinityValue>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeKeyOf<Self>, u8>;
     /// The node address source-NATed flows leave with, if the node has one.
@@ -141,8 +144,10 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn previous_conntrack() -> Option<&'static PreviousConntrack<Self>> {
-        LB_CONNTRACK_PREVIOUS.get(0)
+    fn offer_to_previous(key: &FlowKeyOf<Self>, entry: &ConntrackEntryOf<Self>) {
+        if let Some(previous) = LB_CONNTRACK_PREVIOUS.get(0) {
+            let _ = previous.insert(key, entry, BPF_NOEXIST);
+        }
     }
 
     #[inline(always)]
@@ -258,8 +263,10 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn previous_conntrack() -> Option<&'static PreviousConntrack<Self>> {
-        LB_CONNTRACK6_PREVIOUS.get(0)
+    fn offer_to_previous(key: &FlowKeyOf<Self>, entry: &ConntrackEntryOf<Self>) {
+        if let Some(previous) = LB_CONNTRACK6_PREVIOUS.get(0) {
+            let _ = previous.insert(key, entry, BPF_NOEXIST);
+        }
     }
 
     #[inline(always)]

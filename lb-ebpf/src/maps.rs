@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityKey6, AffinityValue, Backend, Backend6, ConntrackEntry, ConntrackEntry6,
-    ConntrackEntryOf, DatapathConfig, DatapathConfig6, FlowKey, FlowKey6, FlowKeyOf, FragmentKey,
-    FragmentValue, In6, MAP_NO_PREALLOC, ServiceKey, ServiceKey6, ServiceMeta, ServiceTraffic, ServiceValue,
-    SocketFrontend, SocketKey, SourceRangeKey, SourceRangeKey6, capacity, counters, stats,
+    ConntrackEntryOf, DatapathConfig, DatapathConfig6, FlowKey, FlowKey6, FragmentKey, FragmentValue,
+    MAP_NO_PREALLOC, ServiceKey, ServiceKey6, ServiceMeta, ServiceTraffic, ServiceValue, SocketFrontend,
+    SocketKey, SourceRangeKey, SourceRangeKey6, capacity, counters, stats,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count). Written only by userspace.
@@ -35,11 +35,7 @@ pub static LB_CONNTRACK: HashMap<FlowKey, ConntrackEntry> = HashMap::pinned(capa
 /// their link switched is still found there, and moved into `LB_CONNTRACK`, until userspace has
 /// carried every entry over. Empty otherwise. Not pinned: it belongs to this load.
 #[btf_map]
-pub static LB_CONNTRACK_PREVIOUS: ArrayOfMaps<PreviousConntrack<u32>, 1> = ArrayOfMaps::new();
-
-/// A family's conntrack map as `LB_CONNTRACK_PREVIOUS` holds it (its size is the inner
-/// template's; the map put there has its own).
-pub type PreviousConntrack<A> = BtfHashMap<FlowKeyOf<A>, ConntrackEntryOf<A>, 1>;
+pub static LB_CONNTRACK_PREVIOUS: ArrayOfMaps<BtfHashMap<FlowKey, ConntrackEntry, 1>, 1> = ArrayOfMaps::new();
 
 /// The IPv6 family's frontends, backends, flows, source ranges and affinities: the same as their
 /// IPv4 counterparts above, with IPv6 addresses. Backend IDs are one space across both families.
@@ -55,9 +51,13 @@ pub static LB_BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACK
 pub static LB_CONNTRACK6: HashMap<FlowKey6, ConntrackEntry6> =
     HashMap::pinned(capacity::CONNTRACK, MAP_NO_PREALLOC);
 
-/// `LB_CONNTRACK_PREVIOUS` for `LB_CONNTRACK6`.
+/// `LB_CONNTRACK_PREVIOUS` for `LB_CONNTRACK6`. The inner template's flags are the map's: the
+/// kernel takes only an inner map that matches them (its size may differ).
 #[btf_map]
-pub static LB_CONNTRACK6_PREVIOUS: ArrayOfMaps<PreviousConntrack<In6>, 1> = ArrayOfMaps::new();
+pub static LB_CONNTRACK6_PREVIOUS: ArrayOfMaps<
+    BtfHashMap<FlowKey6, ConntrackEntry6, 1, { MAP_NO_PREALLOC as usize }>,
+    1,
+> = ArrayOfMaps::new();
 
 #[map]
 pub static LB_SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);

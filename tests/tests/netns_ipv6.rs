@@ -51,6 +51,30 @@ fn backend_count(snapshot: &MapsSnapshot, ip: IpAddr, port: u16, protocol: u8) -
         .map(|(_, v)| v.backend_count)
 }
 
+/// Starts lb on the playground's manifests, with `extra` flags.
+fn start_lb(pg: &mut Playground, extra: &[&str]) {
+    // A range of each family, as a dual-stack API server has (explicit ClusterIPs must be in
+    // their family's range).
+    let manifests = pg.manifests.clone();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--service-cluster-ip-range".as_ref(),
+        "10.96.0.0/12,fd00:10:96::/112".as_ref(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    pg.start_lb_with(&args).unwrap();
+}
+
+/// One datagram to `target` on `socket` and the answer's text (the pod's name), if one came.
+fn udp_ask(socket: &UdpSocket, target: SocketAddr) -> Option<String> {
+    socket.send_to(b"ping", target).ok()?;
+    let mut buf = [0u8; 64];
+    let (len, from) = socket.recv_from(&mut buf).ok()?;
+    assert_eq!(from, target);
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
 fn playground() -> Playground {
     require_root();
     let mut pg = Playground::dual_stack(&unique("v6"), &[("web-a", POD_A), ("web-b", POD_B)]).unwrap();
@@ -59,16 +83,7 @@ fn playground() -> Playground {
     pg.write_manifest("services.yaml", SERVICES).unwrap();
     pg.write_manifest("web-a.yaml", &dual_stack_pod_manifest("web-a", POD_A)).unwrap();
     pg.write_manifest("web-b.yaml", &dual_stack_pod_manifest("web-b", POD_B)).unwrap();
-    // A range of each family, as a dual-stack API server has (explicit ClusterIPs must be in
-    // their family's range).
-    let manifests = pg.manifests.clone();
-    pg.start_lb_with(&[
-        "--manifests".as_ref(),
-        manifests.as_os_str(),
-        "--service-cluster-ip-range".as_ref(),
-        "10.96.0.0/12,fd00:10:96::/112".as_ref(),
-    ])
-    .unwrap();
+    start_lb(&mut pg, &[]);
     pg.wait_for_maps(Duration::from_secs(10), |s| {
         backend_count(s, VIP6.into(), 80, lb_common::PROTOCOL_TCP) == Some(2)
             && backend_count(s, VIP6.into(), 53, lb_common::PROTOCOL_UDP) == Some(2)
@@ -137,13 +152,7 @@ fn an_ipv6_udp_flow_to_a_removed_endpoint_moves_to_a_live_one() {
     // One client socket throughout: the same flow.
     let socket = pg.client.run(|| UdpSocket::bind(("::", 0))).unwrap().unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    let ask = |socket: &UdpSocket| -> Option<String> {
-        socket.send_to(b"ping", target).ok()?;
-        let mut buf = [0u8; 64];
-        let (len, from) = socket.recv_from(&mut buf).ok()?;
-        assert_eq!(from, target);
-        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
-    };
+    let ask = |socket: &UdpSocket| udp_ask(socket, target);
     let first = ask(&socket).unwrap_or_else(|| panic!("no UDP answer\n{}", pg.lb_log()));
     assert_eq!(ask(&socket).as_deref(), Some(first.as_str()), "a flow keeps its backend");
 
@@ -295,4 +304,31 @@ fn a_fragmented_ipv6_datagram_reaches_its_backend() {
         answer.unwrap_or_else(|e| panic!("no answer to a fragmented datagram: {e}\n{}", pg.lb_log()));
     assert!(pod.starts_with("web-"), "{pod}");
     assert_eq!(from, target);
+}
+
+/// A start with other map sizes migrates the IPv6 maps as well (the `--max-*` flags size both
+/// families'), and an IPv6 flow keeps its backend across it.
+#[test]
+fn a_start_with_other_map_sizes_migrates_the_ipv6_maps_and_their_flows() {
+    let mut pg = playground();
+    let target = SocketAddr::new(VIP6.into(), 53);
+    let socket = pg.client.run(|| UdpSocket::bind(("::", 0))).unwrap().unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let first = udp_ask(&socket, target).unwrap_or_else(|| panic!("no UDP answer\n{}", pg.lb_log()));
+
+    // SIGTERM: the data path keeps serving while no lb runs.
+    assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
+    start_lb(&mut pg, &["--max-flows", "300000", "--max-backends", "70000"]);
+    pg.wait_for_log("migrated maps in place", Duration::from_secs(20)).unwrap();
+    let size = |name: &str| {
+        lb_userspace::dataplane::datapath::pinned_shape(&pg.bpf_dir.join(name)).unwrap().max_entries
+    };
+    assert_eq!(size(lb_common::map_names::CONNTRACK6), 300_000);
+    assert_eq!(size(lb_common::map_names::BACKENDS6), 70_000);
+    assert_eq!(size(lb_common::map_names::CONNTRACK), 300_000);
+    for _ in 0..5 {
+        assert_eq!(udp_ask(&socket, target).as_deref(), Some(first.as_str()), "the flow keeps its backend");
+    }
+    let log = pg.lb_log();
+    assert!(log.contains("looked up in the old one"), "{log}");
 }

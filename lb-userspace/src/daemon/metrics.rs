@@ -271,9 +271,9 @@ async fn lb_registry(state: &MetricsState) -> Registry {
             (lb_common::map_names::SERVICES, usage.service_entries, state.capacity.service_slots),
             (lb_common::map_names::SERVICE_META, usage.frontends, state.capacity.frontends),
             (lb_common::map_names::BACKENDS, usage.backends, state.capacity.backends),
-            // The IPv6 maps' sizes are fixed in the build.
-            (lb_common::map_names::SERVICES6, usage.service_entries6, lb_common::capacity::SERVICES),
-            (lb_common::map_names::BACKENDS6, usage.backends6, lb_common::capacity::BACKENDS),
+            // The IPv6 maps, sized by the same flags.
+            (lb_common::map_names::SERVICES6, usage.service_entries6, state.capacity.service_slots),
+            (lb_common::map_names::BACKENDS6, usage.backends6, state.capacity.backends),
         ] {
             entries.get_or_create(&map(name)).set(used as i64);
             capacity.get_or_create(&map(name)).set(i64::from(size));

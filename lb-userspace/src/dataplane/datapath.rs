@@ -296,6 +296,9 @@ impl Datapath {
             .map_max_entries(map_names::SERVICE_META, capacity.frontends)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::CONNTRACK, capacity.flows)
+            .map_max_entries(map_names::SERVICES6, capacity.service_slots)
+            .map_max_entries(map_names::BACKENDS6, capacity.backends)
+            .map_max_entries(map_names::CONNTRACK6, capacity.flows)
             .map_max_entries(map_names::SERVICE_TRAFFIC, capacity.frontends)
             .override_global("LB_PROGRAM_VARIANT", &program_variant, true)
             .override_global("LB_COUNT_SERVICE_TRAFFIC", &count_service_traffic, true);
@@ -316,8 +319,9 @@ impl Datapath {
         if !migration.moves.is_empty() {
             tracing::info!(entries = copied, "copied the entries into the new maps");
         }
-        let previous = previous_flows_fd(&ebpf)?;
-        match layout::offer_previous_flows(bpf_dir, &migration, previous.as_fd()) {
+        let previous = previous_flows_fds(&ebpf)?;
+        let previous: Vec<_> = previous.iter().map(|(name, fd)| (*name, fd.as_fd())).collect();
+        match layout::offer_previous_flows(bpf_dir, &migration, &previous) {
             Ok(true) => tracing::info!(
                 "until the migration ends, flows missing from the new conntrack map are looked up in the old one"
             ),
@@ -417,12 +421,13 @@ impl Datapath {
     /// programs wrote meanwhile and puts the new maps in the old ones' place.
     pub fn finish_migration(&mut self) -> Result<Option<layout::Finished>, DatapathError> {
         let Some(migration) = self.migration.take() else { return Ok(None) };
-        let previous = previous_flows_fd(&self.ebpf)?;
+        let previous = previous_flows_fds(&self.ebpf)?;
+        let previous: Vec<_> = previous.iter().map(|(name, fd)| (*name, fd.as_fd())).collect();
         let finished = layout::finish(
             &self.bpf_dir,
             &migration,
             crate::dataplane::conntrack::monotonic_ns(),
-            Some(previous.as_fd()),
+            &previous,
         )?;
         Ok((!migration.moves.is_empty()).then_some(finished))
     }
@@ -855,17 +860,21 @@ pub fn read_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathEr
 
 pub use crate::dataplane::layout::{MapShape, expected_shapes, pinned_shape};
 
-/// The programs' LB_CONNTRACK_PREVIOUS (see `layout::offer_previous_flows`).
-fn previous_flows_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, DatapathError> {
-    let name = map_names::CONNTRACK_PREVIOUS;
-    match ebpf.map(name) {
+/// Each family's conntrack map, with the programs' map that offers them its previous one
+/// (LB_CONNTRACK_PREVIOUS, LB_CONNTRACK6_PREVIOUS; see `layout::offer_previous_flows`).
+fn previous_flows_fds(ebpf: &Ebpf) -> Result<[(&'static str, std::os::fd::OwnedFd); 2], DatapathError> {
+    let fd = |name: &'static str| match ebpf.map(name) {
         Some(aya::maps::Map::ArrayOfMaps(data)) => data
             .fd()
             .as_fd()
             .try_clone_to_owned()
             .map_err(links_error("duplicating the descriptor of", Path::new(name))),
         _ => Err(DatapathError::MissingMap { name }),
-    }
+    };
+    Ok([
+        (map_names::CONNTRACK, fd(map_names::CONNTRACK_PREVIOUS)?),
+        (map_names::CONNTRACK6, fd(map_names::CONNTRACK6_PREVIOUS)?),
+    ])
 }
 
 /// The cookie of the network namespace this thread is in (`SO_NETNS_COOKIE`).

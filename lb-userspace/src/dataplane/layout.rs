@@ -26,7 +26,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
 use bytemuck::{Pod, Zeroable};
-use lb_common::{ConntrackEntry, DatapathConfig, ServiceValue, conntrack_flags, conntrack_state, map_names};
+use lb_common::{
+    ConntrackEntry, ConntrackEntryOf, DatapathConfig, In6, ServiceValue, conntrack_flags, conntrack_state,
+    map_names,
+};
 
 use crate::dataplane::datapath::Capacity;
 use crate::dataplane::links;
@@ -166,25 +169,15 @@ pub fn expected_shapes(capacity: &Capacity) -> [(&'static str, MapShape); 24] {
             map_names::SERVICE_TRAFFIC,
             shape(MapType::PerCpuHash, 4, size_of::<ServiceTraffic>(), capacity.frontends),
         ),
-        // The IPv6 family's maps, at their default sizes (the `--max-*` flags size IPv4's).
+        // The IPv6 family's maps: the `--max-*` flags size each family's alike.
         (
             map_names::SERVICES6,
-            shape(
-                MapType::Hash,
-                size_of::<ServiceKey6>(),
-                size_of::<ServiceValue>(),
-                lb_common::capacity::SERVICES,
-            ),
+            shape(MapType::Hash, size_of::<ServiceKey6>(), size_of::<ServiceValue>(), capacity.service_slots),
         ),
-        (map_names::BACKENDS6, shape(MapType::Hash, 4, size_of::<Backend6>(), lb_common::capacity::BACKENDS)),
+        (map_names::BACKENDS6, shape(MapType::Hash, 4, size_of::<Backend6>(), capacity.backends)),
         (
             map_names::CONNTRACK6,
-            shape(
-                MapType::Hash,
-                size_of::<FlowKey6>(),
-                size_of::<ConntrackEntry6>(),
-                lb_common::capacity::CONNTRACK,
-            ),
+            shape(MapType::Hash, size_of::<FlowKey6>(), size_of::<ConntrackEntry6>(), capacity.flows),
         ),
         (
             map_names::SOURCE_RANGES6,
@@ -236,18 +229,26 @@ pub fn pinned_shape(path: &Path) -> Option<MapShape> {
 /// The flag that sizes a map, for maps whose size is the operator's.
 fn size_flag(map: &str) -> Option<&'static str> {
     match map {
-        map_names::SERVICES => Some("--max-service-slots"),
-        map_names::BACKENDS => Some("--max-backends"),
+        map_names::SERVICES | map_names::SERVICES6 => Some("--max-service-slots"),
+        map_names::BACKENDS | map_names::BACKENDS6 => Some("--max-backends"),
         map_names::SERVICE_META => Some("--max-frontends"),
-        map_names::CONNTRACK => Some("--max-flows"),
+        map_names::CONNTRACK | map_names::CONNTRACK6 => Some("--max-flows"),
         _ => None,
     }
 }
 
 /// Maps the data path writes: what the old programs wrote while the new maps were filled is
 /// carried over after the switch.
-const WRITTEN_BY_DATA_PATH: [&str; 4] =
-    [map_names::CONNTRACK, map_names::AFFINITY, map_names::FRAGMENTS, map_names::SOCKETS];
+const WRITTEN_BY_DATA_PATH: [&str; 8] = [
+    map_names::CONNTRACK,
+    map_names::AFFINITY,
+    map_names::FRAGMENTS,
+    map_names::SOCKETS,
+    map_names::CONNTRACK6,
+    map_names::AFFINITY6,
+    map_names::FRAGMENTS6,
+    map_names::SOCKETS6,
+];
 
 /// Layout 0: builds from before the layout record (and before conntrack states, affinity,
 /// Maglev, fragments). Their types, frozen here: only migration reads them.
@@ -409,17 +410,17 @@ pub fn convert_entry(
 
 /// A flow's entry after the switch, from what the old programs last wrote (`old`, converted)
 /// and what the new ones have written since (`new`).
-pub fn merge_flow(old: &ConntrackEntry, new: &ConntrackEntry) -> ConntrackEntry {
+pub fn merge_flow<A: Copy>(old: &ConntrackEntryOf<A>, new: &ConntrackEntryOf<A>) -> ConntrackEntryOf<A> {
     if old.created_ns > new.created_ns {
         // The old programs started a new flow on this tuple after the copy: theirs is the flow.
-        return ConntrackEntry { last_seen_ns: old.last_seen_ns.max(new.last_seen_ns), ..*old };
+        return ConntrackEntryOf { last_seen_ns: old.last_seen_ns.max(new.last_seen_ns), ..*old };
     }
     if new.created_ns > old.created_ns {
         return *new;
     }
     // The same flow: a FIN or RST either side saw counts, and states only move forward.
     let fins = conntrack_flags::FIN_CLIENT | conntrack_flags::FIN_BACKEND;
-    ConntrackEntry {
+    ConntrackEntryOf {
         flags: new.flags | (old.flags & fins),
         state: old.state.max(new.state),
         last_seen_ns: old.last_seen_ns.max(new.last_seen_ns),
@@ -822,7 +823,9 @@ fn copy_map(dir: &Path, from: u32, moved: &Move, now_ns: u64, catch_up: bool) ->
         let wrote = if !catch_up {
             new.put(&key, &value, false)
         } else if moved.name == map_names::CONNTRACK {
-            catch_up_flow(&new, &key, &value)
+            catch_up_flow::<u32>(&new, &key, &value)
+        } else if moved.name == map_names::CONNTRACK6 {
+            catch_up_flow::<In6>(&new, &key, &value)
         } else {
             new.put(&key, &value, true)
         };
@@ -841,14 +844,17 @@ fn copy_map(dir: &Path, from: u32, moved: &Move, now_ns: u64, catch_up: bool) ->
     Ok(written)
 }
 
-fn catch_up_flow(new: &RawMap, key: &[u8], old_value: &[u8]) -> io::Result<bool> {
+fn catch_up_flow<A: lb_common::Address>(new: &RawMap, key: &[u8], old_value: &[u8]) -> io::Result<bool>
+where
+    ConntrackEntryOf<A>: bytemuck::Pod,
+{
     if new.put(key, old_value, true)? {
         return Ok(true);
     }
     let Some(new_value) = new.get(key)? else { return new.put(key, old_value, false) };
     let (Ok(old), Ok(current)) = (
-        bytemuck::try_pod_read_unaligned::<ConntrackEntry>(old_value),
-        bytemuck::try_pod_read_unaligned::<ConntrackEntry>(&new_value),
+        bytemuck::try_pod_read_unaligned::<ConntrackEntryOf<A>>(old_value),
+        bytemuck::try_pod_read_unaligned::<ConntrackEntryOf<A>>(&new_value),
     ) else {
         return Ok(false);
     };
@@ -866,28 +872,30 @@ fn catch_up_flow(new: &RawMap, key: &[u8], old_value: &[u8]) -> io::Result<bool>
 pub fn offer_previous_flows(
     dir: &Path,
     migration: &Migration,
-    previous: BorrowedFd<'_>,
+    previous: &[(&'static str, BorrowedFd<'_>)],
 ) -> Result<bool, LayoutError> {
-    let Some(moved) = migration.moves.iter().find(|moved| moved.name == map_names::CONNTRACK) else {
-        return Ok(false);
-    };
-    if !unchanged(migration.from, moved.name)
-        || (moved.from.map_type, moved.from.key_size, moved.from.value_size)
-            != (moved.to.map_type, moved.to.key_size, moved.to.value_size)
-    {
-        return Ok(false);
+    let mut offered = false;
+    for (conntrack, previous) in previous {
+        let Some(moved) = migration.moves.iter().find(|moved| moved.name == *conntrack) else { continue };
+        if !unchanged(migration.from, moved.name)
+            || (moved.from.map_type, moved.from.key_size, moved.from.value_size)
+                != (moved.to.map_type, moved.to.key_size, moved.to.value_size)
+        {
+            continue;
+        }
+        let path = dir.join(moved.name);
+        let old = links::open_pinned(&path).map_err(io_error("opening the map pinned at", &path))?;
+        let key = 0u32.to_ne_bytes();
+        let value = (old.as_raw_fd() as u32).to_ne_bytes();
+        let mut attr = [0u64; 16];
+        attr[0] = previous.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_ptr() as u64;
+        links::bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+            .map_err(io_error("offering the new programs the flows of", &path))?;
+        offered = true;
     }
-    let path = dir.join(moved.name);
-    let old = links::open_pinned(&path).map_err(io_error("opening the map pinned at", &path))?;
-    let key = 0u32.to_ne_bytes();
-    let value = (old.as_raw_fd() as u32).to_ne_bytes();
-    let mut attr = [0u64; 16];
-    attr[0] = previous.as_raw_fd() as u64;
-    attr[1] = key.as_ptr() as u64;
-    attr[2] = value.as_ptr() as u64;
-    links::bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
-        .map_err(io_error("offering the new programs the flows of", &path))?;
-    Ok(true)
+    Ok(offered)
 }
 
 /// Step 5, once the links run this build's programs: carries over what the old programs wrote
@@ -897,7 +905,7 @@ pub fn finish(
     dir: &Path,
     migration: &Migration,
     now_ns: u64,
-    previous: Option<BorrowedFd<'_>>,
+    previous: &[(&'static str, BorrowedFd<'_>)],
 ) -> Result<Finished, LayoutError> {
     let mut finished = Finished::default();
     for moved in &migration.moves {
@@ -905,7 +913,7 @@ pub fn finish(
             finished.caught_up += copy_map(dir, migration.from, moved, now_ns, true)?;
         }
     }
-    if let Some(previous) = previous {
+    for (conntrack, previous) in previous {
         let key = 0u32.to_ne_bytes();
         let mut attr = [0u64; 16];
         attr[0] = previous.as_raw_fd() as u64;
@@ -914,7 +922,7 @@ pub fn finish(
             Err(error) if error.raw_os_error() != Some(nix::libc::ENOENT) => {
                 return Err(io_error(
                     "taking the old flows away from the new programs",
-                    &dir.join(map_names::CONNTRACK),
+                    &dir.join(conntrack),
                 )(error));
             }
             _ => {}
