@@ -138,7 +138,7 @@ pub mod map_names {
     pub const SOCKETS6: &str = "LB_SOCKETS6";
     /// The TC programs' IPv6 halves, which they tail-call (`tail_calls`).
     pub const PROGRAMS: &str = "LB_PROGRAMS";
-    /// Not pinned: the XDP program's IPv6 half, which it tail-calls (slot 0).
+    /// Not pinned: the XDP program's IPv6 parts, which it tail-calls (`xdp_tail_calls`).
     pub const XDP_PROGRAMS: &str = "LB_XDP_PROGRAMS";
     /// Not pinned: the conntrack map a migration moves flows from (see lb-ebpf's maps).
     pub const CONNTRACK_PREVIOUS: &str = "LB_CONNTRACK_PREVIOUS";
@@ -201,6 +201,16 @@ pub mod tail_calls {
     /// The program in each slot, by name in the eBPF object.
     pub const PROGRAMS: [(u32, &str); COUNT as usize] =
         [(INGRESS6, "lb_ingress6"), (INGRESS6_EXTERNAL, "lb_ingress6_external"), (EGRESS6, "lb_egress6")];
+}
+
+/// Slots of the XDP programs map (`map_names::XDP_PROGRAMS`): the XDP program tail-calls its
+/// IPv6 half, which tail-calls its new-flow part, each for a BPF stack of its own.
+pub mod xdp_tail_calls {
+    pub const IPV6: u32 = 0;
+    pub const NEW_FLOW6: u32 = 1;
+    pub const COUNT: u32 = 2;
+    /// The program in each slot, by name in the eBPF object.
+    pub const PROGRAMS: [(u32, &str); COUNT as usize] = [(IPV6, "lb_xdp6"), (NEW_FLOW6, "lb_xdp6_new_flow")];
 }
 
 /// How often userspace publishes the time in the clock map (`map_names::CLOCK`), in

@@ -71,11 +71,12 @@ pub static LB_AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::p
 #[map]
 pub static LB_PROGRAMS: ProgramArray = ProgramArray::pinned(lb_common::tail_calls::COUNT, 0);
 
-/// The XDP program's IPv6 half (`lb_xdp6`), in slot 0, filled by userspace before the XDP
-/// program is attached. Not pinned: while no lb holds it the slot is empty, and `lb_xdp`
-/// then leaves IPv6 to TC, which does all of XDP's work anyway.
+/// The XDP program's IPv6 parts (`lb_common::xdp_tail_calls`), filled by userspace before the
+/// XDP program is attached. Not pinned: while no lb holds it the slots are empty, and the XDP
+/// programs then leave IPv6 to TC, which does all of XDP's work anyway.
 #[map]
-pub static LB_XDP_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static LB_XDP_PROGRAMS: ProgramArray =
+    ProgramArray::with_max_entries(lb_common::xdp_tail_calls::COUNT, 0);
 
 /// One entry: the IPv6 family's node-wide settings (its source-NAT address).
 #[map]

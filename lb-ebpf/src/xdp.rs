@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{ConntrackEntry, ConntrackEntry6, ConntrackEntryOf, FlowKeyOf, counters};
+use lb_common::{ConntrackEntry, ConntrackEntry6, ConntrackEntryOf, FlowKeyOf, counters, xdp_tail_calls};
 
 use crate::{
     conntrack::{self, TrackSpace, Tracked},
@@ -103,7 +103,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
     if read::<u16>(ctx, ETH_TYPE_OFFSET) == Some(ETH_P_IPV6.to_be()) {
         // SAFETY: the slot holds an XDP program of this object, which takes the same context.
         // An empty slot (userspace fills it before attaching) returns here: TC does the work.
-        unsafe { maps::LB_XDP_PROGRAMS.tail_call(ctx, 0) };
+        unsafe { maps::LB_XDP_PROGRAMS.tail_call(ctx, xdp_tail_calls::IPV6) };
         return xdp_action::XDP_PASS;
     }
     let Some(flow) = parse(ctx) else { return xdp_action::XDP_PASS };
@@ -131,26 +131,40 @@ fn try_lb_xdp6(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     scratch.key = conntrack::packet_key(&scratch.flow);
-    // Only tracked flows: a new one's first packet goes to TC, which tracks it (IPv6's new
-    // flow path is TC's alone), so this program stays one BPF frame.
-    match tracked_entry6(scratch) {
-        ENTRY_TRACKED => {}
-        action => return action,
+    let Scratch6 { flow, key, track } = scratch;
+    match tracked_entry(flow, key, track) {
+        Some(Ok(())) => send_back_or_pass(ctx, &track.forward, false, |entry| send_back6(ctx, flow, entry)),
+        Some(Err(action)) => action,
+        None => {
+            // A new flow: in a program of its own (`lb_xdp6_new_flow`), whose BPF stack the
+            // choice of a backend and the tracking need. The scratch keeps the parsed packet
+            // (the tail call runs on this CPU, uninterrupted). An empty slot leaves it to TC.
+            // SAFETY: the slot holds an XDP program of this object, which takes the same context.
+            unsafe { maps::LB_XDP_PROGRAMS.tail_call(ctx, xdp_tail_calls::NEW_FLOW6) };
+            xdp_action::XDP_PASS
+        }
     }
-    let Scratch6 { flow, track, .. } = scratch;
-    send_back_or_pass(ctx, &track.forward, false, |entry| send_back6(ctx, flow, entry))
 }
 
-/// `tracked_entry6`'s outcome when the entry is in the scratch; otherwise it returns the XDP
-/// action to end with (a plain number, as a BPF call returns).
-const ENTRY_TRACKED: u32 = 16;
+/// A new IPv6 flow to an external frontend, tail-called by `lb_xdp6` with the packet parsed
+/// into the scratch: its backend chosen and the flow tracked, then sent back out as
+/// `lb_xdp6` sends a tracked flow's packets, or passed to TC.
+#[xdp]
+pub fn lb_xdp6_new_flow(ctx: XdpContext) -> u32 {
+    let action = try_new_flow6(&ctx);
+    if action == xdp_action::XDP_PASS {
+        count(counters::XDP_PASS);
+    }
+    action
+}
 
 #[inline(always)]
-fn tracked_entry6(scratch: &mut Scratch6) -> u32 {
-    match tracked_entry(&scratch.flow, &scratch.key, &mut scratch.track) {
-        Some(Ok(())) => ENTRY_TRACKED,
-        Some(Err(action)) => action,
-        None => xdp_action::XDP_PASS,
+fn try_new_flow6(ctx: &XdpContext) -> u32 {
+    let Some(scratch) = maps::scratch6() else { return xdp_action::XDP_PASS };
+    let Scratch6 { flow, key, track } = scratch;
+    match new_entry(ctx, flow, key, track) {
+        Ok(()) => send_back_or_pass(ctx, &track.forward, true, |entry| send_back6(ctx, flow, entry)),
+        Err(action) => action,
     }
 }
 

@@ -455,7 +455,7 @@ fn xdp_forwards_node_port_traffic_for_remote_pods_and_tc_does_the_rest() {
     assert!(moved("xdp_tx") > 0, "XDP sent nothing back out: {after:?}");
     assert!(moved("xdp_pass") > 0, "XDP passed nothing to TC: {after:?}");
 
-    // IPv6: a flow's first packet is TC's, the rest of pod-b's flows XDP sends back out.
+    // IPv6, through the XDP program's IPv6 parts: pod-b's flows XDP sends back out.
     let v6 = ipv6();
     let seen = answers(&nodes, None, SocketAddr::new(v6.node(1), 30080), 40);
     assert_eq!(seen, set(&[("pod-a", v6.node(1)), ("pod-b", v6.node(1))]));

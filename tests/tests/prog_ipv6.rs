@@ -259,29 +259,28 @@ fn xdp_sends_remote_backend_traffic_back_out_over_ipv6_and_leaves_the_rest_to_tc
         frame
     };
 
-    // A new flow's first packet is TC's (the uplink's program): XDP passes it untouched, and
-    // TC tracks the flow, source-NATed, and sends it to the other node.
+    // New flow to the NodePort (lb_xdp6, then lb_xdp6_new_flow): translated, source-NATed,
+    // hop limit down, MACs for the other node.
     let syn = Packet6Spec::tcp(client, (node, 30080), 0x02);
-    assert_eq!(h.run_xdp(ingress, &syn.build()), (XDP_PASS, syn.build()), "a new flow is TC's");
-    assert!(flows(&mut h).is_empty(), "XDP tracked nothing");
-    h.program = lb_userspace::dataplane::datapath::INGRESS_EXTERNAL_PROGRAM;
-    let (verdict, _) = h.run(&syn.build());
-    assert!(verdict == REDIRECT || verdict == tests::fixture::PASS, "TC's verdict: {verdict}");
+    let (action, out) = h.run_xdp(ingress, &syn.build());
+    assert_eq!(action, XDP_TX, "{out:02x?}");
     let forward =
         flows(&mut h).into_iter().find(|(key, _)| key.src() == client).expect("the flow is tracked");
     let port = u16::from_be(forward.1.src_port);
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&port), "{port}");
+    let expected = Packet6Spec { hop_limit: 63, ..syn.with_src((node, port)).with_dst(remote) }.build();
+    assert!(packet::checksums_valid6(&expected));
+    assert_eq!(out, with_macs(expected, other_node_mac), "translated SYN");
 
-    // From then on, XDP sends the flow's packets back out: translated, hop limit down, MACs
-    // of the next hop.
+    // A tracked flow's next packet (lb_xdp6 alone).
     let ack = Packet6Spec::tcp(client, (node, 30080), 0x10);
     let (action, out) = h.run_xdp(ingress, &ack.build());
-    assert_eq!(action, XDP_TX, "{out:02x?}");
+    assert_eq!(action, XDP_TX);
     let expected = Packet6Spec { hop_limit: 63, ..ack.with_src((node, port)).with_dst(remote) }.build();
-    assert!(packet::checksums_valid6(&expected));
     assert_eq!(out, with_macs(expected, other_node_mac), "translated ACK");
 
     // The reply from the other node's pod goes back out to the client, from the NodePort.
-    let reply = Packet6Spec::tcp(remote, (node, port), 0x10);
+    let reply = Packet6Spec::tcp(remote, (node, port), 0x12);
     let (action, out) = h.run_xdp(ingress, &reply.build());
     assert_eq!(action, XDP_TX);
     let expected = Packet6Spec { hop_limit: 63, ..reply.with_src((node, 30080)).with_dst(client) }.build();

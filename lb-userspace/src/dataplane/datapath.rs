@@ -26,8 +26,6 @@ pub const EGRESS_PROGRAM: &str = "lb_egress";
 const TC_PROGRAMS: [&str; 3] = [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM];
 /// The XDP program for the external interfaces.
 pub const XDP_PROGRAM: &str = "lb_xdp";
-/// Its IPv6 half, which it tail-calls.
-pub const XDP6_PROGRAM: &str = "lb_xdp6";
 /// The cgroup socket programs (socket-level load balancing for the node's own traffic).
 pub const SOCKET_PROGRAMS: [&str; 8] = [
     "lb_connect4",
@@ -364,25 +362,31 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram { name })?;
             program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
         }
-        // XDP's IPv6 half, into the slot the XDP program tail-calls (a map of this load only:
-        // see lb-ebpf's `LB_XDP_PROGRAMS`).
-        let xdp6: &mut Xdp = ebpf
-            .program_mut(XDP6_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(DatapathError::MissingProgram { name: XDP6_PROGRAM })?;
-        xdp6.load().map_err(|source| DatapathError::LoadProgram { name: XDP6_PROGRAM, source })?;
-        let xdp6 = xdp6
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(Into::into))
-            .map_err(|source| DatapathError::LoadProgram { name: XDP6_PROGRAM, source })?;
+        // XDP's IPv6 parts, into the slots the XDP programs tail-call (a map of this load
+        // only: see lb-ebpf's `LB_XDP_PROGRAMS`).
+        let mut xdp6_programs = Vec::new();
+        for (slot, name) in lb_common::xdp_tail_calls::PROGRAMS {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { name })?;
+            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+            let fd = program
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .map_err(|source| DatapathError::LoadProgram { name, source })?;
+            xdp6_programs.push((slot, fd));
+        }
         let mut xdp_slots: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
             .map_mut(map_names::XDP_PROGRAMS)
             .ok_or(DatapathError::MissingMap { name: map_names::XDP_PROGRAMS })?
             .try_into()
             .map_err(|source| DatapathError::ProgramSlots { map: map_names::XDP_PROGRAMS, source })?;
-        xdp_slots
-            .set(0, &xdp6, 0)
-            .map_err(|source| DatapathError::ProgramSlots { map: map_names::XDP_PROGRAMS, source })?;
+        for (slot, fd) in &xdp6_programs {
+            xdp_slots
+                .set(*slot, fd, 0)
+                .map_err(|source| DatapathError::ProgramSlots { map: map_names::XDP_PROGRAMS, source })?;
+        }
         let xdp: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
             .and_then(|p| p.try_into().ok())
