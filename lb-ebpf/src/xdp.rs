@@ -4,7 +4,8 @@
 //! untouched to the TC program on the same interface, which handles every case: packets for a
 //! local pod (redirecting into a veth is not something every driver's XDP can do), ClusterIP
 //! traffic, rejects, IP options, fragments, no route or no neighbour yet. A new flow tracked
-//! here and then passed is translated by TC from the conntrack entry.
+//! here and then passed is translated by TC from the conntrack entry. IPv6 runs in programs of
+//! its own (`lb_xdp6`, and `lb_xdp6_new_flow` for new flows), which `lb_xdp` tail-calls.
 
 use core::mem::size_of;
 
@@ -114,7 +115,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> u32 {
 /// The IPv6 half of `lb_xdp`, tail-called by it (`LB_XDP_PROGRAMS`): a program of its own, so
 /// IPv6's keys and entries (in the per-CPU scratch, as TC's IPv6 programs keep them) get a BPF
 /// stack of their own and IPv4 pays one EtherType test for it. It sends back the packets of
-/// tracked flows; a flow's first packet is TC's, which chooses its backend and tracks it.
+/// tracked flows, and tail-calls `lb_xdp6_new_flow` for a flow's first packet.
 #[xdp]
 pub fn lb_xdp6(ctx: XdpContext) -> u32 {
     let action = try_lb_xdp6(&ctx);
