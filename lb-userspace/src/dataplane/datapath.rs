@@ -332,29 +332,17 @@ impl Datapath {
         // Every program now: a previous lb's links get them before anything else happens. The
         // IPv6 halves first, into the programs map the others tail-call (pinned: a previous
         // lb's programs, still attached, then reach these).
-        let mut ipv6_programs = Vec::new();
-        for (slot, name) in lb_common::tail_calls::PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(DatapathError::MissingProgram { name })?;
-            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
-            let fd = program
-                .fd()
-                .and_then(|fd| fd.try_clone().map_err(Into::into))
-                .map_err(|source| DatapathError::LoadProgram { name, source })?;
-            ipv6_programs.push((slot, fd));
-        }
-        let mut slots: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
-            .map_mut(map_names::PROGRAMS)
-            .ok_or(DatapathError::MissingMap { name: map_names::PROGRAMS })?
-            .try_into()
-            .map_err(|source| DatapathError::ProgramSlots { map: map_names::PROGRAMS, source })?;
-        for (slot, fd) in &ipv6_programs {
-            slots
-                .set(*slot, fd, 0)
-                .map_err(|source| DatapathError::ProgramSlots { map: map_names::PROGRAMS, source })?;
-        }
+        fill_program_slots(
+            &mut ebpf,
+            map_names::PROGRAMS,
+            &lb_common::tail_calls::PROGRAMS,
+            |program, name| {
+                let program: &mut SchedClassifier =
+                    program.try_into().map_err(|_| DatapathError::MissingProgram { name })?;
+                program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+                program_fd(program.fd(), name)
+            },
+        )?;
         for name in TC_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -364,29 +352,17 @@ impl Datapath {
         }
         // XDP's IPv6 parts, into the slots the XDP programs tail-call (a map of this load
         // only: see lb-ebpf's `LB_XDP_PROGRAMS`).
-        let mut xdp6_programs = Vec::new();
-        for (slot, name) in lb_common::xdp_tail_calls::PROGRAMS {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(DatapathError::MissingProgram { name })?;
-            program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
-            let fd = program
-                .fd()
-                .and_then(|fd| fd.try_clone().map_err(Into::into))
-                .map_err(|source| DatapathError::LoadProgram { name, source })?;
-            xdp6_programs.push((slot, fd));
-        }
-        let mut xdp_slots: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
-            .map_mut(map_names::XDP_PROGRAMS)
-            .ok_or(DatapathError::MissingMap { name: map_names::XDP_PROGRAMS })?
-            .try_into()
-            .map_err(|source| DatapathError::ProgramSlots { map: map_names::XDP_PROGRAMS, source })?;
-        for (slot, fd) in &xdp6_programs {
-            xdp_slots
-                .set(*slot, fd, 0)
-                .map_err(|source| DatapathError::ProgramSlots { map: map_names::XDP_PROGRAMS, source })?;
-        }
+        fill_program_slots(
+            &mut ebpf,
+            map_names::XDP_PROGRAMS,
+            &lb_common::xdp_tail_calls::PROGRAMS,
+            |program, name| {
+                let program: &mut Xdp =
+                    program.try_into().map_err(|_| DatapathError::MissingProgram { name })?;
+                program.load().map_err(|source| DatapathError::LoadProgram { name, source })?;
+                program_fd(program.fd(), name)
+            },
+        )?;
         let xdp: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
             .and_then(|p| p.try_into().ok())
@@ -863,6 +839,39 @@ pub fn read_stats(bpf_dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathEr
 }
 
 pub use crate::dataplane::layout::{MapShape, expected_shapes, pinned_shape};
+
+/// Loads `programs` (`load` loads one and returns its descriptor) and puts each in its slot of
+/// the program array `map`, which other programs tail-call.
+fn fill_program_slots(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    programs: &[(u32, &'static str)],
+    load: impl Fn(&mut aya::programs::Program, &'static str) -> Result<aya::programs::ProgramFd, DatapathError>,
+) -> Result<(), DatapathError> {
+    let mut loaded = Vec::new();
+    for &(slot, name) in programs {
+        let program = ebpf.program_mut(name).ok_or(DatapathError::MissingProgram { name })?;
+        loaded.push((slot, load(program, name)?));
+    }
+    let mut slots: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
+        .map_mut(map)
+        .ok_or(DatapathError::MissingMap { name: map })?
+        .try_into()
+        .map_err(|source| DatapathError::ProgramSlots { map, source })?;
+    for (slot, fd) in &loaded {
+        slots.set(*slot, fd, 0).map_err(|source| DatapathError::ProgramSlots { map, source })?;
+    }
+    Ok(())
+}
+
+/// A loaded program's descriptor, owned.
+fn program_fd(
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<aya::programs::ProgramFd, DatapathError> {
+    fd.and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| DatapathError::LoadProgram { name, source })
+}
 
 /// Each family's conntrack map, with the programs' map that offers them its previous one
 /// (LB_CONNTRACK_PREVIOUS, LB_CONNTRACK6_PREVIOUS; see `layout::offer_previous_flows`).
