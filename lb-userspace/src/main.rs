@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lb_userspace::convert::{EndpointsSource, LbAlgorithm, ProxyConfig};
 use lb_userspace::daemon::{preflight, run};
 use lb_userspace::dataplane::conntrack::{self, PinnedFlowTables, Timeouts};
-use lb_userspace::dataplane::maps::{BpfMaps, FamilyAddress, ServiceMaps};
+use lb_userspace::dataplane::maps::{BpfMaps, ServiceMaps};
 use lb_userspace::dataplane::node_addresses::NodeAddressConfig;
 use lb_userspace::dataplane::reconcile::ProgrammedState;
 use lb_userspace::dataplane::{datapath, explain, status};
@@ -48,7 +48,7 @@ enum Command {
     Run(RunArgs),
     /// Show the frontends and backends programmed in the pinned maps.
     Services {
-        /// Output format.
+        /// Output format (`table` shows up to three backends a frontend, `wide` every one).
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
@@ -108,6 +108,9 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Show the data path's packet counters and the conntrack collector's statistics.
     Counters {
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: OutputFormat,
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -520,7 +523,8 @@ fn inspect(command: Command) -> Result<()> {
                 OutputFormat::Json => {
                     println!("{}", serde_json::to_string_pretty(&status::services_rows(&snapshot))?)
                 }
-                OutputFormat::Table | OutputFormat::Wide => print!("{}", status::services_table(&snapshot)),
+                OutputFormat::Table => print!("{}", status::services_table(&snapshot, false)),
+                OutputFormat::Wide => print!("{}", status::services_table(&snapshot, true)),
             }
             Ok(())
         }
@@ -533,12 +537,18 @@ fn inspect(command: Command) -> Result<()> {
             let node = node_name(hostname_override);
             explain(&query, manifests.as_deref(), node.as_deref(), output, &bpf_dir)
         }
-        Command::Counters { bpf_dir } => {
-            for (name, value) in datapath::read_counters(&bpf_dir)? {
-                println!("{name:36} {value}");
-            }
-            for (name, value) in datapath::read_stats(&bpf_dir)? {
-                println!("{name:36} {value}");
+        Command::Counters { output, bpf_dir } => {
+            let (counters, collector) = (datapath::read_counters(&bpf_dir)?, datapath::read_stats(&bpf_dir)?);
+            match output {
+                OutputFormat::Json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status::counters_json(&counters, &collector))?
+                    )
+                }
+                OutputFormat::Table | OutputFormat::Wide => {
+                    print!("{}", status::counters_text(&counters, &collector))
+                }
             }
             Ok(())
         }
@@ -619,83 +629,17 @@ fn explain(
     output: OutputFormat,
     bpf_dir: &std::path::Path,
 ) -> Result<()> {
-    let snapshot = BpfMaps::from_pins(bpf_dir)?.snapshot_with_maglev()?;
-    let config = datapath::read_config(bpf_dir)?;
-    let tables = PinnedFlowTables::open(bpf_dir)?;
-    let tracked = match (&tables.v6, query.source.ip()) {
-        (_, std::net::IpAddr::V4(_)) => tracked_flow(&tables.v4, query)?,
-        (Some(v6), std::net::IpAddr::V6(_)) => tracked_flow(v6, query)?,
-        (None, std::net::IpAddr::V6(_)) => None,
-    };
-    let snat_address = if query.source.is_ipv4() {
-        (config.snat_address != 0).then(|| std::net::Ipv4Addr::from(u32::from_be(config.snat_address)).into())
-    } else {
-        datapath::read_config6(bpf_dir)
-            .ok()
-            .map(|config| std::net::Ipv6Addr::from(config.snat_address))
-            .filter(|address| !address.is_unspecified())
-            .map(Into::into)
-    };
-    let mut facts = explain::FlowFacts {
-        tracked,
-        maglev_table_size: config.maglev_table_size,
-        snat_address,
-        ..Default::default()
-    };
-    let first = explain::explain(query, &snapshot, &facts);
-    if let Some(frontend) = &first.frontend {
-        let record = match (&tables.v6, query.source.ip()) {
-            (_, std::net::IpAddr::V4(ip)) => tables.v4.affinity_record(&lb_common::AffinityKey {
-                client_address: u32::from(ip).to_be(),
-                service_id: frontend.service_id,
-            }),
-            (Some(v6), std::net::IpAddr::V6(ip)) => v6.affinity_record(&lb_common::AffinityKey6 {
-                client_address: ip.into(),
-                service_id: frontend.service_id,
-            }),
-            (None, _) => Ok(None),
-        };
-        if let Some(record) = record.context("reading the affinity table")? {
-            let age = conntrack::monotonic_ns().saturating_sub(record.last_used_ns) / 1_000_000_000;
-            facts.affinity = Some((record, age));
-        }
-        if let Some(dir) = manifests {
-            facts.excluded =
-                excluded_from_objects(dir, frontend, &first.eligible, node_name, query.protocol)?;
-        }
+    let (snapshot, facts) = explain::read_pinned(bpf_dir, query)?;
+    let mut explanation = explain::explain(query, &snapshot, &facts);
+    if let (Some(frontend), Some(dir)) = (&explanation.frontend, manifests) {
+        explanation.not_eligible =
+            excluded_from_objects(dir, frontend, &explanation.eligible, node_name, query.protocol)?;
     }
-    let explanation = explain::explain(query, &snapshot, &facts);
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
         OutputFormat::Table | OutputFormat::Wide => print!("{}", explain::render(&explanation)),
     }
     Ok(())
-}
-
-/// The conntrack entry of the query's 5-tuple in its family's table.
-fn tracked_flow<A: FamilyAddress>(
-    tables: &conntrack::FamilyFlowTables<A>,
-    query: &explain::Query,
-) -> Result<Option<explain::TrackedFlow>>
-where
-    conntrack::FamilyFlowTables<A>: conntrack::FlowTables<A>,
-{
-    use conntrack::FlowTables as _;
-    let (Some(src_address), Some(dst_address)) =
-        (A::from_ip(query.source.ip()), A::from_ip(query.destination.ip()))
-    else {
-        return Ok(None);
-    };
-    let key = lb_common::FlowKeyOf {
-        src_address,
-        dst_address,
-        src_port: query.source.port().to_be(),
-        dst_port: query.destination.port().to_be(),
-        protocol: query.protocol.number(),
-        _pad0: 0,
-        _pad1: 0,
-    };
-    Ok(tables.flow_entry(&key).context("reading the conntrack table")?.map(Into::into))
 }
 
 /// The Service port's endpoints that the objects in `dir` list but the maps give no new flows,
@@ -751,13 +695,7 @@ fn stats(output: OutputFormat, bpf_dir: &std::path::Path) -> Result<()> {
     let services: Vec<status::ServiceStats> = by_service.into_values().collect();
     match output {
         OutputFormat::Json => {
-            let counters: std::collections::BTreeMap<&str, u64> = counters.iter().copied().collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &serde_json::json!({ "services": services, "counters": counters })
-                )?
-            )
+            println!("{}", serde_json::to_string_pretty(&status::stats_json(&services, &counters))?)
         }
         OutputFormat::Table | OutputFormat::Wide => print!("{}", status::stats_table(&services, &counters)),
     }
@@ -788,13 +726,11 @@ fn endpoints(
         anyhow::bail!("no Service {wanted} in the maps under {}", bpf_dir.display());
     }
     let all_namespaces = wanted.is_none();
-    match output {
-        OutputFormat::Json => {
-            for service in last.values() {
-                println!("{}", serde_json::to_string(service)?);
-            }
-        }
-        _ => print!("{}", status::endpoints_table(last.values(), all_namespaces, wide)),
+    let json = output == OutputFormat::Json;
+    if json {
+        print!("{}", status::watch_lines(&Default::default(), &last, all_namespaces, wide, true));
+    } else {
+        print!("{}", status::endpoints_table(last.values(), all_namespaces, wide));
     }
     if !watch {
         return Ok(());
@@ -804,18 +740,7 @@ fn endpoints(
         std::io::stdout().flush()?;
         std::thread::sleep(interval);
         let now = read()?;
-        for (name, service) in &now {
-            if last.get(name) == Some(service) {
-                continue;
-            }
-            match output {
-                OutputFormat::Json => println!("{}", serde_json::to_string(service)?),
-                _ => {
-                    let row = status::endpoints_row(service, all_namespaces, wide, "<unknown>");
-                    print!("{}", status::kubectl_columns(&[row]));
-                }
-            }
-        }
+        print!("{}", status::watch_lines(&last, &now, all_namespaces, wide, json));
         // A Service that left the maps was deleted: kubectl's watch prints nothing for it.
         last = now;
     }

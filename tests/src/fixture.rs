@@ -9,14 +9,17 @@ use std::path::PathBuf;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb_common::{ConntrackEntry, DatapathConfig, DatapathConfig6, FlowKey, counters, map_names};
-use lb_userspace::dataplane::datapath::{Capacity, Datapath, INGRESS_PROGRAM, XDP_PROGRAM};
+use lb_userspace::dataplane::datapath::{
+    Capacity, Datapath, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM, XDP_PROGRAM,
+};
+use lb_userspace::dataplane::explain;
 use lb_userspace::dataplane::maps::BpfMaps;
 use lb_userspace::dataplane::reconcile::Reconciler;
 use lb_userspace::model::{
     DesiredState, Frontend, FrontendPolicy, FrontendType, L4Addr, Protocol, ServicePortName,
 };
 
-use crate::{NetNs, PrivateBpfFs, require_root};
+use crate::{NetNs, PrivateBpfFs, packet, require_root};
 
 pub const PASS: u32 = -1i32 as u32; // TC_ACT_UNSPEC: continue (TCX_NEXT)
 pub const DROP: u32 = 2; // TC_ACT_SHOT
@@ -72,6 +75,8 @@ pub struct Harness {
     pub reconciler: Reconciler<BpfMaps>,
     /// The program `run` and `expect` use (`lb_ingress` unless changed).
     pub program: &'static str,
+    /// Packets whose outcome was held against what `lb explain` said of them.
+    pub explained: usize,
     config: DatapathConfig,
     bpffs: PrivateBpfFs,
     _netns: NetNs,
@@ -107,8 +112,15 @@ impl Harness {
             maglev_table_size: lb_common::MAGLEV_TABLE_SIZE,
             ..Default::default()
         };
-        let mut harness =
-            Self { datapath, reconciler, program: INGRESS_PROGRAM, config, bpffs, _netns: netns };
+        let mut harness = Self {
+            datapath,
+            reconciler,
+            program: INGRESS_PROGRAM,
+            explained: 0,
+            config,
+            bpffs,
+            _netns: netns,
+        };
         harness.write_config();
         harness
     }
@@ -131,7 +143,49 @@ impl Harness {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
+    /// Runs a packet through `program`: its verdict and output frame. A packet `lb explain` can
+    /// be asked about (see `explained_by`) is asked about first, and what explain said is held
+    /// against what the program then did.
     pub fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let explained = self.explain(input);
+        let before = explained.is_some().then(|| self.counters());
+        let (verdict, output) = self.run_program(input);
+        if let (Some((flow, explanation)), Some(before)) = (explained, before) {
+            let after = self.counters();
+            let moved: Vec<&str> = (1..counters::COUNT as usize)
+                .filter(|i| after[*i] != before[*i])
+                .map(|i| counters::NAMES[i])
+                .collect();
+            explained_by(&flow, &explanation, &moved, &output);
+            self.explained += 1;
+        }
+        (verdict, output)
+    }
+
+    /// What `lb explain` says of `input`'s flow, from the pinned maps as the CLI reads them:
+    /// for a TC ingress program and a well-formed TCP, UDP or SCTP packet (not a SYN of a
+    /// tracked flow, which explain does not describe: it may reopen the flow).
+    fn explain(&self, input: &[u8]) -> Option<(packet::FrameFlow, explain::Explanation)> {
+        let external = match self.program {
+            INGRESS_PROGRAM => false,
+            INGRESS_EXTERNAL_PROGRAM => true,
+            _ => return None,
+        };
+        let flow = packet::flow_of(input)?;
+        let query = explain::Query {
+            source: flow.source,
+            destination: flow.destination,
+            protocol: Protocol::from_number(flow.protocol)?,
+            external,
+        };
+        let (snapshot, facts) = explain::read_pinned(&self.bpf_dir(), &query).expect("lb explain's reads");
+        if facts.tracked.is_some() && flow.tcp_flags & packet::TCP_SYN != 0 {
+            return None;
+        }
+        Some((flow, explain::explain(&query, &snapshot, &facts)))
+    }
+
+    fn run_program(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         let program: &mut SchedClassifier =
             self.datapath.ebpf_mut().program_mut(self.program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; input.len() + 512];
@@ -216,4 +270,39 @@ impl Harness {
     pub fn conntrack(&mut self) -> HashMap<&mut MapData, FlowKey, ConntrackEntry> {
         HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap()
     }
+}
+
+/// Outcomes `lb explain` cannot foresee from the maps and the 5-tuple, each with the verdict it
+/// gives instead: the conntrack table being full (explain does not count it), every
+/// source-NAT port being taken, and a reject that cannot be built (the packet is itself a RST,
+/// or carries IP options).
+const UNFORESEEN: [(&str, &str); 3] = [
+    ("drop_conntrack_full", "forward_new_flow"),
+    ("drop_snat_failed", "forward_new_flow"),
+    ("drop_reject_failed", "reject_no_backend"),
+];
+
+/// Checks that the program did what `lb explain` said of the packet: the verdict counter it
+/// named moved, and the packet left with the addresses and ports explain gave.
+fn explained_by(flow: &packet::FrameFlow, explanation: &explain::Explanation, moved: &[&str], output: &[u8]) {
+    let said = || format!("lb explain said of {flow:?}:\n{}", explain::render(explanation));
+    if !moved.contains(&explanation.counter) {
+        let unforeseen = UNFORESEEN
+            .iter()
+            .any(|(outcome, instead)| moved.contains(outcome) && explanation.counter == *instead);
+        assert!(unforeseen, "the program counted {moved:?}; {}", said());
+        return;
+    }
+    let Some(translated) = &explanation.translated else { return };
+    let out = packet::flow_of(output).unwrap_or_else(|| panic!("no flow in the output packet; {}", said()));
+    let source = if translated.contains(explain::FREE_PORT) {
+        match out.source {
+            std::net::SocketAddr::V4(address) => format!("{}:{}", address.ip(), explain::FREE_PORT),
+            std::net::SocketAddr::V6(address) => format!("[{}]:{}", address.ip(), explain::FREE_PORT),
+        }
+    } else {
+        out.source.to_string()
+    };
+    let protocol = Protocol::from_number(out.protocol).unwrap();
+    assert_eq!(*translated, format!("{source} -> {}/{protocol}", out.destination), "{}", said());
 }

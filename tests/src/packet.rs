@@ -7,6 +7,8 @@ pub const ETH_LEN: usize = 14;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const SCTP: u8 = 132;
+/// TCP's SYN flag.
+pub const TCP_SYN: u8 = 0x02;
 
 /// SCTP's checksum: CRC32c over the packet with the checksum field zeroed, stored little-endian
 /// (RFC 9260, appendix A).
@@ -533,6 +535,78 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     ones_complement_sum(l4, pseudo_header_sum(src, dst, protocol, l4.len())) == 0xffff
+}
+
+/// The flow a well-formed frame carries: what `lb explain` is asked about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameFlow {
+    pub source: std::net::SocketAddr,
+    pub destination: std::net::SocketAddr,
+    /// The IP protocol number (TCP, UDP or SCTP).
+    pub protocol: u8,
+    /// TCP's flags; 0 for the others.
+    pub tcp_flags: u8,
+}
+
+/// The ports and flags of `l4` (TCP, UDP or SCTP), if its header is whole.
+fn transport(protocol: u8, l4: &[u8]) -> Option<(u16, u16, u8)> {
+    let header_len = match protocol {
+        TCP => 20,
+        UDP => 8,
+        SCTP => 12,
+        _ => return None,
+    };
+    if l4.len() < header_len {
+        return None;
+    }
+    let flags = if protocol == TCP { l4[13] } else { 0 };
+    Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]), flags))
+}
+
+/// The flow of an Ethernet frame carrying IPv4 (options allowed) or IPv6 (no extension
+/// headers) and a whole TCP, UDP or SCTP header, whose IP lengths match the frame; `None` for
+/// anything else (fragments, ICMP, malformed or truncated packets).
+pub fn flow_of(frame: &[u8]) -> Option<FrameFlow> {
+    use std::net::SocketAddr;
+    let ether_type = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip = frame.get(ETH_LEN..)?;
+    match ether_type {
+        0x0800 => {
+            let header_len = usize::from(*ip.first()? & 0x0f) * 4;
+            let total_len = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            let fragment = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x3fff;
+            if ip[0] >> 4 != 4 || header_len < 20 || total_len != ip.len() || fragment != 0 {
+                return None;
+            }
+            let (src, dst) = (
+                Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            );
+            let (src_port, dst_port, tcp_flags) = transport(ip[9], ip.get(header_len..total_len)?)?;
+            Some(FrameFlow {
+                source: SocketAddr::from((src, src_port)),
+                destination: SocketAddr::from((dst, dst_port)),
+                protocol: ip[9],
+                tcp_flags,
+            })
+        }
+        0x86dd => {
+            let header = ip.get(..40)?;
+            let payload_len = usize::from(u16::from_be_bytes([header[4], header[5]]));
+            if header[0] >> 4 != 6 || payload_len + 40 != ip.len() {
+                return None;
+            }
+            let address = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&header[at..at + 16]).unwrap());
+            let (src_port, dst_port, tcp_flags) = transport(header[6], &ip[40..])?;
+            Some(FrameFlow {
+                source: SocketAddr::from((address(8), src_port)),
+                destination: SocketAddr::from((address(24), dst_port)),
+                protocol: header[6],
+                tcp_flags,
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

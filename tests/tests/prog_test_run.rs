@@ -1,5 +1,6 @@
 //! Packet fixtures through BPF_PROG_TEST_RUN: {input, expected verdict, expected output,
-//! expected counter}, with the maps programmed by the real reconciler.
+//! expected counter}, with the maps programmed by the real reconciler. The harness also asks
+//! `lb explain` about each packet first and holds its answer against what the program did.
 
 use std::net::Ipv4Addr;
 
@@ -27,6 +28,8 @@ fn tcp_syn_to_cluster_ip_is_rewritten_with_both_checksums() {
     let ack = PacketSpec::tcp(CLIENT, (VIP, 80), 0x10);
     let expected = ack.with_dst((Ipv4Addr::new(10, 244, 1, 11), 8080)).build();
     h.expect("ACK", &ack.build(), PASS, &expected, counters::FORWARD_TRACKED_FLOW);
+    // Both packets' outcomes were also what `lb explain` said of them (every fixture's are).
+    assert_eq!(h.explained, 2);
 }
 
 #[test]

@@ -7,11 +7,18 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
-use lb_common::{AffinityValue, In6, backend_flags, conntrack_state, service_flags};
+use lb_common::{
+    AffinityValue, In6, backend_flags, conntrack_flags, conntrack_state, counters, service_flags,
+};
 use serde::Serialize;
 
-use crate::dataplane::maps::{FamilyAddress, MapsSnapshot, SlotKey};
+use crate::dataplane::conntrack::{
+    self, FamilyFlowTables, FlowTables as _, FlowTablesError, PinnedFlowTables,
+};
+use crate::dataplane::datapath::{self, DatapathError};
+use crate::dataplane::maps::{BpfMaps, FamilyAddress, MapsError, MapsSnapshot, ServiceMaps as _, SlotKey};
 use crate::model::{FrontendType, Protocol, Scope};
 
 /// The packet asked about.
@@ -26,20 +33,24 @@ pub struct Query {
     pub external: bool,
 }
 
+/// A client's affinity record, with its age in seconds.
+pub type AffinityRecord = (AffinityValue, u64);
+
 /// What the maps say about the packet's flow besides the service maps.
 #[derive(Clone, Debug, Default)]
 pub struct FlowFacts {
     /// The conntrack entry of the packet's 5-tuple, if the flow is tracked.
     pub tracked: Option<TrackedFlow>,
     /// The client's affinity record for the frontend, with its age in seconds.
-    pub affinity: Option<(AffinityValue, u64)>,
+    pub affinity: Option<AffinityRecord>,
     /// The data path's settings: Maglev table size and source-NAT address.
     pub maglev_table_size: u32,
     /// The source-NAT address of the query's family.
     pub snat_address: Option<IpAddr>,
-    /// Endpoints of the Service port that get no new flows, and why (from the objects, when
-    /// `lb explain` was given them).
-    pub excluded: Vec<(String, String)>,
+    /// The reply tuple of the new flow's backend (backend -> client) belongs to another live
+    /// flow (the client reached the same backend from this port through another frontend):
+    /// the flow gets a source port of its own.
+    pub reply_tuple_taken: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -50,8 +61,11 @@ pub struct Explanation {
     pub frontend: Option<FrontendMatch>,
     /// What happens to the packet, in a few words.
     pub verdict: String,
+    /// The data path's verdict counter this packet moves (as `lb counters` names it).
+    pub counter: &'static str,
     pub eligible: Vec<String>,
-    /// Endpoints that are not eligible, and why (known only from the objects).
+    /// Endpoints that are not eligible, and why (known only from the objects: filled in by
+    /// `lb explain --manifests`).
     pub not_eligible: Vec<(String, String)>,
     pub backend: Option<String>,
     /// How the backend was picked.
@@ -82,6 +96,8 @@ pub struct TrackedFlow {
     pub reply: bool,
     /// `conntrack_state`.
     pub state: u8,
+    /// `conntrack_flags`.
+    pub flags: u16,
 }
 
 impl<A: FamilyAddress> From<lb_common::ConntrackEntryOf<A>> for TrackedFlow {
@@ -91,6 +107,7 @@ impl<A: FamilyAddress> From<lb_common::ConntrackEntryOf<A>> for TrackedFlow {
             destination: SocketAddr::new(entry.dst_address.ip(), u16::from_be(entry.dst_port)),
             reply: entry.is_reply(),
             state: entry.state,
+            flags: entry.flags,
         }
     }
 }
@@ -125,6 +142,11 @@ fn policy_words(flags: u16, affinity_timeout: u32, maglev_table: u32) -> String 
     words.join(", ")
 }
 
+/// The name of a verdict counter.
+fn counter(index: u32) -> &'static str {
+    counters::NAMES[index as usize]
+}
+
 pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Explanation {
     let (dst_address, dst_port) = (query.destination.ip(), query.destination.port());
     let protocol = query.protocol.number();
@@ -138,45 +160,66 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
         ),
         frontend: None,
         verdict: String::new(),
+        counter: counter(counters::PASS_NOT_SERVICE),
         eligible: Vec::new(),
-        not_eligible: facts.excluded.clone(),
+        not_eligible: Vec::new(),
         backend: None,
         chosen_by: None,
         translated: None,
     };
+    let conclude = |explanation: &mut Explanation, verdict: &str, index: u32| {
+        explanation.verdict = format!("{verdict} ({})", counter(index));
+        explanation.counter = counter(index);
+    };
 
-    // The tracked flow's entry decides before any frontend is looked at.
+    // The tracked flow's entry decides before any frontend is looked at. (A TCP SYN on the
+    // tuple of an ended flow starts a new flow instead; explain describes the flow's other
+    // packets.)
     if let Some(entry) = &facts.tracked {
         let (backend, source) = (entry.destination, entry.source);
         if entry.reply {
-            explanation.verdict =
-                "a reply of a tracked flow: its source is rewritten back to the frontend".into();
+            conclude(
+                &mut explanation,
+                "a reply of a tracked flow: its source is rewritten back to the frontend",
+                counters::REPLY_REVERSE_NAT,
+            );
             explanation.translated = Some(format!("{source} -> {backend}/{}", query.protocol));
             return explanation;
         }
         explanation.frontend = frontend_match(snapshot, dst_address, dst_port, protocol, query.external);
+        if let Some((key, value)) = lookup(snapshot, dst_address, dst_port, protocol, query.external) {
+            explanation.eligible = eligible(snapshot, key, value.backend_count);
+        }
         explanation.backend = Some(backend.to_string());
         explanation.chosen_by = Some(format!(
             "the flow is tracked ({}): it keeps the backend its first packet got",
             conntrack_state::name(entry.state)
         ));
-        explanation.verdict = "forwarded to the flow's backend".into();
+        if query.protocol == Protocol::Tcp && entry.flags & conntrack_flags::BACKEND_GONE != 0 {
+            conclude(
+                &mut explanation,
+                "reset: the flow's backend is no longer an endpoint, the client gets a TCP RST",
+                counters::RESET_BACKEND_GONE,
+            );
+            return explanation;
+        }
+        conclude(&mut explanation, "forwarded to the flow's backend", counters::FORWARD_TRACKED_FLOW);
         explanation.translated = Some(format!("{source} -> {backend}/{}", query.protocol));
         return explanation;
     }
 
     let Some((key, value)) = lookup(snapshot, dst_address, dst_port, protocol, query.external) else {
-        explanation.verdict = "no frontend at this address: passed untouched (pass_not_service)".into();
+        conclude(
+            &mut explanation,
+            "no frontend at this address: passed untouched",
+            counters::PASS_NOT_SERVICE,
+        );
         return explanation;
     };
     let frontend = frontend_match(snapshot, dst_address, dst_port, protocol, query.external);
     let service_id = value.service_id;
     let count = usize::from(value.backend_count);
-    let slots: Vec<u32> = (1..=value.backend_count)
-        .filter_map(|slot| snapshot.services.get(&key.with_slot(slot)).map(|v| v.backend_id))
-        .collect();
-    let address_of = |id: &u32| snapshot.backends.get(id).map(|b| SocketAddr::new(b.ip, b.port).to_string());
-    explanation.eligible = slots.iter().filter_map(address_of).collect();
+    explanation.eligible = eligible(snapshot, key, value.backend_count);
     explanation.frontend = frontend;
 
     if value.flags & service_flags::SOURCE_RANGES != 0 {
@@ -185,25 +228,30 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
             .iter()
             .any(|(id, range)| *id == service_id && range.contains(&query.source.ip()));
         if !allowed {
-            explanation.verdict =
-                "dropped: the source is outside the Service's loadBalancerSourceRanges (drop_source_range)"
-                    .into();
+            conclude(
+                &mut explanation,
+                "dropped: the source is outside the Service's loadBalancerSourceRanges",
+                counters::DROP_SOURCE_RANGE,
+            );
             return explanation;
         }
     }
     if count == 0 {
-        explanation.verdict = if value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
-            "dropped: Local traffic policy and no endpoint on this node (drop_no_local_backend)".into()
+        if value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            conclude(
+                &mut explanation,
+                "dropped: Local traffic policy and no endpoint on this node",
+                counters::DROP_NO_LOCAL_BACKEND,
+            );
         } else {
-            match query.protocol {
-                Protocol::Tcp => {
-                    "rejected: no endpoints, the client gets a TCP RST (reject_no_backend)".into()
-                }
+            let answer = match query.protocol {
+                Protocol::Tcp => "rejected: no endpoints, the client gets a TCP RST",
                 Protocol::Udp | Protocol::Sctp => {
-                    "rejected: no endpoints, the client gets ICMP port unreachable (reject_no_backend)".into()
+                    "rejected: no endpoints, the client gets ICMP port unreachable"
                 }
-            }
-        };
+            };
+            conclude(&mut explanation, answer, counters::REJECT_NO_BACKEND);
+        }
         return explanation;
     }
 
@@ -234,45 +282,242 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
         let id = snapshot.services.get(&key.with_slot(slot)).map(|v| v.backend_id);
         (id, format!("hash: the flow's hash {hash:#010x} is slot {slot} of {count}"))
     };
+    explanation.chosen_by = Some(chosen_by);
     let Some(backend) = backend_id.and_then(|id| snapshot.backends.get(&id).copied()) else {
-        explanation.verdict =
-            "dropped: the service entry names a slot or backend that is missing (drop_service_inconsistent)"
-                .into();
-        explanation.chosen_by = Some(chosen_by);
+        conclude(
+            &mut explanation,
+            "dropped: the service entry names a slot or backend that is missing",
+            counters::DROP_SERVICE_INCONSISTENT,
+        );
         return explanation;
     };
     let backend_address = SocketAddr::new(backend.ip, backend.port);
     explanation.backend = Some(backend_address.to_string());
-    explanation.chosen_by = Some(chosen_by);
+    if query.protocol == Protocol::Sctp && backend.port != dst_port {
+        conclude(
+            &mut explanation,
+            "dropped: SCTP's checksum covers the ports, and this backend listens on another port",
+            counters::DROP_SCTP_PORT_REWRITE,
+        );
+        return explanation;
+    }
     let host_backend = backend.flags & backend_flags::HOST != 0;
     let hairpin = query.source.ip() == backend.ip;
     let snat = (value.flags & service_flags::SNAT != 0 || hairpin) && !host_backend;
     let source = if snat {
         // SCTP keeps the client's port (its CRC32c covers the ports); the others get one free
         // on the node's address.
-        let port = if query.protocol == Protocol::Sctp {
-            query.source.port().to_string()
-        } else {
-            "<a free port>".into()
-        };
+        let port =
+            if query.protocol == Protocol::Sctp { query.source.port().to_string() } else { FREE_PORT.into() };
         match facts.snat_address {
-            Some(IpAddr::V4(address)) => format!("{address}:{port}"),
-            Some(IpAddr::V6(address)) => format!("[{address}]:{port}"),
+            Some(address) => address_and_port(address, &port),
             None => {
-                explanation.verdict =
-                    "dropped: the flow needs source NAT and the node has no address for it (drop_snat_failed)".into();
+                conclude(
+                    &mut explanation,
+                    "dropped: the flow needs source NAT and the node has no address for it",
+                    counters::DROP_SNAT_FAILED,
+                );
                 return explanation;
             }
         }
+    } else if facts.reply_tuple_taken {
+        if query.protocol == Protocol::Sctp {
+            conclude(
+                &mut explanation,
+                "dropped: the flow's reply tuple is another flow's, and SCTP keeps its port",
+                counters::DROP_SNAT_FAILED,
+            );
+            return explanation;
+        }
+        address_and_port(query.source.ip(), FREE_PORT)
     } else {
         query.source.to_string()
     };
-    explanation.verdict = format!(
-        "forwarded to a backend as a new flow{}",
-        if snat { if hairpin { ", source-NATed (hairpin)" } else { ", source-NATed" } } else { "" }
+    let how = match (snat, hairpin) {
+        (false, _) if facts.reply_tuple_taken => {
+            ", with a source port of its own (another flow from this port reaches the same backend)"
+        }
+        (false, _) => "",
+        (true, true) => ", source-NATed (hairpin)",
+        (true, false) => ", source-NATed",
+    };
+    conclude(
+        &mut explanation,
+        &format!("forwarded to a backend as a new flow{how}"),
+        counters::FORWARD_NEW_FLOW,
     );
     explanation.translated = Some(format!("{source} -> {backend_address}/{}", query.protocol));
     explanation
+}
+
+/// The backends in a frontend's slots: where its new flows may go.
+fn eligible(snapshot: &MapsSnapshot, key: SlotKey, count: u16) -> Vec<String> {
+    (1..=count)
+        .filter_map(|slot| snapshot.services.get(&key.with_slot(slot)))
+        .filter_map(|slot| snapshot.backends.get(&slot.backend_id))
+        .map(|backend| SocketAddr::new(backend.ip, backend.port).to_string())
+        .collect()
+}
+
+/// `address:port` as a socket address prints, for a port given as text.
+fn address_and_port(address: IpAddr, port: &str) -> String {
+    match address {
+        IpAddr::V4(address) => format!("{address}:{port}"),
+        IpAddr::V6(address) => format!("[{address}]:{port}"),
+    }
+}
+
+/// Stands for the source port the data path picks for a flow that needs one of its own (source
+/// NAT, or a reply tuple another flow holds) when the flow's first packet arrives.
+pub const FREE_PORT: &str = "<a free port>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("reading the service maps: {0}")]
+    Maps(#[from] MapsError),
+    #[error("reading the data path's settings: {0}")]
+    Settings(#[from] DatapathError),
+    #[error(transparent)]
+    FlowTables(#[from] FlowTablesError),
+    #[error("reading {map}: {source}")]
+    Lookup {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The maps and the facts about the query's flow that `lb explain` works from, as the pins
+/// under `bpf_dir` hold them now (a running lb's, or a stopped one's).
+pub fn read_pinned(bpf_dir: &Path, query: &Query) -> Result<(MapsSnapshot, FlowFacts), ExplainError> {
+    let maps = BpfMaps::from_pins(bpf_dir)?;
+    let mut snapshot = maps.snapshot()?;
+    let config = datapath::read_config(bpf_dir)?;
+    let tables = PinnedFlowTables::open(bpf_dir)?;
+    let snat_address = match query.source.ip() {
+        IpAddr::V4(_) => (config.snat_address != 0)
+            .then(|| std::net::Ipv4Addr::from(u32::from_be(config.snat_address)).into()),
+        IpAddr::V6(_) => datapath::read_config6(bpf_dir)
+            .ok()
+            .map(|config| std::net::Ipv6Addr::from(config.snat_address))
+            .filter(|address| !address.is_unspecified())
+            .map(Into::into),
+    };
+    let service = lookup(
+        &snapshot,
+        query.destination.ip(),
+        query.destination.port(),
+        query.protocol.number(),
+        query.external,
+    )
+    .map(|(_, value)| value);
+    // Only the frontend's own Maglev table: reading every slot of the tables' array costs
+    // thousands of calls.
+    if let Some(table) = service.map(|value| value.maglev_table).filter(|table| *table != 0)
+        && let Some(contents) = maps.maglev_contents(table)?
+    {
+        snapshot.maglev.insert(table, contents);
+    }
+    let service_id = service.map(|value| value.service_id);
+    let (tracked, affinity) = match (&tables.v6, query.source.ip()) {
+        (_, IpAddr::V4(_)) => flow_facts(&tables.v4, query, service_id)?,
+        (Some(v6), IpAddr::V6(_)) => flow_facts(v6, query, service_id)?,
+        (None, IpAddr::V6(_)) => (None, None),
+    };
+    let mut facts = FlowFacts {
+        tracked,
+        affinity,
+        maglev_table_size: config.maglev_table_size,
+        snat_address,
+        reply_tuple_taken: false,
+    };
+    // Whether the backend explain picks has this client port's reply tuple free.
+    let first = explain(query, &snapshot, &facts);
+    let keeps_source = first.translated.as_deref().is_some_and(|t| t.starts_with(&query.source.to_string()));
+    if first.counter == counter(counters::FORWARD_NEW_FLOW)
+        && keeps_source
+        && let Some(backend) = first.backend.as_deref().and_then(|b| b.parse::<SocketAddr>().ok())
+    {
+        facts.reply_tuple_taken = match (&tables.v6, query.source.ip()) {
+            (_, IpAddr::V4(_)) => reply_tuple_taken(&tables.v4, query, backend)?,
+            (Some(v6), IpAddr::V6(_)) => reply_tuple_taken(v6, query, backend)?,
+            (None, IpAddr::V6(_)) => false,
+        };
+    }
+    Ok((snapshot, facts))
+}
+
+/// Whether the reply tuple of a new flow from the query's client to `backend` is held by
+/// another live flow, as the data path finds when it tracks the flow.
+fn reply_tuple_taken<A: FamilyAddress>(
+    tables: &FamilyFlowTables<A>,
+    query: &Query,
+    backend: SocketAddr,
+) -> Result<bool, ExplainError>
+where
+    FamilyFlowTables<A>: conntrack::FlowTables<A>,
+{
+    let (Some(src_address), Some(dst_address)) = (A::from_ip(backend.ip()), A::from_ip(query.source.ip()))
+    else {
+        return Ok(false);
+    };
+    let key = lb_common::FlowKeyOf {
+        src_address,
+        dst_address,
+        src_port: backend.port().to_be(),
+        dst_port: query.source.port().to_be(),
+        protocol: query.protocol.number(),
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let existing = tables
+        .flow_entry(&key)
+        .map_err(|source| ExplainError::Lookup { map: "the conntrack table", source })?
+        .map(TrackedFlow::from);
+    // Free when it is this same flow's (a new connection on its tuple) or its flow has ended.
+    Ok(existing
+        .is_some_and(|entry| entry.state != conntrack_state::TCP_CLOSED && entry.source != query.destination))
+}
+
+/// The query's conntrack entry, and the client's affinity record for the frontend (with its age
+/// in seconds), from one family's tables.
+fn flow_facts<A: FamilyAddress>(
+    tables: &FamilyFlowTables<A>,
+    query: &Query,
+    service_id: Option<u32>,
+) -> Result<(Option<TrackedFlow>, Option<AffinityRecord>), ExplainError>
+where
+    FamilyFlowTables<A>: conntrack::FlowTables<A>,
+    lb_common::FlowKeyOf<A>: aya::Pod,
+    lb_common::ConntrackEntryOf<A>: aya::Pod,
+    lb_common::AffinityKeyOf<A>: aya::Pod,
+{
+    let (Some(src_address), Some(dst_address)) =
+        (A::from_ip(query.source.ip()), A::from_ip(query.destination.ip()))
+    else {
+        return Ok((None, None));
+    };
+    let key = lb_common::FlowKeyOf {
+        src_address,
+        dst_address,
+        src_port: query.source.port().to_be(),
+        dst_port: query.destination.port().to_be(),
+        protocol: query.protocol.number(),
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let tracked = tables
+        .flow_entry(&key)
+        .map_err(|source| ExplainError::Lookup { map: "the conntrack table", source })?
+        .map(Into::into);
+    let Some(service_id) = service_id else { return Ok((tracked, None)) };
+    let record = tables
+        .affinity_record(&lb_common::AffinityKeyOf { client_address: src_address, service_id })
+        .map_err(|source| ExplainError::Lookup { map: "the affinity table", source })?;
+    let affinity = record.map(|record| {
+        (record, conntrack::monotonic_ns().saturating_sub(record.last_used_ns) / 1_000_000_000)
+    });
+    Ok((tracked, affinity))
 }
 
 /// The service entry for the destination as the source sees it: an in-cluster source gets a

@@ -541,6 +541,63 @@ fn delete_array_of_maps_slot(map: &std::os::fd::OwnedFd, index: u32) -> Result<(
     }
 }
 
+/// The inner map at `index` of the array of maps behind `outer`, opened by its ID.
+fn inner_map(outer: &std::os::fd::OwnedFd, index: u32) -> Result<Option<MapData>, MapError> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_LOOKUP_ELEM: nix::libc::c_long = 1;
+    let mut id = 0u32;
+    let mut attr = [0u64; 16];
+    attr[0] = outer.as_raw_fd() as u64; // map_fd
+    attr[1] = &index as *const u32 as u64; // key
+    attr[2] = &mut id as *mut u32 as u64; // value: the inner map's ID
+    match crate::dataplane::links::bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => MapData::from_id(id).map(Some),
+        Err(error) if error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(None),
+        Err(error) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_elem",
+            io_error: error,
+        })),
+    }
+}
+
+/// A whole array of u32 in one BPF_MAP_LOOKUP_BATCH (kernel 5.6+), in index order; `None`
+/// where the kernel has no batched lookups.
+fn lookup_array_batch(array: &MapData, len: u32) -> Result<Option<Vec<u32>>, MapError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BPF_MAP_LOOKUP_BATCH: nix::libc::c_long = 24;
+    let mut keys = vec![0u32; len as usize];
+    let mut values = vec![0u32; len as usize];
+    let mut next = 0u32;
+    let mut attr = [0u64; 16];
+    // in_batch 0: from the start.
+    attr[1] = &mut next as *mut u32 as u64; // out_batch
+    attr[2] = keys.as_mut_ptr() as u64;
+    attr[3] = values.as_mut_ptr() as u64;
+    attr[4] = u64::from(len) | ((array.fd().as_fd().as_raw_fd() as u64) << 32); // count, map_fd
+    match crate::dataplane::links::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        // ENOENT: the end of the array was reached, with `count` entries read.
+        Ok(_) => {}
+        Err(error) if error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+        Err(error)
+            if matches!(
+                error.raw_os_error(),
+                Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: error,
+            }));
+        }
+    }
+    let read = attr[4] as u32;
+    let in_order = keys.iter().enumerate().all(|(index, key)| *key == index as u32);
+    Ok((read == len && in_order).then_some(values))
+}
+
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path = dir.join(name);
     let open_error = |source| MapsError::OpenPinned { path: path.display().to_string(), source };
@@ -631,6 +688,19 @@ impl BpfMaps {
             }
             Err(source) => Err(bpf_error("look up", map_names::MAGLEV)(source)),
         }
+    }
+
+    /// One Maglev table's backend IDs by position (`None`: no such table), read in one batched
+    /// call where the kernel has them (a table holds 16 381 positions by default).
+    pub fn maglev_contents(&self, table: u32) -> Result<Option<Vec<u32>>, MapsError> {
+        let read_error = |source| bpf_error("read a table of", map_names::MAGLEV)(source);
+        let Some(inner) = inner_map(&self.maglev_fd, table).map_err(read_error)? else { return Ok(None) };
+        let len = inner.info().map_err(read_error)?.max_entries();
+        if let Some(contents) = lookup_array_batch(&inner, len).map_err(read_error)? {
+            return Ok(Some(contents));
+        }
+        let Some(array) = self.maglev_table(table)? else { return Ok(None) };
+        Ok(Some(array.iter().collect::<Result<Vec<u32>, MapError>>().map_err(read_error)?))
     }
 
     /// One services-map entry, without dumping the map.
@@ -838,9 +908,9 @@ impl ServiceMaps for BpfMaps {
     fn snapshot_with_maglev(&self) -> Result<MapsSnapshot, MapsError> {
         let mut snapshot = self.snapshot()?;
         for table in self.maglev_tables()? {
-            let Some(array) = self.maglev_table(table)? else { continue };
-            let contents: Result<Vec<u32>, MapError> = array.iter().collect();
-            snapshot.maglev.insert(table, contents.map_err(bpf_error("read a table of", map_names::MAGLEV))?);
+            if let Some(contents) = self.maglev_contents(table)? {
+                snapshot.maglev.insert(table, contents);
+            }
         }
         Ok(snapshot)
     }

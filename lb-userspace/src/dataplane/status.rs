@@ -1,4 +1,5 @@
-//! What the pinned maps hold, as the CLI shows it: `lb services`, `lb endpoints`, `lb stats`.
+//! What the pinned maps hold, as the CLI shows it: `lb services`, `lb endpoints [--watch]`,
+//! `lb stats`, `lb counters`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -78,12 +79,13 @@ pub fn services_rows(snapshot: &MapsSnapshot) -> Vec<ServiceRow> {
     rows
 }
 
-/// `lb services`' table.
-pub fn services_table(snapshot: &MapsSnapshot) -> String {
+/// `lb services`' table: up to three backends a frontend, as kubectl shows endpoints, or with
+/// `wide` every one.
+pub fn services_table(snapshot: &MapsSnapshot, wide: bool) -> String {
     let mut rows = vec![["SERVICE", "TYPE", "POLICY", "FRONTEND", "BACKENDS"].map(String::from).to_vec()];
     for row in services_rows(snapshot) {
         let backends = match row.when_empty {
-            None => row.backends.join(","),
+            None => endpoints_cell(&row.backends, wide),
             Some("dropped") => "<none here: dropped>".to_string(),
             Some(_) => "<none: rejected>".to_string(),
         };
@@ -286,6 +288,53 @@ pub fn stats_table(services: &[ServiceStats], counters: &[(&str, u64)]) -> Strin
     let mut rows = vec![vec!["COUNTER".to_string(), "VALUE".to_string()]];
     rows.extend(counters.iter().map(|(name, value)| vec![name.to_string(), value.to_string()]));
     out += &columns(&rows);
+    out
+}
+
+/// `lb stats -o json`: the per-Service rows and the counters by name.
+pub fn stats_json(services: &[ServiceStats], counters: &[(&str, u64)]) -> serde_json::Value {
+    let counters: BTreeMap<&str, u64> = counters.iter().copied().collect();
+    serde_json::json!({ "services": services, "counters": counters })
+}
+
+/// `lb counters`: the data path's packet counters, then the conntrack collector's statistics,
+/// a name and a value a line.
+pub fn counters_text(counters: &[(&str, u64)], collector: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    for (name, value) in counters.iter().chain(collector) {
+        let _ = writeln!(out, "{name:36} {value}");
+    }
+    out
+}
+
+/// `lb counters -o json`.
+pub fn counters_json(counters: &[(&str, u64)], collector: &[(&str, u64)]) -> serde_json::Value {
+    let by_name =
+        |list: &[(&str, u64)]| list.iter().map(|(n, v)| (n.to_string(), *v)).collect::<BTreeMap<_, _>>();
+    serde_json::json!({ "counters": by_name(counters), "collector": by_name(collector) })
+}
+
+/// What `lb endpoints --watch` prints when the maps go from `last` to `now`: a line for each
+/// Service whose endpoints changed or that appeared (as `kubectl get endpoints --watch` does;
+/// nothing for one that left), or with `json` the Service as one JSON object a line.
+pub fn watch_lines(
+    last: &BTreeMap<String, ServiceEndpoints>,
+    now: &BTreeMap<String, ServiceEndpoints>,
+    all_namespaces: bool,
+    wide: bool,
+    json: bool,
+) -> String {
+    let mut out = String::new();
+    for (name, service) in now {
+        if last.get(name) == Some(service) {
+            continue;
+        }
+        if json {
+            let _ = writeln!(out, "{}", serde_json::to_string(service).expect("plain strings serialize"));
+        } else {
+            out += &kubectl_columns(&[endpoints_row(service, all_namespaces, wide, "<unknown>")]);
+        }
+    }
     out
 }
 
