@@ -360,6 +360,7 @@ fn usage_error(message: String) -> anyhow::Error {
 fn preflight_checks(options: &run::RunOptions) -> Result<nix::fcntl::Flock<std::fs::File>> {
     preflight::check_privileges()?;
     preflight::check_bpf_syscall()?;
+    preflight::check_kernel_features(preflight::kernel_has)?;
     preflight::check_bpffs(&options.bpf_dir)?;
     if let Some(path) = &options.cgroup_path {
         preflight::check_cgroup(path)?;

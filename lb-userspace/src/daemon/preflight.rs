@@ -86,6 +86,102 @@ pub fn check_bpf_syscall() -> Result<(), StartupError> {
     }
 }
 
+/// Something of the kernel's that lb's programs use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelFeature {
+    Program(aya::programs::ProgramType),
+    Map(aya::maps::MapType),
+    Helper(aya::programs::ProgramType, aya::sys::BpfHelper),
+}
+
+/// What lb's programs need of the kernel: the feature, its name, the Linux version that
+/// brought it, and what lb uses it for.
+pub fn kernel_features() -> Vec<(KernelFeature, &'static str, &'static str, &'static str)> {
+    use KernelFeature::{Helper, Map, Program};
+    use aya::maps::MapType;
+    use aya::programs::ProgramType;
+    use aya::sys::BpfHelper;
+    vec![
+        (Program(ProgramType::SchedClassifier), "TC (sched_cls) programs", "4.1", "translating packets"),
+        (Program(ProgramType::Xdp), "XDP programs", "4.8", "translating packets on external interfaces"),
+        (
+            Program(ProgramType::CgroupSockAddr),
+            "cgroup socket-address programs",
+            "4.17",
+            "the node's own connections to Services",
+        ),
+        (Map(MapType::Hash), "hash maps", "3.19", "services, backends and conntrack"),
+        (Map(MapType::LruHash), "LRU hash maps", "4.10", "session affinity, fragments and sockets"),
+        (Map(MapType::PerCpuArray), "per-CPU arrays", "4.6", "counters"),
+        (Map(MapType::PerCpuHash), "per-CPU hash maps", "4.6", "per-Service traffic counters"),
+        (Map(MapType::LpmTrie), "LPM tries", "4.11", "loadBalancerSourceRanges"),
+        (Map(MapType::ArrayOfMaps), "arrays of maps", "4.12", "Maglev tables and map migration"),
+        (Map(MapType::ProgramArray), "program arrays", "4.2", "tail calls to the IPv6 programs"),
+        (
+            Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_fib_lookup),
+            "the bpf_fib_lookup helper",
+            "4.18",
+            "routing source-NATed packets",
+        ),
+        (
+            Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_neigh),
+            "the bpf_redirect_neigh helper",
+            "5.10",
+            "sending source-NATed packets to their next hop",
+        ),
+        (
+            Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_ktime_get_coarse_ns),
+            "the bpf_ktime_get_coarse_ns helper",
+            "5.11",
+            "stamping flows",
+        ),
+        (
+            Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie),
+            "the bpf_get_netns_cookie helper in socket programs",
+            "5.7",
+            "telling the node's sockets from pods'",
+        ),
+        (
+            Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval),
+            "the bpf_set_retval helper",
+            "5.18",
+            "refusing connections to Services without endpoints",
+        ),
+    ]
+}
+
+/// Whether this kernel has `feature` (an error from the probe counts as missing).
+pub fn kernel_has(feature: KernelFeature) -> bool {
+    match feature {
+        KernelFeature::Program(program) => aya::sys::is_program_supported(program).unwrap_or(false),
+        KernelFeature::Map(map) => aya::sys::is_map_supported(map).unwrap_or(false),
+        KernelFeature::Helper(program, helper) => {
+            aya::sys::is_helper_supported(program, helper).unwrap_or(false)
+        }
+    }
+}
+
+/// Every feature lb's programs need is there (`has` says whether one is): else an error naming
+/// each missing one, the Linux version that brought it and what lb needs it for.
+pub fn check_kernel_features(has: impl Fn(KernelFeature) -> bool) -> Result<(), StartupError> {
+    let missing: Vec<String> = kernel_features()
+        .into_iter()
+        .filter(|(feature, ..)| !has(*feature))
+        .map(|(_, name, since, used_for)| format!("{name} (Linux {since}; for {used_for})"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        exit_code::MISSING_FEATURE,
+        format!(
+            "this kernel lacks what lb's programs need: {}. lb needs Linux 5.18 or later, built with BPF \
+             (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, CONFIG_CGROUP_BPF)",
+            missing.join("; ")
+        ),
+    ))
+}
+
 /// The closest existing directory at or above `path`.
 fn existing_ancestor(path: &Path) -> PathBuf {
     let mut current = path.to_path_buf();
@@ -170,5 +266,44 @@ pub fn lock_bpf_dir(bpf_dir: &Path) -> Result<Flock<std::fs::File>, StartupError
         Err((_, error)) => {
             Err(fail(exit_code::FAILED, format!("locking --bpf-dir {}: {error}", bpf_dir.display())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_kernel_feature_is_named_with_its_version_and_use() {
+        use aya::programs::ProgramType;
+        let without_set_retval = |feature| {
+            !matches!(
+                feature,
+                KernelFeature::Helper(ProgramType::CgroupSockAddr, aya::sys::BpfHelper::BPF_FUNC_set_retval)
+            )
+        };
+        let error = check_kernel_features(without_set_retval).unwrap_err();
+        assert_eq!(error.code, exit_code::MISSING_FEATURE);
+        assert!(
+            error.message.starts_with(
+                "this kernel lacks what lb's programs need: the bpf_set_retval helper (Linux 5.18; for \
+                 refusing connections to Services without endpoints). lb needs Linux 5.18"
+            ),
+            "{}",
+            error.message
+        );
+        let without_tc_or_lpm = |feature| {
+            !matches!(
+                feature,
+                KernelFeature::Program(ProgramType::SchedClassifier)
+                    | KernelFeature::Map(aya::maps::MapType::LpmTrie)
+            )
+        };
+        let message = check_kernel_features(without_tc_or_lpm).unwrap_err().message;
+        assert!(
+            message.contains("TC (sched_cls) programs (Linux 4.1; for translating packets); LPM tries (Linux 4.11; for loadBalancerSourceRanges)"),
+            "{message}"
+        );
+        assert!(check_kernel_features(|_| true).is_ok());
     }
 }
