@@ -175,6 +175,22 @@ logging: {format: json}
     assert_eq!(sample(&metrics, "lb_datapath_drops_total{reason=\"conntrack_full\"}"), Some(0.0));
     assert_eq!(sample(&metrics, "lb_map_entries{map=\"LB_SERVICE_META\"}"), Some(2.0), "two ClusterIPs");
     assert!(sample(&metrics, "lb_map_capacity{map=\"LB_SERVICES\"}").unwrap() > 0.0);
+    // The flow tables, per family, as the collector's passes count them.
+    for map in ["LB_CONNTRACK", "LB_CONNTRACK6", "LB_AFFINITY", "LB_AFFINITY6"] {
+        let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
+        let waited = Instant::now();
+        while sample(&get(&pg, "127.0.0.1:10259", "/metrics").1, &capacity).is_none() {
+            assert!(waited.elapsed() < Duration::from_secs(15), "no {capacity} after the collector's passes");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (_, metrics) = get(&pg, "127.0.0.1:10259", "/metrics");
+    assert_eq!(
+        sample(&metrics, "lb_map_entries{map=\"LB_CONNTRACK6\"}"),
+        Some(0.0),
+        "no IPv6 flow: {metrics}"
+    );
+    assert!(sample(&metrics, "lb_map_capacity{map=\"LB_CONNTRACK\"}").unwrap() >= 1024.0);
     // kube-proxy's: a sync ran, changes were counted, the annotated slice's latency observed.
     assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap() >= 1.0);
     assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > 1.7e9);

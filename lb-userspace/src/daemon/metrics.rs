@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, line
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::dataplane::conntrack::TableUsage;
 use crate::dataplane::datapath::{self, Capacity};
 use crate::dataplane::maps::BpfMaps;
 use crate::model::{DesiredState, FrontendKey, FrontendType, ServicePortName};
@@ -198,6 +199,8 @@ pub struct MetricsState {
     bpf_dir: PathBuf,
     capacity: Capacity,
     usage: mpsc::Sender<UsageRequest>,
+    /// The conntrack and affinity maps, as the collector's last pass counted them.
+    flow_tables: TableUsage,
 }
 
 /// The standard `process_*` metrics (kube-proxy's dashboards chart its CPU and memory with them),
@@ -278,11 +281,11 @@ async fn lb_registry(state: &MetricsState) -> Registry {
             entries.get_or_create(&map(name)).set(used as i64);
             capacity.get_or_create(&map(name)).set(i64::from(size));
         }
-        if let Some(datapath) = &datapath {
-            // Both families' conntrack tables together: the collector's statistics sum them.
-            let flows = |name| datapath.stats.get(name).copied().unwrap_or(0) as i64;
-            entries.get_or_create(&map(lb_common::map_names::CONNTRACK)).set(flows("conntrack_entries"));
-            capacity.get_or_create(&map(lb_common::map_names::CONNTRACK)).set(flows("conntrack_capacity"));
+        // Each family's conntrack and affinity maps (none before the collector's first pass).
+        let flow_tables = state.flow_tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for (name, used, size) in flow_tables {
+            entries.get_or_create(&map(name)).set(used as i64);
+            capacity.get_or_create(&map(name)).set(i64::from(size));
         }
         registry.register("lb_map_entries", "Entries in each of lb's BPF maps", entries);
         registry.register(
@@ -350,14 +353,12 @@ async fn lb_registry(state: &MetricsState) -> Registry {
 /// What the pinned maps say, for one scrape.
 struct DatapathReading {
     counters: Vec<(&'static str, u64)>,
-    stats: BTreeMap<&'static str, u64>,
     /// (Service port, frontend type) -> traffic, summed over the frontends of that type.
     services: BTreeMap<(String, String), lb_common::ServiceTraffic>,
 }
 
 fn read_datapath(bpf_dir: &std::path::Path) -> anyhow::Result<DatapathReading> {
     let counters = datapath::read_counters(bpf_dir)?;
-    let stats = datapath::read_stats(bpf_dir)?.into_iter().collect();
     let traffic = datapath::read_service_traffic(bpf_dir)?;
     let mut services: BTreeMap<(String, String), lb_common::ServiceTraffic> = BTreeMap::new();
     if !traffic.is_empty() {
@@ -369,7 +370,7 @@ fn read_datapath(bpf_dir: &std::path::Path) -> anyhow::Result<DatapathReading> {
             services.entry((name.clone(), kind)).or_default().add(&counts);
         }
     }
-    Ok(DatapathReading { counters, stats, services })
+    Ok(DatapathReading { counters, services })
 }
 
 async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
@@ -406,12 +407,13 @@ pub async fn serve(
     kube_proxy: Arc<KubeProxyMetrics>,
     bpf_dir: PathBuf,
     capacity: Capacity,
+    flow_tables: TableUsage,
 ) -> anyhow::Result<mpsc::Receiver<UsageRequest>> {
     let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
         anyhow::anyhow!("binding the metrics server to {address} (--metrics-bind-address): {e}")
     })?;
     let (usage, requests) = mpsc::channel(4);
-    let state = MetricsState { kube_proxy, bpf_dir, capacity, usage };
+    let state = MetricsState { kube_proxy, bpf_dir, capacity, usage, flow_tables };
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router(state)).await {
             tracing::error!(%error, "metrics server stopped");

@@ -552,6 +552,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         flow_tables.max_ids().context("reading the pinned conntrack table")?;
     reconciler.reserve_ids(max_service_id, max_backend_id);
     reconciler.set_backend_grace(BACKEND_GRACE);
+    let flow_table_usage = flow_tables.usage();
     let collector =
         Collector::spawn(flow_tables, options.conntrack_timeouts, options.conntrack_gc_interval, clock_since);
     let mut stats = conntrack::Stats::open(&options.bpf_dir)?;
@@ -570,8 +571,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let mut usage_requests = match options.metrics_bind_address {
         Some(address) => Some(
-            metrics::serve(address, kube_proxy_metrics.clone(), options.bpf_dir.clone(), options.capacity)
-                .await?,
+            metrics::serve(
+                address,
+                kube_proxy_metrics.clone(),
+                options.bpf_dir.clone(),
+                options.capacity,
+                flow_table_usage,
+            )
+            .await?,
         ),
         None => None,
     };

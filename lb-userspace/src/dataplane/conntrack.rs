@@ -137,7 +137,10 @@ impl FlowPolicy {
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PassReport {
+    /// Conntrack entries the pass found.
     pub entries: u64,
+    /// Session-affinity records the pass found.
+    pub affinity_entries: u64,
     /// Flows to a backend the policy does not keep, too new to be judged by it (they may go
     /// to a backend it does not know yet): judged by a pass soon after.
     pub unjudged: u64,
@@ -154,6 +157,7 @@ impl PassReport {
     /// Adds another family's pass.
     fn add(&mut self, other: &PassReport) {
         self.entries += other.entries;
+        self.affinity_entries += other.affinity_entries;
         self.unjudged += other.unjudged;
         self.expired += other.expired;
         self.backend_gone_removed += other.backend_gone_removed;
@@ -258,7 +262,9 @@ pub fn collect<A: FamilyAddress + std::hash::Hash + Eq>(
             report.backend_gone_marked += 1;
         }
     }
-    for (key, record) in tables.affinity()? {
+    let records = tables.affinity()?;
+    report.affinity_entries = records.len() as u64;
+    for (key, record) in records {
         report.max_service_id = report.max_service_id.max(key.service_id);
         report.max_backend_id = report.max_backend_id.max(record.backend_id);
         let stale = match policy.affinity.get(&key.service_id) {
@@ -335,10 +341,16 @@ fn mark_gone<A: FamilyAddress>(
 /// One family's pinned conntrack and affinity maps.
 pub struct FamilyFlowTables<A> {
     conntrack: BpfHashMap<MapData, FlowKeyOf<A>, ConntrackEntryOf<A>>,
-    /// The conntrack map's size.
+    /// The conntrack and affinity maps' names and sizes.
+    names: (&'static str, &'static str),
     capacity: u32,
+    affinity_capacity: u32,
     affinity: BpfHashMap<MapData, AffinityKeyOf<A>, AffinityValue>,
 }
+
+/// Entries and capacity of each conntrack and affinity map as the collector's last pass found
+/// them, by map name: what the metrics show of tables only a full walk can count.
+pub type TableUsage = Arc<std::sync::Mutex<Vec<(&'static str, u64, u32)>>>;
 
 /// The pinned tables, opened by path.
 pub struct PinnedFlowTables {
@@ -346,6 +358,7 @@ pub struct PinnedFlowTables {
     /// Absent in maps pinned by an lb from before IPv6.
     pub v6: Option<FamilyFlowTables<In6>>,
     stats: Array<MapData, u64>,
+    usage: TableUsage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -388,12 +401,24 @@ where
         let wrong = |map: &'static str| move |source| FlowTablesError::Map { operation: "open", map, source };
         let data = open_pinned(bpf_dir, conntrack)?;
         let capacity = data.info().map(|info| info.max_entries()).unwrap_or(0);
+        let affinity_data = open_pinned(bpf_dir, affinity)?;
+        let affinity_capacity = affinity_data.info().map(|info| info.max_entries()).unwrap_or(0);
         Ok(Self {
             conntrack: BpfHashMap::try_from(map(data, bpf_dir, conntrack)?).map_err(wrong(conntrack))?,
+            names: (conntrack, affinity),
             capacity,
-            affinity: BpfHashMap::try_from(map(open_pinned(bpf_dir, affinity)?, bpf_dir, affinity)?)
+            affinity_capacity,
+            affinity: BpfHashMap::try_from(map(affinity_data, bpf_dir, affinity)?)
                 .map_err(wrong(affinity))?,
         })
+    }
+
+    /// This family's maps as a pass found them: (name, entries, capacity).
+    fn usage(&self, report: &PassReport) -> [(&'static str, u64, u32); 2] {
+        [
+            (self.names.0, report.entries, self.capacity),
+            (self.names.1, report.affinity_entries, self.affinity_capacity),
+        ]
     }
 
     /// One client's affinity record for one frontend.
@@ -419,7 +444,13 @@ impl PinnedFlowTables {
             v6,
             stats: Array::try_from(map(open_pinned(bpf_dir, map_names::STATS)?, bpf_dir, map_names::STATS)?)
                 .map_err(wrong(map_names::STATS))?,
+            usage: TableUsage::default(),
         })
+    }
+
+    /// Where each pass leaves the tables' usage.
+    pub fn usage(&self) -> TableUsage {
+        self.usage.clone()
     }
 
     /// One pass over both families' tables.
@@ -431,9 +462,13 @@ impl PinnedFlowTables {
         since: u64,
     ) -> Result<PassReport, MapError> {
         let mut report = collect(&mut self.v4, policy, timeouts, now, since)?;
+        let mut usage = self.v4.usage(&report).to_vec();
         if let Some(v6) = &mut self.v6 {
-            report.add(&collect(v6, policy, timeouts, now, since)?);
+            let report6 = collect(v6, policy, timeouts, now, since)?;
+            usage.extend(v6.usage(&report6));
+            report.add(&report6);
         }
+        *self.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = usage;
         Ok(report)
     }
 
