@@ -210,6 +210,12 @@ fn sigkill_then_start_is_not_noticed() {
         pg.wait_for_log("took over the links", Duration::from_secs(10)).unwrap();
     });
     assert_unnoticed(&seen, &pg);
+    // The first sync of the new lb changed nothing (the pinned maps held it all), and says so
+    // at info: without this line only /healthz would tell that it happened.
+    pg.wait_for_log(" synced ", Duration::from_secs(10)).unwrap();
+    let log = pg.lb_log();
+    let synced = log.lines().find(|line| line.contains(" synced ")).unwrap();
+    assert!(synced.contains("INFO") && synced.contains("programmed=0"), "{log}");
     // The new lb's own program now runs in the same link (a new program ID, one attachment).
     let after = ingress_programs(&pg, "lbc0");
     assert_eq!(after.len(), 1, "{after:?}");
@@ -573,6 +579,12 @@ fn a_start_of_different_programs_swaps_them_in_place() {
         pg.wait_for_log("took over the links", Duration::from_secs(10)).unwrap();
     });
     assert_unnoticed(&seen, &pg);
+    // The first sync of the new lb changed nothing (the pinned maps held it all), and says so
+    // at info: without this line only /healthz would tell that it happened.
+    pg.wait_for_log(" synced ", Duration::from_secs(10)).unwrap();
+    let log = pg.lb_log();
+    let synced = log.lines().find(|line| line.contains(" synced ")).unwrap();
+    assert!(synced.contains("INFO") && synced.contains("programmed=0"), "{log}");
     let back = ingress_programs(&pg, "lbc0");
     assert_eq!(translated_size(back[0].1), default_size);
     let counted_after = packets_counted(&pg);
