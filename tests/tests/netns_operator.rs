@@ -192,22 +192,49 @@ logging: {format: json}
     );
     assert!(sample(&metrics, "lb_map_capacity{map=\"LB_CONNTRACK\"}").unwrap() >= 1024.0);
     // kube-proxy's: a sync ran, changes were counted, the annotated slice's latency observed.
-    assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap() >= 1.0);
-    assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > 1.7e9);
-    assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds").unwrap() > 1.7e9);
+    // kube-proxy v1.36's series, with their ip_family: one sync programs both families, so
+    // both carry it.
+    for family in ["IPv4", "IPv6"] {
+        let with = |name: &str| format!("{name}{{ip_family=\"{family}\"}}");
+        assert!(sample(&metrics, &with("kubeproxy_sync_proxy_rules_duration_seconds_count")).unwrap() >= 1.0);
+        assert_eq!(
+            sample(&metrics, &with("kubeproxy_sync_full_proxy_rules_duration_seconds_count")),
+            Some(1.0),
+            "the first sync is the full one: {metrics}"
+        );
+        assert!(
+            sample(&metrics, &with("kubeproxy_sync_proxy_rules_last_timestamp_seconds")).unwrap() > 1.7e9
+        );
+        assert!(
+            sample(&metrics, &with("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds")).unwrap()
+                > 1.7e9
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!(
+                    "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{ip_family=\"{family}\",traffic_policy=\"internal\"}}"
+                )
+            ),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
     assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_service_changes_total").unwrap() >= 2.0);
     assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_endpoint_changes_total").unwrap() >= 2.0);
+    // The annotated slice is IPv4: its latency is observed there only.
     assert_eq!(
-        sample(&metrics, "kubeproxy_network_programming_duration_seconds_count"),
+        sample(&metrics, "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}"),
         Some(1.0),
         "{metrics}"
     );
-    let latency = sample(&metrics, "kubeproxy_network_programming_duration_seconds_sum").unwrap();
-    assert!((3.0..60.0).contains(&latency), "from the trigger time 3 s before the write: {latency}");
     assert_eq!(
-        sample(&metrics, "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\"}"),
-        Some(0.0)
+        sample(&metrics, "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"}"),
+        None
     );
+    let latency =
+        sample(&metrics, "kubeproxy_network_programming_duration_seconds_sum{ip_family=\"IPv4\"}").unwrap();
+    assert!((3.0..60.0).contains(&latency), "from the trigger time 3 s before the write: {latency}");
     assert_eq!(get(&pg, "127.0.0.1:10259", "/proxyMode"), (200, "ebpf".to_string()));
     // The process metrics kube-proxy's dashboards chart.
     assert!(sample(&metrics, "process_resident_memory_bytes").unwrap() > 1e6, "{metrics}");
@@ -287,6 +314,13 @@ logging: {format: json}
     assert_eq!(lines.next().unwrap().unwrap(), format!("web       {ready_pair}   <unknown>"));
     watch.kill().unwrap();
     watch.wait().unwrap();
+    // Those two changes were synced one frontend at a time: partial syncs.
+    let (_, metrics) = get(&pg, "127.0.0.1:10259", "/metrics");
+    for family in ["IPv4", "IPv6"] {
+        let partial =
+            format!("kubeproxy_sync_partial_proxy_rules_duration_seconds_count{{ip_family=\"{family}\"}}");
+        assert!(sample(&metrics, &partial).unwrap() >= 2.0, "{metrics}");
+    }
 
     // lb explain: a new flow from a chosen port gets the backend explain names, and once the
     // flow exists explain says it is tracked.

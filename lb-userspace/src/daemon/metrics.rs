@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dataplane::conntrack::TableUsage;
 use crate::dataplane::datapath::{self, Capacity};
 use crate::dataplane::maps::BpfMaps;
-use crate::model::{DesiredState, FrontendKey, FrontendType, ServicePortName};
+use crate::model::{DesiredState, FrontendKey, FrontendType, IpFamily, ServicePortName};
 use crate::state::ChangeCounts;
 
 /// What `/proxyMode` answers (kube-proxy answers `iptables`, `ipvs` or `nftables`).
@@ -34,13 +34,22 @@ pub const PROXY_MODE: &str = "ebpf";
 
 type Labels = Vec<(String, String)>;
 
-/// kube-proxy's metrics, updated by the event loop as it syncs.
+/// A histogram per `ip_family`, each with the same buckets.
+type FamilyHistograms = Family<Labels, Histogram, fn() -> Histogram>;
+type TimestampGauges = Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+/// kube-proxy's metrics, updated by the event loop as it syncs. As in kube-proxy v1.36, the
+/// sync and programming series carry `ip_family`: a dual-stack kube-proxy runs a proxier per
+/// family, while lb's one sync programs both families, so each sync is recorded under both
+/// (as `/healthz` reports both families healthy from one sync).
 pub struct KubeProxyMetrics {
     registry: Registry,
-    pub sync_duration: Histogram,
-    pub network_programming: Histogram,
-    last_synced: Gauge<f64, std::sync::atomic::AtomicU64>,
-    last_queued: Gauge<f64, std::sync::atomic::AtomicU64>,
+    sync_duration: FamilyHistograms,
+    sync_full_duration: FamilyHistograms,
+    sync_partial_duration: FamilyHistograms,
+    network_programming: FamilyHistograms,
+    last_synced: TimestampGauges,
+    last_queued: TimestampGauges,
     endpoint_changes: Counter,
     endpoint_changes_pending: Gauge,
     service_changes: Counter,
@@ -54,23 +63,39 @@ fn seconds_since_epoch(time: SystemTime) -> f64 {
     time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+fn family_label(family: IpFamily) -> Labels {
+    vec![("ip_family".to_string(), family.to_string())]
+}
+
+/// kube-proxy's sync buckets: 1 ms doubling to 16 s.
+fn sync_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// kube-proxy's network programming buckets: 0.25 s to 5 min.
+fn programming_histogram() -> Histogram {
+    Histogram::new(
+        linear_buckets(0.25, 0.25, 2)
+            .chain(linear_buckets(1.0, 1.0, 59))
+            .chain(linear_buckets(60.0, 5.0, 12))
+            .chain(linear_buckets(120.0, 30.0, 7)),
+    )
+}
+
 impl Default for KubeProxyMetrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        // kube-proxy's buckets: 1 ms doubling to 16 s; network programming 0.25 s to 5 min.
-        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        let network_programming = Histogram::new(
-            linear_buckets(0.25, 0.25, 2)
-                .chain(linear_buckets(1.0, 1.0, 59))
-                .chain(linear_buckets(60.0, 5.0, 12))
-                .chain(linear_buckets(120.0, 30.0, 7)),
-        );
+        let histograms = |constructor: fn() -> Histogram| FamilyHistograms::new_with_constructor(constructor);
         let metrics = Self {
             registry: Registry::default(),
-            sync_duration,
-            network_programming,
-            last_synced: Gauge::default(),
-            last_queued: Gauge::default(),
+            sync_duration: histograms(sync_histogram),
+            sync_full_duration: histograms(sync_histogram),
+            sync_partial_duration: histograms(sync_histogram),
+            network_programming: histograms(programming_histogram),
+            last_synced: Family::default(),
+            last_queued: Family::default(),
             endpoint_changes: Counter::default(),
             endpoint_changes_pending: Gauge::default(),
             service_changes: Counter::default(),
@@ -84,6 +109,16 @@ impl Default for KubeProxyMetrics {
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
             metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            metrics.sync_full_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            metrics.sync_partial_duration.clone(),
         );
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
@@ -120,8 +155,9 @@ impl Default for KubeProxyMetrics {
             "Pending proxy rules Service changes",
             metrics.service_changes_pending.clone(),
         );
+        // A gauge whose name ends in `_total`, as kube-proxy names it.
         registry.register(
-            "kubeproxy_sync_proxy_rules_no_local_endpoints",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
             metrics.no_local_endpoints.clone(),
         );
@@ -146,31 +182,51 @@ impl KubeProxyMetrics {
         self.endpoint_changes.inc_by(counts.endpoints);
         self.service_changes_pending.inc_by(counts.services as i64);
         self.endpoint_changes_pending.inc_by(counts.endpoints as i64);
-        self.last_queued.set(seconds_since_epoch(now));
+        for family in FAMILIES {
+            self.last_queued.get_or_create(&family_label(family)).set(seconds_since_epoch(now));
+        }
     }
 
-    /// A sync ended; `trigger_times` are those of the endpoints changes it programmed.
-    pub fn synced(&self, elapsed: Duration, succeeded: bool, trigger_times: &[SystemTime], now: SystemTime) {
-        self.sync_duration.observe(elapsed.as_secs_f64());
+    /// A sync ended (`full`: it looked at every frontend, as the first one does); `trigger_times`
+    /// are those of the endpoints changes it programmed, by the changed object's family.
+    pub fn synced(
+        &self,
+        elapsed: Duration,
+        succeeded: bool,
+        full: bool,
+        trigger_times: &[(IpFamily, SystemTime)],
+        now: SystemTime,
+    ) {
+        let kind = if full { &self.sync_full_duration } else { &self.sync_partial_duration };
+        for family in FAMILIES {
+            let label = family_label(family);
+            self.sync_duration.get_or_create(&label).observe(elapsed.as_secs_f64());
+            kind.get_or_create(&label).observe(elapsed.as_secs_f64());
+            if succeeded {
+                self.last_synced.get_or_create(&label).set(seconds_since_epoch(now));
+            }
+        }
         self.service_changes_pending.set(0);
         self.endpoint_changes_pending.set(0);
         if succeeded {
-            self.last_synced.set(seconds_since_epoch(now));
-            for trigger in trigger_times {
+            for (family, trigger) in trigger_times {
                 // A trigger time ahead of this node's clock (skew) counts as no delay.
                 let latency = now.duration_since(*trigger).unwrap_or_default();
-                self.network_programming.observe(latency.as_secs_f64());
+                self.network_programming.get_or_create(&family_label(*family)).observe(latency.as_secs_f64());
             }
         }
     }
 
-    /// Service ports with a Local traffic policy and no endpoint on this node, by policy
-    /// (`internal`, `external`).
-    pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
-        for (policy, count) in [("internal", internal), ("external", external)] {
-            self.no_local_endpoints
-                .get_or_create(&vec![("traffic_policy".to_string(), policy.to_string())])
-                .set(count as i64);
+    /// Service ports with a Local traffic policy and no endpoint on this node, by family and
+    /// policy (`internal`, `external`).
+    pub fn set_no_local_endpoints(&self, counts: &BTreeMap<(IpFamily, &'static str), usize>) {
+        for family in FAMILIES {
+            for policy in ["internal", "external"] {
+                let mut labels = family_label(family);
+                labels.push(("traffic_policy".to_string(), policy.to_string()));
+                let count = counts.get(&(family, policy)).copied().unwrap_or(0);
+                self.no_local_endpoints.get_or_create(&labels).set(count as i64);
+            }
         }
     }
 
@@ -446,13 +502,51 @@ impl NoLocalEndpoints {
         }
     }
 
-    /// Distinct Service ports: (internal policy, external policy), as kube-proxy counts them.
-    pub fn counts(&self) -> (usize, usize) {
-        let mut internal = std::collections::BTreeSet::new();
-        let mut external = std::collections::BTreeSet::new();
-        for (service, is_external) in self.frontends.values() {
-            if *is_external { &mut external } else { &mut internal }.insert(service);
+    /// Distinct Service ports by family and policy (`internal`, `external`), as kube-proxy
+    /// counts them.
+    pub fn counts(&self) -> BTreeMap<(IpFamily, &'static str), usize> {
+        let mut ports: BTreeMap<(IpFamily, &'static str), std::collections::BTreeSet<&ServicePortName>> =
+            BTreeMap::new();
+        for (key, (service, is_external)) in &self.frontends {
+            let policy = if *is_external { "external" } else { "internal" };
+            ports.entry((IpFamily::of(&key.address.ip), policy)).or_default().insert(service);
         }
-        (internal.len(), external.len())
+        ports.into_iter().map(|(key, services)| (key, services.len())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kube-proxy v1.36's names, types and labels, as a scraper reads them.
+    #[test]
+    fn kube_proxy_series_are_exposed_as_kube_proxy_exposes_them() {
+        let metrics = KubeProxyMetrics::default();
+        let now = SystemTime::now();
+        let counts = ChangeCounts {
+            services: 1,
+            endpoints: 2,
+            trigger_times: vec![(IpFamily::V6, now - Duration::from_secs(2))],
+        };
+        metrics.queued(&counts, now);
+        metrics.synced(Duration::from_millis(3), true, true, &counts.trigger_times, now);
+        metrics.set_no_local_endpoints(&BTreeMap::from([((IpFamily::V4, "external"), 2)]));
+        let mut text = String::new();
+        encode_registry(&mut text, &metrics.registry).unwrap();
+        for line in [
+            "# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 2",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"} 0",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
+            "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"} 1",
+            "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes counter",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
+        }
+        assert!(!text.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}"));
+        assert!(!text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count"));
     }
 }

@@ -347,8 +347,8 @@ struct SyncContext<'a> {
     /// Kubernetes Events on what cannot be programmed (with the API server as the source).
     events: Option<&'a mut ServiceEvents>,
     errors: &'a mut RepeatedErrors,
-    /// Trigger times of the endpoints changes this sync programs.
-    trigger_times: Vec<SystemTime>,
+    /// Trigger times of the endpoints changes this sync programs, by family.
+    trigger_times: Vec<(crate::model::IpFamily, SystemTime)>,
 }
 
 /// Converts what changed and programs it. The first sync reconciles everything (the maps may
@@ -428,10 +428,9 @@ fn sync(
     } else {
         context.no_local.update(desired, &changes.frontends);
     }
-    let (internal, external) = context.no_local.counts();
-    context.metrics.set_no_local_endpoints(internal, external);
+    context.metrics.set_no_local_endpoints(&context.no_local.counts());
     let now = SystemTime::now();
-    context.metrics.synced(started.elapsed(), report.errors.is_empty(), &context.trigger_times, now);
+    context.metrics.synced(started.elapsed(), report.errors.is_empty(), first, &context.trigger_times, now);
     context.trigger_times.clear();
 
     let mut health = context.health.lock().expect("health lock");

@@ -126,8 +126,9 @@ pub struct ChangeCounts {
     pub services: u64,
     pub endpoints: u64,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` of each endpoints object that
-    /// changed: when the change that led to it happened (a pod became ready, say).
-    pub trigger_times: Vec<std::time::SystemTime>,
+    /// changed: when the change that led to it happened (a pod became ready, say), with the
+    /// object's address family.
+    pub trigger_times: Vec<(crate::model::IpFamily, std::time::SystemTime)>,
 }
 
 /// The desired state, and what it is made from.

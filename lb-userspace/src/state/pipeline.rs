@@ -10,7 +10,7 @@ use crate::convert::{
     self, EndpointsSource, NodeRecord, ProxyConfig, is_proxied_here, labels_proxied_here, parse_endpoints,
     parse_service, parse_slice,
 };
-use crate::model::ObjectError;
+use crate::model::{IpFamily, ObjectError};
 use crate::source::{Object, ObjectChange};
 use crate::state::{ChangeCounts, Changes, DesiredTable, EndpointsOrigin, TableConfig};
 
@@ -75,9 +75,9 @@ impl Pipeline {
     }
 
     /// An endpoints object's change trigger time, once the change it carries is taken in.
-    fn note_trigger_time(&mut self, changed: bool, metadata: &ObjectMeta) {
+    fn note_trigger_time(&mut self, changed: bool, metadata: &ObjectMeta, family: IpFamily) {
         if changed && let Some(time) = trigger_time(metadata) {
-            self.counts.trigger_times.push(time);
+            self.counts.trigger_times.push((family, time));
         }
     }
 
@@ -154,7 +154,8 @@ impl Pipeline {
                             parsed.map(|set| ((set.namespace.clone(), set.service_name.clone()), vec![set]));
                         let changed = self.table.set_endpoints(origin, endpoints);
                         self.counts.endpoints += u64::from(changed);
-                        self.note_trigger_time(changed, &slice.metadata);
+                        let family = if slice.address_type == "IPv6" { IpFamily::V6 } else { IpFamily::V4 };
+                        self.note_trigger_time(changed, &slice.metadata, family);
                     }
                     Err(error) => {
                         if self.on_invalid == OnInvalid::Drop {
@@ -189,10 +190,15 @@ impl Pipeline {
                 }
                 match parse_endpoints(&endpoints) {
                     Ok(sets) => {
+                        let family = sets
+                            .iter()
+                            .flat_map(|set| &set.endpoints)
+                            .next()
+                            .map_or(IpFamily::V4, |endpoint| IpFamily::of(&endpoint.ip));
                         let sets = (!sets.is_empty()).then_some((service, sets));
                         let changed = self.table.set_endpoints(origin, sets);
                         self.counts.endpoints += u64::from(changed);
-                        self.note_trigger_time(changed, &endpoints.metadata);
+                        self.note_trigger_time(changed, &endpoints.metadata, family);
                     }
                     Err(error) => {
                         if self.on_invalid == OnInvalid::Drop {
