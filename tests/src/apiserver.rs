@@ -195,9 +195,21 @@ current-context: fake
         if kind != Kind::Node && object["metadata"]["namespace"].is_null() {
             object["metadata"]["namespace"] = json!("default");
         }
+        // As the real server: a UID when the object is created, kept by its updates.
+        let uid = match store.objects.get(&key) {
+            Some(existing) => existing["metadata"]["uid"].clone(),
+            None => json!(format!("00000000-0000-4000-8000-{:012x}", store.resource_version)),
+        };
+        object["metadata"]["uid"] = uid;
         let previous = store.objects.insert(key, object.clone());
         let type_ = if previous.is_some() { "MODIFIED" } else { "ADDED" };
         self.record(&mut store, kind, type_, object, previous);
+    }
+
+    /// An object as the server holds it now.
+    pub fn object(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let namespace = if kind == Kind::Node { String::new() } else { namespace.to_string() };
+        self.shared.store.lock().unwrap().objects.get(&(kind, namespace, name.to_string())).cloned()
     }
 
     /// Applies every document of a YAML manifest.

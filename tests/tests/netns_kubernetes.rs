@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
 use lb_userspace::dataplane::maps::MapsSnapshot;
-use tests::apiserver::FakeApiServer;
+use tests::apiserver::{FakeApiServer, Kind};
 use tests::playground::Playground;
 use tests::{require_root, unique};
 
@@ -150,6 +150,12 @@ fn services_from_the_api_server_reach_the_kernel() {
         .unwrap_or_else(|| panic!("no conflict event: {:?}\n{}", server.recorded_events(), pg.lb_log()));
     assert_eq!(conflict["type"], "Warning");
     assert_eq!(conflict["regarding"]["kind"], "Service");
+    // `kubectl describe service` lists the events whose reference has the Service's UID.
+    let holder = conflict["regarding"]["name"].as_str().unwrap().to_string();
+    let uid =
+        server.object(Kind::Service, "default", &holder).expect("the Service")["metadata"]["uid"].clone();
+    assert!(uid.is_string(), "{uid}");
+    assert_eq!(conflict["regarding"]["uid"], uid, "{conflict}");
     assert_eq!(conflict["reportingController"], "lb");
     let note = conflict["note"].as_str().unwrap();
     assert!(note.contains("is already used by Service default/"), "{conflict}");

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::dataplane::reconcile::ReconcileError;
 use crate::model::ObjectError;
+use crate::source::{ObjectChange, ObjectKey};
 
 /// The same (object, reason) again within this is not reported.
 const REPEAT_AFTER: Duration = Duration::from_secs(60);
@@ -37,6 +38,8 @@ struct Report {
     kind: &'static str,
     namespace: String,
     name: String,
+    /// `kubectl describe` lists the events whose reference carries the object's UID.
+    uid: Option<String>,
     reason: &'static str,
     note: String,
 }
@@ -44,6 +47,8 @@ struct Report {
 pub struct ServiceEvents {
     reports: mpsc::UnboundedSender<Report>,
     reported: HashMap<(&'static str, String, String, &'static str), Instant>,
+    /// The UID of each object the source gave, for the events' references.
+    uids: HashMap<ObjectKey, String>,
 }
 
 impl ServiceEvents {
@@ -64,6 +69,7 @@ impl ServiceEvents {
                     kind: Some(kind.into()),
                     namespace: Some(report.namespace.clone()),
                     name: Some(report.name.clone()),
+                    uid: report.uid.clone(),
                     ..Default::default()
                 };
                 let event = Event {
@@ -78,7 +84,21 @@ impl ServiceEvents {
                 }
             }
         });
-        Self { reports, reported: HashMap::new() }
+        Self { reports, reported: HashMap::new(), uids: HashMap::new() }
+    }
+
+    /// Keeps the UID of an object the source gave (and forgets a deleted one's).
+    pub fn note_object(&mut self, change: &ObjectChange) {
+        match change {
+            ObjectChange::Upsert(object) => {
+                if let Some(uid) = object.uid() {
+                    self.uids.insert(object.key(), uid.to_string());
+                }
+            }
+            ObjectChange::Delete(key) => {
+                self.uids.remove(key);
+            }
+        }
     }
 
     fn report(
@@ -96,10 +116,12 @@ impl ServiceEvents {
         }
         self.reported.retain(|_, at| now.duration_since(*at) < REPEAT_AFTER);
         self.reported.insert(key, now);
+        let uid = self.uids.get(&(kind, namespace.to_string(), name.to_string())).cloned();
         let _ = self.reports.send(Report {
             kind,
             namespace: namespace.to_string(),
             name: name.to_string(),
+            uid,
             reason,
             note,
         });

@@ -764,6 +764,9 @@ fn take_in(
 ) {
     for change in changes {
         let key = change.key();
+        if let Some(events) = events.as_deref_mut() {
+            events.note_object(&change);
+        }
         if let Some(error) = take_one(pipeline, change, || source.origin(&key))
             && let Some(events) = events.as_deref_mut()
         {

@@ -43,6 +43,18 @@ impl Object {
             if kind == "Node" { String::new() } else { namespace_of(metadata.namespace.as_ref()) };
         (kind, namespace, metadata.name.clone().unwrap_or_default())
     }
+
+    /// The object's UID, when the API server gave it one.
+    pub fn uid(&self) -> Option<&str> {
+        let metadata = match self {
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Endpoints(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+        };
+        metadata.uid.as_deref()
+    }
 }
 
 /// What a source tells: an object is new or changed, or gone.
