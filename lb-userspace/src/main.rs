@@ -51,6 +51,7 @@ enum Command {
         /// Output format (`table` shows up to three backends a frontend, `wide` every one).
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -68,6 +69,7 @@ enum Command {
         /// Output format (`wide` lists every endpoint; `json` one object per line with --watch).
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -77,6 +79,7 @@ enum Command {
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -101,6 +104,7 @@ enum Command {
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -111,6 +115,7 @@ enum Command {
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -122,12 +127,14 @@ enum Command {
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: OutputFormat,
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
     /// Detach lb's programs and remove its pinned links and maps: what stays in the kernel
     /// while no lb runs (run after stopping lb to leave nothing behind).
     Cleanup {
+        /// Where the running (or stopped) lb pinned its maps: its `lb run --bpf-dir`.
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
         bpf_dir: PathBuf,
     },
@@ -742,7 +749,6 @@ fn endpoints(
         std::thread::sleep(interval);
         let now = read()?;
         print!("{}", status::watch_lines(&last, &now, all_namespaces, wide, json));
-        // A Service that left the maps was deleted: kubectl's watch prints nothing for it.
         last = now;
     }
 }

@@ -27,6 +27,16 @@ fn help_gives_defaults_and_exit_codes() {
     ] {
         assert!(help.contains(default), "lb run --help lacks {default:?}:\n{help}");
     }
+    // The read-only commands' flags say what they mean too.
+    for command in ["services", "endpoints", "stats", "explain", "counters", "conntrack", "cleanup"] {
+        let (code, help, _) = lb(&[command, "--help"]);
+        assert_eq!(code, 0);
+        assert!(
+            help.contains("Where the running (or stopped) lb pinned its maps")
+                && help.contains("[default: /sys/fs/bpf/lb]"),
+            "lb {command} --help:\n{help}"
+        );
+    }
     let (_, help, _) = lb(&["--help"]);
     for command in
         ["endpoints", "explain", "stats", "completions", "Exit codes: 0 done, 1 failed, 2 bad flags"]

@@ -189,15 +189,18 @@ fn cli_session() {
     let demo = Some("default/alpaca-prod");
     let first = endpoints_of(&snapshot, demo);
     command("lb endpoints default/alpaca-prod", status::endpoints_table(first.values(), false, false));
-    // --watch while node-b's pods go and come back.
+    // --watch while node-b's pods go and come back, then the Service is deleted and created
+    // again.
     let mut watch = status::endpoints_table(first.values(), false, false);
     let mut watch_json = status::watch_lines(&BTreeMap::new(), &first, false, false, true);
     let mut without_node_b = desired.clone();
     for frontend in without_node_b.frontends.values_mut().filter(|f| f.service.name == "alpaca-prod") {
         frontend.backends.retain(|b| b.ip.to_string().starts_with("10.244.1."));
     }
+    let mut removed = desired.clone();
+    removed.frontends.retain(|_, f| f.service.name != "alpaca-prod");
     let mut last = first;
-    for step in [&without_node_b, &desired] {
+    for step in [&without_node_b, &desired, &removed, &desired] {
         assert!(reconciler.reconcile(step).errors.is_empty());
         let now = endpoints_of(&reconciler.maps().contents, demo);
         watch += &status::watch_lines(&last, &now, false, false, false);

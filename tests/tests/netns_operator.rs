@@ -42,7 +42,12 @@ spec:
 
 /// A Service whose EndpointSlice carries the trigger-time annotation, as the API server's
 /// controllers write it: kube-proxy's network programming latency starts there.
-fn annotated(trigger: &str) -> String {
+fn annotated(trigger: &str, endpoints: &[Ipv4Addr]) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|ip| format!("{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}"))
+        .collect();
+    let endpoints = endpoints.join(", ");
     format!(
         "apiVersion: v1
 kind: Service
@@ -58,7 +63,7 @@ metadata:
   annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints: [{{addresses: [\"{POD_A}\"], conditions: {{ready: true}}}}]
+endpoints: [{endpoints}]
 "
     )
 }
@@ -112,7 +117,8 @@ fn metrics_health_and_the_cli_tell_what_the_data_path_did() {
     pg.write_manifest("web.yaml", SERVICE).unwrap();
     pg.write_manifest("pods.yaml", &pods(&[true, true])).unwrap();
     let trigger = k8s_openapi::jiff::Timestamp::try_from(SystemTime::now() - Duration::from_secs(3)).unwrap();
-    pg.write_manifest("annotated.yaml", &annotated(&trigger.to_string())).unwrap();
+    // A change from before lb starts: not one lb was late programming (not timed).
+    pg.write_manifest("annotated.yaml", &annotated(&trigger.to_string(), &[POD_A])).unwrap();
     // kube-proxy's configuration file: its metrics address is taken, its health address loses
     // to the flag, settings lb has no use for are named, and the log is JSON.
     let config = pg.work_dir().join("kube-proxy.conf");
@@ -142,6 +148,15 @@ logging: {format: json}
         s.services
             .iter()
             .any(|(k, v)| k.address() == CLUSTER_IP && k.backend_slot == 0 && v.backend_count == 2)
+    })
+    .unwrap();
+    // A change made now: timed from its trigger time to the maps.
+    let trigger = k8s_openapi::jiff::Timestamp::try_from(SystemTime::now()).unwrap();
+    pg.write_manifest("annotated.yaml", &annotated(&trigger.to_string(), &[POD_A, POD_B])).unwrap();
+    pg.wait_for_maps(Duration::from_secs(10), |s| {
+        s.services.iter().any(|(k, v)| {
+            k.address() == Ipv4Addr::new(10, 96, 7, 8) && k.backend_slot == 0 && v.backend_count == 2
+        })
     })
     .unwrap();
 
@@ -222,7 +237,7 @@ logging: {format: json}
     }
     assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_service_changes_total").unwrap() >= 2.0);
     assert!(sample(&metrics, "kubeproxy_sync_proxy_rules_endpoint_changes_total").unwrap() >= 2.0);
-    // The annotated slice is IPv4: its latency is observed there only.
+    // Only the change made after the start was timed; the slice is IPv4, so under IPv4.
     assert_eq!(
         sample(&metrics, "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}"),
         Some(1.0),
@@ -234,7 +249,7 @@ logging: {format: json}
     );
     let latency =
         sample(&metrics, "kubeproxy_network_programming_duration_seconds_sum{ip_family=\"IPv4\"}").unwrap();
-    assert!((3.0..60.0).contains(&latency), "from the trigger time 3 s before the write: {latency}");
+    assert!((0.0..10.0).contains(&latency), "from the trigger time to the maps: {latency}");
     assert_eq!(get(&pg, "127.0.0.1:10259", "/proxyMode"), (200, "ebpf".to_string()));
     // The process metrics kube-proxy's dashboards chart.
     assert!(sample(&metrics, "process_resident_memory_bytes").unwrap() > 1e6, "{metrics}");
@@ -294,7 +309,7 @@ logging: {format: json}
     let all = lb(&["endpoints"], &pg);
     assert!(
         all.starts_with("NAMESPACE   NAME ")
-            && all.contains(&format!("default     annotated   {POD_A}:8080 ")),
+            && all.contains(&format!("default     annotated   {POD_A}:8080,{POD_B}:8080 ")),
         "{all}"
     );
 

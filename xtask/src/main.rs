@@ -98,11 +98,14 @@ fn main() -> Result<()> {
 fn test() -> Result<()> {
     setup::setup()?;
     let mut totals = TestTotals::default();
+    // First, so that the build checked for warning lines is the one that builds the eBPF
+    // programs (a later one would find them built). The netns tests also start this `lb`
+    // binary, which `cargo test -p tests` alone does not build.
+    let clean_build = run_without_warnings(&mut cargo(&["build", "--package", "lb-userspace", "--bins"]));
     eprintln!("xtask: unit, golden and reconciler tests (no root needed)");
     let unprivileged = run_tests(&mut cargo(&["test"]), &mut totals);
-    let privileged = require_root("the data-path tests load BPF programs and create network namespaces")
-        // The netns tests start the `lb` binary, which `cargo test -p tests` alone does not build.
-        .and_then(|()| run_without_warnings(&mut cargo(&["build", "--package", "lb-userspace", "--bins"])))
+    let privileged = clean_build
+        .and_then(|()| require_root("the data-path tests load BPF programs and create network namespaces"))
         .and_then(|()| {
             eprintln!("xtask: packet fixtures and network-namespace tests (root, one at a time)");
             run_tests(&mut cargo(&["test", "--package", "tests", "--", "--test-threads=1"]), &mut totals)

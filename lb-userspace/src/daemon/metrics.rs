@@ -74,10 +74,11 @@ fn sync_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
-/// kube-proxy's network programming buckets: 0.25 s to 5 min.
+/// kube-proxy's network programming buckets: 0, then 0.25 s to 5 min.
 fn programming_histogram() -> Histogram {
     Histogram::new(
-        linear_buckets(0.25, 0.25, 2)
+        std::iter::once(0.0)
+            .chain(linear_buckets(0.25, 0.25, 2))
             .chain(linear_buckets(1.0, 1.0, 59))
             .chain(linear_buckets(60.0, 5.0, 12))
             .chain(linear_buckets(120.0, 30.0, 7)),
@@ -182,6 +183,10 @@ impl KubeProxyMetrics {
         self.endpoint_changes.inc_by(counts.endpoints);
         self.service_changes_pending.inc_by(counts.services as i64);
         self.endpoint_changes_pending.inc_by(counts.endpoints as i64);
+        if counts.services + counts.endpoints == 0 {
+            // Nothing queued (a Node update, an object that did not change).
+            return;
+        }
         for family in FAMILIES {
             self.last_queued.get_or_create(&family_label(family)).set(seconds_since_epoch(now));
         }
@@ -541,6 +546,7 @@ mod tests {
             "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"} 1",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
             "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"} 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.0\",ip_family=\"IPv6\"} 0",
             "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes counter",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 2",
         ] {

@@ -315,8 +315,9 @@ pub fn counters_json(counters: &[(&str, u64)], collector: &[(&str, u64)]) -> ser
 }
 
 /// What `lb endpoints --watch` prints when the maps go from `last` to `now`: a line for each
-/// Service whose endpoints changed or that appeared (as `kubectl get endpoints --watch` does;
-/// nothing for one that left), or with `json` the Service as one JSON object a line.
+/// Service whose endpoints changed, that appeared, or that left (its last row, as
+/// `kubectl get endpoints --watch` prints a deleted object), or with `json` the Service as one
+/// JSON object a line.
 pub fn watch_lines(
     last: &BTreeMap<String, ServiceEndpoints>,
     now: &BTreeMap<String, ServiceEndpoints>,
@@ -325,10 +326,9 @@ pub fn watch_lines(
     json: bool,
 ) -> String {
     let mut out = String::new();
-    for (name, service) in now {
-        if last.get(name) == Some(service) {
-            continue;
-        }
+    let changed = now.iter().filter(|(name, service)| last.get(*name) != Some(service));
+    let left = last.iter().filter(|(name, _)| !now.contains_key(*name));
+    for (_, service) in changed.chain(left) {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(service).expect("plain strings serialize"));
         } else {

@@ -33,6 +33,8 @@ pub struct Pipeline {
     counts: ChangeCounts,
     /// What is taken in but not served in full (a Service's SCTP ports), since `take_warnings`.
     warnings: Vec<ObjectError>,
+    /// Endpoints changes whose trigger time is earlier are not timed.
+    started: SystemTime,
 }
 
 impl Pipeline {
@@ -48,6 +50,7 @@ impl Pipeline {
             node: None,
             counts: ChangeCounts::default(),
             warnings: Vec::new(),
+            started: SystemTime::now(),
         };
         let addresses = pipeline.config.node_addresses.clone();
         pipeline.table.set_node_addresses(addresses);
@@ -76,7 +79,12 @@ impl Pipeline {
 
     /// An endpoints object's change trigger time, once the change it carries is taken in.
     fn note_trigger_time(&mut self, changed: bool, metadata: &ObjectMeta, family: IpFamily) {
-        if changed && let Some(time) = trigger_time(metadata) {
+        // A change from before lb started is not one it was late programming (kube-proxy
+        // counts only trigger times after its tracker started).
+        if changed
+            && let Some(time) = trigger_time(metadata)
+            && time > self.started
+        {
             self.counts.trigger_times.push((family, time));
         }
     }
