@@ -239,3 +239,53 @@ fn a_change_after_the_api_server_returns_reaches_the_maps_within_seconds() {
     }
     assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
 }
+
+/// An API server that cannot be reached when lb starts: lb keeps trying, says where, and stays
+/// live and healthy (kube-proxy queues nothing before its first sync), so a liveness probe does
+/// not restart it in a loop; once the server answers, the first sync happens.
+#[test]
+fn an_api_server_unreachable_at_start_is_waited_for_without_failing_the_probes() {
+    require_root();
+    let mut pg = Playground::new(&unique("ku"), &[("pod-a", POD_A)]).unwrap();
+    pg.serve_http(8080).unwrap();
+    let listener = pg.node.run(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let server = FakeApiServer::start(listener).unwrap();
+    let kubeconfig = server.write_kubeconfig(pg.work_dir()).unwrap();
+    server.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {VIP}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+    ));
+    server.apply_yaml(&slice(false));
+    server.set_down(true);
+    // A short sync period: a change pending for twice as long makes lb unhealthy.
+    pg.start_lb_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--hostname-override".as_ref(),
+        "node-1".as_ref(),
+        "--sync-period".as_ref(),
+        "1s".as_ref(),
+    ])
+    .unwrap();
+    // Once lb has found the server unreachable, longer than twice the sync period.
+    pg.wait_for_log("cannot watch the API server; retrying", Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for path in ["/livez", "/healthz"] {
+        let (code, body) = http_get_in_node(&pg, path);
+        assert_eq!(code, 200, "{path} while the API server is unreachable at start: {body}\n{}", pg.lb_log());
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(report["sourceStaleSince"].is_string(), "{body}\n{}", pg.lb_log());
+    }
+    let server_url = format!("http://{}", server.address);
+    assert!(
+        pg.lb_log()
+            .lines()
+            .any(|l| l.contains("cannot watch the API server; retrying") && l.contains(&server_url)),
+        "{}",
+        pg.lb_log()
+    );
+    server.set_down(false);
+    pg.wait_for_maps(Duration::from_secs(10), |s| backend_count(s) == Some(1)).unwrap();
+    let (code, body) = http_get_in_node(&pg, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(pg.stop_lb().unwrap(), "{}", pg.lb_log());
+}

@@ -88,6 +88,12 @@ impl HealthState {
     }
 
     pub fn healthy(&self, now: SystemTime) -> bool {
+        // Before the first sync, waiting on an API server that cannot be reached: healthy, as
+        // kube-proxy is before its first sync (it queues nothing until its informers have
+        // synced). A restart would not bring the server back; the pinned data path serves.
+        if self.last_updated.is_none() && self.source_stale_since.is_some() {
+            return true;
+        }
         match self.oldest_pending {
             None => true,
             Some(queued) => now.duration_since(queued).unwrap_or_default() < self.timeout,
