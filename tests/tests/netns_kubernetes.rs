@@ -99,6 +99,36 @@ fn services_from_the_api_server_reach_the_kernel() {
     assert!(report["lastUpdated"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
     assert_eq!(http_get_in_node(&pg, "/livez").0, 200);
 
+    // A node the cluster autoscaler is removing (its taint), or whose Node is deleted: /healthz
+    // says 503 with nodeEligible false so load balancers drain it, /livez stays 200; the taint
+    // taken off, it is eligible again. No Service changes on the way.
+    let node = |taints: &str| {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node-1}}\nspec: {{taints: [{taints}]}}\n")
+    };
+    let eligible = |want: bool| {
+        let start = Instant::now();
+        loop {
+            let (code, body) = http_get_in_node(&pg, "/healthz");
+            let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if report["nodeEligible"] == want {
+                assert_eq!(code, if want { 200 } else { 503 }, "{body}");
+                assert_eq!(report["healthy"], true, "{body}");
+                assert_eq!(http_get_in_node(&pg, "/livez").0, 200);
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "nodeEligible is not {want}: {body}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    server.apply_yaml(&node("{key: ToBeDeletedByClusterAutoscaler, value: \"1\", effect: NoSchedule}"));
+    eligible(false);
+    server.apply_yaml(&node(""));
+    eligible(true);
+    server.delete(Kind::Node, "", "node-1");
+    eligible(false);
+    server.apply_yaml(&node(""));
+    eligible(true);
+
     // Kubernetes' e2e "should implement service.kubernetes.io/headless": the label on a working
     // Service (and, copied by the EndpointSlice controller, on its slice) stops it being served;
     // connections to its ClusterIP fail at once. Without the label it is served again.

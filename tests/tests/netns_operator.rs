@@ -80,6 +80,15 @@ fn get(pg: &Playground, address: &str, path: &str) -> (u16, String) {
             stream.read_to_string(&mut response).unwrap();
             let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
             let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            if path.ends_with("z") {
+                // The health answers' headers, as kube-proxy's.
+                let head = head.to_ascii_lowercase();
+                assert!(
+                    head.contains("content-type: application/json")
+                        && head.contains("x-content-type-options: nosniff"),
+                    "{head}"
+                );
+            }
             (code, body.to_string())
         })
         .unwrap()

@@ -61,7 +61,10 @@ enum Probe {
     Livez,
 }
 
-fn report(state: &HealthServer, probe: Probe) -> (StatusCode, Json<Report>) {
+fn report(
+    state: &HealthServer,
+    probe: Probe,
+) -> (StatusCode, [(axum::http::header::HeaderName, &'static str); 1], Json<Report>) {
     let health = state.health.lock().expect("health lock");
     let now = SystemTime::now();
     let healthy = health.healthy(now);
@@ -86,7 +89,8 @@ fn report(state: &HealthServer, probe: Probe) -> (StatusCode, Json<Report>) {
         Probe::Livez => &state.metrics.livez,
     };
     KubeProxyMetrics::count_health_answer(answers, code);
-    (code, Json(body))
+    // As kube-proxy answers (its JSON is never to be sniffed as anything else).
+    (code, [(axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")], Json(body))
 }
 
 #[derive(Clone)]

@@ -649,6 +649,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             biased;
             changes = source.changed() => {
                 take_in(&mut pipeline, &source, changes?, service_events.as_mut());
+                // A Node change (a ToBeDeletedByClusterAutoscaler taint) reaches /healthz at
+                // once, whether or not it changes what is programmed.
+                health.lock().expect("health lock").node_eligible = pipeline.node_eligible();
                 let counts = pipeline.take_change_counts();
                 kube_proxy_metrics.queued(&counts, SystemTime::now());
                 trigger_times.extend(counts.trigger_times);

@@ -35,6 +35,8 @@ pub struct Pipeline {
     warnings: Vec<ObjectError>,
     /// Endpoints changes whose trigger time is earlier are not timed.
     started: SystemTime,
+    /// This node's Node object was deleted (and not created again).
+    node_deleted: bool,
 }
 
 impl Pipeline {
@@ -51,6 +53,7 @@ impl Pipeline {
             counts: ChangeCounts::default(),
             warnings: Vec::new(),
             started: SystemTime::now(),
+            node_deleted: false,
         };
         let addresses = pipeline.config.node_addresses.clone();
         pipeline.table.set_node_addresses(addresses);
@@ -101,7 +104,9 @@ impl Pipeline {
 
     /// Whether this node may get new traffic from load balancers (see `NodeRecord`).
     pub fn node_eligible(&self) -> bool {
-        self.node.as_ref().is_none_or(|node| node.eligible)
+        // A deleted Node is not one to send traffic to; none seen yet (manifests mode, or before
+        // the list) is.
+        !self.node_deleted && self.node.as_ref().is_none_or(|node| node.eligible)
     }
 
     /// Takes in one change. An object that fails its checks is reported and treated as
@@ -226,11 +231,13 @@ impl Pipeline {
                     let record = convert::parse_node(&node);
                     self.table.set_zone(record.zone.clone());
                     self.node = Some(record);
+                    self.node_deleted = false;
                 }
             }
             ObjectChange::Delete(("Node", _, name)) => {
                 if Some(&name) == self.config.node_name.as_ref() {
                     self.node = None;
+                    self.node_deleted = true;
                     self.table.set_zone(None);
                 }
             }
