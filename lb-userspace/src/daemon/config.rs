@@ -194,7 +194,10 @@ impl Reader<'_> {
                     let text = self.string(field, item)?.unwrap_or_default();
                     if text == "primary" {
                         // kube-proxy's "the node's primary addresses": lb's default (every
-                        // address of the node) is the closest.
+                        // address of the node) is the closest; the warning names it.
+                        self.config.ignored.push(
+                            "nodePortAddresses: primary (lb serves NodePorts on every node address)".into(),
+                        );
                         continue;
                     }
                     match text.parse::<ipnet::IpNet>() {
@@ -370,6 +373,11 @@ winkernel:
         assert_eq!(config.healthz_bind_address.as_deref(), Some("0.0.0.0:10256"));
         assert_eq!(config.metrics_bind_address.as_deref(), Some("127.0.0.1:10249"));
         assert_eq!(config.nodeport_addresses, Some(vec!["10.0.0.0/8".parse().unwrap()]));
+        assert!(
+            config.ignored.iter().any(|i| i.starts_with("nodePortAddresses: primary")),
+            "{:?}",
+            config.ignored
+        );
         assert_eq!(config.hostname_override, None);
         for named in ["clusterCIDR", "ipvs", "mode", "winkernel", "bindAddress", "conntrack.tcpBeLiberal"] {
             assert!(

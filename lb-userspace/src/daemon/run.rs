@@ -515,7 +515,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         datapath.attach(interface, is_external(interface))?;
         tracing::info!(%interface, "attached to ingress and egress");
     }
-    attach_selected(&mut datapath, &selector, &is_external);
+    let mut repeated_errors = RepeatedErrors::default();
+    attach_selected(&mut datapath, &selector, &is_external, &mut repeated_errors);
     if datapath.attached().next().is_none() {
         tracing::warn!(interfaces = ?options.interfaces, "no interface matches yet; waiting for one to appear");
     }
@@ -582,7 +583,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         None => None,
     };
     let mut no_local = NoLocalEndpoints::default();
-    let mut repeated_errors = RepeatedErrors::default();
     let mut service_events = match &source {
         Source::Kubernetes { client, .. } => {
             Some(ServiceEvents::start(client.clone(), options.proxy.node_name.clone()))
@@ -740,7 +740,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             changed = link_events.changed() => {
                 changed?;
-                attach_selected(&mut datapath, &selector, &is_external);
+                attach_selected(&mut datapath, &selector, &is_external, &mut repeated_errors);
                 // An interface (and its addresses) came or went: NodePort frontends may change.
                 refresh_node_addresses(&options.node_addresses, &mut addresses, &mut pipeline, &mut datapath, &settings, &mut reconciler);
                 if pipeline.has_pending() {
@@ -798,14 +798,16 @@ fn attach_selected(
     datapath: &mut Datapath,
     selector: &InterfaceSelector,
     is_external: &impl Fn(&str) -> bool,
+    errors: &mut RepeatedErrors,
 ) {
+    // Through `errors`: a link that keeps flapping would log the same failure each time.
     match selector.selected() {
         Ok(selected) => {
             for error in datapath.sync_interfaces(&selected, is_external) {
-                tracing::error!("{error}");
+                errors.error(error.to_string());
             }
         }
-        Err(error) => tracing::error!("{error}"),
+        Err(error) => errors.error(error.to_string()),
     }
 }
 
