@@ -156,7 +156,8 @@ impl Harness {
                 .filter(|i| after[*i] != before[*i])
                 .map(|i| counters::NAMES[i])
                 .collect();
-            explained_by(&flow, &explanation, &moved, &output);
+            let snat_ports = self.config.snat_port_min..=self.config.snat_port_max;
+            explained_by(&flow, &explanation, &moved, &output, snat_ports);
             self.explained += 1;
         }
         (verdict, output)
@@ -274,17 +275,24 @@ impl Harness {
 
 /// Outcomes `lb explain` cannot foresee from the maps and the 5-tuple, each with the verdict it
 /// gives instead: the conntrack table being full (explain does not count it), every
-/// source-NAT port being taken, and a reject that cannot be built (the packet is itself a RST,
-/// or carries IP options).
-const UNFORESEEN: [(&str, &str); 3] = [
+/// source-NAT port being taken, and a reject or reset that cannot be built (the packet is
+/// itself a RST, or carries IP options).
+const UNFORESEEN: [(&str, &str); 4] = [
     ("drop_conntrack_full", "forward_new_flow"),
     ("drop_snat_failed", "forward_new_flow"),
     ("drop_reject_failed", "reject_no_backend"),
+    ("drop_reject_failed", "reset_backend_gone"),
 ];
 
 /// Checks that the program did what `lb explain` said of the packet: the verdict counter it
 /// named moved, and the packet left with the addresses and ports explain gave.
-fn explained_by(flow: &packet::FrameFlow, explanation: &explain::Explanation, moved: &[&str], output: &[u8]) {
+fn explained_by(
+    flow: &packet::FrameFlow,
+    explanation: &explain::Explanation,
+    moved: &[&str],
+    output: &[u8],
+    snat_ports: std::ops::RangeInclusive<u16>,
+) {
     let said = || format!("lb explain said of {flow:?}:\n{}", explain::render(explanation));
     if !moved.contains(&explanation.counter) {
         let unforeseen = UNFORESEEN
@@ -296,6 +304,14 @@ fn explained_by(flow: &packet::FrameFlow, explanation: &explain::Explanation, mo
     let Some(translated) = &explanation.translated else { return };
     let out = packet::flow_of(output).unwrap_or_else(|| panic!("no flow in the output packet; {}", said()));
     let source = if translated.contains(explain::FREE_PORT) {
+        // A port of the flow's own: not the client's (its reply tuple was taken), and for
+        // source NAT one of the configured range.
+        let port = out.source.port();
+        if out.source.ip() == flow.source.ip() {
+            assert_ne!(port, flow.source.port(), "{}", said());
+        } else {
+            assert!(snat_ports.contains(&port), "source-NAT port {port} outside {snat_ports:?}; {}", said());
+        }
         match out.source {
             std::net::SocketAddr::V4(address) => format!("{}:{}", address.ip(), explain::FREE_PORT),
             std::net::SocketAddr::V6(address) => format!("[{}]:{}", address.ip(), explain::FREE_PORT),

@@ -575,7 +575,12 @@ pub fn flow_of(frame: &[u8]) -> Option<FrameFlow> {
             let header_len = usize::from(*ip.first()? & 0x0f) * 4;
             let total_len = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
             let fragment = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x3fff;
-            if ip[0] >> 4 != 4 || header_len < 20 || total_len != ip.len() || fragment != 0 {
+            if ip[0] >> 4 != 4
+                || header_len < 20
+                || ip.len() < header_len
+                || total_len != ip.len()
+                || fragment != 0
+            {
                 return None;
             }
             let (src, dst) = (

@@ -225,6 +225,9 @@ fn a_change_after_the_api_server_returns_reaches_the_maps_within_seconds() {
         kubeconfig.as_os_str(),
         "--hostname-override".as_ref(),
         "node-1".as_ref(),
+        // Room for web's one frontend only: a second Service's does not fit.
+        "--max-frontends".as_ref(),
+        "1".as_ref(),
     ])
     .unwrap();
     server.apply_yaml(&format!(
@@ -232,6 +235,29 @@ fn a_change_after_the_api_server_returns_reaches_the_maps_within_seconds() {
     ));
     server.apply_yaml(&slice(false));
     pg.wait_for_maps(Duration::from_secs(10), |s| backend_count(s) == Some(1)).unwrap();
+    // A full map is told on the Service that did not fit, naming the flag to raise.
+    server.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: overflow}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 80}]}\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let full = loop {
+        let found = server
+            .recorded_events()
+            .into_iter()
+            .find(|e| e["regarding"]["name"] == "overflow" && e["reason"] == "LbMapFull");
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no LbMapFull event: {:?}\n{}",
+            server.recorded_events(),
+            pg.lb_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(full["note"].as_str().unwrap().contains("--max-frontends"), "{full}");
+    assert_eq!(full["type"], "Warning");
 
     server.set_down(true);
     std::thread::sleep(Duration::from_secs(4)); // long enough for the watches' backoff to grow

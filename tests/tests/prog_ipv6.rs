@@ -63,6 +63,8 @@ fn a_tcp_flow_to_an_ipv6_cluster_ip_is_translated_both_ways() {
     );
     let ack = Packet6Spec::tcp(CLIENT, (VIP, 80), 0x10);
     h.expect("ACK", &ack.build(), PASS, &ack.with_dst(POD).build(), counters::FORWARD_TRACKED_FLOW);
+    // Its packets were also held against what `lb explain` said of them.
+    assert!(h.explained >= 2, "{}", h.explained);
 }
 
 #[test]

@@ -28,6 +28,8 @@ fn an_sctp_association_to_a_cluster_ip_is_translated_both_ways_with_its_crc_inta
     assert!(packet::checksums_valid(&expected));
     h.expect("INIT ACK", &init_ack.build(), PASS, &expected, counters::REPLY_REVERSE_NAT);
     h.expect("COOKIE ECHO", &init.build(), PASS, &init.with_dst(POD).build(), counters::FORWARD_TRACKED_FLOW);
+    // Its packets were also held against what `lb explain` said of them.
+    assert!(h.explained >= 2, "{}", h.explained);
 }
 
 #[test]

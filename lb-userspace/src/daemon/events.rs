@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::dataplane::reconcile::ReconcileError;
 use crate::model::ObjectError;
-use crate::source::{ObjectChange, ObjectKey};
+use crate::source::{Object, ObjectChange, ObjectKey};
 
 /// The same (object, reason) again within this is not reported.
 const REPEAT_AFTER: Duration = Duration::from_secs(60);
@@ -90,11 +90,16 @@ impl ServiceEvents {
     /// Keeps the UID of an object the source gave (and forgets a deleted one's).
     pub fn note_object(&mut self, change: &ObjectChange) {
         match change {
-            ObjectChange::Upsert(object) => {
+            // Only the kinds events are told on (not Pods or Nodes: memory would grow with
+            // the cluster for nothing).
+            ObjectChange::Upsert(
+                object @ (Object::Service(_) | Object::EndpointSlice(_) | Object::Endpoints(_)),
+            ) => {
                 if let Some(uid) = object.uid() {
                     self.uids.insert(object.key(), uid.to_string());
                 }
             }
+            ObjectChange::Upsert(_) => {}
             ObjectChange::Delete(key) => {
                 self.uids.remove(key);
             }

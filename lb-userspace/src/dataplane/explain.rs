@@ -203,6 +203,14 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
             );
             return explanation;
         }
+        if query.protocol == Protocol::Sctp && backend.port() != query.destination.port() {
+            conclude(
+                &mut explanation,
+                "dropped: SCTP's checksum covers the ports, and the flow's backend listens on another port",
+                counters::DROP_SCTP_PORT_REWRITE,
+            );
+            return explanation;
+        }
         conclude(&mut explanation, "forwarded to the flow's backend", counters::FORWARD_TRACKED_FLOW);
         explanation.translated = Some(format!("{source} -> {backend}/{}", query.protocol));
         return explanation;
@@ -266,18 +274,22 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
             Some(record.backend_id),
             format!("session affinity: this client's last new connection ({age}s ago) went there"),
         )
-    } else if value.maglev_table != 0 && facts.maglev_table_size != 0 {
-        let position = hash % facts.maglev_table_size;
-        let id =
-            snapshot.maglev.get(&value.maglev_table).and_then(|table| table.get(position as usize)).copied();
+    } else if let Some((position, id)) = (value.maglev_table != 0 && facts.maglev_table_size != 0)
+        .then(|| hash % facts.maglev_table_size)
+        .and_then(|position| {
+            let table = snapshot.maglev.get(&value.maglev_table)?;
+            Some((position, *table.get(position as usize)?))
+        })
+    {
         (
-            id,
+            Some(id),
             format!(
                 "Maglev: the flow's hash {hash:#010x} is position {position} of {}",
                 facts.maglev_table_size
             ),
         )
     } else {
+        // No Maglev table (or none at that position): the data path takes the hash slot.
         let slot = (hash % u32::from(value.backend_count)) as u16 + 1;
         let id = snapshot.services.get(&key.with_slot(slot)).map(|v| v.backend_id);
         (id, format!("hash: the flow's hash {hash:#010x} is slot {slot} of {count}"))
@@ -293,14 +305,6 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
     };
     let backend_address = SocketAddr::new(backend.ip, backend.port);
     explanation.backend = Some(backend_address.to_string());
-    if query.protocol == Protocol::Sctp && backend.port != dst_port {
-        conclude(
-            &mut explanation,
-            "dropped: SCTP's checksum covers the ports, and this backend listens on another port",
-            counters::DROP_SCTP_PORT_REWRITE,
-        );
-        return explanation;
-    }
     let host_backend = backend.flags & backend_flags::HOST != 0;
     let hairpin = query.source.ip() == backend.ip;
     let snat = (value.flags & service_flags::SNAT != 0 || hairpin) && !host_backend;
@@ -333,6 +337,15 @@ pub fn explain(query: &Query, snapshot: &MapsSnapshot, facts: &FlowFacts) -> Exp
     } else {
         query.source.to_string()
     };
+    // The data path tracks the flow before it rewrites, and refuses the rewrite then.
+    if query.protocol == Protocol::Sctp && backend.port != dst_port {
+        conclude(
+            &mut explanation,
+            "dropped: SCTP's checksum covers the ports, and this backend listens on another port",
+            counters::DROP_SCTP_PORT_REWRITE,
+        );
+        return explanation;
+    }
     let how = match (snat, hairpin) {
         (false, _) if facts.reply_tuple_taken => {
             ", with a source port of its own (another flow from this port reaches the same backend)"
@@ -433,7 +446,11 @@ pub fn read_pinned(bpf_dir: &Path, query: &Query) -> Result<(MapsSnapshot, FlowF
     };
     // Whether the backend explain picks has this client port's reply tuple free.
     let first = explain(query, &snapshot, &facts);
-    let keeps_source = first.translated.as_deref().is_some_and(|t| t.starts_with(&query.source.to_string()));
+    let keeps_source = first
+        .translated
+        .as_deref()
+        .and_then(|t| t.split(" -> ").next())
+        .is_some_and(|source| source == query.source.to_string());
     if first.counter == counter(counters::FORWARD_NEW_FLOW)
         && keeps_source
         && let Some(backend) = first.backend.as_deref().and_then(|b| b.parse::<SocketAddr>().ok())

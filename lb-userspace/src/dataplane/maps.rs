@@ -541,7 +541,13 @@ fn delete_array_of_maps_slot(map: &std::os::fd::OwnedFd, index: u32) -> Result<(
     }
 }
 
-/// The inner map at `index` of the array of maps behind `outer`, opened by its ID.
+// The raw bpf(2) calls below lay out `union bpf_attr` as u64 words, packing two u32 fields
+// into one the way a little-endian machine reads them.
+#[cfg(target_endian = "big")]
+compile_error!("maps.rs packs bpf_attr for little-endian machines");
+
+/// The inner map at `index` of the array of maps behind `outer`, opened by its ID (aya's typed
+/// inner map does not hand out its descriptor, which a batched read needs).
 fn inner_map(outer: &std::os::fd::OwnedFd, index: u32) -> Result<Option<MapData>, MapError> {
     use std::os::fd::AsRawFd;
     const BPF_MAP_LOOKUP_ELEM: nix::libc::c_long = 1;
@@ -551,7 +557,16 @@ fn inner_map(outer: &std::os::fd::OwnedFd, index: u32) -> Result<Option<MapData>
     attr[1] = &index as *const u32 as u64; // key
     attr[2] = &mut id as *mut u32 as u64; // value: the inner map's ID
     match crate::dataplane::links::bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => MapData::from_id(id).map(Some),
+        // A table swapped out in between is as good as none.
+        Ok(_) => match MapData::from_id(id) {
+            Ok(data) => Ok(Some(data)),
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        },
         Err(error) if error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(None),
         Err(error) => Err(MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_lookup_elem",
