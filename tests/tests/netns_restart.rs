@@ -178,8 +178,18 @@ fn joined(handles: Vec<std::thread::JoinHandle<Seen>>) -> Seen {
 fn assert_unnoticed(seen: &Seen, pg: &Playground) {
     eprintln!("{} operations, slowest {:?}", seen.operations, seen.slowest);
     assert!(seen.operations > 500, "too little load to tell: {seen:?}");
-    assert!(seen.failures.is_empty(), "failed: {:?}\n{}", seen.failures, pg.lb_log());
-    assert!(seen.slowest < STALL, "an operation stalled {:?}\n{}", seen.slowest, pg.lb_log());
+    // On a failure, what the data path counted (a drop reason, say) next to lb's log.
+    let counters = || {
+        let out = std::process::Command::new(tests::lb_binary())
+            .args(["counters", "--bpf-dir"])
+            .arg(&pg.bpf_dir)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        out.lines().filter(|line| !line.trim_end().ends_with(" 0")).collect::<Vec<_>>().join("\n")
+    };
+    assert!(seen.failures.is_empty(), "failed: {:?}\n{}\n{}", seen.failures, counters(), pg.lb_log());
+    assert!(seen.slowest < STALL, "an operation stalled {:?}\n{}\n{}", seen.slowest, counters(), pg.lb_log());
 }
 
 /// The programs attached to an interface of the node (TCX ingress), by name.
