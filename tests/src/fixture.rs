@@ -151,11 +151,7 @@ impl Harness {
         let before = explained.is_some().then(|| self.counters());
         let (verdict, output) = self.run_program(input);
         if let (Some((flow, explanation)), Some(before)) = (explained, before) {
-            let after = self.counters();
-            let moved: Vec<&str> = (1..counters::COUNT as usize)
-                .filter(|i| after[*i] != before[*i])
-                .map(|i| counters::NAMES[i])
-                .collect();
+            let moved = moved_counters(&before, &self.counters());
             let snat_ports = self.config.snat_port_min..=self.config.snat_port_max;
             explained_by(&flow, &explanation, &moved, &output, snat_ports);
             self.explained += 1;
@@ -219,10 +215,7 @@ impl Harness {
         let after = self.counters();
         assert_eq!(got_verdict, verdict, "{what}: verdict");
         assert_eq!(got_output, output, "{what}: output packet");
-        let got: Vec<&str> = (1..counters::COUNT as usize)
-            .filter(|i| after[*i] != before[*i])
-            .map(|i| counters::NAMES[i])
-            .collect();
+        let got = moved_counters(&before, &after);
         let mut want: Vec<&str> = moved.iter().map(|c| counters::NAMES[*c as usize]).collect();
         want.sort_by_key(|name| counters::NAMES.iter().position(|n| n == name));
         assert_eq!(got, want, "{what}: counters that moved");
@@ -271,6 +264,11 @@ impl Harness {
     pub fn conntrack(&mut self) -> HashMap<&mut MapData, FlowKey, ConntrackEntry> {
         HashMap::try_from(self.datapath.ebpf_mut().map_mut(map_names::CONNTRACK).unwrap()).unwrap()
     }
+}
+
+/// The counters (by name, the packet counter aside) that differ between two readings.
+fn moved_counters(before: &[u64], after: &[u64]) -> Vec<&'static str> {
+    (1..counters::COUNT as usize).filter(|i| after[*i] != before[*i]).map(|i| counters::NAMES[i]).collect()
 }
 
 /// Outcomes `lb explain` cannot foresee from the maps and the 5-tuple, each with the verdict it
