@@ -464,6 +464,24 @@ pub fn read_pinned(bpf_dir: &Path, query: &Query) -> Result<(MapsSnapshot, FlowF
     Ok((snapshot, facts))
 }
 
+/// The conntrack key of a packet from `source` to `destination` (`None` if either is not of
+/// family `A`), with the byte order the data path writes.
+fn flow_key<A: FamilyAddress>(
+    source: SocketAddr,
+    destination: SocketAddr,
+    protocol: Protocol,
+) -> Option<lb_common::FlowKeyOf<A>> {
+    Some(lb_common::FlowKeyOf {
+        src_address: A::from_ip(source.ip())?,
+        dst_address: A::from_ip(destination.ip())?,
+        src_port: source.port().to_be(),
+        dst_port: destination.port().to_be(),
+        protocol: protocol.number(),
+        _pad0: 0,
+        _pad1: 0,
+    })
+}
+
 /// Whether the reply tuple of a new flow from the query's client to `backend` is held by
 /// another live flow, as the data path finds when it tracks the flow.
 fn reply_tuple_taken<A: FamilyAddress>(
@@ -474,19 +492,7 @@ fn reply_tuple_taken<A: FamilyAddress>(
 where
     FamilyFlowTables<A>: conntrack::FlowTables<A>,
 {
-    let (Some(src_address), Some(dst_address)) = (A::from_ip(backend.ip()), A::from_ip(query.source.ip()))
-    else {
-        return Ok(false);
-    };
-    let key = lb_common::FlowKeyOf {
-        src_address,
-        dst_address,
-        src_port: backend.port().to_be(),
-        dst_port: query.source.port().to_be(),
-        protocol: query.protocol.number(),
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let Some(key) = flow_key::<A>(backend, query.source, query.protocol) else { return Ok(false) };
     let existing = tables
         .flow_entry(&key)
         .map_err(|source| ExplainError::Lookup { map: "the conntrack table", source })?
@@ -509,20 +515,10 @@ where
     lb_common::ConntrackEntryOf<A>: aya::Pod,
     lb_common::AffinityKeyOf<A>: aya::Pod,
 {
-    let (Some(src_address), Some(dst_address)) =
-        (A::from_ip(query.source.ip()), A::from_ip(query.destination.ip()))
-    else {
+    let Some(key) = flow_key::<A>(query.source, query.destination, query.protocol) else {
         return Ok((None, None));
     };
-    let key = lb_common::FlowKeyOf {
-        src_address,
-        dst_address,
-        src_port: query.source.port().to_be(),
-        dst_port: query.destination.port().to_be(),
-        protocol: query.protocol.number(),
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let src_address = key.src_address;
     let tracked = tables
         .flow_entry(&key)
         .map_err(|source| ExplainError::Lookup { map: "the conntrack table", source })?
