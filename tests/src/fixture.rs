@@ -310,10 +310,7 @@ fn explained_by(
         } else {
             assert!(snat_ports.contains(&port), "source-NAT port {port} outside {snat_ports:?}; {}", said());
         }
-        match out.source {
-            std::net::SocketAddr::V4(address) => format!("{}:{}", address.ip(), explain::FREE_PORT),
-            std::net::SocketAddr::V6(address) => format!("[{}]:{}", address.ip(), explain::FREE_PORT),
-        }
+        explain::address_and_port(out.source.ip(), explain::FREE_PORT)
     } else {
         out.source.to_string()
     };

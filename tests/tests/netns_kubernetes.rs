@@ -51,6 +51,18 @@ fn http_get_in_node(pg: &Playground, path: &'static str) -> (u16, String) {
         .unwrap()
 }
 
+/// lb's log says which API server it cannot reach, and that it keeps trying.
+fn assert_logged_retrying(pg: &Playground, server: &FakeApiServer) {
+    let server_url = format!("http://{}", server.address);
+    assert!(
+        pg.lb_log()
+            .lines()
+            .any(|l| l.contains("cannot watch the API server; retrying") && l.contains(&server_url)),
+        "{}",
+        pg.lb_log()
+    );
+}
+
 #[test]
 fn services_from_the_api_server_reach_the_kernel() {
     require_root();
@@ -267,15 +279,7 @@ fn a_change_after_the_api_server_returns_reaches_the_maps_within_seconds() {
     assert_eq!(code, 200, "the data path serves: healthy ({body})");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(report["sourceStaleSince"].as_str().is_some_and(|t| !t.is_empty()), "{body}\n{}", pg.lb_log());
-    // The log says which API server cannot be reached, and that lb keeps trying.
-    let server_url = format!("http://{}", server.address);
-    assert!(
-        pg.lb_log()
-            .lines()
-            .any(|l| l.contains("cannot watch the API server; retrying") && l.contains(&server_url)),
-        "{}",
-        pg.lb_log()
-    );
+    assert_logged_retrying(&pg, &server);
 
     server.set_down(false);
     let back = Instant::now();
@@ -331,14 +335,7 @@ fn an_api_server_unreachable_at_start_is_waited_for_without_failing_the_probes()
         let report: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(report["sourceStaleSince"].is_string(), "{body}\n{}", pg.lb_log());
     }
-    let server_url = format!("http://{}", server.address);
-    assert!(
-        pg.lb_log()
-            .lines()
-            .any(|l| l.contains("cannot watch the API server; retrying") && l.contains(&server_url)),
-        "{}",
-        pg.lb_log()
-    );
+    assert_logged_retrying(&pg, &server);
     server.set_down(false);
     pg.wait_for_maps(Duration::from_secs(10), |s| backend_count(s) == Some(1)).unwrap();
     let (code, body) = http_get_in_node(&pg, "/healthz");

@@ -372,8 +372,8 @@ fn eligible(snapshot: &MapsSnapshot, key: SlotKey, count: u16) -> Vec<String> {
         .collect()
 }
 
-/// `address:port` as a socket address prints, for a port given as text.
-fn address_and_port(address: IpAddr, port: &str) -> String {
+/// `address:port` as a socket address prints, for a port given as text (`FREE_PORT`, say).
+pub fn address_and_port(address: IpAddr, port: &str) -> String {
     match address {
         IpAddr::V4(address) => format!("{address}:{port}"),
         IpAddr::V6(address) => format!("[{address}]:{port}"),
